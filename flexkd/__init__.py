@@ -1,0 +1,41 @@
+"""flexkd: Flex-KD feature distillation for LLMs, and a Ray pipeline that runs it.
+
+The method is plain PyTorch and imports no Ray, so it drops into any training loop::
+
+    from flexkd import unit_importance_sum, finalize_importance, select_top_k_units, correlation_loss
+"""
+
+__version__ = "0.1.0"
+
+from flexkd.importance import finalize_importance, hidden_state_gradients, unit_importance_sum
+from flexkd.losses import (
+    LinearProjector,
+    causal_lm_loss,
+    classification_loss,
+    correlation_loss,
+    linear_cka_loss,
+    logit_distillation_loss,
+    mse_feature_loss,
+    projector_mse_loss,
+    topk_logit_distillation_loss,
+)
+from flexkd.selection import resolve_k, select_random_units, select_top_k_units, select_variance_units
+
+__all__ = [
+    "LinearProjector",
+    "causal_lm_loss",
+    "classification_loss",
+    "correlation_loss",
+    "finalize_importance",
+    "hidden_state_gradients",
+    "linear_cka_loss",
+    "logit_distillation_loss",
+    "mse_feature_loss",
+    "projector_mse_loss",
+    "resolve_k",
+    "select_random_units",
+    "select_top_k_units",
+    "select_variance_units",
+    "topk_logit_distillation_loss",
+    "unit_importance_sum",
+]
