@@ -1,0 +1,120 @@
+"""The ``flexkd`` command.
+
+    flexkd run pipelines/quickstart.yaml [--set loss.gamma=0.5] [--stages tokenize,score] [--force distill]
+    flexkd validate pipelines/x.yaml        check a pipeline file and its model shapes, run nothing
+    flexkd fetch-teacher                    download and convert the offline demo teacher
+    flexkd ui pipelines/x.yaml              print the command that opens this pipeline's MLflow runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+import yaml
+
+from flexkd.config import ConfigError, load_config
+from flexkd.errors import StageError
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values are parsed as YAML scalars/lists, never evaluated as code."""
+    overrides = {}
+    for pair in pairs:
+        key, separator, value = pair.partition("=")
+        if not separator:
+            raise ConfigError(f"--set {pair}: expected key=value, e.g. --set loss.gamma=0.5")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def _stage_list(text: str | None) -> tuple[str, ...]:
+    from flexkd.runner import STAGES
+
+    if not text:
+        return ()
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in STAGES]
+    if unknown:
+        raise ConfigError(f"unknown stage {unknown[0]!r}; stages are: {', '.join(STAGES)}")
+    return names
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flexkd.runner import STAGES, run_pipeline, summary_table
+
+    config = load_config(args.pipeline, _overrides(args.set))
+    result = run_pipeline(config, stages=_stage_list(args.stages) or STAGES, force=_stage_list(args.force))
+    print(summary_table(result))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from flexkd.resolve import preflight
+
+    config = load_config(args.pipeline, _overrides(args.set))
+    plan = preflight(config)
+    print(f"{args.pipeline}: valid. teacher d={plan.teacher_hidden} L={plan.teacher_layers}, "
+          f"student d={plan.student_hidden} L={plan.student_layers}, k={plan.k}, layer pairs {list(plan.layer_pairs)}")
+    return 0
+
+
+def cmd_fetch_teacher(args: argparse.Namespace) -> int:
+    from flexkd.models import fetch_demo_teacher
+
+    print(fetch_demo_teacher(args.cache_dir))
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from flexkd.tracking import tracking_uri, ui_command
+
+    print(ui_command(tracking_uri(load_config(args.pipeline))))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flexkd", description="Flex-KD distillation pipelines on Ray")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a pipeline on this machine (local Ray, local MLflow by default)")
+    run.add_argument("pipeline")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    run.add_argument("--stages", help="comma-separated subset of stages to run")
+    run.add_argument("--force", help="comma-separated stages to rerun even if done")
+    run.set_defaults(handler=cmd_run)
+
+    validate = commands.add_parser("validate", help="validate a pipeline file and its model shapes")
+    validate.add_argument("pipeline")
+    validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    validate.set_defaults(handler=cmd_validate)
+
+    fetch = commands.add_parser("fetch-teacher", help="download the offline demo teacher (SmolLM2-135M-Instruct)")
+    fetch.add_argument("--cache-dir", default=None)
+    fetch.set_defaults(handler=cmd_fetch_teacher)
+
+    ui = commands.add_parser("ui", help="print the command that opens this pipeline's MLflow UI")
+    ui.add_argument("pipeline")
+    ui.set_defaults(handler=cmd_ui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.handler(args)
+    except ConfigError as error:
+        print(f"flexkd: config error: {error}", file=sys.stderr)
+        return 2
+    except (StageError, FileNotFoundError) as error:
+        print(f"flexkd: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
