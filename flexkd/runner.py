@@ -24,6 +24,7 @@ from flexkd import __version__
 from flexkd.config import PipelineConfig, stable_hash
 from flexkd.errors import StageError
 from flexkd.resolve import preflight
+from flexkd.storage import check_artifact_root
 from flexkd.tracking import log_config, tracking_uri, ui_command, use_experiment
 
 log = logging.getLogger("flexkd")
@@ -104,6 +105,7 @@ def run_pipeline(config: PipelineConfig, stages: tuple[str, ...] = STAGES, force
     """Run ``stages`` in order; stages already done (same fingerprint) are skipped unless forced."""
     preflight(config)  # refuse a bad k, layer map, model path or tokenizer before any work starts
     ensure_ray()
+    check_artifact_root(config.artifact_root)  # on a multi-node cluster, refuse node-local storage
     uri = tracking_uri(config)
     experiment_id = use_experiment(config)
     pipeline_dir = Path(config.artifact_root) / config.name

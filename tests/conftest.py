@@ -12,6 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from flexkd.models import TINY_TOKENIZER_DIR, build_random_model, load_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+TESTS_DIR = REPO_ROOT / "tests"
 
 # 2 KV heads under 4 query heads so grouped-query attention is exercised, as in SmolLM2.
 TINY_LLAMA_ARCHITECTURE: dict[str, Any] = {
@@ -31,6 +32,24 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One real local Ray for the whole session: starting Ray costs ~10 s on 2 cores.
+
+    Bound to 127.0.0.1 with no dashboard. Workers get the repo and tests/ on their path, since
+    test-defined train loops are pickled by reference to their test module.
+    """
+    import os
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="ERROR",
+                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(TESTS_DIR)])}})
+    yield ray
+    ray.shutdown()
 
 
 @pytest.fixture

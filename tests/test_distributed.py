@@ -229,19 +229,6 @@ def test_two_rank_checkpoint_round_trip(two_rank_run: Path) -> None:
 # --------------------------------------------------------------------------- Ray Train
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    # Workers must import flexkd and this module (the train loop is pickled by reference).
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        runtime_env={"env_vars": {"PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{TESTS_DIR}"}},
-    )
-    yield ray
-    ray.shutdown()
-
-
 def _ray_train_loop(config: dict) -> None:
     """Per-worker loop: plain PyTorch plus flexkd.distributed, as a stage would write it."""
     import ray.train
@@ -261,7 +248,7 @@ def _ray_train_loop(config: dict) -> None:
     ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def test_ray_train_run_shards_trains_and_checkpoints(ray_cluster, tmp_path: Path) -> None:
+def test_ray_train_run_shards_trains_and_checkpoints(local_ray, tmp_path: Path) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

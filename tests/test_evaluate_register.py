@@ -40,15 +40,6 @@ EVALUATION = {"batch_size": 4, "max_new_tokens": 5, "samples": 3}
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    started_here = not ray.is_initialized()
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    if started_here:  # a Ray that another fixture started is theirs to stop
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def mlflow_store(tmp_path_factory):
     """A fresh SQLite store and experiment, made the default of every run started here (nested
     runs too: a nested run does not inherit its parent's experiment)."""
