@@ -1,0 +1,166 @@
+"""flexkd.data: verbalizers, prompt rendering, truncation, label errors, collation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from flexkd.config import TaskConfig
+from flexkd.data import (
+    IGNORE_INDEX,
+    _truncate_generation,
+    collate_batch,
+    continuation_ids,
+    render_prompt,
+    required_columns,
+    template_columns,
+    tokenize_rows,
+    verbalizer_token_ids,
+)
+
+SST2_TASK = TaskConfig(kind="classification", prompt_template="Review: {sentence}\nSentiment:",
+                       label_column="label", label_names=["negative", "positive"])
+SAMSUM_TASK = TaskConfig(kind="generation", prompt_template="Summarize the dialogue:\n{dialogue}\nSummary:",
+                         response_column="summary")
+
+
+def test_verbalizers_are_the_first_token_after_a_space(tiny_tokenizer):
+    ids = verbalizer_token_ids(tiny_tokenizer, ["negative", "positive"])
+    assert ids == [continuation_ids(tiny_tokenizer, [" negative"])[0][0],
+                   continuation_ids(tiny_tokenizer, [" positive"])[0][0]]
+    assert tiny_tokenizer.decode(ids[1]).startswith(" p")
+    # A name that already starts with whitespace is taken as is, not given a second space.
+    assert verbalizer_token_ids(tiny_tokenizer, [" negative", " positive"]) == ids
+
+
+def test_verbalizers_sharing_a_first_token_are_refused(tiny_tokenizer):
+    with pytest.raises(ValueError, match="task.label_names: 'positive' and 'pos'") as caught:
+        verbalizer_token_ids(tiny_tokenizer, ["positive", "negative", "pos"])
+    assert "\n" not in str(caught.value)
+
+
+def test_render_prompt_formats_columns_and_names_a_missing_one(tiny_tokenizer):
+    assert render_prompt("Review: {sentence}\nSentiment:", {"sentence": "great"}, tiny_tokenizer, False) \
+        == "Review: great\nSentiment:"
+    with pytest.raises(ValueError, match=r"task.prompt_template: no column 'text' in the row; columns are: sentence"):
+        render_prompt("{text}", {"sentence": "great"}, tiny_tokenizer, False)
+
+
+def test_render_prompt_wraps_one_user_message_in_the_chat_template(tiny_tokenizer):
+    rendered = render_prompt("Say {word}", {"word": "hi"}, tiny_tokenizer, chat_template=True)
+    assert rendered == "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("template", ["{text.__class__}", "{0}", "{}", "{text[0]}"])
+def test_templates_may_only_name_columns(template):
+    with pytest.raises(ValueError, match="task.prompt_template"):
+        template_columns(template)
+
+
+def test_required_columns_are_the_template_columns_and_the_target():
+    assert required_columns(SST2_TASK) == ["sentence", "label"]
+    assert required_columns(SAMSUM_TASK) == ["dialogue", "summary"]
+
+
+def test_classification_rows_mask_everything_and_map_labels(tiny_tokenizer):
+    batch = {"sentence": np.array(["a gem", "a dud"], dtype=object), "label": ["positive", 0],
+             "example_id": np.array([7, 8])}
+    rows = tokenize_rows(batch, tiny_tokenizer, SST2_TASK, max_length=64)
+    assert rows["example_id"] == [7, 8]
+    assert rows["class_label"] == [1, 0] and rows["reference"] == ["positive", "negative"]
+    expected = tiny_tokenizer("Review: a gem\nSentiment:")["input_ids"]
+    assert rows["input_ids"][0] == expected
+    assert rows["prompt_length"][0] == len(expected)
+    assert all(label == IGNORE_INDEX for labels in rows["labels"] for label in labels)
+
+
+def test_classification_prompts_keep_their_end(tiny_tokenizer):
+    batch = {"sentence": ["a long and winding review of a film " * 5], "label": [1]}
+    full = tiny_tokenizer("Review: " + batch["sentence"][0] + "\nSentiment:")["input_ids"]
+    rows = tokenize_rows(batch, tiny_tokenizer, SST2_TASK, max_length=12)
+    assert rows["input_ids"][0] == full[-12:] and rows["prompt_length"] == [12]
+
+
+@pytest.mark.parametrize("bad", [2, -1, "neutral", 1.5, True])
+def test_a_label_outside_the_label_set_is_one_line_naming_it(tiny_tokenizer, bad):
+    allowed = "is not in the label set 0..1 / negative, positive"
+    with pytest.raises(ValueError, match=rf"^example 0: .*label .* {allowed}") as caught:
+        tokenize_rows({"sentence": ["fine"], "label": [bad]}, tiny_tokenizer, SST2_TASK, max_length=32)
+    assert repr(bad) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_null_value_is_refused(tiny_tokenizer):
+    with pytest.raises(ValueError, match="example 4: column 'sentence' is empty"):
+        tokenize_rows({"sentence": ["ok", None], "label": [1, 1], "example_id": [3, 4]}, tiny_tokenizer, SST2_TASK,
+                      max_length=32)
+
+
+def test_an_empty_prompt_is_refused(tiny_tokenizer):
+    task = SST2_TASK.model_copy(update={"prompt_template": "{sentence}"})
+    with pytest.raises(ValueError, match="example 0: the prompt has no tokens"):
+        tokenize_rows({"sentence": [""], "label": [1]}, tiny_tokenizer, task, max_length=32)
+
+
+def test_generation_rows_mask_the_prompt_and_end_with_eos(tiny_tokenizer):
+    batch = {"dialogue": ["A: hi\nB: hello"], "summary": ["A greets B."]}
+    rows = tokenize_rows(batch, tiny_tokenizer, SAMSUM_TASK, max_length=128)
+    ids, labels, prompt_length = rows["input_ids"][0], rows["labels"][0], rows["prompt_length"][0]
+    assert ids[:prompt_length] == tiny_tokenizer("Summarize the dialogue:\nA: hi\nB: hello\nSummary:")["input_ids"]
+    assert labels[:prompt_length] == [IGNORE_INDEX] * prompt_length
+    assert labels[prompt_length:] == ids[prompt_length:]
+    assert ids[-1] == tiny_tokenizer.eos_token_id
+    assert tiny_tokenizer.decode(ids[prompt_length:-1]) == " A greets B."
+    assert rows["class_label"] == [-1] and rows["reference"] == ["A greets B."]
+
+
+def test_generation_responses_after_a_chat_template_get_no_extra_space(tiny_tokenizer):
+    task = SAMSUM_TASK.model_copy(update={"chat_template": True})
+    rows = tokenize_rows({"dialogue": ["A: hi"], "summary": ["A greets."]}, tiny_tokenizer, task, max_length=128)
+    prompt_length = rows["prompt_length"][0]
+    assert tiny_tokenizer.decode(rows["input_ids"][0][prompt_length:-1]) == "A greets."
+
+
+@pytest.mark.parametrize(("prompt", "response", "max_length", "kept_prompt", "kept_response"), [
+    (10, 3, 8, 5, 3),   # short response: all of it survives, the prompt loses its start
+    (10, 20, 8, 4, 4),  # both long: the response keeps max_length // 2, cut at its end
+    (2, 20, 8, 2, 6),   # short prompt: untouched, the response fills the rest
+    (3, 3, 8, 3, 3),    # fits: nothing cut
+])
+def test_generation_truncation(prompt, response, max_length, kept_prompt, kept_response):
+    prompt_ids, response_ids = list(range(100, 100 + prompt)), list(range(response))
+    kept_p, kept_r = _truncate_generation(prompt_ids, response_ids, max_length)
+    assert kept_p == prompt_ids[len(prompt_ids) - kept_prompt:] and kept_r == response_ids[:kept_response]
+
+
+def test_truncated_generation_rows_fit_max_length(tiny_tokenizer):
+    batch = {"dialogue": ["A: hi there, how are you doing today? " * 10], "summary": ["They talk. " * 10]}
+    rows = tokenize_rows(batch, tiny_tokenizer, SAMSUM_TASK, max_length=32)
+    assert len(rows["input_ids"][0]) == 32 and rows["prompt_length"] == [16]
+    assert rows["input_ids"][0][-1] != tiny_tokenizer.eos_token_id  # the response was cut: no eos
+
+
+def _ray_style(rows: list[list[int]]) -> np.ndarray:
+    column = np.empty(len(rows), dtype=object)
+    column[:] = [np.asarray(row, dtype=np.int32) for row in rows]
+    return column
+
+
+@pytest.mark.parametrize("as_column", [_ray_style, lambda rows: rows])
+def test_collate_pads_to_the_longest_row(as_column):
+    rows = {"input_ids": as_column([[5, 6, 7], [8]]), "labels": as_column([[-100, 6, 7], [-100]]),
+            "prompt_length": np.array([1, 1], dtype=np.int32), "class_label": [-1, -1], "example_id": [3, 4]}
+    batch = collate_batch(rows, pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [-100, -100, -100]]
+    assert batch["example_id"].tolist() == [3, 4] and batch["prompt_length"].tolist() == [1, 1]
+    assert all(tensor.dtype == torch.long for tensor in batch.values())
+
+
+def test_collate_accepts_equal_length_rows_as_a_2d_array():
+    rows = {"input_ids": np.array([[1, 2], [3, 4]], dtype=np.int32), "labels": np.full((2, 2), -100),
+            "prompt_length": [2, 2], "class_label": [0, 1], "example_id": [0, 1]}
+    batch = collate_batch(rows, pad_token_id=9)
+    assert batch["input_ids"].shape == (2, 2) and batch["attention_mask"].all()
+    assert batch["class_label"].tolist() == [0, 1]
