@@ -220,5 +220,6 @@ def collate_batch(rows: dict[str, Any], pad_token_id: int) -> dict[str, torch.Te
         attention_mask[i, :len(ids)] = 1
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
     for name in ("prompt_length", "class_label", "example_id"):
-        batch[name] = np.asarray(rows[name], dtype=np.int64)
+        # A copy: Ray Data hands out read-only arrays, which torch refuses to wrap silently.
+        batch[name] = np.array(rows[name], dtype=np.int64)
     return {name: torch.from_numpy(value) for name, value in batch.items()}
