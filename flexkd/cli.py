@@ -4,13 +4,18 @@
     flexkd validate pipelines/x.yaml        check a pipeline file and its model shapes, run nothing
     flexkd fetch-teacher                    download and convert the offline demo teacher
     flexkd ui pipelines/x.yaml              print the command that opens this pipeline's MLflow runs
+    flexkd tune pipelines/x.yaml [--num-samples 16]   Ray Tune sweep of its tune.search_space
+    flexkd submit pipelines/x.yaml --address http://HEAD:8265 [--wait]   run it on a Ray cluster
+    flexkd status|logs|stop JOB --address http://HEAD:8265              follow a submitted pipeline
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -68,11 +73,52 @@ def cmd_fetch_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from flexkd.tune import run_sweep
+
+    overrides = _overrides(args.set) | ({"tune.num_samples": args.num_samples} if args.num_samples else {})
+    result = run_sweep(load_config(args.pipeline, overrides), Path(args.pipeline))
+    print(Path(result.report_path).read_text())
+    print(f"best pipeline: {result.best_config_path}  (MLflow parent run {result.parent_run_id})")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from flexkd.tracking import tracking_uri, ui_command
 
     print(ui_command(tracking_uri(load_config(args.pipeline))))
     return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from flexkd.jobs import load_runtime_env, submit
+
+    config = load_config(args.pipeline, _overrides(args.set))
+    return submit(args.address, Path(args.pipeline), config, args.set, Path(args.working_dir),
+                  load_runtime_env(args.runtime_env), wait=args.wait)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from flexkd.jobs import status
+
+    return status(args.address, args.job)
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from flexkd.jobs import logs
+
+    return logs(args.address, args.job, follow_logs=args.follow)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from flexkd.jobs import stop
+
+    return stop(args.address, args.job)
+
+
+def _add_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265"),
+                        help="the cluster's dashboard (default: $RAY_API_SERVER_ADDRESS, else http://127.0.0.1:8265)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,9 +142,34 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--cache-dir", default=None)
     fetch.set_defaults(handler=cmd_fetch_teacher)
 
+    tune = commands.add_parser("tune", help="sweep the pipeline's tune.search_space with Ray Tune (ASHA)")
+    tune.add_argument("pipeline")
+    tune.add_argument("--num-samples", type=int, help="override tune.num_samples")
+    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    tune.set_defaults(handler=cmd_tune)
+
     ui = commands.add_parser("ui", help="print the command that opens this pipeline's MLflow UI")
     ui.add_argument("pipeline")
     ui.set_defaults(handler=cmd_ui)
+
+    submit = commands.add_parser("submit", help="run a pipeline on a Ray cluster (Ray Jobs API)")
+    submit.add_argument("pipeline")
+    submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    _add_address(submit)
+    submit.add_argument("--wait", action="store_true", help="stream the logs and exit with the job's outcome")
+    submit.add_argument("--working-dir", default=".", help="folder uploaded with the job; holds the pipeline file")
+    submit.add_argument("--runtime-env", metavar="YAML", help="extra runtime_env, e.g. clusters/runtime_env/cpu.yaml")
+    submit.set_defaults(handler=cmd_submit)
+
+    for name, handler, text in (("status", cmd_status, "print a submitted pipeline's status"),
+                                ("logs", cmd_logs, "print a submitted pipeline's logs"),
+                                ("stop", cmd_stop, "stop a submitted pipeline")):
+        job = commands.add_parser(name, help=text)
+        job.add_argument("job", help="the submission id that flexkd submit printed")
+        _add_address(job)
+        if name == "logs":
+            job.add_argument("--follow", action="store_true", help="stream until the job ends")
+        job.set_defaults(handler=handler)
     return parser
 
 

@@ -1,0 +1,173 @@
+"""Every file in clusters/ parses and carries what Ray's cluster launcher, KubeRay and Ray's
+runtime_env require. Launcher files go through Ray's own prepare_config/validate_config, the
+same schema check `ray up` runs; KubeRay manifests are checked against the fields the RayCluster
+and RayJob CRDs (ray.io/v1) mark required; runtime envs are validated by ray.runtime_env.RuntimeEnv.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flexkd.cli import build_parser
+from flexkd.config import load_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CLUSTERS = REPO_ROOT / "clusters"
+SHARED_MOUNT = "/mnt/shared"
+
+
+def _files(folder: str, pattern: str) -> list[Path]:
+    return sorted((CLUSTERS / folder).glob(pattern))
+
+
+def _project_requirements() -> list[str]:
+    dependencies = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    return [requirement for requirement in dependencies if not requirement.startswith("ray")]
+
+
+def test_every_file_in_clusters_is_checked_here():
+    checked = {*_files("vm", "*.yaml"), *_files("kuberay", "*.yaml"), *_files("runtime_env", "*.yaml"),
+               *_files("local", "*.sh"), CLUSTERS / "README.md"}
+    assert {path for path in CLUSTERS.rglob("*") if path.is_file()} == checked
+    assert len(_files("vm", "*.yaml")) >= 2 and len(_files("kuberay", "*.yaml")) >= 3
+
+
+# ---- clusters/vm: the Ray cluster launcher -----------------------------------------------------
+
+@pytest.mark.parametrize("path", _files("vm", "*.yaml"), ids=lambda path: path.name)
+def test_launcher_config_passes_rays_own_validation(path):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load(path.read_text())
+    assert raw["cluster_name"] and raw["provider"]["type"] in ("aws", "local")
+    prepared = prepare_config(raw)
+    validate_config(prepared)  # jsonschema: ray/autoscaler/ray-schema.json
+    assert prepared["head_node_type"] in prepared["available_node_types"]
+
+    head_start = " ; ".join(prepared["head_start_ray_commands"])
+    worker_start = " ; ".join(prepared["worker_start_ray_commands"])
+    assert "ray start --head" in head_start and "--dashboard-host=127.0.0.1" in head_start
+    assert "ray start --address=$RAY_HEAD_IP:6379" in worker_start
+    setup = " ; ".join(prepared["setup_commands"])
+    assert "mount" in setup and SHARED_MOUNT in setup  # artifact_root lives on storage every node mounts
+    assert "-e ~/flexkd" in setup and prepared["file_mounts"]["~/flexkd"] == "."
+
+
+def test_aws_config_has_cpu_and_gpu_worker_types():
+    node_types = yaml.safe_load((CLUSTERS / "vm" / "aws.yaml").read_text())["available_node_types"]
+    instance_types = {name: spec["node_config"]["InstanceType"] for name, spec in node_types.items()}
+    assert instance_types["gpu_worker"].startswith(("g", "p")) and instance_types["cpu_worker"].startswith(("m", "c"))
+
+
+# ---- clusters/kuberay: RayCluster and RayJob ---------------------------------------------------
+
+def _kuberay_documents() -> dict[str, dict]:
+    documents = {}
+    for path in _files("kuberay", "*.yaml"):
+        for document in yaml.safe_load_all(path.read_text()):
+            documents[document["kind"]] = document
+    return documents
+
+
+def _pod_specs(cluster_spec: dict) -> list[dict]:
+    return [cluster_spec["headGroupSpec"]["template"]["spec"],
+            *(group["template"]["spec"] for group in cluster_spec["workerGroupSpecs"])]
+
+
+def _check_ray_cluster_spec(spec: dict) -> None:
+    head = spec["headGroupSpec"]
+    groups = spec["workerGroupSpecs"]
+    for group in [head, *groups]:  # KubeRay: map[string]string, so every value must be quoted text
+        assert all(isinstance(value, str) for value in group["rayStartParams"].values())
+    assert len({group["groupName"] for group in groups}) == len(groups)
+    for group in groups:
+        assert all(isinstance(group[key], int) for key in ("replicas", "minReplicas", "maxReplicas"))
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    for pod in _pod_specs(spec):
+        container = pod["containers"][0]
+        assert container["name"] and container["image"].startswith(f"rayproject/ray:{spec['rayVersion']}")
+        claims = {volume["name"]: volume.get("persistentVolumeClaim", {}).get("claimName") for volume in pod["volumes"]}
+        mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+        assert claims[mounts[SHARED_MOUNT]] == "flexkd-shared"
+    gpu_groups = [group for group in groups
+                  if "nvidia.com/gpu" in group["template"]["spec"]["containers"][0]["resources"]["limits"]]
+    assert gpu_groups and len(gpu_groups) < len(groups), "want a CPU and a GPU worker group"
+    assert all(group["template"]["spec"]["containers"][0]["image"].endswith("-gpu") for group in gpu_groups)
+
+
+def test_kuberay_manifests_have_the_kinds_and_versions_kuberay_serves():
+    documents = _kuberay_documents()
+    assert set(documents) == {"RayCluster", "RayJob", "PersistentVolumeClaim"}
+    assert documents["RayCluster"]["apiVersion"] == documents["RayJob"]["apiVersion"] == "ray.io/v1"
+    claim = documents["PersistentVolumeClaim"]
+    assert claim["apiVersion"] == "v1" and claim["metadata"]["name"] == "flexkd-shared"
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # every pod writes the same artifacts
+
+
+def test_raycluster_has_head_cpu_and_gpu_groups_on_shared_storage():
+    _check_ray_cluster_spec(_kuberay_documents()["RayCluster"]["spec"])
+
+
+def test_rayjob_runs_a_valid_flexkd_pipeline_on_its_own_cluster():
+    from ray.runtime_env import RuntimeEnv
+
+    spec = _kuberay_documents()["RayJob"]["spec"]
+    _check_ray_cluster_spec(spec["rayClusterSpec"])
+    assert spec["submissionMode"] in ("K8sJobMode", "HTTPMode")
+    assert spec["shutdownAfterJobFinishes"] is True and isinstance(spec["ttlSecondsAfterFinished"], int)
+
+    words = shlex.split(spec["entrypoint"])
+    assert words[:4] == ["python", "-m", "flexkd.cli", "run"]
+    args = build_parser().parse_args(words[3:])
+    overrides = dict(pair.split("=", 1) for pair in args.set)
+    config = load_config(REPO_ROOT / args.pipeline, {key: yaml.safe_load(value) for key, value in overrides.items()})
+    assert config.artifact_root.startswith(SHARED_MOUNT) and config.resources.use_gpu
+    gpu_workers = sum(group["replicas"] for group in spec["rayClusterSpec"]["workerGroupSpecs"]
+                      if "nvidia.com/gpu" in group["template"]["spec"]["containers"][0]["resources"]["limits"])
+    assert config.resources.num_workers <= gpu_workers
+
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    RuntimeEnv(**runtime_env)
+    assert re.fullmatch(r"https://\S+\.zip", runtime_env["working_dir"])  # no laptop: the code comes from a URL
+    assert runtime_env["pip"]["packages"] == _project_requirements()
+
+
+# ---- clusters/runtime_env -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", _files("runtime_env", "*.yaml"), ids=lambda path: path.name)
+def test_runtime_env_is_valid_and_installs_the_projects_requirements(path):
+    from ray.runtime_env import RuntimeEnv
+
+    runtime_env = yaml.safe_load(path.read_text())
+    RuntimeEnv(**runtime_env)
+    assert "working_dir" not in runtime_env  # flexkd submit sets it
+    assert runtime_env["pip"]["packages"] == _project_requirements()
+
+
+def test_cpu_runtime_env_takes_the_cpu_build_of_torch():
+    options = yaml.safe_load((CLUSTERS / "runtime_env" / "cpu.yaml").read_text())["pip"]["pip_install_options"]
+    assert "https://download.pytorch.org/whl/cpu" in options
+
+
+# ---- clusters/local and the README --------------------------------------------------------------
+
+@pytest.mark.parametrize("path", _files("local", "*.sh"), ids=lambda path: path.name)
+def test_local_scripts_parse(path):
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+    if path.name.startswith(("start-", "stop")):
+        assert path.stat().st_mode & 0o111, f"{path.name} is not executable"
+        assert "source \"$(dirname \"$0\")/env.sh\"" in path.read_text()
+
+
+def test_readme_names_only_files_that_exist():
+    text = (CLUSTERS / "README.md").read_text()
+    named = set(re.findall(r"(?<![\w/])(clusters/[\w./-]+\.(?:yaml|sh|md))", text))
+    assert named, "the README should point at the files it explains"
+    assert [name for name in sorted(named) if not (REPO_ROOT / name).is_file()] == []
