@@ -31,7 +31,11 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
         key, separator, value = pair.partition("=")
         if not separator:
             raise ConfigError(f"--set {pair}: expected key=value, e.g. --set loss.gamma=0.5")
-        overrides[key.strip()] = yaml.safe_load(value)
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            reason = str(error).splitlines()[0]
+            raise ConfigError(f"--set {key.strip()}: not a YAML value ({reason})") from None
     return overrides
 
 

@@ -9,9 +9,12 @@ plain single process with no process group, where it degrades to the obvious no-
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
+import shutil
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,8 +37,16 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 if TYPE_CHECKING:  # only for annotations; importing transformers costs seconds per process
     from transformers import PreTrainedModel
 
+log = logging.getLogger("flexkd")
+
 META_FILENAME = "meta.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+_HASH_BLOCK = 1 << 20
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint whose files do not match the sizes and SHA-256 digests in its ``meta.json``;
+    the message is one line naming the checkpoint and the first bad file."""
 
 
 # --------------------------------------------------------------------------- process group
@@ -91,6 +102,13 @@ def init_process_group_from_env() -> None:
         dist.init_process_group(backend="nccl")
     else:
         dist.init_process_group(backend="gloo")
+
+
+def use_threads(count: int | None) -> None:
+    """Set this worker's torch thread count. Ray pins OMP_NUM_THREADS to the CPUs a worker
+    reserves, which leaves cores idle when a small machine keeps a CPU free for Ray Data."""
+    if count:
+        torch.set_num_threads(count)
 
 
 def barrier() -> None:
@@ -193,19 +211,28 @@ def save_checkpoint(
     """Write model and optimizer state to ``directory/step_{step:08d}/`` with DCP.
 
     Collective: every rank must call it. Each rank writes its own shards (a shared
-    filesystem is required across nodes); rank 0 writes ``meta.json`` (step, extra,
-    world_size) last, so its presence marks a complete checkpoint.
+    filesystem is required across nodes); rank 0 then records every file's size and SHA-256
+    in ``meta.json`` (with step, extra, world_size) and writes it last, so its presence marks
+    a complete checkpoint and its digests let a reader detect a truncated or corrupted one.
+    A directory left by an earlier attempt at the same step is removed first: new shards
+    written under an old ``meta.json`` would look complete while half written.
     """
     path = Path(directory) / f"step_{step:08d}"
+    if is_main_process() and path.exists():
+        shutil.rmtree(path)
+    barrier()  # no rank may write into the directory before the stale one is gone
     model_state, optim_state = get_state_dict(model, optimizer)
     with _single_process_ok():
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
     # Every rank's shards must be on disk before the marker says the checkpoint is whole.
     barrier()
     if is_main_process():
-        meta = {"step": step, "extra": extra or {}, "world_size": world_size()}
+        meta = {"step": step, "extra": extra or {}, "world_size": world_size(), "files": _file_digests(path)}
         tmp = path / f"{META_FILENAME}.tmp"
-        tmp.write_text(json.dumps(meta, indent=2))
+        with tmp.open("w") as handle:
+            handle.write(json.dumps(meta, indent=2))
+            handle.flush()
+            os.fsync(handle.fileno())
         tmp.replace(path / META_FILENAME)  # atomic: a reader never sees half a marker
     # No rank may look for the newest checkpoint before the marker exists.
     barrier()
@@ -217,13 +244,13 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Load a :func:`save_checkpoint` directory into ``model`` and ``optimizer`` in place.
 
-    Collective. The checkpoint may have been written by a different number of ranks: DCP
-    reshards on load. Returns the checkpoint's ``meta.json``.
+    Collective. The files are checked against the sizes and digests in ``meta.json`` first;
+    a mismatch raises :class:`CorruptCheckpointError` naming the file, before anything is
+    loaded. The checkpoint may have been written by a different number of ranks: DCP
+    reshards on load. Returns the checkpoint's ``meta.json`` without the file list.
     """
     checkpoint_dir = Path(checkpoint_dir)
-    meta_path = checkpoint_dir / META_FILENAME
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{checkpoint_dir} is not a complete checkpoint: no {META_FILENAME}")
+    meta = verify_checkpoint(checkpoint_dir)
     # get_state_dict gives the target layout (and fills AdamW's lazily created state), which
     # dcp.load then fills in place from the files.
     model_state, optim_state = get_state_dict(model, optimizer)
@@ -233,20 +260,136 @@ def load_checkpoint(
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
     )
-    return json.loads(meta_path.read_text())
+    return {key: value for key, value in meta.items() if key != "files"}
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest ``step_*`` directory under ``directory`` that has ``meta.json``, else None."""
+    """The newest intact ``step_*`` checkpoint under ``directory``, else None.
+
+    A step directory without ``meta.json`` is an interrupted save and is ignored. A complete
+    one whose files fail :func:`verify_checkpoint` is skipped with a warning naming it, and
+    the next older one is tried. When complete checkpoints exist but none is intact, raises
+    :class:`CorruptCheckpointError` naming each one: starting over silently would discard
+    hours of training, and the user should decide.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         return None
-    complete = [
-        (int(match.group(1)), child)
-        for child in directory.iterdir()
-        if (match := _STEP_DIR.match(child.name)) and (child / META_FILENAME).is_file()
-    ]
-    return max(complete)[1] if complete else None
+    complete = sorted(
+        ((int(match.group(1)), child)
+         for child in directory.iterdir()
+         if (match := _STEP_DIR.match(child.name)) and (child / META_FILENAME).is_file()),
+        reverse=True,
+    )
+    problems = []
+    for _, candidate in complete:
+        try:
+            verify_checkpoint(candidate)
+        except CorruptCheckpointError as error:
+            log.warning("skipping corrupt checkpoint: %s", error)
+            problems.append(str(error))
+            continue
+        return candidate
+    if problems:
+        raise CorruptCheckpointError(
+            f"no intact checkpoint in {directory}: {'; '.join(problems)}; "
+            "delete the checkpoints directory to start this stage over")
+    return None
+
+
+def prune_checkpoints(directory: Path, keep: int) -> list[Path]:
+    """Keep the newest ``keep`` intact checkpoints under ``directory``; delete the older ones and
+    every corrupt one. Returns what was deleted. Call it on one rank, after a save.
+
+    Intact here means complete with the recorded file sizes (no digests: a prune after every
+    save must not read the whole checkpoint again). Pruning by name alone could keep a corrupt
+    newest checkpoint and delete the last good one.
+    """
+    directory = Path(directory)
+    complete = sorted((child for child in directory.glob("step_*")
+                       if _STEP_DIR.match(child.name) and (child / META_FILENAME).is_file()), reverse=True)
+    kept, deleted = 0, []
+    for candidate in complete:
+        try:
+            verify_checkpoint(candidate, check_digests=False)
+            intact = True
+        except CorruptCheckpointError as error:
+            log.warning("deleting corrupt checkpoint: %s", error)
+            intact = False
+        if intact and kept < keep:
+            kept += 1
+            continue
+        shutil.rmtree(candidate, ignore_errors=True)
+        deleted.append(candidate)
+    return deleted
+
+
+def verify_checkpoint(checkpoint_dir: Path, check_digests: bool = True) -> dict[str, Any]:
+    """Check every file of a checkpoint against ``meta.json``; returns the meta.
+
+    Raises :class:`CorruptCheckpointError` (one line, naming the checkpoint and the file) for
+    an unreadable ``meta.json`` or a missing, truncated or altered file; files the meta does
+    not list (an NFS temp file, say) are not part of the checkpoint and are ignored. A
+    checkpoint written before digests were recorded (no ``files`` in its meta) passes with a
+    warning. A digest verified once in this process is not recomputed while the file's size
+    and modification time stay the same (latest_checkpoint and load_checkpoint both verify).
+    ``check_digests=False`` checks presence and sizes only.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    meta_path = checkpoint_dir / META_FILENAME
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{checkpoint_dir} is not a complete checkpoint: no {META_FILENAME}")
+    try:
+        meta = json.loads(meta_path.read_text())
+        expected = meta.get("files")
+        if expected is not None:
+            expected = {str(name): (int(record["size"]), str(record["sha256"])) for name, record in expected.items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CorruptCheckpointError(f"checkpoint {checkpoint_dir}: {META_FILENAME} is not valid") from None
+    if expected is None:
+        log.warning("checkpoint %s has no file digests (written by an older flexkd); not verified", checkpoint_dir)
+        return meta
+    for name, (size, sha256) in sorted(expected.items()):
+        file = checkpoint_dir / name
+        if not file.is_file():
+            raise CorruptCheckpointError(f"checkpoint {checkpoint_dir}: {name} is missing")
+        actual = file.stat().st_size
+        if actual != size:
+            raise CorruptCheckpointError(
+                f"checkpoint {checkpoint_dir}: {name} has {actual} bytes, expected {size} (truncated?)")
+        if check_digests and _sha256(file, cache=True) != sha256:
+            raise CorruptCheckpointError(f"checkpoint {checkpoint_dir}: {name} does not match its SHA-256")
+    return meta
+
+
+def _checkpoint_files(path: Path) -> set[str]:
+    """Every file of a checkpoint but its marker, as paths relative to the checkpoint."""
+    return {file.relative_to(path).as_posix() for file in path.rglob("*")
+            if file.is_file() and file.name not in (META_FILENAME, f"{META_FILENAME}.tmp")}
+
+
+def _file_digests(path: Path) -> dict[str, dict[str, Any]]:
+    return {name: {"size": (path / name).stat().st_size, "sha256": _sha256(path / name, cache=False)}
+            for name in sorted(_checkpoint_files(path))}
+
+
+# (path, size, mtime_ns) -> SHA-256, for files read by verify_checkpoint in this process. Digests
+# computed while saving are not cached: the files could still be damaged after that.
+_VERIFIED_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _sha256(file: Path, cache: bool) -> str:
+    status = file.stat()
+    key = (str(file.resolve()), status.st_size, status.st_mtime_ns)
+    if cache and key in _VERIFIED_DIGESTS:
+        return _VERIFIED_DIGESTS[key]
+    digest = hashlib.sha256()
+    with file.open("rb") as handle:
+        for block in iter(lambda: handle.read(_HASH_BLOCK), b""):
+            digest.update(block)
+    if cache:
+        _VERIFIED_DIGESTS[key] = digest.hexdigest()
+    return digest.hexdigest()
 
 
 def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -35,7 +35,7 @@ class DistilledStudent(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         folder = context.artifacts[STUDENT_ARTIFACT]
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True).eval()
         self.max_new_tokens = int(context.model_config.get("max_new_tokens", 64))
 
     def predict(self, context, model_input: list[str]) -> list[str]:
