@@ -144,6 +144,8 @@ class TrainingConfig(_Section):
     log_every: int = Field(10, gt=0)
     checkpoint_every: int = Field(50, gt=0)
     max_failures: int = Field(0, ge=0, description="worker-group restarts Ray Train may do")
+    teacher: Literal["online", "cache"] = Field(
+        "online", description="online: run the teacher every step; cache: read the targets stage's teacher outputs")
 
 
 class EvaluationConfig(_Section):
@@ -158,10 +160,101 @@ class TrackingConfig(_Section):
     registered_model_name: str | None = Field(None, description="default: '<pipeline name>-student'")
 
 
+class TargetsConfig(_Section):
+    """The teacher-target cache (stage ``targets``), built and read when training.teacher is 'cache'."""
+
+    top_k_logits: int = Field(32, gt=0, description="generation: teacher logits kept per response position")
+    k_max: int | None = Field(None, gt=0, description="selected units stored per mapped teacher layer; "
+                              "default: selection.k (a sweep: the largest selection.k it tries)")
+    full_width: bool = Field(False, description="store every teacher unit (selected first), which the cka "
+                             "and projector baselines read")
+    temperatures: list[Annotated[float, Field(gt=0)]] = Field(
+        [1.0, 2.0], min_length=1, description="generation: temperatures whose exact softmax normalizer is "
+        "stored; a loss.temperature not listed is approximated from the nearest one")
+    batch_size: int = Field(16, gt=0, description="rows per teacher forward")
+    path: str | None = Field(None, description="reuse this targets directory instead of building one")
+
+
+class SearchDimension(_Section):
+    """One swept parameter: exactly one of ``grid`` (every value, num_samples times each),
+    ``choice`` (a value drawn per sample), ``uniform`` or ``loguniform`` ([low, high])."""
+
+    grid: list[Any] | None = Field(None, min_length=1)
+    choice: list[Any] | None = Field(None, min_length=1)
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SearchDimension:
+        given = [name for name in ("grid", "choice", "uniform", "loguniform") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of grid, choice, uniform, loguniform (got {', '.join(given) or 'none'})")
+        bounds = self.uniform or self.loguniform
+        if bounds is not None and not bounds[0] < bounds[1]:
+            raise ValueError(f"[low, high] needs low < high, got {list(bounds)}")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {self.loguniform[0]}")
+        return self
+
+    def values(self) -> list[Any]:
+        """The values a trial can get: every listed one, or the two bounds of a range."""
+        return list(self.grid or self.choice or self.uniform or self.loguniform)
+
+
+class AshaConfig(_Section):
+    """Asynchronous successive halving: at each rung, trials behind the best 1/reduction_factor stop."""
+
+    grace_period: int | None = Field(None, gt=0, description="steps before a trial may be stopped; "
+                                     "default: tune.eval_every")
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+# What a sweep may vary: everything a trial decides on its own. The teacher, the data and the
+# task are shared by all trials through one set of teacher targets, so they cannot be swept.
+SWEEPABLE = ("selection.", "scoring.score", "layer_map", "loss.", "training.", "student.seed")
+
+
+class SweepConfig(_Section):
+    """``flexkd tune``: a Ray Tune sweep of distill trials over the teacher-target cache."""
+
+    search_space: dict[str, SearchDimension] = Field(min_length=1, description="dotted config path -> values")
+    num_samples: int = Field(1, gt=0, description="samples of the space (a grid is repeated this many times)")
+    metric: str | None = Field(None, description="default: eval.accuracy (classification), eval.rougeL (generation)")
+    mode: Literal["min", "max"] | None = Field(None, description="default: max for accuracy/F1/ROUGE, else min")
+    eval_every: int | None = Field(None, gt=0, description="steps between student evaluations; "
+                                   "default: training.log_every")
+    asha: AshaConfig | None = Field(AshaConfig(), description="early stopping; null runs every trial to the end")
+    max_concurrent_trials: int | None = Field(None, gt=0, description="default: what the cluster's CPUs (GPUs) fit")
+    storage_path: str | None = Field(None, description="Tune's experiment folder; default: <artifact_root>/<name>/tune")
+
+    @model_validator(mode="after")
+    def _known_parameters(self) -> SweepConfig:
+        for path in self.search_space:
+            if not _is_config_path(PipelineConfig, path.split(".")):
+                raise ValueError(f"search_space: unknown parameter '{path}'")
+            if path == "training.teacher" or not (path in SWEEPABLE or path.startswith(SWEEPABLE)):
+                raise ValueError(f"search_space: '{path}' cannot be swept: all trials share one teacher, "
+                                 "data set and task")
+        return self
+
+
+def _is_config_path(model: type[BaseModel], parts: list[str]) -> bool:
+    """True if ``parts`` name a field of the schema (``["loss", "gamma"]``)."""
+    field = model.model_fields.get(parts[0])
+    if field is None:
+        return False
+    if len(parts) == 1:
+        return True
+    nested = field.annotation
+    return isinstance(nested, type) and issubclass(nested, BaseModel) and _is_config_path(nested, parts[1:])
+
+
 class ResourcesConfig(_Section):
     num_workers: int = Field(1, gt=0)
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
+    threads_per_worker: int | None = Field(
+        None, gt=0, description="torch threads in each score/distill worker; default: Ray's (one per CPU reserved)")
 
 
 class PipelineConfig(_Section):
@@ -178,7 +271,21 @@ class PipelineConfig(_Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     tracking: TrackingConfig = TrackingConfig()
     resources: ResourcesConfig = ResourcesConfig()
+    targets: TargetsConfig = TargetsConfig()
+    tune: SweepConfig | None = None
     artifact_root: str = Field("runs", description="where stage artifacts go; relative to the pipeline file")
+
+    @model_validator(mode="after")
+    def _cache_serves_the_run(self) -> PipelineConfig:
+        if self.training.teacher != "cache":
+            return self
+        k, k_max = self.selection.k, self.targets.k_max
+        if k is not None and k_max is not None and k > k_max:
+            raise ValueError(f"selection.k = {k} exceeds targets.k_max = {k_max}, the units the cache stores")
+        if self.loss.feature in ("cka", "projector") and not self.targets.full_width:
+            raise ValueError(f"loss.feature '{self.loss.feature}' reads whole teacher hidden states: "
+                             "with training.teacher 'cache' set targets.full_width: true")
+        return self
 
     def fingerprint(self) -> str:
         """Content hash of the resolved config: same config, same fingerprint."""
@@ -201,6 +308,8 @@ _PATH_FIELDS = (
     ("data", "train", "path"),
     ("data", "eval", "path"),
     ("data", "score", "path"),
+    ("targets", "path"),
+    ("tune", "storage_path"),
 )
 
 

@@ -32,18 +32,20 @@ def run_workers(
     run_name: str,
     storage: Path,
     max_failures: int = 0,
+    callbacks: list | None = None,
 ) -> None:
     """Run ``loop`` on ``config.resources.num_workers`` Ray Train workers and wait.
 
     Reusing ``run_name`` and ``storage`` makes Ray Train V2 resume the same run after a crash
     of the driver; our own checkpoints (distributed.save_checkpoint) carry the model state.
+    ``callbacks`` are Ray Train callbacks, e.g. Tune's TuneReportCallback inside a Tune trial.
     """
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
         scaling_config=scaling(config),
         run_config=RunConfig(name=run_name, storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=max_failures)),
+                             failure_config=FailureConfig(max_failures=max_failures), callbacks=callbacks),
         datasets=datasets,
     )
     try:

@@ -4,6 +4,10 @@ bad k or layer index is refused in a second, before any stage starts."""
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +19,8 @@ from flexkd.layers import resolve_layer_map
 from flexkd.models import build_random_model, fetch_demo_teacher, load_model, load_tokenizer
 from flexkd.preflight import TokenizerMismatchError, check_same_tokenizer
 from flexkd.selection import resolve_k
+
+log = logging.getLogger("flexkd")
 
 
 @dataclass(frozen=True)
@@ -45,8 +51,15 @@ def teacher_location(config: PipelineConfig) -> tuple[str | None, str | None]:
         destination = Path(config.artifact_root) / "teachers" / teacher.path.replace(":/", "_").replace("/", "_")
         marker = destination / "hf_folder.txt"
         if not marker.is_file():
+            from mlflow.exceptions import MlflowException
+
             marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(str(download_registered_student(teacher.path, destination)))
+            try:
+                folder = download_registered_student(teacher.path, destination)
+            except (MlflowException, FileNotFoundError) as error:
+                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise ConfigError(f"teacher.path: {teacher.path}: {reason}") from None
+            marker.write_text(str(folder))
         return marker.read_text(), None
     return teacher.path, teacher.gguf_file
 
@@ -120,9 +133,28 @@ def preflight(config: PipelineConfig) -> ModelPlan:
     return plan
 
 
+TEACHER_LOADS_FILE = "teacher_loads.log"
+
+
+def teacher_loads_log(config: PipelineConfig) -> Path:
+    """Where :func:`load_teacher` appends one line per load: the sweep asserts that its trials
+    add none, and anyone can see what the teacher cost."""
+    return Path(config.artifact_root) / config.name / TEACHER_LOADS_FILE
+
+
+def count_teacher_loads(config: PipelineConfig) -> int:
+    log_file = teacher_loads_log(config)
+    return len(log_file.read_text().splitlines()) if log_file.is_file() else 0
+
+
 def load_teacher(config: PipelineConfig) -> PreTrainedModel:
-    """The frozen teacher, in eval mode."""
+    """The frozen teacher, in eval mode. Every call is counted in :func:`teacher_loads_log`."""
     teacher = config.teacher
+    log.info("loading teacher (%s)", teacher.name or teacher.path or teacher.source)
+    log_file = teacher_loads_log(config)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("a") as file:  # one short append per load: atomic for concurrent writers
+        file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid={os.getpid()} host={socket.gethostname()}\n")
     if teacher.source == "random":
         tokenizer = load_pipeline_tokenizer(config)
         model = build_random_model(dict(teacher.architecture or {}), vocab_size=len(tokenizer),

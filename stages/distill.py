@@ -1,13 +1,21 @@
 """distill: train the student on the Flex-KD objective.
 
-Ray Train workers hold the student (FSDP2-sharded, trainable) and the teacher (sharded, frozen,
-no grad). Every step: teacher forward for logits and hidden states, gather the teacher's
-selected units of each mapped layer, student forward, and
+Ray Train workers hold the student (FSDP2-sharded, trainable). The teacher's side of each step
+comes from one of two places (``training.teacher``):
+
+    online   the teacher, sharded, frozen, no grad: a forward for logits and hidden states, then
+             the selected units of each mapped layer
+    cache    the targets stage's rows (flexkd.teacher_targets): the cached units [..., :k] and
+             the class logits or top-K logits; the teacher is never loaded
+
+Every step: student forward, and
 
     L = alpha * task + beta * logit KD + gamma * sum over layer pairs of the feature loss.
 
 Checkpoints (torch.distributed.checkpoint) go to ``checkpoints/step_*``; a restarted worker
-group, or a rerun after the driver died, continues from the newest complete one. Outputs:
+group, or a rerun after the driver died, continues from the newest complete one. A Tune trial
+(flexkd.tune) also evaluates the student every ``eval_every`` steps and reports the metrics.
+Outputs:
 
     student/        the distilled student, Hugging Face format (safetensors, config, tokenizer)
     metrics.json    final loss parts, tokens/s, steps, parameter counts
@@ -16,8 +24,8 @@ group, or a rerun after the driver died, continues from the newest complete one.
 from __future__ import annotations
 
 import json
+import logging
 import math
-import shutil
 import time
 from itertools import count
 from pathlib import Path
@@ -27,41 +35,81 @@ import numpy as np
 import ray
 import torch
 
-from flexkd import distributed
+from flexkd import distributed, faults
 from flexkd.config import PipelineConfig
-from flexkd.data import collate_batch
-from flexkd.layers import forward_with_hidden_states
+from flexkd.data import ROW_SCHEMA, collate_batch
 from flexkd.losses import LinearProjector
 from flexkd.models import parameter_count
 from flexkd.objective import LayerPair, ObjectiveSettings, StudentWithObjective
+from flexkd.periodic_eval import StudentEvaluator
 from flexkd.ray_jobs import run_workers
 from flexkd.resolve import build_student, load_pipeline_tokenizer, load_teacher, plan_models
+from flexkd.teacher_targets import cached_teacher_outputs, online_teacher_outputs, units_column
 from flexkd.tracking import WorkerMetricLogger, tracking_uri
 
+log = logging.getLogger("flexkd")
+
 KEEP_CHECKPOINTS = 2
+WHOLE_HIDDEN_FEATURES = ("cka", "projector")  # the selection-free baselines compare whole hidden states
 
 
 def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> dict[str, Any]:
     import mlflow
 
-    plan = plan_models(config)
-    tokenized = json.loads((inputs["tokenize"] / "manifest.json").read_text())["outputs"]
-    selected = json.loads((inputs["score"] / "selected.json").read_text())
-    run_workers(
-        "distill", config, _distill_worker,
-        loop_config={
-            "config": config, "output_dir": str(output_dir), "k": plan.k,
-            "pairs": [list(pair) for pair in plan.layer_pairs],
-            "selected": {int(layer): entry["indices"] for layer, entry in selected["layers"].items()},
-            "pad_token_id": tokenized["pad_token_id"], "verbalizer_ids": tokenized["verbalizer_ids"],
-            "tracking_uri": tracking_uri(config), "run_id": mlflow.active_run().info.run_id,
-        },
-        datasets={"train": ray.data.read_parquet(str(inputs["tokenize"] / "train"))},
-        run_name="distill", storage=output_dir / "ray", max_failures=config.training.max_failures,
-    )
-    metrics = json.loads((output_dir / "metrics.json").read_text())
+    metrics = train_student(config, inputs, output_dir, tracking_run_id=mlflow.active_run().info.run_id)
     mlflow.log_metrics({f"final.{key}": value for key, value in metrics.items() if isinstance(value, (int, float))})
     return {**metrics, "student_dir": str(output_dir / "student")}
+
+
+def train_student(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path, *,
+                  tracking_run_id: str | None = None, eval_every: int | None = None,
+                  callbacks: list | None = None, run_name: str = "distill",
+                  train_data: ray.data.Dataset | None = None, placement_group_file: Path | None = None) -> dict[str, Any]:
+    """Distill on Ray Train workers into ``output_dir``; returns metrics.json.
+
+    ``eval_every`` adds student metrics on the eval split (``eval.<metric>``) every that many
+    steps, and only those steps are reported to Ray (what Tune's schedulers read).
+    ``train_data``: the training rows (or cache rows) already read, e.g. materialized once for
+    all the trials of a sweep; by default they are read from ``inputs``. ``placement_group_file``
+    gets the id of the workers' placement group, so whoever kills this run can free it.
+    """
+    plan = plan_models(config)
+    tokenized = json.loads((inputs["tokenize"] / "manifest.json").read_text())["outputs"]
+    loop_config = {
+        "config": config, "output_dir": str(output_dir), "k": plan.k, "d_teacher": plan.teacher_hidden,
+        "pairs": [list(pair) for pair in plan.layer_pairs],
+        "pad_token_id": tokenized["pad_token_id"], "verbalizer_ids": tokenized["verbalizer_ids"],
+        "tracking_uri": tracking_uri(config) if tracking_run_id else None, "run_id": tracking_run_id,
+        "eval_every": eval_every, "eval_dir": str(inputs["tokenize"] / "eval"),
+        "placement_group_file": str(placement_group_file) if placement_group_file else None,
+    }
+    if config.training.teacher == "cache":
+        from flexkd.stages.targets import check_cache
+
+        info = check_cache(config, inputs["targets"], plan.k, plan.teacher_layer_indices, where="distill")
+        units = {layer: info["units"][str(layer)] for layer in plan.teacher_layer_indices}
+        loop_config["cache"] = {"units": units, "top_k": info["top_k_logits"], "temperatures": info["temperatures"],
+                                "inverse_order": {layer: np.argsort(info["unit_order"][str(layer)]).tolist()
+                                                  for layer in units}}
+        if config.task.kind == "generation" and config.loss.temperature not in info["temperatures"]:
+            log.warning("distill: loss.temperature %s is not one of the cache's exact temperatures %s: the teacher's "
+                        "rest-mass normalizer is approximated", config.loss.temperature, info["temperatures"])
+        columns = [*ROW_SCHEMA.names, *(units_column(layer) for layer in units), *_cache_logit_columns(config.task.kind)]
+        train = ray.data.read_parquet(str(inputs["targets"] / "train"), columns=columns) if train_data is None else train_data
+    else:
+        selected = json.loads((inputs["score"] / "selected.json").read_text())
+        loop_config["selected"] = {int(layer): entry["indices"] for layer, entry in selected["layers"].items()}
+        train = ray.data.read_parquet(str(inputs["tokenize"] / "train")) if train_data is None else train_data
+    run_workers("distill", config, _distill_worker, loop_config=loop_config, datasets={"train": train},
+                run_name=run_name, storage=output_dir / "ray", max_failures=config.training.max_failures,
+                callbacks=callbacks)
+    return json.loads((output_dir / "metrics.json").read_text())
+
+
+def _cache_logit_columns(task: str) -> tuple[str, ...]:
+    if task == "classification":
+        return ("teacher_class_logits",)
+    return ("teacher_topk_logits", "teacher_topk_ids", "teacher_logsumexp")
 
 
 def learning_rate_at(step: int, config: PipelineConfig) -> float:
@@ -78,10 +126,14 @@ def _endless_batches(shard, batch_size: int, skip: int) -> Iterator[dict[str, np
     so a resumed run sees the batches it would have seen."""
     seen = 0
     for _ in count():
+        seen_before = seen
         for rows in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True):
             seen += 1
             if seen > skip:
                 yield rows
+        if seen == seen_before:  # another pass would yield nothing either: fail, do not spin
+            raise ValueError(f"distill: this worker's data shard holds fewer than one batch of {batch_size} rows; "
+                             "use more training rows, a smaller training.batch_size or fewer workers")
 
 
 def _build(loop_config: dict[str, Any]):
@@ -92,21 +144,38 @@ def _build(loop_config: dict[str, Any]):
                                  **config.loss.model_dump(exclude={"feature"}), feature=config.loss.feature)
     torch.manual_seed(config.training.seed)
     student = build_student(config)
-    teacher = load_teacher(config)
     projectors = {}
     if config.loss.feature == "projector":
         projectors = {f"{p.teacher_layer}-{p.student_layer}":
-                      LinearProjector(student.config.hidden_size, teacher.config.hidden_size) for p in pairs}
+                      LinearProjector(student.config.hidden_size, loop_config["d_teacher"]) for p in pairs}
     verbalizer_ids = loop_config["verbalizer_ids"]
     verbalizer_ids = torch.tensor(verbalizer_ids) if verbalizer_ids else None
     module = StudentWithObjective(student, settings, pairs, verbalizer_ids, projectors).to(device)
     module = distributed.shard_model(module, trainable=True)
-    teacher = distributed.shard_model(teacher.to(device), trainable=False)
-    return config, device, pairs, module, teacher, projectors
+    return config, device, pairs, module, projectors
+
+
+def _teacher_outputs(loop_config: dict[str, Any], config: PipelineConfig, pairs: list[LayerPair], device):
+    """The step's teacher side, ``(rows, batch) -> (teacher logits, teacher features)``: read from
+    the cache, or computed by a teacher loaded (and sharded) here."""
+    whole_hidden = config.loss.feature in WHOLE_HIDDEN_FEATURES
+    cache = loop_config.get("cache")
+    if cache is not None:
+        inverse = {layer: torch.tensor(order) for layer, order in cache["inverse_order"].items()} if whole_hidden else None
+        return lambda rows, batch: cached_teacher_outputs(rows, batch, config.task.kind, cache["units"], loop_config["k"],
+                                                          inverse, cache["top_k"], device, cache["temperatures"],
+                                                          config.loss.temperature)
+    teacher = distributed.shard_model(load_teacher(config).to(device), trainable=False)
+    selected = {layer: torch.tensor(indices, device=device) for layer, indices in loop_config["selected"].items()}
+    layers = sorted({pair.teacher_layer for pair in pairs})
+    return lambda rows, batch: online_teacher_outputs(teacher, batch, config.task.kind, layers, selected, whole_hidden)
 
 
 def _distill_worker(loop_config: dict[str, Any]) -> None:
-    config, device, pairs, module, teacher, projectors = _build(loop_config)
+    placement_group = ray.util.get_current_placement_group()
+    if loop_config["placement_group_file"] and placement_group and distributed.is_main_process():
+        Path(loop_config["placement_group_file"]).write_text(placement_group.id.hex())
+    config, device, pairs, module, projectors = _build(loop_config)
     output_dir = Path(loop_config["output_dir"])
     checkpoints = output_dir / "checkpoints"
     optimizer = torch.optim.AdamW(module.parameters(), lr=config.training.learning_rate,
@@ -116,11 +185,9 @@ def _distill_worker(loop_config: dict[str, Any]) -> None:
     if latest is not None:
         start_step = distributed.load_checkpoint(latest, module, optimizer)["step"]
 
-    selected = {layer: torch.tensor(indices, device=device) for layer, indices in loop_config["selected"].items()}
-    # The selection-free baselines compare whole hidden states; the others use the selected units.
-    whole_hidden = config.loss.feature in ("cka", "projector")
-    teacher_layers = sorted({pair.teacher_layer for pair in pairs})
     need_teacher = config.loss.beta > 0 or (config.loss.gamma > 0 and config.loss.feature != "none")
+    teacher_outputs = _teacher_outputs(loop_config, config, pairs, device) if need_teacher else None
+    evaluator = StudentEvaluator(loop_config, config, device) if loop_config["eval_every"] else None
     per_rank_batch = max(1, config.training.batch_size // distributed.world_size())
     batches = _endless_batches(ray.train.get_dataset_shard("train"), per_rank_batch, skip=start_step)
     logger = WorkerMetricLogger(loop_config["tracking_uri"], loop_config["run_id"]) if distributed.is_main_process() else None
@@ -128,13 +195,9 @@ def _distill_worker(loop_config: dict[str, Any]) -> None:
 
     tokens, started, parts = 0, time.time(), {}
     for step in range(start_step, config.training.steps):
-        batch = {key: value.to(device) for key, value in collate_batch(next(batches), loop_config["pad_token_id"]).items()}
-        teacher_logits, teacher_features = None, {}
-        if need_teacher:
-            with torch.no_grad():
-                teacher_logits, hidden = forward_with_hidden_states(teacher, batch["input_ids"], batch["attention_mask"], teacher_layers)
-            teacher_features = {layer: value if whole_hidden else value.index_select(-1, selected[layer])
-                                for layer, value in hidden.items()}
+        rows = next(batches)
+        batch = {key: value.to(device) for key, value in collate_batch(rows, loop_config["pad_token_id"]).items()}
+        teacher_logits, teacher_features = teacher_outputs(rows, batch) if need_teacher else (None, {})
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, config)
         parts = module(batch, teacher_logits, teacher_features)
@@ -146,16 +209,24 @@ def _distill_worker(loop_config: dict[str, Any]) -> None:
         done = step + 1
         if progress is not None:
             progress.update(1)
-        if done % config.training.log_every == 0 or done == config.training.steps:
-            metrics = {name: float(value.detach()) for name, value in parts.items()}
-            metrics |= {"tokens_per_second": tokens / max(time.time() - started, 1e-9), "learning_rate": learning_rate_at(step, config)}
+        last = done == config.training.steps
+        log_now = done % config.training.log_every == 0 or last
+        evaluate_now = evaluator is not None and (done % loop_config["eval_every"] == 0 or last)
+        if log_now or evaluate_now:
+            metrics = {f"train.{name}": float(value.detach()) for name, value in parts.items()}
+            metrics |= {"train.tokens_per_second": tokens / max(time.time() - started, 1e-9),
+                        "train.learning_rate": learning_rate_at(step, config)}
+            if evaluate_now:
+                metrics |= evaluator(module)
             if logger is not None:
-                logger.log({f"train.{key}": value for key, value in metrics.items()}, step=done)
-            ray.train.report({"step": done, **metrics})
-        if done % config.training.checkpoint_every == 0 or done == config.training.steps:
+                logger.log(metrics, step=done)
+            if evaluate_now or evaluator is None:  # a Tune trial reports only steps with its metric
+                ray.train.report({"step": done, **metrics})
+        if done % config.training.checkpoint_every == 0 or last:
             distributed.save_checkpoint(checkpoints, module, optimizer, done)
             if distributed.is_main_process():
-                _prune_checkpoints(checkpoints)
+                distributed.prune_checkpoints(checkpoints, KEEP_CHECKPOINTS)
+        faults.maybe_kill_worker(done, distributed.rank(), output_dir)
 
     _save_student(config, module, projectors, output_dir, tokens, time.time() - started, parts, start_step)
 
@@ -175,12 +246,6 @@ def _progress_bar(start: int, total: int):
     bar = tqdm(total=total, desc="distill")
     bar.update(start)  # a resumed run starts part-way
     return bar
-
-
-def _prune_checkpoints(directory: Path) -> None:
-    complete = sorted(path for path in directory.glob("step_*") if (path / distributed.META_FILENAME).is_file())
-    for stale in complete[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _save_student(config, module, projectors, output_dir: Path, tokens: int, seconds: float, parts, start_step: int) -> None:

@@ -97,6 +97,7 @@ def _score_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: accumulate importance sums over this worker's data shard."""
     config: PipelineConfig = loop_config["config"]
     layers: list[int] = loop_config["layers"]
+    distributed.use_threads(config.resources.threads_per_worker)
     device = distributed.device()
     teacher = distributed.shard_model(load_teacher(config).to(device), trainable=False)
     verbalizer_ids = loop_config["verbalizer_ids"]

@@ -1,0 +1,189 @@
+"""targets: one teacher pass over the training data, kept, so distillation never loads the teacher.
+
+Runs only with ``training.teacher: cache``. A Ray Data actor pool holds the frozen teacher; each
+actor runs forward passes (no gradient, so no FSDP: every actor holds a whole teacher, which fits
+the teachers this runs on; a teacher too big for one device would need sharded inference) over
+``<tokenize>/train`` and writes the training rows with the teacher's outputs attached:
+
+    train/*.parquet   training rows + teacher columns (flexkd.teacher_targets: per mapped teacher
+                      layer the first k_max selected units per token in float16; the class logits
+                      (classification), or per response position the top-K logits, their ids
+                      and the full logsumexp at each of targets.temperatures (generation))
+    targets.json      what the cache holds and for what: teacher, data (the tokenize fingerprint),
+                      selection, layers, k_max, unit order; checked before anything reads it
+
+Because selection is ordered by importance, one cache serves every k <= k_max.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from flexkd.config import ConfigError, PipelineConfig, stable_hash
+from flexkd.data import ROW_SCHEMA, collate_batch
+from flexkd.teacher_targets import target_columns, units_column
+
+INFO_FILE = "targets.json"
+
+
+def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> dict[str, Any]:
+    import mlflow
+
+    from flexkd.resolve import load_pipeline_tokenizer, plan_models
+
+    plan = plan_models(config)
+    tokenized = json.loads((inputs["tokenize"] / "manifest.json").read_text())
+    selected = json.loads((inputs["score"] / "selected.json").read_text())["layers"]
+    k_max = config.targets.k_max or plan.k
+    if k_max > plan.k:
+        raise ConfigError(f"targets.k_max = {k_max} exceeds the {plan.k} units the score stage selected "
+                          "(selection.k); raise selection.k")
+    unit_order = {}
+    for layer in plan.teacher_layer_indices:
+        order = selected[str(layer)]["indices"][:k_max]
+        if config.targets.full_width:
+            chosen = set(order)
+            order = order + [unit for unit in range(plan.teacher_hidden) if unit not in chosen]
+        unit_order[layer] = order
+    top_k = min(config.targets.top_k_logits, len(load_pipeline_tokenizer(config)))
+    temperatures = sorted(set(config.targets.temperatures))
+
+    train_dir = output_dir / "train"
+    shutil.rmtree(train_dir, ignore_errors=True)  # a crashed attempt may have left shards
+    resources = config.resources
+    with _ordered_execution():  # cache rows in the order of the training rows
+        rows = ray.data.read_parquet(str(inputs["tokenize"] / "train"))
+        with_targets = rows.map_batches(
+            TeacherTargetWriter, batch_format="numpy", batch_size=config.targets.batch_size,
+            fn_constructor_kwargs={"config": config, "unit_order": unit_order, "top_k": top_k, "temperatures": temperatures,
+                                   "pad_token_id": tokenized["outputs"]["pad_token_id"],
+                                   "verbalizer_ids": tokenized["outputs"]["verbalizer_ids"]},
+            compute=ray.data.ActorPoolStrategy(size=resources.num_workers),
+            num_cpus=resources.cpus_per_worker, num_gpus=1 if resources.use_gpu else 0,
+            udf_modifying_row_count=False)
+        with_targets.write_parquet(str(train_dir), min_rows_per_file=config.data.shard_rows,
+                                   max_rows_per_file=config.data.shard_rows)
+
+    shards = sorted(train_dir.glob("*.parquet"))
+    written = sum(pq.ParquetFile(shard).metadata.num_rows for shard in shards)
+    if written != tokenized["outputs"]["rows"]["train"]:
+        raise RuntimeError(f"wrote {written} cache rows for {tokenized['outputs']['rows']['train']} training rows")
+    info = {"identity": cache_identity(config, tokenized["fingerprint"]),
+            "k_max": k_max, "full_width": config.targets.full_width, "top_k_logits": top_k, "temperatures": temperatures,
+            "task": config.task.kind, "layers": plan.teacher_layer_indices,
+            "units": {str(layer): len(order) for layer, order in unit_order.items()},
+            "unit_order": {str(layer): order for layer, order in unit_order.items()},
+            "rows": written, "bytes": sum(shard.stat().st_size for shard in shards)}
+    (output_dir / INFO_FILE).write_text(json.dumps(info, indent=1))
+    mlflow.log_artifact(str(output_dir / INFO_FILE))
+    mlflow.log_metrics({"rows": float(written), "megabytes": info["bytes"] / 2**20, "k_max": float(k_max)})
+    return {key: info[key] for key in ("k_max", "full_width", "top_k_logits", "layers", "rows", "bytes")}
+
+
+class TeacherTargetWriter:
+    """A Ray Data actor: loads the teacher once, then turns batches of training rows into cache rows."""
+
+    def __init__(self, config: PipelineConfig, unit_order: dict[int, list[int]], top_k: int, temperatures: list[float],
+                 pad_token_id: int, verbalizer_ids: list[int] | None):
+        from flexkd.resolve import load_teacher
+
+        self.device = torch.device("cuda" if config.resources.use_gpu and torch.cuda.is_available() else "cpu")
+        self.teacher = load_teacher(config).to(self.device)
+        self.task = config.task.kind
+        self.unit_order = {layer: torch.tensor(order, device=self.device) for layer, order in unit_order.items()}
+        self.top_k, self.temperatures = top_k, temperatures
+        self.pad_token_id = pad_token_id
+        self.verbalizer_ids = torch.tensor(verbalizer_ids, device=self.device) if verbalizer_ids else None
+        self.schema = _cache_schema(list(unit_order), self.task)
+
+    @torch.no_grad()
+    def __call__(self, rows: dict[str, np.ndarray]) -> pa.Table:
+        from flexkd.objective import forward_scored
+
+        batch = {key: value.to(self.device) for key, value in collate_batch(rows, self.pad_token_id).items()}
+        logits, hidden = forward_scored(self.teacher, batch, self.task, list(self.unit_order))
+        columns = target_columns(logits, hidden, batch, self.unit_order, self.task, self.verbalizer_ids, self.top_k,
+                                 self.temperatures)
+        passthrough = {name: list(rows[name]) for name in ROW_SCHEMA.names}
+        return pa.Table.from_pydict(passthrough | columns, schema=self.schema)
+
+
+def _cache_schema(layers: list[int], task: str) -> pa.Schema:
+    fields = [(units_column(layer), pa.list_(pa.float16())) for layer in layers]
+    if task == "classification":
+        fields.append(("teacher_class_logits", pa.list_(pa.float32())))
+    else:
+        fields += [("teacher_topk_logits", pa.list_(pa.float32())), ("teacher_topk_ids", pa.list_(pa.int32())),
+                   ("teacher_logsumexp", pa.list_(pa.float32()))]
+    return pa.schema(list(ROW_SCHEMA) + [pa.field(name, kind) for name, kind in fields])
+
+
+@contextmanager
+def _ordered_execution():
+    options = ray.data.DataContext.get_current().execution_options
+    previous, options.preserve_order = options.preserve_order, True
+    try:
+        yield
+    finally:
+        options.preserve_order = previous
+
+
+def cache_identity(config: PipelineConfig, data_fingerprint: str) -> dict[str, Any]:
+    """What a cache was made from; a reader's config must give the same."""
+    teacher = config.teacher
+    return {"teacher": stable_hash(teacher.model_dump(mode="json")),
+            "teacher_name": teacher.name or teacher.path or f"{teacher.source} teacher",
+            "data": data_fingerprint,
+            "selection": {"method": config.selection.method, "score": config.scoring.score,
+                          "seed": config.selection.seed}}
+
+
+def read_cache_info(targets_dir: Path) -> dict[str, Any]:
+    path = Path(targets_dir) / INFO_FILE
+    if not path.is_file():
+        raise ConfigError(f"targets: {targets_dir} is not a teacher-target cache (no {INFO_FILE})")
+    return json.loads(path.read_text())
+
+
+def check_cache(config: PipelineConfig, targets_dir: Path, k: int, teacher_layers: list[int],
+                where: str = "targets") -> dict[str, Any]:
+    """Refuse, in one line, a cache this config cannot use; returns its targets.json.
+
+    Checks that it was made for this teacher, this data (and tokenization), this selection, and
+    that it holds every teacher layer the config maps, at least k units, and whole hidden states
+    for the cka/projector baselines.
+    """
+    from flexkd.runner import stage_fingerprint
+
+    info = read_cache_info(targets_dir)
+    made, wanted = info["identity"], cache_identity(config, stage_fingerprint(config, "tokenize", {}))
+    if made["teacher"] != wanted["teacher"]:
+        raise ConfigError(f"{where}: the cache at {targets_dir} was made for another teacher "
+                          f"({made['teacher_name']}, config {made['teacher'][:8]}), not this one "
+                          f"({wanted['teacher_name']}, config {wanted['teacher'][:8]})")
+    if made["data"] != wanted["data"]:
+        raise ConfigError(f"{where}: the cache at {targets_dir} was made for another data set or tokenization "
+                          f"(tokenize fingerprint {made['data']}, this config gives {wanted['data']})")
+    if made["selection"] != wanted["selection"]:
+        raise ConfigError(f"{where}: the cache at {targets_dir} holds units selected with {made['selection']}, "
+                          f"this config selects with {wanted['selection']}")
+    missing = sorted(set(teacher_layers) - set(info["layers"]))
+    if missing:
+        raise ConfigError(f"{where}: the cache at {targets_dir} has teacher layers {info['layers']}, "
+                          f"not {missing} that layer_map {config.layer_map!r} needs")
+    if k > info["k_max"]:
+        raise ConfigError(f"{where}: selection.k = {k} exceeds k_max = {info['k_max']} of the cache at {targets_dir}")
+    if config.loss.feature in ("cka", "projector") and not info["full_width"]:
+        raise ConfigError(f"{where}: loss.feature '{config.loss.feature}' needs whole teacher hidden states, "
+                          f"the cache at {targets_dir} is not full_width")
+    return info
