@@ -254,7 +254,8 @@ class ResourcesConfig(_Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
     threads_per_worker: int | None = Field(
-        None, gt=0, description="torch threads in each score/distill worker; default: Ray's (one per CPU reserved)")
+        None, gt=0, description="torch threads in each score/targets/distill/evaluate worker; default: Ray's "
+        "(one per CPU reserved)")
 
 
 class PipelineConfig(_Section):

@@ -55,6 +55,10 @@ STAGE_CONFIG: dict[str, tuple[str, ...]] = {
     "evaluate": ("evaluation",),
     "register": ("name", "tracking"),
 }
+# Fields inside those sections that a stage's output does not depend on. Scoring reads the
+# student's shape (k, layer pairs), never its seed, so the seeds of a comparison share one
+# scoring pass and one teacher-target cache.
+STAGE_IGNORES: dict[str, dict[str, set[str]]] = {"score": {"student": {"seed"}}}
 
 
 @dataclass
@@ -90,7 +94,7 @@ def stage_inputs(config: PipelineConfig, stage: str) -> tuple[str, ...]:
 
 
 def stage_fingerprint(config: PipelineConfig, stage: str, input_fingerprints: dict[str, str]) -> str:
-    sections = config.model_dump(mode="json", include=set(STAGE_CONFIG[stage]))
+    sections = config.model_dump(mode="json", include=set(STAGE_CONFIG[stage]), exclude=STAGE_IGNORES.get(stage))
     return stable_hash({"stage": stage, "flexkd": __version__, "config": sections, "inputs": input_fingerprints})
 
 

@@ -175,6 +175,7 @@ def _distill_worker(loop_config: dict[str, Any]) -> None:
     placement_group = ray.util.get_current_placement_group()
     if loop_config["placement_group_file"] and placement_group and distributed.is_main_process():
         Path(loop_config["placement_group_file"]).write_text(placement_group.id.hex())
+    distributed.use_threads(loop_config["config"].resources.threads_per_worker)
     config, device, pairs, module, projectors = _build(loop_config)
     output_dir = Path(loop_config["output_dir"])
     checkpoints = output_dir / "checkpoints"

@@ -12,12 +12,17 @@ The driver logs the metrics to MLflow as ``teacher.<metric>`` / ``student.<metri
 first ``evaluation.samples`` predictions as the table ``predictions.json``, and writes:
 
     predictions.jsonl   per sampled example: prompt, reference, teacher and student output
+
+The teacher's scores and outputs are kept in ``<artifact_root>/<pipeline>/teacher_eval/``, keyed
+by teacher, task, evaluation settings and eval rows, so the students of a comparison (every
+method and seed) pay for one teacher pass, not one each.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +36,8 @@ import torch.nn.functional as F
 from ray.experimental.tqdm_ray import tqdm
 from rouge_score.rouge_scorer import RougeScorer
 
-from flexkd.config import PipelineConfig
+from flexkd import distributed
+from flexkd.config import PipelineConfig, stable_hash
 from flexkd.data import collate_batch
 from flexkd.errors import StageError
 from flexkd.models import load_model, parameter_count
@@ -71,22 +77,35 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
 def evaluate_models(config: PipelineConfig, eval_dir: str, student_dir: str, pad_token_id: int,
                     verbalizer_ids: list[int] | None) -> dict[str, Any]:
     """The body of the Ray task: metrics of both models and their first sampled predictions."""
+    distributed.use_threads(config.resources.threads_per_worker)
     table = read_eval_rows(Path(eval_dir))
     tokenizer = load_pipeline_tokenizer(config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loaders = {"teacher": lambda: load_teacher(config), "student": lambda: load_model(student_dir)}
     metrics: dict[str, float] = {}
     outputs: dict[str, list[str]] = {}
+    teacher_file = teacher_results_file(config, eval_dir)
     for role, load in loaders.items():
-        # One model in memory at a time: the teacher may be far larger than the student.
-        model = load().to(device)
-        if config.task.kind == "classification":
-            scores, outputs[role] = classify(model, table, config, pad_token_id, verbalizer_ids, device, role)
+        if role == "teacher" and teacher_file.is_file():
+            # The teacher's scores depend on the teacher and the eval rows only: every student
+            # of a comparison (each method, each seed) is judged against one teacher pass.
+            saved = json.loads(teacher_file.read_text())
+            scores, outputs[role] = saved["scores"], saved["outputs"]
         else:
-            scores, outputs[role] = generate_and_score(model, table, config, tokenizer, pad_token_id, device, role)
-        scores["parameters"] = parameter_count(model)
+            # One model in memory at a time: the teacher may be far larger than the student.
+            model = load().to(device)
+            if config.task.kind == "classification":
+                scores, outputs[role] = classify(model, table, config, pad_token_id, verbalizer_ids, device, role)
+            else:
+                scores, outputs[role] = generate_and_score(model, table, config, tokenizer, pad_token_id, device, role)
+            scores["parameters"] = parameter_count(model)
+            del model
+            if role == "teacher":
+                teacher_file.parent.mkdir(parents=True, exist_ok=True)
+                temporary = teacher_file.with_suffix(f".{os.getpid()}.tmp")
+                temporary.write_text(json.dumps({"scores": scores, "outputs": outputs[role]}))
+                os.replace(temporary, teacher_file)
         metrics |= {f"{role}.{name}": value for name, value in scores.items()}
-        del model
 
     samples = table.slice(0, config.evaluation.samples).to_pylist()
     predictions = [{"example_id": row["example_id"],
@@ -95,6 +114,15 @@ def evaluate_models(config: PipelineConfig, eval_dir: str, student_dir: str, pad
                     "teacher": outputs["teacher"][index], "student": outputs["student"][index]}
                    for index, row in enumerate(samples)]
     return {"metrics": metrics, "predictions": predictions, "examples": table.num_rows}
+
+
+def teacher_results_file(config: PipelineConfig, eval_dir: str) -> Path:
+    """Where the teacher's eval scores are kept, keyed by everything they depend on: the
+    teacher, the task, the evaluation settings and the eval rows (whose folder is named by
+    the tokenize fingerprint)."""
+    key = stable_hash({"teacher": config.teacher.model_dump(mode="json"), "task": config.task.model_dump(mode="json"),
+                       "evaluation": config.evaluation.model_dump(mode="json"), "eval_dir": str(eval_dir)})
+    return Path(config.artifact_root) / config.name / "teacher_eval" / f"{key}.json"
 
 
 def read_eval_rows(eval_dir: Path) -> pa.Table:
