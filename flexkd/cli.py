@@ -7,6 +7,7 @@
     flexkd tune pipelines/x.yaml [--num-samples 16]   Ray Tune sweep of its tune.search_space
     flexkd submit pipelines/x.yaml --address http://HEAD:8265 [--wait]   run it on a Ray cluster
     flexkd status|logs|stop JOB --address http://HEAD:8265              follow a submitted pipeline
+    flexkd bench quality|speed|generation [--gpu]   benchmarks -> benchmarks/results/, benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -120,6 +121,12 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return stop(args.address, args.job)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from flexkd.bench.cli import run_benchmark  # heavy imports stay out of the CLI's start-up
+
+    return run_benchmark(args)
+
+
 def _add_address(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265"),
                         help="the cluster's dashboard (default: $RAY_API_SERVER_ADDRESS, else http://127.0.0.1:8265)")
@@ -174,6 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "logs":
             job.add_argument("--follow", action="store_true", help="stream until the job ends")
         job.set_defaults(handler=handler)
+
+    bench = commands.add_parser("bench", help="run a benchmark; writes benchmarks/results/ and benchmarks/RESULTS.md")
+    bench.add_argument("benchmark", choices=("quality", "speed", "generation"))
+    bench.add_argument("--gpu", action="store_true", help="the larger GPU setting (use_gpu, bigger data and batches)")
+    bench.add_argument("--seeds", help="comma-separated seeds (quality, generation)")
+    bench.add_argument("--steps", type=int, help="distill steps per run")
+    bench.add_argument("--train-rows", type=int, help="training rows")
+    bench.add_argument("--methods", help="comma-separated subset of the benchmark's methods")
+    bench.add_argument("--work-dir", help="artifacts, cached teacher and MLflow store (default: runs/bench)")
+    bench.set_defaults(handler=cmd_bench)
     return parser
 
 

@@ -1,0 +1,51 @@
+"""``flexkd bench``: parse the benchmark's options, run it, rebuild the results page."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from flexkd.bench.common import DEFAULT_WORK_DIR
+from flexkd.bench.page import write_results_page
+
+log = logging.getLogger("flexkd")
+
+
+def _seeds(text: str | None) -> tuple[int, ...] | None:
+    return tuple(int(seed) for seed in text.split(",")) if text else None
+
+
+def _names(text: str | None, known: dict) -> tuple[str, ...]:
+    if not text:
+        return tuple(known)
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        from flexkd.config import ConfigError
+
+        raise ConfigError(f"--methods: unknown method {unknown[0]!r}; methods are: {', '.join(known)}")
+    return names
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    work_dir = Path(args.work_dir) if args.work_dir else DEFAULT_WORK_DIR
+    if args.benchmark == "quality":
+        from flexkd.bench.quality import METHODS, QualitySettings, run_quality, with_overrides
+
+        settings = QualitySettings.gpu() if args.gpu else QualitySettings.cpu()
+        settings = with_overrides(settings, seeds=_seeds(args.seeds), steps=args.steps, train_rows=args.train_rows)
+        run_quality(settings, work_dir, _names(args.methods, METHODS))
+    elif args.benchmark == "speed":
+        from flexkd.bench.speed import SpeedSettings, run_speed
+
+        settings = SpeedSettings.gpu() if args.gpu else SpeedSettings.cpu()
+        run_speed(settings.with_overrides(steps=args.steps, train_rows=args.train_rows), work_dir)
+    else:
+        from flexkd.bench.generation import METHODS, GenerationSettings, run_generation
+
+        settings = GenerationSettings.gpu() if args.gpu else GenerationSettings.cpu()
+        settings = settings.with_overrides(seeds=_seeds(args.seeds), steps=args.steps, train_rows=args.train_rows)
+        run_generation(settings, work_dir, _names(args.methods, METHODS))
+    print(write_results_page().read_text())
+    return 0

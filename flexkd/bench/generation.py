@@ -1,0 +1,228 @@
+"""``flexkd bench generation``: instruction following and summarization, ROUGE-L of teacher and
+students, through the real pipeline.
+
+    teacher   SmolLM2-135M-Instruct as is (the demo teacher)
+    student   hidden 384, the teacher's tokenizer; random init on this branch (importance-guided
+              pruned init is the ``prune`` branch's ``student.init: prune_from_teacher``)
+    train     prompts and completions of the T0 mixture (/work/shared/data/t0_mix), chat template
+    eval      SAMSum (200 dialogues) and Self-Instruct (252 user-oriented tasks) in one eval split
+              (benchmarks/results keeps which row is which); greedy decoding, ROUGE-L F1 x100 per
+              set, computed from the evaluate stage's own predictions of every row
+    methods   kd, kd+projector, kd+flexkd (cached teacher targets, full width), the same steps,
+              learning rate, data and seed for all
+
+Writes benchmarks/results/generation.{json,md,png} and logs them to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from flexkd.bench.common import (
+    DEFAULT_WORK_DIR,
+    REPO,
+    RESULTS,
+    SHARED_DATA,
+    LoadMonitor,
+    command_line,
+    load_sentence,
+    machine,
+    mean_std,
+    write_results,
+)
+
+log = logging.getLogger("flexkd")
+
+PIPELINE = REPO / "pipelines" / "instruct_samsum.yaml"
+METHODS: dict[str, dict[str, Any]] = {
+    "kd": {"loss.gamma": 0.0, "loss.feature": "none"},
+    "kd+projector": {"loss.feature": "projector"},
+    "kd+flexkd": {"loss.feature": "correlation", "selection.method": "importance"},
+}
+EVAL_SETS = ("samsum", "self_instruct")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    train_rows: int
+    score_rows: int
+    steps: int
+    batch_size: int
+    max_length: int
+    max_new_tokens: int
+    num_layers: int
+    seeds: tuple[int, ...]
+    learning_rate: float = 5e-4
+    use_gpu: bool = False
+    cpus_per_worker: float = 1  # the other CPU stays free for Ray Data; torch runs threads_per_worker threads
+    threads_per_worker: int = 2
+
+    @classmethod
+    def cpu(cls) -> GenerationSettings:
+        return cls(train_rows=800, score_rows=128, steps=300, batch_size=8, max_length=256, max_new_tokens=64,
+                   num_layers=8, seeds=(0,))
+
+    @classmethod
+    def gpu(cls) -> GenerationSettings:
+        return cls(train_rows=7668, score_rows=1024, steps=3000, batch_size=32, max_length=512, max_new_tokens=128,
+                   num_layers=16, seeds=(0, 1, 2), use_gpu=True, cpus_per_worker=4, threads_per_worker=4)
+
+    def with_overrides(self, **values: Any) -> GenerationSettings:
+        return replace(self, **{key: value for key, value in values.items() if value is not None})
+
+
+def tracking_uri(work_dir: Path) -> str:
+    return f"sqlite:///{work_dir / 'mlflow.db'}"
+
+
+def write_eval_set(work_dir: Path) -> tuple[Path, list[str]]:
+    """SAMSum and Self-Instruct as one jsonl of prompt / response, and the source of each row."""
+    rows = [{"prompt": f"Summarize this dialogue.\n{row['dialogue']}", "response": row["summary"], "source": "samsum"}
+            for row in map(json.loads, (SHARED_DATA / "samsum" / "samsum.jsonl").read_text().splitlines())]
+    for line in (SHARED_DATA / "self_instruct" / "user_oriented_instructions.jsonl").read_text().splitlines():
+        task = json.loads(line)
+        instance = task["instances"][0]
+        prompt = task["instruction"] + (f"\n\n{instance['input']}" if instance["input"].strip() else "")
+        rows.append({"prompt": prompt, "response": instance["output"], "source": "self_instruct"})
+    path = work_dir / "generation_eval.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path, [row["source"] for row in rows]
+
+
+def pipeline_overrides(settings: GenerationSettings, work_dir: Path, eval_path: Path, eval_rows: int) -> dict[str, Any]:
+    t0 = str(SHARED_DATA / "t0_mix" / "train.jsonl")
+    return {
+        "name": "bench-generation" + ("-gpu" if settings.use_gpu else ""), "artifact_root": str(work_dir / "runs"),
+        "tracking.tracking_uri": tracking_uri(work_dir), "tracking.experiment": "flexkd-bench-generation",
+        "student.architecture": {"hidden_size": 384, "num_hidden_layers": settings.num_layers, "num_attention_heads": 6,
+                                 "num_key_value_heads": 2, "intermediate_size": 1024},
+        "data.train": {"path": t0, "limit": settings.train_rows, "prompt_template": "{prompt}",
+                       "response_column": "completion"},
+        "data.score": {"path": t0, "limit": settings.score_rows, "prompt_template": "{prompt}",
+                       "response_column": "completion"},
+        "data.eval": {"path": str(eval_path), "prompt_template": "{prompt}", "response_column": "response"},
+        "data.max_length": settings.max_length,
+        "training.steps": settings.steps, "training.batch_size": settings.batch_size,
+        "training.learning_rate": settings.learning_rate, "training.warmup_steps": 25, "training.log_every": 25,
+        "training.checkpoint_every": settings.steps, "training.teacher": "cache",
+        "targets.full_width": True, "targets.batch_size": 8, "targets.temperatures": [1.0],
+        "evaluation": {"batch_size": 16, "max_new_tokens": settings.max_new_tokens, "samples": eval_rows},
+        "resources.num_workers": 1, "resources.cpus_per_worker": settings.cpus_per_worker,
+        "resources.use_gpu": settings.use_gpu, "resources.threads_per_worker": settings.threads_per_worker,
+    }
+
+
+def run_generation(settings: GenerationSettings, work_dir: Path = DEFAULT_WORK_DIR,
+                   methods: tuple[str, ...] = tuple(METHODS), results_dir: Path = RESULTS) -> dict[str, Any]:
+    from flexkd.config import load_config
+    from flexkd.runner import run_pipeline
+
+    command, started = command_line(), time.time()
+    eval_path, sources = write_eval_set(work_dir)
+    runs = []
+    with LoadMonitor() as load:
+        for seed in settings.seeds:
+            for method in methods:
+                overrides = pipeline_overrides(settings, work_dir, eval_path, len(sources)) | METHODS[method]
+                config = load_config(PIPELINE, overrides | {"student.seed": seed, "training.seed": seed})
+                result = run_pipeline(config, stages=("tokenize", "score", "targets", "distill", "evaluate"))
+                distill, evaluate = result.stages["distill"], result.stages["evaluate"]
+                scores = rouge_by_source(evaluate.directory / "predictions.jsonl", sources)
+                runs.append({"method": method, "seed": seed, "rougeL": scores,
+                             "rougeL_all": {role: evaluate.outputs["metrics"][f"{role}.rougeL"] for role in ("teacher", "student")},
+                             "perplexity": {role: evaluate.outputs["metrics"][f"{role}.perplexity"] for role in ("teacher", "student")},
+                             "extra_trainable_parameters": distill.outputs["extra_trainable_parameters"],
+                             "student_parameters": distill.outputs["student_parameters"],
+                             "distill_seconds": round(distill.seconds, 1), "evaluate_seconds": round(evaluate.seconds, 1),
+                             "pipeline_run_id": result.run_id})
+                (work_dir / "generation.partial.json").write_text(json.dumps(runs, indent=1))
+    results = {"benchmark": "generation", "command": command, "machine": machine(), "load": load.summary(),
+               "settings": asdict(settings), "pipeline": str(PIPELINE.relative_to(REPO)), "methods": METHODS,
+               "student_init": "random (pruned init not on this branch)", "runs": runs,
+               "wall_seconds": round(time.time() - started, 1), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    results["table"] = table(runs)
+    results["headline"] = {f"rougeL.{name}.{role}": row[role] for name, row in results["table"].items()
+                           for role in ("samsum", "self_instruct")}
+    plot = plot_generation(results, results_dir / "generation.png")
+    write_results("generation", results, generation_markdown(results), plot, tracking_uri(work_dir), results_dir)
+    return results
+
+
+def rouge_by_source(predictions_file: Path, sources: list[str]) -> dict[str, dict[str, float]]:
+    """ROUGE-L F1 x100 per eval set, for teacher and student, from the evaluate stage's predictions."""
+    from rouge_score.rouge_scorer import RougeScorer
+
+    scorer = RougeScorer(["rougeL"], use_stemmer=True)
+    rows = [json.loads(line) for line in predictions_file.read_text().splitlines()]
+    if len(rows) != len(sources):
+        raise ValueError(f"{predictions_file}: {len(rows)} predictions for {len(sources)} eval rows")
+    scores: dict[str, dict[str, float]] = {}
+    for role in ("teacher", "student"):
+        for source in EVAL_SETS:
+            values = [scorer.score(row["reference"], row[role])["rougeL"].fmeasure
+                      for row in rows if sources[row["example_id"]] == source]
+            scores.setdefault(role, {})[source] = round(100 * sum(values) / len(values), 2)
+    return scores
+
+
+def table(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    rows: dict[str, dict[str, Any]] = {}
+    teacher = runs[0]["rougeL"]["teacher"] if runs else {}
+    rows["teacher"] = {**teacher, "seeds": 1, "extra_trainable_parameters": 0, "parameters": None}
+    for method in dict.fromkeys(run["method"] for run in runs):
+        mine = [run for run in runs if run["method"] == method]
+        rows[method] = {source: round(mean_std([run["rougeL"]["student"][source] for run in mine])[0], 2)
+                        for source in EVAL_SETS}
+        rows[method] |= {f"{source}_std": round(mean_std([run["rougeL"]["student"][source] for run in mine])[1], 2)
+                         for source in EVAL_SETS}
+        rows[method] |= {"seeds": len(mine), "extra_trainable_parameters": mine[0]["extra_trainable_parameters"],
+                         "parameters": mine[0]["student_parameters"]}
+    return rows
+
+
+def generation_markdown(results: dict[str, Any]) -> str:
+    settings, load = results["settings"], results["load"]
+    lines = ["## Generation: SAMSum and Self-Instruct ROUGE-L", "",
+             f"Command: `{results['command']}` (finished {results['finished_at']}, wall time {results['wall_seconds'] / 60:.1f} min)",
+             "",
+             f"Machine: {results['machine']['cpus']} CPUs ({results['machine']['cpu_model']}), GPU: {results['machine']['gpu']}, "
+             f"commit {results['machine']['git_commit']}.", f"{load_sentence(load).capitalize()}.", "",
+             f"Teacher SmolLM2-135M-Instruct as is. Student: hidden 384, {settings['num_layers']} layers, **random init** "
+             "(importance-guided pruned init is not on this branch). "
+             f"Distilled on {settings['train_rows']} T0-mixture prompt/completion pairs (chat template, max length "
+             f"{settings['max_length']}), {settings['steps']} steps of batch {settings['batch_size']}, lr "
+             f"{settings['learning_rate']}, teacher-target cache; seeds {list(settings['seeds'])}. Greedy decoding, "
+             f"at most {settings['max_new_tokens']} new tokens; ROUGE-L F1 x100.", "",
+             "| model | SAMSum (200) | Self-Instruct (252) | seeds | extra trainable params |", "|---|---|---|---|---|"]
+    for name, row in results["table"].items():
+        lines.append(f"| {name} | {row['samsum']:.2f} | {row['self_instruct']:.2f} | {row['seeds']} | "
+                     f"{row['extra_trainable_parameters']:,} |")
+    lines += ["", "![generation](results/generation.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_generation(results: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(results["table"])
+    figure, axis = plt.subplots(figsize=(7, 4))
+    width = 0.38
+    for offset, source in zip((-width / 2, width / 2), EVAL_SETS):
+        axis.bar([i + offset for i in range(len(names))], [results["table"][n][source] for n in names], width, label=source)
+    axis.set_xticks(range(len(names)), names)
+    axis.set_ylabel("ROUGE-L F1 x100")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

@@ -1,0 +1,294 @@
+"""``flexkd bench quality``: the paper's SST-2 comparison, through the real pipeline.
+
+    teacher   SmolLM2-135M-Instruct with its verbalizer rows trained on SST-2 (flexkd.bench.teacher),
+              saved once as a plain Hugging Face folder that ``teacher.path`` points at
+    student   the teacher's tokenizer, hidden 192 (3x narrower), 4 layers, random init
+    methods   ft, kd, kd+projector, kd+cka, kd+random, kd+variance, kd+flexkd: the same steps,
+              learning rate, data order, loss weights and seeds for all; they differ only in the
+              loss.feature / selection.method they set (METHODS)
+    pipeline  pipelines/sst2.yaml with overrides, run by flexkd.runner.run_pipeline: tokenize,
+              score and targets (the teacher-target cache, full width) run once per selection
+              method and are reused by fingerprint by every seed and method; each (method, seed)
+              runs only distill and evaluate. Seeds set student.seed and training.seed.
+
+Writes benchmarks/results/quality.{json,md,png} and logs them to MLflow (experiment flexkd-bench).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from flexkd.bench.common import (
+    DEFAULT_WORK_DIR,
+    REPO,
+    RESULTS,
+    SHARED_DATA,
+    LoadMonitor,
+    command_line,
+    load_sentence,
+    machine,
+    mean_std,
+    write_results,
+)
+
+log = logging.getLogger("flexkd")
+
+PIPELINE = REPO / "pipelines" / "sst2.yaml"
+SHARED_STAGES = ("tokenize", "score", "targets")
+RUN_STAGES = (*SHARED_STAGES, "distill", "evaluate")
+
+# What each method sets on top of the common config; everything else is the same for all.
+METHODS: dict[str, dict[str, Any]] = {
+    "ft": {"loss.beta": 0.0, "loss.gamma": 0.0, "loss.feature": "none"},
+    "kd": {"loss.gamma": 0.0, "loss.feature": "none"},
+    "kd+projector": {"loss.feature": "projector"},
+    "kd+cka": {"loss.feature": "cka"},
+    "kd+random": {"loss.feature": "correlation", "selection.method": "random"},
+    "kd+variance": {"loss.feature": "correlation", "selection.method": "variance"},
+    "kd+flexkd": {"loss.feature": "correlation", "selection.method": "importance"},
+}
+COMPARISONS = (("kd+flexkd", "kd+projector"), ("kd+flexkd", "kd"), ("kd+flexkd", "kd+random"),
+               ("kd+flexkd", "kd+variance"), ("kd+flexkd", "kd+cka"), ("kd", "ft"))
+
+
+@dataclass(frozen=True)
+class QualitySettings:
+    """The sizes of one benchmark run; ``cpu()`` fits 60 minutes on 2 cores, ``gpu()`` is the larger one."""
+
+    train_rows: int
+    score_rows: int
+    teacher_rows: int
+    steps: int
+    batch_size: int
+    seeds: tuple[int, ...]
+    learning_rate: float = 1e-3
+    warmup_steps: int = 25
+    gamma: float = 1.0
+    beta: float = 1.0
+    temperature: float = 2.0
+    layer_map: str = "uniform"
+    use_gpu: bool = False
+    # One CPU reserved (the other stays free for Ray Data's read tasks), torch on two threads.
+    cpus_per_worker: float = 1
+    threads_per_worker: int = 2
+
+    @classmethod
+    def cpu(cls) -> QualitySettings:
+        return cls(train_rows=4000, score_rows=512, teacher_rows=4000, steps=500, batch_size=32, seeds=(0, 1, 2))
+
+    @classmethod
+    def gpu(cls) -> QualitySettings:
+        return cls(train_rows=60614, score_rows=2048, teacher_rows=20000, steps=4000, batch_size=64,
+                   seeds=(0, 1, 2, 3, 4), use_gpu=True, cpus_per_worker=4, threads_per_worker=4)
+
+
+def pipeline_overrides(settings: QualitySettings, teacher_dir: Path, work_dir: Path) -> dict[str, Any]:
+    """pipelines/sst2.yaml made into the benchmark's common config (before method and seed)."""
+    return {
+        "name": "bench-quality" + ("-gpu" if settings.use_gpu else ""),
+        "artifact_root": str(work_dir / "runs"),
+        "tracking.tracking_uri": tracking_uri(work_dir),
+        "tracking.experiment": "flexkd-bench-quality",
+        "teacher": {"source": "hf", "path": str(teacher_dir), "name": "SmolLM2-135M-Instruct+sst2-verbalizer"},
+        # The adapted teacher is untied (its verbalizer rows changed); the student keeps SmolLM2's tied
+        # embeddings, as it would with the original teacher.
+        "student.architecture.tie_word_embeddings": True,
+        "data.train.path": str(SHARED_DATA / "sst2" / "train.tsv"),
+        "data.train.limit": settings.train_rows,
+        "data.eval.path": str(SHARED_DATA / "sst2" / "test.tsv"),
+        "data.score.path": str(SHARED_DATA / "sst2" / "dev.tsv"),
+        "data.score.limit": settings.score_rows,
+        "layer_map": settings.layer_map,
+        "loss.alpha": 1.0, "loss.beta": settings.beta, "loss.gamma": settings.gamma,
+        "loss.temperature": settings.temperature,
+        "training.steps": settings.steps, "training.batch_size": settings.batch_size,
+        "training.learning_rate": settings.learning_rate, "training.warmup_steps": settings.warmup_steps,
+        "training.log_every": 50, "training.checkpoint_every": settings.steps, "training.teacher": "cache",
+        "targets.full_width": True, "targets.batch_size": 32,
+        "evaluation.batch_size": 64, "evaluation.samples": 20,
+        "resources.num_workers": 1, "resources.cpus_per_worker": settings.cpus_per_worker,
+        "resources.use_gpu": settings.use_gpu, "resources.threads_per_worker": settings.threads_per_worker,
+    }
+
+
+def tracking_uri(work_dir: Path) -> str:
+    return f"sqlite:///{work_dir / 'mlflow.db'}"
+
+
+def method_config(settings: QualitySettings, teacher_dir: Path, work_dir: Path, method: str, seed: int):
+    from flexkd.config import load_config
+
+    overrides = pipeline_overrides(settings, teacher_dir, work_dir) | METHODS[method]
+    overrides |= {"student.seed": seed, "training.seed": seed}
+    return load_config(PIPELINE, overrides)
+
+
+def run_quality(settings: QualitySettings, work_dir: Path = DEFAULT_WORK_DIR, methods: tuple[str, ...] = tuple(METHODS),
+                results_dir: Path = RESULTS) -> dict[str, Any]:
+    from flexkd.bench.teacher import adapted_teacher
+    from flexkd.config import load_config
+    from flexkd.runner import run_pipeline
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    command = command_line()
+    started = time.time()
+    with LoadMonitor() as load:
+        base = load_config(PIPELINE, {"data.train.path": str(SHARED_DATA / "sst2" / "train.tsv")})
+        from flexkd.resolve import teacher_location
+
+        teacher_base, _ = teacher_location(base)
+        teacher_dir, teacher_record = adapted_teacher(
+            Path(teacher_base), SHARED_DATA / "sst2" / "train.tsv", SHARED_DATA / "sst2" / "test.tsv",
+            settings.teacher_rows, base.task, base.data.max_length, work_dir / "teachers")
+        runs: list[dict[str, Any]] = []
+        shared_seconds: dict[str, float] = {}
+        for seed in settings.seeds:  # seed-major: a run cut short still has every method at some seeds
+            for method in methods:
+                config = method_config(settings, teacher_dir, work_dir, method, seed)
+                result = run_pipeline(config, stages=RUN_STAGES)
+                for stage in SHARED_STAGES:
+                    record = result.stages[stage]
+                    if not record.cached:
+                        shared_seconds[f"{stage}/{config.selection.method}"] = round(record.seconds, 1)
+                distill, evaluate = result.stages["distill"], result.stages["evaluate"]
+                metrics = evaluate.outputs["metrics"]
+                runs.append({"method": method, "seed": seed, "accuracy": metrics["student.accuracy"],
+                             "macro_f1": metrics["student.macro_f1"], "teacher_accuracy": metrics["teacher.accuracy"],
+                             "extra_trainable_parameters": distill.outputs["extra_trainable_parameters"],
+                             "student_parameters": distill.outputs["student_parameters"],
+                             "tokens_per_second": distill.outputs["tokens_per_second"],
+                             "distill_seconds": round(distill.seconds, 1), "evaluate_seconds": round(evaluate.seconds, 1),
+                             "final_losses": {k: distill.outputs[k] for k in ("total", "task", "logit", "feature")},
+                             "pipeline_run_id": result.run_id, "distill_dir": str(distill.directory)})
+                log.info("bench quality: %s seed %d: accuracy %.4f", method, seed, metrics["student.accuracy"])
+                (work_dir / "quality.partial.json").write_text(json.dumps(runs, indent=1))
+    results = {
+        "benchmark": "quality", "command": command, "machine": machine(), "load": load.summary(),
+        "settings": asdict(settings), "pipeline": str(PIPELINE.relative_to(REPO)),
+        "common_overrides": pipeline_overrides(settings, Path("<adapted teacher>"), Path("<work dir>")),
+        "methods": METHODS, "teacher": teacher_record | {"folder": str(teacher_dir)},
+        "shared_stage_seconds": shared_seconds, "runs": runs, "wall_seconds": round(time.time() - started, 1),
+        "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    results |= summarize(runs, methods)
+    plot = plot_quality(results, results_dir / "quality.png")
+    write_results("quality", results, quality_markdown(results), plot, tracking_uri(work_dir), results_dir)
+    return results
+
+
+def summarize(runs: list[dict[str, Any]], methods: tuple[str, ...]) -> dict[str, Any]:
+    """Per method: mean and std over seeds; per comparison: the difference of means, the paired
+    (same seed) differences, and whether the difference exceeds the seed spread."""
+    table = {}
+    for method in methods:
+        mine = [run for run in runs if run["method"] == method]
+        if not mine:
+            continue
+        mean, std = mean_std([100 * run["accuracy"] for run in mine])
+        table[method] = {"accuracy_mean": round(mean, 2), "accuracy_std": round(std, 2), "seeds": len(mine),
+                         "per_seed": {run["seed"]: round(100 * run["accuracy"], 2) for run in mine},
+                         "extra_trainable_parameters": mine[0]["extra_trainable_parameters"],
+                         "distill_seconds_mean": round(mean_std([run["distill_seconds"] for run in mine])[0], 1),
+                         "tokens_per_second_mean": round(mean_std([run["tokens_per_second"] for run in mine])[0], 1)}
+    comparisons = []
+    for a, b in COMPARISONS:
+        if a not in table or b not in table:
+            continue
+        seeds = sorted(set(table[a]["per_seed"]) & set(table[b]["per_seed"]))
+        paired = [table[a]["per_seed"][s] - table[b]["per_seed"][s] for s in seeds]
+        paired_mean, paired_std = mean_std(paired) if paired else (float("nan"), float("nan"))
+        difference = table[a]["accuracy_mean"] - table[b]["accuracy_mean"]
+        spread = max(table[a]["accuracy_std"], table[b]["accuracy_std"])
+        comparisons.append({"a": a, "b": b, "difference": round(difference, 2), "seed_spread": round(spread, 2),
+                            "exceeds_seed_spread": abs(difference) > spread,
+                            "paired_difference_mean": round(paired_mean, 2), "paired_difference_std": round(paired_std, 2),
+                            "a_wins_seeds": sum(d > 0 for d in paired), "seeds": len(paired)})
+    teacher = [run["teacher_accuracy"] for run in runs]
+    headline = {f"accuracy.{m}": v["accuracy_mean"] for m, v in table.items()}
+    if teacher:
+        headline["accuracy.teacher"] = round(100 * teacher[0], 2)
+    return {"table": table, "comparisons": comparisons, "headline": headline}
+
+
+def verdict(comparison: dict[str, Any]) -> str:
+    a, b, diff = comparison["a"], comparison["b"], comparison["difference"]
+    word = "beats" if diff > 0 else ("ties" if diff == 0 else "trails")
+    spread = ("more than" if comparison["exceeds_seed_spread"] else "within") + f" the seed spread ({comparison['seed_spread']:.2f})"
+    return (f"**{a} {word} {b}** by {diff:+.2f} points ({spread}); paired by seed {comparison['paired_difference_mean']:+.2f} "
+            f"± {comparison['paired_difference_std']:.2f}, {a} ahead on {comparison['a_wins_seeds']} of {comparison['seeds']} seeds")
+
+
+def quality_markdown(results: dict[str, Any]) -> str:
+    settings, teacher, load = results["settings"], results["teacher"], results["load"]
+    lines = [
+        "## Quality: SST-2 classification",
+        "",
+        f"Command: `{results['command']}` (finished {results['finished_at']}, wall time {results['wall_seconds'] / 60:.1f} min)",
+        "",
+        f"Machine: {results['machine']['cpus']} CPUs ({results['machine']['cpu_model']}), GPU: {results['machine']['gpu']}, "
+        f"torch {results['machine']['torch']}, commit {results['machine']['git_commit']}"
+        f"{' (uncommitted changes)' if results['machine']['git_dirty'] else ''}.",
+        f"{load_sentence(load).capitalize()}.",
+        "",
+        f"Teacher: SmolLM2-135M-Instruct, verbalizer rows of lm_head trained on {teacher['train_rows']} SST-2 training "
+        f"sentences (frozen features, L2 {teacher['l2']}): **test accuracy {100 * teacher['test_accuracy']:.2f}%** "
+        f"(zero-shot {100 * teacher['zero_shot_test_accuracy']:.2f}%, train {100 * teacher['train_accuracy']:.2f}%).",
+        "",
+        f"Student: teacher's tokenizer, hidden 192, 4 layers, random init. {settings['train_rows']} training sentences, "
+        f"{settings['steps']} steps of batch {settings['batch_size']}, AdamW lr {settings['learning_rate']} "
+        f"(warmup {settings['warmup_steps']}, cosine), loss = task + {settings['beta']} x KL(T={settings['temperature']}) "
+        f"+ {settings['gamma']} x feature loss summed over the {settings['layer_map']} layer map "
+        f"(teacher layers 8, 15, 22, 30 -> student blocks 1-4), identical for every method; importance scored on "
+        f"{settings['score_rows']} dev sentences at those teacher layers. Seeds {list(settings['seeds'])} "
+        "(student init and projector init); the data order is the same for all runs. Accuracy on test.tsv (872 sentences).",
+        "",
+        "| method | accuracy % (mean ± std) | per seed | extra trainable params | distill s / run |",
+        "|---|---|---|---|---|",
+    ]
+    for method, row in results["table"].items():
+        per_seed = ", ".join(f"{v:.2f}" for v in row["per_seed"].values())
+        lines.append(f"| {method} | {row['accuracy_mean']:.2f} ± {row['accuracy_std']:.2f} (n={row['seeds']}) | {per_seed} | "
+                     f"{row['extra_trainable_parameters']:,} | {row['distill_seconds_mean']:.0f} |")
+    lines += ["", "![quality](results/quality.png)", "", "Comparisons (difference of means, in accuracy points):", ""]
+    lines += [f"- {verdict(c)}." for c in results["comparisons"]]
+    shared = ", ".join(f"{k} {v:.0f} s" for k, v in results["shared_stage_seconds"].items()) or "all reused from an earlier run"
+    lines += ["", f"Shared stages (run once, reused by every method and seed): {shared}.", ""]
+    return "\n".join(lines)
+
+
+def plot_quality(results: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    methods = list(results["table"])
+    means = [results["table"][m]["accuracy_mean"] for m in methods]
+    stds = [results["table"][m]["accuracy_std"] for m in methods]
+    figure, axis = plt.subplots(figsize=(8, 4))
+    axis.bar(methods, means, yerr=stds, capsize=4, color="#9ab")
+    for index, method in enumerate(methods):
+        seeds = list(results["table"][method]["per_seed"].values())
+        axis.scatter([index] * len(seeds), seeds, color="k", s=10, zorder=3)
+    teacher = results["headline"].get("accuracy.teacher")
+    if teacher:
+        axis.axhline(teacher, color="tab:red", linestyle="--", label=f"teacher {teacher:.1f}")
+        axis.legend(loc="lower right")
+    low = min(min(seeds) for seeds in (list(r["per_seed"].values()) for r in results["table"].values()))
+    axis.set_ylim(max(0, low - 3), max([*means, teacher or 0]) + 3)
+    axis.set_ylabel("SST-2 test accuracy (%)")
+    axis.set_title(f"Student d=192, 4 layers; mean ± std over {len(results['settings']['seeds'])} seeds")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def with_overrides(settings: QualitySettings, **values: Any) -> QualitySettings:
+    return replace(settings, **{key: value for key, value in values.items() if value is not None})

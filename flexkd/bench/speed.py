@@ -1,0 +1,371 @@
+"""``flexkd bench speed``: throughput ratios measured side by side in one run.
+
+    plain loop     distill-step tokens/s of the pipeline's distill stage (Ray Train worker) vs a
+                   plain single-process PyTorch loop computing the same loss (the same
+                   StudentWithObjective, AdamW, learning-rate schedule) on the same student
+                   architecture, seed, cache rows and batch size, with as many torch threads
+                   as the worker gets                                          goal >= 0.9
+    feature cost   kd+flexkd (correlation on 4 layer pairs) vs kd (logit only), both distill
+                   stages reading the same teacher-target cache                 goal < 5% slower
+    score stage    the score stage's wall time vs one distillation epoch over the same rows
+                   (online teacher, as a run without the cache pays it)
+    workers        distill with 2 workers x 1 thread vs 1 worker x 1 thread (FSDP2 over gloo)
+    TRL            the same logit-only KD job (generation, forward KL at T=1 on response
+                   tokens, online teacher, no on-policy generation) in TRL's GKDTrainer
+                   (lmbda=0, seq_kd off, beta=0) vs the flexkd distill stage     goal: flexkd >= TRL
+
+Tokens are non-padding tokens of the batches (what the distill stage counts); tokens/s of a
+loop is measured from its first step to its last, so model loading and Ray start-up are not in
+it (the stage wall times are reported next to it). Writes benchmarks/results/speed.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from flexkd.bench.common import (
+    DEFAULT_WORK_DIR,
+    REPO,
+    RESULTS,
+    SHARED_DATA,
+    LoadMonitor,
+    command_line,
+    load_sentence,
+    machine,
+    write_results,
+)
+
+log = logging.getLogger("flexkd")
+
+# Dense bf16 peak of the GPUs the --gpu setting is meant for (vendor datasheets), for MFU.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    train_rows: int
+    steps: int
+    batch_size: int
+    generation_rows: int
+    generation_steps: int
+    generation_batch_size: int
+    generation_max_length: int
+    cpus: int = 2
+    use_gpu: bool = False
+
+    @classmethod
+    def cpu(cls) -> SpeedSettings:
+        return cls(train_rows=1024, steps=96, batch_size=32, generation_rows=256, generation_steps=24,
+                   generation_batch_size=8, generation_max_length=128)
+
+    @classmethod
+    def gpu(cls) -> SpeedSettings:
+        return cls(train_rows=16384, steps=1000, batch_size=256, generation_rows=4096, generation_steps=200,
+                   generation_batch_size=32, generation_max_length=384, cpus=8, use_gpu=True)
+
+    def with_overrides(self, **values: Any) -> SpeedSettings:
+        return replace(self, **{key: value for key, value in values.items() if value is not None})
+
+
+def tracking_uri(work_dir: Path) -> str:
+    return f"sqlite:///{work_dir / 'mlflow.db'}"
+
+
+def classification_config(settings: SpeedSettings, work_dir: Path, **overrides: Any):
+    """pipelines/sst2.yaml, sized for throughput; the score stage reads the training rows."""
+    from flexkd.config import load_config
+
+    train = str(SHARED_DATA / "sst2" / "train.tsv")
+    values = {
+        "name": "bench-speed" + ("-gpu" if settings.use_gpu else ""), "artifact_root": str(work_dir / "runs"),
+        "tracking.tracking_uri": tracking_uri(work_dir), "tracking.experiment": "flexkd-bench-speed",
+        "data.train.path": train, "data.train.limit": settings.train_rows,
+        "data.score": {"path": train, "limit": settings.train_rows},
+        "data.eval.path": str(SHARED_DATA / "sst2" / "test.tsv"), "data.eval.limit": 64,
+        "training.steps": settings.steps, "training.batch_size": settings.batch_size, "training.warmup_steps": 10,
+        "training.log_every": settings.steps, "training.checkpoint_every": settings.steps, "training.teacher": "cache",
+        "scoring.batch_size": settings.batch_size, "targets.batch_size": settings.batch_size,
+        "resources.num_workers": 1, "resources.cpus_per_worker": 1, "resources.use_gpu": settings.use_gpu,
+        "resources.threads_per_worker": settings.cpus,
+    }
+    return load_config(REPO / "pipelines" / "sst2.yaml", values | overrides)
+
+
+def generation_config(settings: SpeedSettings, work_dir: Path, **overrides: Any):
+    """The logit-only KD job that TRL runs too: T0 prompts and completions, online teacher."""
+    from flexkd.config import load_config
+
+    t0 = str(SHARED_DATA / "t0_mix" / "train.jsonl")
+    values = {
+        "name": "bench-speed-generation" + ("-gpu" if settings.use_gpu else ""), "artifact_root": str(work_dir / "runs"),
+        "tracking.tracking_uri": tracking_uri(work_dir), "tracking.experiment": "flexkd-bench-speed",
+        "student.architecture": {"hidden_size": 192, "num_hidden_layers": 4, "num_attention_heads": 3,
+                                 "num_key_value_heads": 1, "intermediate_size": 512},
+        "data.train.path": t0, "data.train.limit": settings.generation_rows,
+        "data.score": {"path": t0, "limit": 8, "prompt_template": "{prompt}", "response_column": "completion"},
+        "data.eval.limit": 8, "data.max_length": settings.generation_max_length,
+        "loss": {"alpha": 0.0, "beta": 1.0, "gamma": 0.0, "temperature": 1.0, "logit": "forward_kl", "feature": "none"},
+        "training.steps": settings.generation_steps, "training.batch_size": settings.generation_batch_size,
+        "training.warmup_steps": 0, "training.learning_rate": 5e-4, "training.log_every": settings.generation_steps,
+        "training.checkpoint_every": settings.generation_steps, "training.teacher": "online",
+        "resources.num_workers": 1, "resources.cpus_per_worker": 1, "resources.use_gpu": settings.use_gpu,
+        "resources.threads_per_worker": settings.cpus,
+    }
+    return load_config(REPO / "pipelines" / "instruct_samsum.yaml", values | overrides)
+
+
+def _distill(config) -> dict[str, Any]:
+    from flexkd.runner import run_pipeline
+
+    result = run_pipeline(config, stages=("tokenize", "score", "targets", "distill"), force=("distill",))
+    record = result.stages["distill"]
+    return {"tokens_per_second": record.outputs["tokens_per_second"], "stage_seconds": round(record.seconds, 1),
+            "student_parameters": record.outputs["student_parameters"],
+            "steps": config.training.steps, "workers": config.resources.num_workers,
+            "cpus_per_worker": config.resources.cpus_per_worker, "directory": str(record.directory),
+            "stages": {name: {"seconds": round(r.seconds, 1), "cached": r.cached, "directory": str(r.directory)}
+                       for name, r in result.stages.items()}}
+
+
+def plain_loop(config, targets_dir: Path, tokenize_dir: Path, threads: int) -> dict[str, Any]:
+    """The same distillation loss, in one process, no Ray, no FSDP: the reference throughput."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from flexkd.data import collate_batch
+    from flexkd.losses import LinearProjector
+    from flexkd.objective import LayerPair, ObjectiveSettings, StudentWithObjective
+    from flexkd.resolve import build_student, plan_models
+    from flexkd.stages.distill import learning_rate_at
+    from flexkd.stages.targets import read_cache_info
+    from flexkd.teacher_targets import cached_teacher_outputs
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        plan = plan_models(config)
+        tokenized = json.loads((tokenize_dir / "manifest.json").read_text())["outputs"]
+        info = read_cache_info(targets_dir)
+        units = {layer: info["units"][str(layer)] for layer in plan.teacher_layer_indices}
+        device = torch.device("cuda" if config.resources.use_gpu and torch.cuda.is_available() else "cpu")
+        pairs = [LayerPair(t, s) for t, s in plan.layer_pairs]
+        settings = ObjectiveSettings(task=config.task.kind, k=plan.k, **config.loss.model_dump(exclude={"feature"}),
+                                     feature=config.loss.feature)
+        torch.manual_seed(config.training.seed)
+        student = build_student(config)
+        projectors = ({f"{p.teacher_layer}-{p.student_layer}": LinearProjector(plan.student_hidden, plan.teacher_hidden)
+                       for p in pairs} if config.loss.feature == "projector" else {})
+        verbalizers = torch.tensor(tokenized["verbalizer_ids"])
+        module = StudentWithObjective(student, settings, pairs, verbalizers, projectors).to(device)
+        optimizer = torch.optim.AdamW(module.parameters(), lr=config.training.learning_rate,
+                                      weight_decay=config.training.weight_decay)
+        table = pq.ParquetDataset(str(targets_dir / "train")).read()
+        columns = {name: table.column(name).to_pylist() for name in table.column_names}
+        rows_total, batch_size = table.num_rows, config.training.batch_size
+        need_teacher = config.loss.beta > 0 or (config.loss.gamma > 0 and config.loss.feature != "none")
+        tokens, started = 0, time.perf_counter()
+        for step in range(config.training.steps):
+            start = (step * batch_size) % (rows_total - rows_total % batch_size)
+            rows = {name: values[start:start + batch_size] for name, values in columns.items()}
+            batch = {key: value.to(device) for key, value in collate_batch(rows, tokenized["pad_token_id"]).items()}
+            teacher = (cached_teacher_outputs(rows, batch, config.task.kind, units, plan.k, None, info["top_k_logits"],
+                                              device, info["temperatures"], config.loss.temperature)
+                       if need_teacher else (None, {}))
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate_at(step, config)
+            parts = module(batch, *teacher)
+            parts["total"].backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens += int(batch["attention_mask"].sum())
+        seconds = time.perf_counter() - started
+        return {"tokens_per_second": tokens / seconds, "seconds": round(seconds, 1), "tokens": tokens,
+                "threads": threads, "steps": config.training.steps}
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def trl_gkd(config, settings: SpeedSettings, work_dir: Path) -> dict[str, Any]:
+    """TRL's GKDTrainer on the same teacher, student architecture, data and batch size, lmbda=0."""
+    import datasets
+    import torch
+    from transformers import TrainerCallback
+
+    from flexkd.models import parameter_count
+    from flexkd.resolve import build_student, load_pipeline_tokenizer, load_teacher
+
+    try:
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+    except ImportError as error:
+        return {"error": f"TRL not installed ({error}); pip install 'flexkd[bench]'"}
+
+    rows = [json.loads(line) for line in Path(config.data.train.path).read_text().splitlines()[:settings.generation_rows]]
+    dataset = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": row["prompt"]},
+                                                        {"role": "assistant", "content": row["completion"]}]}
+                                          for row in rows])
+    tokenizer = load_pipeline_tokenizer(config)
+    torch.manual_seed(config.training.seed)
+    student, teacher = build_student(config), load_teacher(config)
+
+    class CountingGKD(GKDTrainer):
+        tokens = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            CountingGKD.tokens += int(inputs["attention_mask"].sum())
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    class LoopTimer(TrainerCallback):
+        started = ended = 0.0
+
+        def on_train_begin(self, *_, **__):
+            LoopTimer.started = time.perf_counter()
+
+        def on_train_end(self, *_, **__):
+            LoopTimer.ended = time.perf_counter()
+
+    args = GKDConfig(
+        output_dir=str(work_dir / "trl"), max_steps=config.training.steps,
+        per_device_train_batch_size=config.training.batch_size, learning_rate=config.training.learning_rate,
+        lr_scheduler_type="constant", warmup_steps=0, lmbda=0.0, beta=0.0, seq_kd=False,
+        temperature=config.loss.temperature, max_length=config.data.max_length, gradient_checkpointing=False,
+        bf16=False, use_cpu=not settings.use_gpu, report_to="none", save_strategy="no",  # float32, as flexkd's distill
+        logging_steps=config.training.steps, dataloader_num_workers=0, disable_tqdm=True, seed=config.training.seed)
+    started = time.perf_counter()
+    trainer = CountingGKD(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=[LoopTimer()])
+    trainer.train()
+    loop_seconds = LoopTimer.ended - LoopTimer.started
+    return {"tokens_per_second": CountingGKD.tokens / loop_seconds, "loop_seconds": round(loop_seconds, 1),
+            "wall_seconds": round(time.perf_counter() - started, 1), "tokens": CountingGKD.tokens,
+            "steps": config.training.steps, "student_parameters": parameter_count(student),
+            "torch_threads": torch.get_num_threads(), "trl": __import__("trl").__version__}
+
+
+def run_speed(settings: SpeedSettings, work_dir: Path = DEFAULT_WORK_DIR, results_dir: Path = RESULTS) -> dict[str, Any]:
+    work_dir.mkdir(parents=True, exist_ok=True)
+    command, started = command_line(), time.time()
+    measured: dict[str, Any] = {}
+    with LoadMonitor() as load:
+        flexkd = classification_config(settings, work_dir, **{"loss.feature": "correlation"})
+        measured["flexkd_feature"] = _distill(flexkd)  # also runs tokenize, score, targets once
+        stages = measured["flexkd_feature"]["stages"]
+        measured["plain_loop_feature"] = plain_loop(flexkd, Path(stages["targets"]["directory"]),
+                                                    Path(stages["tokenize"]["directory"]), threads=settings.cpus)
+        measured["flexkd_logit_only"] = _distill(classification_config(
+            settings, work_dir, **{"loss.feature": "none", "loss.gamma": 0.0}))
+        one_epoch = max(1, settings.train_rows // settings.batch_size)
+        measured["flexkd_online_one_epoch"] = _distill(classification_config(
+            settings, work_dir, **{"training.teacher": "online", "training.steps": one_epoch,
+                                   "training.log_every": one_epoch, "training.checkpoint_every": one_epoch}))
+        if not settings.use_gpu:  # on one GPU there is no second device to scale to
+            # Half a CPU reserved per worker keeps one CPU free for Ray Data's reads with 2 workers too.
+            single = {"resources.cpus_per_worker": 0.5, "resources.threads_per_worker": 1}
+            measured["flexkd_1_worker"] = _distill(classification_config(settings, work_dir, **single))
+            measured["flexkd_2_workers"] = _distill(classification_config(
+                settings, work_dir, **single, **{"resources.num_workers": 2}))
+        generation = generation_config(settings, work_dir)
+        measured["flexkd_generation_logit_kd"] = _distill(generation)
+        measured["trl_gkd_logit_kd"] = trl_gkd(generation, settings, work_dir)
+    results = {"benchmark": "speed", "command": command, "machine": machine(), "load": load.summary(),
+               "settings": asdict(settings), "measured": measured, "wall_seconds": round(time.time() - started, 1),
+               "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    results["ratios"] = ratios(measured, settings)
+    results["headline"] = {row["name"]: row["value"] for row in results["ratios"] if row["value"] is not None}
+    plot = plot_speed(results, results_dir / "speed.png")
+    write_results("speed", results, speed_markdown(results), plot, tracking_uri(work_dir), results_dir)
+    return results
+
+
+def ratios(measured: dict[str, Any], settings: SpeedSettings) -> list[dict[str, Any]]:
+    def tps(name: str) -> float | None:
+        return measured.get(name, {}).get("tokens_per_second")
+
+    rows = []
+
+    def add(name: str, what: str, value: float | None, goal: str, met: bool | None) -> None:
+        rows.append({"name": name, "what": what, "value": None if value is None else round(value, 3), "goal": goal,
+                     "met": met})
+
+    value = tps("flexkd_feature") / tps("plain_loop_feature")
+    add("flexkd_over_plain_loop", "distill-step tokens/s, flexkd distill stage / plain PyTorch loop (kd+flexkd, cache)",
+        value, ">= 0.9", value >= 0.9)
+    value = 1 - tps("flexkd_feature") / tps("flexkd_logit_only")
+    add("feature_loss_slowdown", "kd+flexkd vs kd (logit only): 1 - tokens/s ratio", value, "< 0.05", value < 0.05)
+    score_seconds = measured["flexkd_feature"]["stages"]["score"]["seconds"]
+    epoch_seconds = measured["flexkd_online_one_epoch"]["stage_seconds"]
+    add("score_over_epoch", f"score stage wall s ({score_seconds}) / one online-teacher distill epoch wall s "
+        f"({epoch_seconds}), same {settings.train_rows} rows", score_seconds / epoch_seconds if epoch_seconds else None,
+        "(report)", None)
+    if "flexkd_2_workers" in measured:
+        value = tps("flexkd_2_workers") / tps("flexkd_1_worker")
+        add("two_workers_over_one", "distill tokens/s, 2 workers x 1 thread / 1 worker x 1 thread", value,
+            "(ideal 2.0)", None)
+    flops = 6 * measured["flexkd_feature"]["student_parameters"] * tps("flexkd_feature")
+    peak = next((value for name, value in PEAK_BF16_FLOPS.items() if name in (gpu_name() or "")), None)
+    add("distill_model_flops_per_second", "distill step model FLOP/s (6 x student parameters x tokens/s, "
+        "kd+flexkd)" + (f"; MFU = {flops / peak:.3f} of the bf16 peak" if peak else "; MFU: no GPU"),
+        flops, "(report)", None)
+    trl = measured.get("trl_gkd_logit_kd", {})
+    if trl.get("tokens_per_second"):
+        value = tps("flexkd_generation_logit_kd") / trl["tokens_per_second"]
+        add("flexkd_over_trl", "logit-only KD tokens/s, flexkd distill stage / TRL GKDTrainer", value, ">= 1.0",
+            value >= 1.0)
+    else:
+        add("flexkd_over_trl", f"TRL not measured: {trl.get('error')}", None, ">= 1.0", None)
+    return rows
+
+
+def gpu_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def speed_markdown(results: dict[str, Any]) -> str:
+    measured, load, settings = results["measured"], results["load"], results["settings"]
+    lines = ["## Speed", "",
+             f"Command: `{results['command']}` (finished {results['finished_at']}, wall time {results['wall_seconds'] / 60:.1f} min)",
+             "",
+             f"Machine: {results['machine']['cpus']} CPUs ({results['machine']['cpu_model']}), GPU: {results['machine']['gpu']}, "
+             f"torch {results['machine']['torch']}, commit {results['machine']['git_commit']}.",
+             f"{load_sentence(load).capitalize()}.", "",
+             f"Classification runs: SST-2, {settings['train_rows']} training rows, {settings['steps']} steps of batch "
+             f"{settings['batch_size']}, student d=192 / 4 layers, teacher SmolLM2-135M-Instruct, teacher-target cache, "
+             f"{settings['cpus']} threads unless stated. Generation (TRL) runs: T0 mixture, {settings['generation_rows']} rows, "
+             f"{settings['generation_steps']} steps of batch {settings['generation_batch_size']}, max length "
+             f"{settings['generation_max_length']}, online teacher.", "",
+             "| ratio | value | goal | met |", "|---|---|---|---|"]
+    for row in results["ratios"]:
+        met = {True: "yes", False: "**no**", None: "-"}[row["met"]]
+        value = "n/a" if row["value"] is None else f"{row['value']:.3f}"
+        lines.append(f"| {row['what']} | {value} | {row['goal']} | {met} |")
+    lines += ["", "| run | tokens/s (in the loop) | stage / wall s |", "|---|---|---|"]
+    for name, run in measured.items():
+        seconds = run.get("stage_seconds", run.get("wall_seconds", run.get("seconds")))
+        tokens = run.get("tokens_per_second")
+        lines.append(f"| {name} | {'n/a' if tokens is None else f'{tokens:.0f}'} | {seconds} |")
+    lines += ["", "![speed](results/speed.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_speed(results: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    runs = {name: run["tokens_per_second"] for name, run in results["measured"].items() if run.get("tokens_per_second")}
+    figure, axis = plt.subplots(figsize=(8, 4))
+    axis.barh(list(runs), list(runs.values()), color="#9ab")
+    axis.set_xlabel("tokens/s (non-padding, in the training loop)")
+    axis.set_title("flexkd bench speed")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

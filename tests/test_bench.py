@@ -1,0 +1,117 @@
+"""The benchmark harness without running a benchmark: its configs validate, every method differs
+from the others only where it should, seeds share the teacher-side stages, the summary and the
+verdict say what the numbers say, and the teacher's verbalizer fit learns a separable task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from flexkd.bench.common import mean_std
+from flexkd.bench.page import write_results_page
+from flexkd.bench.quality import METHODS, QualitySettings, method_config, summarize, verdict
+from flexkd.cli import build_parser
+from flexkd.runner import stage_fingerprint
+
+SETTINGS = QualitySettings.cpu()
+
+
+def _config(method: str, seed: int = 0, tmp: Path = Path("/tmp/flexkd-bench-test")):
+    return method_config(SETTINGS, tmp / "teacher", tmp, method, seed)
+
+
+def test_every_method_validates_and_shares_everything_but_its_loss_and_selection():
+    base = _config("kd+flexkd").model_dump(mode="json")
+    for method in METHODS:
+        config = _config(method).model_dump(mode="json")
+        assert config["training"] == base["training"] and config["data"] == base["data"], method
+        assert config["teacher"] == base["teacher"] and config["student"] == base["student"], method
+        assert config["targets"]["full_width"] is True
+        differing = {section for section in base if config[section] != base[section]}
+        assert differing <= {"loss", "selection"}, (method, differing)
+
+
+def test_seeds_share_tokenize_score_and_targets_but_not_distill():
+    one, two = _config("kd+flexkd", seed=0), _config("kd+flexkd", seed=1)
+    fingerprints = {}
+    for stage in ("tokenize", "score", "targets", "distill"):
+        inputs = {name: fingerprints[name] for name in ("tokenize", "score") if name in fingerprints and stage != "tokenize"}
+        first, second = stage_fingerprint(one, stage, inputs), stage_fingerprint(two, stage, inputs)
+        fingerprints[stage] = first
+        assert (first == second) == (stage != "distill"), stage
+
+
+def test_selection_method_changes_the_score_stage():
+    assert stage_fingerprint(_config("kd+flexkd"), "score", {"tokenize": "x"}) != \
+        stage_fingerprint(_config("kd+random"), "score", {"tokenize": "x"})
+
+
+def test_summary_and_verdict_follow_the_numbers():
+    runs = [{"method": method, "seed": seed, "accuracy": accuracy, "teacher_accuracy": 0.82,
+             "extra_trainable_parameters": 0, "distill_seconds": 1.0, "tokens_per_second": 1.0}
+            for method, values in {"kd": [0.70, 0.72, 0.74], "kd+flexkd": [0.75, 0.76, 0.77]}.items()
+            for seed, accuracy in enumerate(values)]
+    summary = summarize(runs, ("kd", "kd+flexkd"))
+    assert summary["table"]["kd"]["accuracy_mean"] == pytest.approx(72.0)
+    assert summary["table"]["kd"]["accuracy_std"] == pytest.approx(2.0)
+    comparison = next(c for c in summary["comparisons"] if c["b"] == "kd")
+    assert comparison["difference"] == pytest.approx(4.0) and comparison["exceeds_seed_spread"]
+    assert comparison["a_wins_seeds"] == 3
+    assert verdict(comparison).startswith("**kd+flexkd beats kd** by +4.00 points (more than the seed spread")
+    comparison["difference"], comparison["exceeds_seed_spread"] = -1.0, False
+    assert "trails" in verdict(comparison) and "within the seed spread" in verdict(comparison)
+
+
+def test_mean_std_is_the_sample_std():
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5))
+    assert mean_std([5.0]) == (5.0, 0.0)
+
+
+def test_verbalizer_fit_learns_a_separable_task():
+    from flexkd.bench.teacher import _accuracy, _fit
+
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(400, 16, generator=generator)
+    features[:, 3] *= 100.0  # one huge unit, as in a real final hidden state
+    labels = (features[:, 0] > 0).long()
+    start = torch.zeros(2, 16)
+    weight = _fit(features, labels, start, l2=1e-4)
+    assert _accuracy(start, features, labels) < 0.6
+    assert _accuracy(weight, features, labels) > 0.95
+
+
+def test_bench_command_parses_and_the_page_lists_every_section(tmp_path):
+    args = build_parser().parse_args(["bench", "quality", "--seeds", "0,1", "--steps", "10"])
+    assert (args.benchmark, args.seeds, args.steps, args.gpu) == ("quality", "0,1", 10, False)
+    (tmp_path / "quality.md").write_text("## Quality: SST-2 classification\n\nnumbers\n")
+    page = write_results_page(tmp_path, tmp_path / "RESULTS.md").read_text()
+    assert "numbers" in page and "## Speed\n\nNot run yet." in page and "## Generation\n\nNot run yet." in page
+
+
+def test_adapted_teacher_is_an_untied_hf_folder_with_the_trained_rows(tmp_path):
+    """A tiny random tied teacher goes through the real recipe: features, fit, untie, save, reload."""
+    from flexkd.bench.teacher import DONE_FILE, adapted_teacher
+    from flexkd.config import TaskConfig
+    from flexkd.models import TINY_TOKENIZER_DIR, build_random_model, load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(TINY_TOKENIZER_DIR)
+    base = tmp_path / "base"
+    teacher = build_random_model({"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                                  "num_key_value_heads": 1, "intermediate_size": 64, "tie_word_embeddings": True},
+                                 vocab_size=len(tokenizer), seed=0, pad_token_id=tokenizer.pad_token_id)
+    teacher.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    data = tmp_path / "train.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"{'great fun' if i % 2 else 'dull and bad'} {i}\t{i % 2}\n"
+                                                   for i in range(60)))
+    task = TaskConfig(kind="classification", prompt_template="Review: {sentence}\nSentiment:",
+                      label_names=["negative", "positive"])
+    folder, record = adapted_teacher(base, data, data, 60, task, 32, tmp_path / "cache")
+    assert (folder / DONE_FILE).is_file() and record["train_rows"] == 60
+    assert record["train_accuracy"] > 0.9  # the two phrasings are trivially separable
+    adapted, original = load_model(folder), load_model(base)
+    assert not adapted.config.tie_word_embeddings
+    assert torch.equal(adapted.model.embed_tokens.weight, original.model.embed_tokens.weight)
+    assert adapted_teacher(base, data, data, 60, task, 32, tmp_path / "cache")[0] == folder  # cached
