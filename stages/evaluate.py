@@ -13,7 +13,7 @@ first ``evaluation.samples`` predictions as the table ``predictions.json``, and 
 
     predictions.jsonl   per sampled example: prompt, reference, teacher and student output
 
-The teacher's scores and outputs are kept in ``<artifact_root>/<pipeline>/teacher_eval/``, keyed
+The teacher's scores and outputs are kept in ``<artifact_root>/<pipeline>/evaluate/teacher_scores/``, keyed
 by teacher, task, evaluation settings and eval rows, so the students of a comparison (every
 method and seed) pay for one teacher pass, not one each.
 """
@@ -44,6 +44,8 @@ from flexkd.models import load_model, parameter_count
 from flexkd.objective import class_logits
 from flexkd.resolve import load_pipeline_tokenizer, load_teacher
 
+# The teacher's kept scores, beside the evaluate stage's fingerprint folders.
+TEACHER_SCORES_DIR = "teacher_scores"
 # The row columns that collate_batch turns into tensors; `reference` stays text.
 TOKEN_COLUMNS = ("example_id", "input_ids", "labels", "prompt_length", "class_label")
 
@@ -58,7 +60,8 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
     eval_dir, student_dir = inputs["tokenize"] / "eval", inputs["distill"] / "student"
     try:
         result = ray.get(evaluate_task.remote(config, str(eval_dir), str(student_dir),
-                                              tokenized["pad_token_id"], tokenized["verbalizer_ids"]))
+                                              tokenized["pad_token_id"], tokenized["verbalizer_ids"],
+                                              str(output_dir.parent / TEACHER_SCORES_DIR)))
     except ray.exceptions.RayTaskError as error:
         # Name the task's own error: the first line of Ray's wrapper only names the task's pid.
         raise StageError(f"evaluate: {type(error.cause).__name__}: {error.cause}".splitlines()[0]) from error
@@ -75,8 +78,9 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
 
 
 def evaluate_models(config: PipelineConfig, eval_dir: str, student_dir: str, pad_token_id: int,
-                    verbalizer_ids: list[int] | None) -> dict[str, Any]:
-    """The body of the Ray task: metrics of both models and their first sampled predictions."""
+                    verbalizer_ids: list[int] | None, teacher_scores_dir: str | None = None) -> dict[str, Any]:
+    """The body of the Ray task: metrics of both models and their first sampled predictions.
+    ``teacher_scores_dir``: where the teacher's scores are kept and looked up (None: not kept)."""
     distributed.use_threads(config.resources.threads_per_worker)
     table = read_eval_rows(Path(eval_dir))
     tokenizer = load_pipeline_tokenizer(config)
@@ -84,9 +88,9 @@ def evaluate_models(config: PipelineConfig, eval_dir: str, student_dir: str, pad
     loaders = {"teacher": lambda: load_teacher(config), "student": lambda: load_model(student_dir)}
     metrics: dict[str, float] = {}
     outputs: dict[str, list[str]] = {}
-    teacher_file = teacher_results_file(config, eval_dir)
+    teacher_file = teacher_results_file(config, eval_dir, Path(teacher_scores_dir)) if teacher_scores_dir else None
     for role, load in loaders.items():
-        if role == "teacher" and teacher_file.is_file():
+        if role == "teacher" and teacher_file is not None and teacher_file.is_file():
             # The teacher's scores depend on the teacher and the eval rows only: every student
             # of a comparison (each method, each seed) is judged against one teacher pass.
             saved = json.loads(teacher_file.read_text())
@@ -100,7 +104,7 @@ def evaluate_models(config: PipelineConfig, eval_dir: str, student_dir: str, pad
                 scores, outputs[role] = generate_and_score(model, table, config, tokenizer, pad_token_id, device, role)
             scores["parameters"] = parameter_count(model)
             del model
-            if role == "teacher":
+            if role == "teacher" and teacher_file is not None:
                 teacher_file.parent.mkdir(parents=True, exist_ok=True)
                 temporary = teacher_file.with_suffix(f".{os.getpid()}.tmp")
                 temporary.write_text(json.dumps({"scores": scores, "outputs": outputs[role]}))
@@ -116,13 +120,13 @@ def evaluate_models(config: PipelineConfig, eval_dir: str, student_dir: str, pad
     return {"metrics": metrics, "predictions": predictions, "examples": table.num_rows}
 
 
-def teacher_results_file(config: PipelineConfig, eval_dir: str) -> Path:
-    """Where the teacher's eval scores are kept, keyed by everything they depend on: the
-    teacher, the task, the evaluation settings and the eval rows (whose folder is named by
-    the tokenize fingerprint)."""
+def teacher_results_file(config: PipelineConfig, eval_dir: str, directory: Path) -> Path:
+    """Where in ``directory`` the teacher's eval scores are kept, keyed by everything they depend
+    on: the teacher, the task, the evaluation settings and the eval rows (whose folder is named
+    by the tokenize fingerprint)."""
     key = stable_hash({"teacher": config.teacher.model_dump(mode="json"), "task": config.task.model_dump(mode="json"),
                        "evaluation": config.evaluation.model_dump(mode="json"), "eval_dir": str(eval_dir)})
-    return Path(config.artifact_root) / config.name / "teacher_eval" / f"{key}.json"
+    return directory / f"{key}.json"
 
 
 def read_eval_rows(eval_dir: Path) -> pa.Table:

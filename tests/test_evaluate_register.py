@@ -99,6 +99,30 @@ def test_classification_is_evaluated_and_the_student_registered(tmp_path, local_
     _check_logged_and_registered(config, tmp_path, runs, evaluated, student)
 
 
+def test_the_teachers_scores_are_kept_and_reused_for_the_next_student(tmp_path, local_ray, mlflow_store):
+    config = _config("classification")
+    tokenizer = load_tokenizer(TINY_TOKENIZER_DIR)
+    verbalizer_ids = verbalizer_token_ids(tokenizer, LABEL_NAMES)
+    rows = [_row(index, tokenizer.encode(f"Review: {text}\nSentiment:", add_special_tokens=False), [], label,
+                 LABEL_NAMES[label]) for index, (text, label) in enumerate(REVIEWS)]
+    _write_stage_inputs(tmp_path, tokenizer, rows, verbalizer_ids)
+    inputs = {"tokenize": tmp_path / "tokenize", "distill": tmp_path / "distill"}
+    with mlflow.start_run(run_name="first"):
+        (tmp_path / "evaluate" / "a").mkdir(parents=True)
+        first = evaluate.run(config, inputs, tmp_path / "evaluate" / "a")["metrics"]
+    [kept] = (tmp_path / "evaluate" / "teacher_scores").glob("*.json")
+    # Mark the kept scores: a second student's evaluation must report them, not rerun the teacher.
+    marked = json.loads(kept.read_text())
+    marked["scores"]["accuracy"] = -1.0
+    kept.write_text(json.dumps(marked))
+    with mlflow.start_run(run_name="second"):
+        (tmp_path / "evaluate" / "b").mkdir()
+        second = evaluate.run(config, inputs, tmp_path / "evaluate" / "b")["metrics"]
+    assert second["teacher.accuracy"] == -1.0 and first["teacher.accuracy"] >= 0
+    assert second["student.accuracy"] == first["student.accuracy"]
+    assert second["teacher.parameters"] == first["teacher.parameters"]
+
+
 def test_generation_is_evaluated_and_the_student_registered(tmp_path, local_ray, mlflow_store):
     config = _config("generation")
     tokenizer = load_tokenizer(TINY_TOKENIZER_DIR)

@@ -218,13 +218,15 @@ def summarize(runs: list[dict[str, Any]], methods: tuple[str, ...]) -> dict[str,
 def verdict(comparison: dict[str, Any]) -> str:
     a, b, diff = comparison["a"], comparison["b"], comparison["difference"]
     word = "beats" if diff > 0 else ("ties" if diff == 0 else "trails")
-    spread = ("more than" if comparison["exceeds_seed_spread"] else "within") + f" the seed spread ({comparison['seed_spread']:.2f})"
+    spread = ("more than" if comparison["exceeds_seed_spread"] else "within") + f" the seed spread of {comparison['seed_spread']:.2f}"
     return (f"**{a} {word} {b}** by {diff:+.2f} points ({spread}); paired by seed {comparison['paired_difference_mean']:+.2f} "
             f"± {comparison['paired_difference_std']:.2f}, {a} ahead on {comparison['a_wins_seeds']} of {comparison['seeds']} seeds")
 
 
 def quality_markdown(results: dict[str, Any]) -> str:
     settings, teacher, load = results["settings"], results["teacher"], results["load"]
+    from flexkd.layers import resolve_layer_map
+
     lines = [
         "## Quality: SST-2 classification",
         "",
@@ -243,7 +245,8 @@ def quality_markdown(results: dict[str, Any]) -> str:
         f"{settings['steps']} steps of batch {settings['batch_size']}, AdamW lr {settings['learning_rate']} "
         f"(warmup {settings['warmup_steps']}, cosine), loss = task + {settings['beta']} x KL(T={settings['temperature']}) "
         f"+ {settings['gamma']} x feature loss summed over the {settings['layer_map']} layer map "
-        f"(teacher layers 8, 15, 22, 30 -> student blocks 1-4), identical for every method; importance scored on "
+        f"(teacher block -> student block: {', '.join(f'{t}->{s}' for t, s in resolve_layer_map(settings['layer_map'], 30, 4))}), "
+        "identical for every method; importance scored on "
         f"{settings['score_rows']} dev sentences at those teacher layers. Seeds {list(settings['seeds'])} "
         "(student init and projector init); the data order is the same for all runs. Accuracy on test.tsv (872 sentences).",
         "",

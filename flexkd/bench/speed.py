@@ -247,12 +247,17 @@ def trl_gkd(config, settings: SpeedSettings, work_dir: Path) -> dict[str, Any]:
 
 
 def run_speed(settings: SpeedSettings, work_dir: Path = DEFAULT_WORK_DIR, results_dir: Path = RESULTS) -> dict[str, Any]:
+    from flexkd.models import parameter_count
+    from flexkd.resolve import build_student
+
     work_dir.mkdir(parents=True, exist_ok=True)
     command, started = command_line(), time.time()
     measured: dict[str, Any] = {}
     with LoadMonitor() as load:
         flexkd = classification_config(settings, work_dir, **{"loss.feature": "correlation"})
         measured["flexkd_feature"] = _distill(flexkd)  # also runs tokenize, score, targets once
+        student = build_student(flexkd)
+        measured["non_embedding_parameters"] = parameter_count(student) - student.get_input_embeddings().weight.numel()
         stages = measured["flexkd_feature"]["stages"]
         measured["plain_loop_feature"] = plain_loop(flexkd, Path(stages["targets"]["directory"]),
                                                     Path(stages["tokenize"]["directory"]), threads=settings.cpus)
@@ -305,11 +310,13 @@ def ratios(measured: dict[str, Any], settings: SpeedSettings) -> list[dict[str, 
         value = tps("flexkd_2_workers") / tps("flexkd_1_worker")
         add("two_workers_over_one", "distill tokens/s, 2 workers x 1 thread / 1 worker x 1 thread", value,
             "(ideal 2.0)", None)
-    flops = 6 * measured["flexkd_feature"]["student_parameters"] * tps("flexkd_feature")
+    # 6 FLOPs per parameter per token (forward + backward), over the non-embedding parameters: the
+    # embedding is a lookup, and the tied output layer runs at one position per row here.
+    flops = 6 * measured["non_embedding_parameters"] * tps("flexkd_feature")
     peak = next((value for name, value in PEAK_BF16_FLOPS.items() if name in (gpu_name() or "")), None)
-    add("distill_model_flops_per_second", "distill step model FLOP/s (6 x student parameters x tokens/s, "
-        "kd+flexkd)" + (f"; MFU = {flops / peak:.3f} of the bf16 peak" if peak else "; MFU: no GPU"),
-        flops, "(report)", None)
+    add("distill_model_gflops_per_second", "distill step model GFLOP/s (6 x non-embedding student parameters x "
+        "tokens/s, kd+flexkd)" + (f"; MFU = {flops / peak:.4f} of the dense bf16 peak" if peak else "; MFU: no GPU"),
+        flops / 1e9, "(report)", None)
     trl = measured.get("trl_gkd_logit_kd", {})
     if trl.get("tokens_per_second"):
         value = tps("flexkd_generation_logit_kd") / trl["tokens_per_second"]
@@ -346,6 +353,8 @@ def speed_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {row['what']} | {value} | {row['goal']} | {met} |")
     lines += ["", "| run | tokens/s (in the loop) | stage / wall s |", "|---|---|---|"]
     for name, run in measured.items():
+        if not isinstance(run, dict):
+            continue
         seconds = run.get("stage_seconds", run.get("wall_seconds", run.get("seconds")))
         tokens = run.get("tokens_per_second")
         lines.append(f"| {name} | {'n/a' if tokens is None else f'{tokens:.0f}'} | {seconds} |")
@@ -360,7 +369,8 @@ def plot_speed(results: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    runs = {name: run["tokens_per_second"] for name, run in results["measured"].items() if run.get("tokens_per_second")}
+    runs = {name: run["tokens_per_second"] for name, run in results["measured"].items()
+            if isinstance(run, dict) and run.get("tokens_per_second")}
     figure, axis = plt.subplots(figsize=(8, 4))
     axis.barh(list(runs), list(runs.values()), color="#9ab")
     axis.set_xlabel("tokens/s (non-padding, in the training loop)")
