@@ -125,6 +125,14 @@ def write_results(name: str, results: dict[str, Any], markdown: str, plot_file: 
     return paths
 
 
+def stage_seconds(record) -> float:
+    """A stage's own run time, also when this pipeline run reused it (read from its manifest)."""
+    if not record.cached:
+        return round(record.seconds, 1)
+    manifest = json.loads((Path(record.directory) / "manifest.json").read_text())
+    return round(float(manifest.get("seconds", 0.0)), 1)
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (n - 1; 0 for one value)."""
     n = len(values)

@@ -37,6 +37,7 @@ from flexkd.bench.common import (
     command_line,
     load_sentence,
     machine,
+    stage_seconds,
     write_results,
 )
 
@@ -128,7 +129,7 @@ def _distill(config) -> dict[str, Any]:
             "student_parameters": record.outputs["student_parameters"],
             "steps": config.training.steps, "workers": config.resources.num_workers,
             "cpus_per_worker": config.resources.cpus_per_worker, "directory": str(record.directory),
-            "stages": {name: {"seconds": round(r.seconds, 1), "cached": r.cached, "directory": str(r.directory)}
+            "stages": {name: {"seconds": stage_seconds(r), "cached": r.cached, "directory": str(r.directory)}
                        for name, r in result.stages.items()}}
 
 

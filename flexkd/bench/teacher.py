@@ -52,7 +52,7 @@ def adapted_teacher(base: Path, train_path: Path, test_path: Path, rows: int, ta
                        "task": task.model_dump(mode="json"), "max_length": max_length, "l2": L2_CHOICES})
     folder = cache_dir / f"smollm2-135m-sst2-{key}"
     if (folder / DONE_FILE).is_file():
-        return folder, json.loads((folder / DONE_FILE).read_text())
+        return folder, json.loads((folder / DONE_FILE).read_text()) | {"made_now": False}
 
     started = time.time()
     tokenizer = load_tokenizer(base)
@@ -85,6 +85,7 @@ def adapted_teacher(base: Path, train_path: Path, test_path: Path, rows: int, ta
     _check_saved(staging, verbalizers, rows_weight)
     (staging / DONE_FILE).write_text(json.dumps(record, indent=2))
     staging.rename(folder)
+    record["made_now"] = True
     log.info("adapted teacher at %s: test accuracy %.4f (zero-shot %.4f)", folder, record["test_accuracy"],
              record["zero_shot_test_accuracy"])
     return folder, record
