@@ -108,6 +108,8 @@ def pipeline_overrides(settings: GenerationSettings, work_dir: Path, eval_path: 
                        "response_column": "completion"},
         "data.eval": {"path": str(eval_path), "prompt_template": "{prompt}", "response_column": "response"},
         "data.max_length": settings.max_length,
+        # The paper's default pairing (final hidden states); it also keeps the full-width cache one layer deep.
+        "layer_map": "last",
         "training.steps": settings.steps, "training.batch_size": settings.batch_size,
         "training.learning_rate": settings.learning_rate, "training.warmup_steps": 25, "training.log_every": 25,
         "training.checkpoint_every": settings.steps, "training.teacher": "cache",
@@ -194,7 +196,8 @@ def generation_markdown(results: dict[str, Any]) -> str:
              f"Machine: {results['machine']['cpus']} CPUs ({results['machine']['cpu_model']}), GPU: {results['machine']['gpu']}, "
              f"commit {results['machine']['git_commit']}.", f"{load_sentence(load).capitalize()}.", "",
              f"Teacher SmolLM2-135M-Instruct as is. Student: hidden 384, {settings['num_layers']} layers, **random init** "
-             "(importance-guided pruned init is not on this branch). "
+             "(importance-guided pruned init is not on this branch); feature losses on the final hidden states "
+             "(layer_map last). "
              f"Distilled on {settings['train_rows']} T0-mixture prompt/completion pairs (chat template, max length "
              f"{settings['max_length']}), {settings['steps']} steps of batch {settings['batch_size']}, lr "
              f"{settings['learning_rate']}, teacher-target cache; seeds {list(settings['seeds'])}. Greedy decoding, "
