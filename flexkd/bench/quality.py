@@ -148,11 +148,13 @@ def run_quality(settings: QualitySettings, work_dir: Path = DEFAULT_WORK_DIR, me
             settings.teacher_rows, base.task, base.data.max_length, work_dir / "teachers")
         runs: list[dict[str, Any]] = []
         shared_seconds: dict[str, float] = {}
+        score_dirs: dict[str, Path] = {}
         reused_seconds = 0.0 if teacher_record.get("made_now") else teacher_record["seconds"]
         for seed in settings.seeds:  # seed-major: a run cut short still has every method at some seeds
             for method in methods:
                 config = method_config(settings, teacher_dir, work_dir, method, seed)
                 result = run_pipeline(config, stages=RUN_STAGES)
+                score_dirs[config.selection.method] = Path(result.stages["score"].directory)
                 for stage in SHARED_STAGES:
                     key = stage if stage == "tokenize" else f"{stage}/{config.selection.method}"
                     if key not in shared_seconds:
@@ -180,6 +182,7 @@ def run_quality(settings: QualitySettings, work_dir: Path = DEFAULT_WORK_DIR, me
         "reused_seconds": round(reused_seconds, 1),
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+    results["selection_diagnostics"] = selection_diagnostics(score_dirs)
     results |= summarize(runs, methods)
     plot = plot_quality(results, results_dir / "quality.png")
     write_results("quality", results, quality_markdown(results), plot, tracking_uri(work_dir), results_dir)
@@ -218,6 +221,30 @@ def summarize(runs: list[dict[str, Any]], methods: tuple[str, ...]) -> dict[str,
     if teacher:
         headline["accuracy.teacher"] = round(100 * teacher[0], 2)
     return {"table": table, "comparisons": comparisons, "headline": headline}
+
+
+def selection_diagnostics(score_dirs: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """Per mapped teacher layer: how concentrated the importance is (the share of the summed
+    importance that the selected units hold, against k / d for a flat score) and how many of the
+    importance-selected units the variance and random selections also pick."""
+    import numpy as np
+
+    if "importance" not in score_dirs:
+        return {}
+    selected = {method: json.loads((directory / "selected.json").read_text())["layers"]
+                for method, directory in score_dirs.items()}
+    diagnostics = {}
+    for layer, entry in selected["importance"].items():
+        importance = np.load(score_dirs["importance"] / "importance" / f"layer_{layer}.npy")
+        chosen = set(entry["indices"])
+        row = {"k": entry["k"], "d_teacher": entry["d_teacher"],
+               "importance_share_of_top_k": round(float(importance[entry["indices"]].sum() / importance.sum()), 3),
+               "flat_share": round(entry["k"] / entry["d_teacher"], 3)}
+        for method in ("variance", "random"):
+            if method in selected:
+                row[f"overlap_with_{method}"] = round(len(chosen & set(selected[method][layer]["indices"])) / entry["k"], 3)
+        diagnostics[layer] = row
+    return diagnostics
 
 
 def verdict(comparison: dict[str, Any]) -> str:
@@ -266,6 +293,15 @@ def quality_markdown(results: dict[str, Any]) -> str:
                      f"{row['extra_trainable_parameters']:,} | {row['distill_seconds_mean']:.0f} |")
     lines += ["", "![quality](results/quality.png)", "", "Comparisons (difference of means, in accuracy points):", ""]
     lines += [f"- {verdict(c)}." for c in results["comparisons"]]
+    diagnostics = results.get("selection_diagnostics") or {}
+    if diagnostics:
+        lines += ["", "Selected teacher units (k of d per mapped layer): the share of the summed importance the top-k "
+                  "hold (a flat score gives k/d), and the fraction of them the variance and random selections also pick:",
+                  "", "| teacher layer | importance share of top-k | k/d | overlap with variance | overlap with random |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {layer} | {row['importance_share_of_top_k']:.3f} | {row['flat_share']:.3f} | "
+                  f"{row.get('overlap_with_variance', float('nan')):.3f} | {row.get('overlap_with_random', float('nan')):.3f} |"
+                  for layer, row in diagnostics.items()]
     shared = ", ".join(f"{k} {v:.0f} s" for k, v in results["shared_stage_seconds"].items())
     lines += ["", f"Shared stages (each run once, then reused by fingerprint by every method and seed; their own "
               f"run times, possibly from an earlier invocation): {shared}. Teacher adaptation: {teacher['seconds']:.0f} s.", ""]
