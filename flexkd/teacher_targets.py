@@ -91,8 +91,10 @@ def cached_teacher_outputs(rows: dict[str, Any], batch: dict[str, Tensor], task:
         rows: the batch's columns as Ray Data's numpy batches give them (one array per row).
         batch: ``collate_batch`` of the same rows (its width T sets the padding).
         stored_units: layer -> u, units per token in the cache; k: units a trial distills.
-        inverse_order: for the whole-hidden baselines, layer -> [d_T] permutation putting the
-            cached units back in index order (the cache must be full width); else None.
+        inverse_order: layer -> positions of the stored units to read, in order: for the
+            whole-hidden baselines the [d_T] permutation putting the cached units back in index
+            order, or the [k] positions of another selection's units in a full-width cache;
+            None reads the first k.
         temperatures: those of the cache's normalizers; the one nearest ``temperature`` (the
             loss's) is used, exact if equal.
     Returns:

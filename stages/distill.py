@@ -36,7 +36,7 @@ import ray
 import torch
 
 from flexkd import distributed, faults
-from flexkd.config import PipelineConfig
+from flexkd.config import ConfigError, PipelineConfig
 from flexkd.data import ROW_SCHEMA, collate_batch
 from flexkd.losses import LinearProjector
 from flexkd.models import parameter_count
@@ -88,9 +88,10 @@ def train_student(config: PipelineConfig, inputs: dict[str, Path], output_dir: P
 
         info = check_cache(config, inputs["targets"], plan.k, plan.teacher_layer_indices, where="distill")
         units = {layer: info["units"][str(layer)] for layer in plan.teacher_layer_indices}
+        # A sweep over a given cache (targets.path) has no score stage: the cache's order is the selection.
+        selected = json.loads((inputs["score"] / "selected.json").read_text())["layers"] if "score" in inputs else None
         loop_config["cache"] = {"units": units, "top_k": info["top_k_logits"], "temperatures": info["temperatures"],
-                                "inverse_order": {layer: np.argsort(info["unit_order"][str(layer)]).tolist()
-                                                  for layer in units}}
+                                "positions": _stored_positions(config, info, selected, plan.k, units)}
         if config.task.kind == "generation" and config.loss.temperature not in info["temperatures"]:
             log.warning("distill: loss.temperature %s is not one of the cache's exact temperatures %s: the teacher's "
                         "rest-mass normalizer is approximated", config.loss.temperature, info["temperatures"])
@@ -104,6 +105,29 @@ def train_student(config: PipelineConfig, inputs: dict[str, Path], output_dir: P
                 run_name=run_name, storage=output_dir / "ray", max_failures=config.training.max_failures,
                 callbacks=callbacks)
     return json.loads((output_dir / "metrics.json").read_text())
+
+
+def _stored_positions(config: PipelineConfig, info: dict[str, Any], selected: dict[str, Any] | None, k: int,
+                      units: dict[int, int]) -> dict[int, list[int]] | None:
+    """Which stored cache units a step reads, per layer, in the order the loss pairs them; None:
+    the first k (the cache was built for this selection).
+
+    The whole-hidden baselines read every unit in index order. A full-width cache built for
+    another selection (say importance) serves this one (random, variance) too: the step reads
+    this selection's units wherever the cache stored them, so one teacher pass serves all.
+    """
+    inverse = {layer: np.argsort(info["unit_order"][str(layer)]) for layer in units}
+    if config.loss.feature in WHOLE_HIDDEN_FEATURES:
+        return {layer: order.tolist() for layer, order in inverse.items()}
+    if selected is None:
+        return None
+    wanted = {layer: selected[str(layer)]["indices"][:k] for layer in units}
+    if all(info["unit_order"][str(layer)][:k] == wanted[layer] for layer in units):
+        return None
+    if not info["full_width"]:
+        raise ConfigError(f"distill: the teacher-target cache stores other units than selection "
+                          f"'{config.selection.method}' picks, and not all of them (targets.full_width)")
+    return {layer: inverse[layer][wanted[layer]].tolist() for layer in units}
 
 
 def _cache_logit_columns(task: str) -> tuple[str, ...]:
@@ -161,9 +185,10 @@ def _teacher_outputs(loop_config: dict[str, Any], config: PipelineConfig, pairs:
     whole_hidden = config.loss.feature in WHOLE_HIDDEN_FEATURES
     cache = loop_config.get("cache")
     if cache is not None:
-        inverse = {layer: torch.tensor(order) for layer, order in cache["inverse_order"].items()} if whole_hidden else None
+        positions = ({layer: torch.tensor(order) for layer, order in cache["positions"].items()}
+                     if cache["positions"] is not None else None)
         return lambda rows, batch: cached_teacher_outputs(rows, batch, config.task.kind, cache["units"], loop_config["k"],
-                                                          inverse, cache["top_k"], device, cache["temperatures"],
+                                                          positions, cache["top_k"], device, cache["temperatures"],
                                                           config.loss.temperature)
     teacher = distributed.shard_model(load_teacher(config).to(device), trainable=False)
     selected = {layer: torch.tensor(indices, device=device) for layer, indices in loop_config["selected"].items()}

@@ -161,7 +161,8 @@ def check_cache(config: PipelineConfig, targets_dir: Path, k: int, teacher_layer
                 where: str = "targets") -> dict[str, Any]:
     """Refuse, in one line, a cache this config cannot use; returns its targets.json.
 
-    Checks that it was made for this teacher, this data (and tokenization), this selection, and
+    Checks that it was made for this teacher, this data (and tokenization), this selection (any
+    selection, if it stores every unit: distill then reads the selected ones wherever they are), and
     that it holds every teacher layer the config maps, at least k units, and whole hidden states
     for the cka/projector baselines.
     """
@@ -176,7 +177,7 @@ def check_cache(config: PipelineConfig, targets_dir: Path, k: int, teacher_layer
     if made["data"] != wanted["data"]:
         raise ConfigError(f"{where}: the cache at {targets_dir} was made for another data set or tokenization "
                           f"(tokenize fingerprint {made['data']}, this config gives {wanted['data']})")
-    if made["selection"] != wanted["selection"]:
+    if made["selection"] != wanted["selection"] and not info["full_width"]:  # a full-width cache holds every unit
         raise ConfigError(f"{where}: the cache at {targets_dir} holds units selected with {made['selection']}, "
                           f"this config selects with {wanted['selection']}")
     missing = sorted(set(teacher_layers) - set(info["layers"]))

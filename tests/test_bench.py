@@ -108,10 +108,10 @@ def test_adapted_teacher_is_an_untied_hf_folder_with_the_trained_rows(tmp_path):
                                                    for i in range(60)))
     task = TaskConfig(kind="classification", prompt_template="Review: {sentence}\nSentiment:",
                       label_names=["negative", "positive"])
-    folder, record = adapted_teacher(base, data, data, 60, task, 32, tmp_path / "cache")
+    folder, record = adapted_teacher(base, data, 60, task, 32, tmp_path / "cache")
     assert (folder / DONE_FILE).is_file() and record["train_rows"] == 60
     assert record["train_accuracy"] > 0.9  # the two phrasings are trivially separable
     adapted, original = load_model(folder), load_model(base)
     assert not adapted.config.tie_word_embeddings
     assert torch.equal(adapted.model.embed_tokens.weight, original.model.embed_tokens.weight)
-    assert adapted_teacher(base, data, data, 60, task, 32, tmp_path / "cache")[0] == folder  # cached
+    assert adapted_teacher(base, data, 60, task, 32, tmp_path / "cache")[0] == folder  # cached

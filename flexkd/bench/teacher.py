@@ -9,7 +9,7 @@ that every stage loads as usual. SmolLM2 ties ``lm_head`` to the input embedding
 copy unties them (changing the two rows must not change the input embeddings of those tokens).
 
 The folder is cached under a hash of everything it is made from; ``adaptation.json`` inside it
-records the zero-shot and adapted accuracies on the held-out and test sentences.
+records the zero-shot and adapted accuracies on held-out training sentences.
 """
 
 from __future__ import annotations
@@ -44,9 +44,10 @@ def read_tsv(path: Path, limit: int | None, label_column: str) -> list[dict[str,
     return [{**row, label_column: int(row[label_column])} for row in rows]
 
 
-def adapted_teacher(base: Path, train_path: Path, test_path: Path, rows: int, task: TaskConfig, max_length: int,
+def adapted_teacher(base: Path, train_path: Path, rows: int, task: TaskConfig, max_length: int,
                     cache_dir: Path) -> tuple[Path, dict[str, Any]]:
-    """The adapted teacher's folder (made once) and its adaptation record."""
+    """The adapted teacher's folder (made once) and its adaptation record. Its test accuracy is
+    the evaluate stage's (``teacher.accuracy``): one teacher pass over the test set, not two."""
     base_marker = next((p.read_text() for p in base.glob("flexkd-done.txt")), str(base))
     key = stable_hash({"recipe": RECIPE, "base": base_marker, "train": str(train_path), "rows": rows,
                        "task": task.model_dump(mode="json"), "max_length": max_length, "l2": L2_CHOICES})
@@ -60,7 +61,6 @@ def adapted_teacher(base: Path, train_path: Path, test_path: Path, rows: int, ta
     model.requires_grad_(False)
     verbalizers = torch.tensor(verbalizer_token_ids(tokenizer, task.label_names))
     train = _features(model, tokenizer, read_tsv(train_path, rows, task.label_column), task, max_length)
-    test = _features(model, tokenizer, read_tsv(test_path, None, task.label_column), task, max_length)
     zero_shot = model.lm_head.weight[verbalizers].detach().clone()
 
     # Pick the L2 strength on the last tenth of the training rows, then refit on all of them.
@@ -76,9 +76,8 @@ def adapted_teacher(base: Path, train_path: Path, test_path: Path, rows: int, ta
     model.config.tie_word_embeddings = False
     record = {"recipe": RECIPE, "base": str(base), "train_rows": len(train[1]), "l2": l2,
               "held_out_accuracy": {str(k): v for k, v in held_out.items()},
-              "zero_shot_test_accuracy": _accuracy(zero_shot, *test),
-              "train_accuracy": _accuracy(rows_weight, *train), "test_accuracy": _accuracy(rows_weight, *test),
-              "test_rows": len(test[1]), "seconds": round(time.time() - started, 1)}
+              "zero_shot_held_out_accuracy": _accuracy(zero_shot, *_slice(train, cut)),
+              "train_accuracy": _accuracy(rows_weight, *train), "seconds": round(time.time() - started, 1)}
     staging = folder.with_name(folder.name + ".partial")
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
@@ -86,8 +85,8 @@ def adapted_teacher(base: Path, train_path: Path, test_path: Path, rows: int, ta
     (staging / DONE_FILE).write_text(json.dumps(record, indent=2))
     staging.rename(folder)
     record["made_now"] = True
-    log.info("adapted teacher at %s: test accuracy %.4f (zero-shot %.4f)", folder, record["test_accuracy"],
-             record["zero_shot_test_accuracy"])
+    log.info("adapted teacher at %s: held-out accuracy %.4f (zero-shot %.4f)", folder, held_out[l2],
+             record["zero_shot_held_out_accuracy"])
     return folder, record
 
 
