@@ -115,3 +115,22 @@ def test_adapted_teacher_is_an_untied_hf_folder_with_the_trained_rows(tmp_path):
     assert not adapted.config.tie_word_embeddings
     assert torch.equal(adapted.model.embed_tokens.weight, original.model.embed_tokens.weight)
     assert adapted_teacher(base, data, 60, task, 32, tmp_path / "cache")[0] == folder  # cached
+
+
+def test_a_full_width_cache_serves_another_selection_and_a_partial_one_refuses():
+    from flexkd.config import ConfigError
+    from flexkd.stages.distill import _stored_positions
+
+    order = [5, 2, 7, 0, 1, 3, 4, 6]  # importance order of 8 teacher units, as the cache stored them
+    info = {"unit_order": {"3": order}, "full_width": True}
+    correlation, cka = _config("kd+random"), _config("kd+cka")
+    same = {"3": {"indices": order}}
+    other = {"3": {"indices": [4, 0, 6, 2]}}
+    assert _stored_positions(correlation, info, same, 3, {3: 8}) is None  # the cache's first k are these
+    assert _stored_positions(correlation, info, None, 3, {3: 8}) is None  # no score stage: the cache decides
+    positions = _stored_positions(correlation, info, other, 3, {3: 8})[3]
+    assert [order[p] for p in positions] == [4, 0, 6]  # the selected units, in the selection's order
+    whole = _stored_positions(cka, info, other, 3, {3: 8})[3]
+    assert [order[p] for p in whole] == list(range(8))  # index order for the whole-hidden baselines
+    with pytest.raises(ConfigError, match="full_width"):
+        _stored_positions(correlation, {"unit_order": {"3": order[:3]}, "full_width": False}, other, 3, {3: 3})
