@@ -80,9 +80,11 @@ class QualitySettings:
 
     @classmethod
     def cpu(cls) -> QualitySettings:
-        # Sized for 2 shared cores: every teacher forward (adaptation, targets, scoring) is the
-        # cost that dominates, so the teacher sees 2,000 sentences twice and 256 thrice.
-        return cls(train_rows=2000, score_rows=256, teacher_rows=2000, steps=300, batch_size=32, seeds=(0, 1, 2))
+        # Sized for 2 cores shared with other jobs (measured: the teacher forward ran at about 2
+        # sentences/s under a load average of 15-30): every teacher pass (adaptation, targets,
+        # scoring, the teacher's test accuracy) is the cost that dominates.
+        return cls(train_rows=1000, score_rows=128, teacher_rows=800, steps=200, batch_size=32, seeds=(0, 1, 2),
+                   warmup_steps=10)
 
     @classmethod
     def gpu(cls) -> QualitySettings:
@@ -124,35 +126,40 @@ def tracking_uri(work_dir: Path) -> str:
 
 
 def method_config(settings: QualitySettings, teacher_dir: Path, work_dir: Path, method: str, seed: int,
-                  cache_dir: Path | None = None):
+                  cache_dir: Path | None = None, extra: dict[str, Any] | None = None):
     """The pipeline of one (method, seed). ``cache_dir``: the full-width teacher-target cache that
-    a method selecting other units than importance reads instead of building its own."""
+    a method selecting other units than importance reads instead of building its own; ``extra``:
+    further overrides (the speed benchmark's)."""
     from flexkd.config import load_config
 
     overrides = pipeline_overrides(settings, teacher_dir, work_dir) | METHODS[method]
     if cache_dir is not None and METHODS[method].get("selection.method", "importance") != "importance":
         overrides["targets.path"] = str(cache_dir)
-    overrides |= {"student.seed": seed, "training.seed": seed}
+    overrides |= {"student.seed": seed, "training.seed": seed} | (extra or {})
     return load_config(PIPELINE, overrides)
+
+
+def sst2_teacher(settings: QualitySettings, work_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """The SST-2-adapted teacher's folder (made on first use) and its adaptation record."""
+    from flexkd.bench.teacher import adapted_teacher
+    from flexkd.config import load_config
+    from flexkd.resolve import teacher_location
+
+    base = load_config(PIPELINE)
+    teacher_base, _ = teacher_location(base)
+    return adapted_teacher(Path(teacher_base), SHARED_DATA / "sst2" / "train.tsv", settings.teacher_rows, base.task,
+                           base.data.max_length, work_dir / "teachers")
 
 
 def run_quality(settings: QualitySettings, work_dir: Path = DEFAULT_WORK_DIR, methods: tuple[str, ...] = tuple(METHODS),
                 results_dir: Path = RESULTS) -> dict[str, Any]:
-    from flexkd.bench.teacher import adapted_teacher
-    from flexkd.config import load_config
     from flexkd.runner import run_pipeline
 
     work_dir.mkdir(parents=True, exist_ok=True)
     command = command_line()
     started = time.time()
     with LoadMonitor() as load:
-        base = load_config(PIPELINE, {"data.train.path": str(SHARED_DATA / "sst2" / "train.tsv")})
-        from flexkd.resolve import teacher_location
-
-        teacher_base, _ = teacher_location(base)
-        teacher_dir, teacher_record = adapted_teacher(
-            Path(teacher_base), SHARED_DATA / "sst2" / "train.tsv", settings.teacher_rows, base.task,
-            base.data.max_length, work_dir / "teachers")
+        teacher_dir, teacher_record = sst2_teacher(settings, work_dir)
         runs: list[dict[str, Any]] = []
         shared_seconds: dict[str, float] = {}
         score_dirs: dict[str, Path] = {}

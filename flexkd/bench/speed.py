@@ -49,9 +49,7 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
 
 @dataclass(frozen=True)
 class SpeedSettings:
-    train_rows: int
     steps: int
-    batch_size: int
     generation_rows: int
     generation_steps: int
     generation_batch_size: int
@@ -61,13 +59,12 @@ class SpeedSettings:
 
     @classmethod
     def cpu(cls) -> SpeedSettings:
-        return cls(train_rows=1024, steps=96, batch_size=32, generation_rows=256, generation_steps=24,
-                   generation_batch_size=8, generation_max_length=128)
+        return cls(steps=60, generation_rows=64, generation_steps=12, generation_batch_size=4, generation_max_length=128)
 
     @classmethod
     def gpu(cls) -> SpeedSettings:
-        return cls(train_rows=16384, steps=1000, batch_size=256, generation_rows=4096, generation_steps=200,
-                   generation_batch_size=32, generation_max_length=384, cpus=8, use_gpu=True)
+        return cls(steps=1000, generation_rows=4096, generation_steps=200, generation_batch_size=32,
+                   generation_max_length=384, cpus=8, use_gpu=True)
 
     def with_overrides(self, **values: Any) -> SpeedSettings:
         return replace(self, **{key: value for key, value in values.items() if value is not None})
@@ -77,24 +74,17 @@ def tracking_uri(work_dir: Path) -> str:
     return f"sqlite:///{work_dir / 'mlflow.db'}"
 
 
-def classification_config(settings: SpeedSettings, work_dir: Path, **overrides: Any):
-    """pipelines/sst2.yaml, sized for throughput; the score stage reads the training rows."""
-    from flexkd.config import load_config
+def classification_config(settings: SpeedSettings, work_dir: Path, method: str = "kd+flexkd", **overrides: Any):
+    """The quality benchmark's SST-2 pipeline (same adapted teacher, data, student and batch, so its
+    tokenize, score and teacher-target stages are reused, not rerun), with this benchmark's steps."""
+    from flexkd.bench.quality import QualitySettings, method_config, sst2_teacher
 
-    train = str(SHARED_DATA / "sst2" / "train.tsv")
-    values = {
-        "name": "bench-speed" + ("-gpu" if settings.use_gpu else ""), "artifact_root": str(work_dir / "runs"),
-        "tracking.tracking_uri": tracking_uri(work_dir), "tracking.experiment": "flexkd-bench-speed",
-        "data.train.path": train, "data.train.limit": settings.train_rows,
-        "data.score": {"path": train, "limit": settings.train_rows},
-        "data.eval.path": str(SHARED_DATA / "sst2" / "test.tsv"), "data.eval.limit": 64,
-        "training.steps": settings.steps, "training.batch_size": settings.batch_size, "training.warmup_steps": 10,
-        "training.log_every": settings.steps, "training.checkpoint_every": settings.steps, "training.teacher": "cache",
-        "scoring.batch_size": settings.batch_size, "targets.batch_size": settings.batch_size,
-        "resources.num_workers": 1, "resources.cpus_per_worker": 1, "resources.use_gpu": settings.use_gpu,
-        "resources.threads_per_worker": settings.cpus,
-    }
-    return load_config(REPO / "pipelines" / "sst2.yaml", values | overrides)
+    quality = QualitySettings.gpu() if settings.use_gpu else QualitySettings.cpu()
+    teacher_dir, _ = sst2_teacher(quality, work_dir)
+    values = {"training.steps": settings.steps, "training.log_every": settings.steps,
+              "training.checkpoint_every": settings.steps, "tracking.experiment": "flexkd-bench-speed",
+              "resources.threads_per_worker": settings.cpus} | overrides
+    return method_config(quality, teacher_dir, work_dir, method, 0, extra=values)
 
 
 def generation_config(settings: SpeedSettings, work_dir: Path, **overrides: Any):
@@ -255,30 +245,36 @@ def run_speed(settings: SpeedSettings, work_dir: Path = DEFAULT_WORK_DIR, result
     command, started = command_line(), time.time()
     measured: dict[str, Any] = {}
     with LoadMonitor() as load:
-        flexkd = classification_config(settings, work_dir, **{"loss.feature": "correlation"})
-        measured["flexkd_feature"] = _distill(flexkd)  # also runs tokenize, score, targets once
+        flexkd = classification_config(settings, work_dir, "kd+flexkd")
+        measured["flexkd_feature"] = _distill(flexkd)  # tokenize, score, targets: the quality benchmark's
         student = build_student(flexkd)
         measured["non_embedding_parameters"] = parameter_count(student) - student.get_input_embeddings().weight.numel()
         stages = measured["flexkd_feature"]["stages"]
         measured["plain_loop_feature"] = plain_loop(flexkd, Path(stages["targets"]["directory"]),
                                                     Path(stages["tokenize"]["directory"]), threads=settings.cpus)
-        measured["flexkd_logit_only"] = _distill(classification_config(
-            settings, work_dir, **{"loss.feature": "none", "loss.gamma": 0.0}))
-        one_epoch = max(1, settings.train_rows // settings.batch_size)
+        measured["flexkd_logit_only"] = _distill(classification_config(settings, work_dir, "kd"))
+        # One epoch over as many rows as the score stage read, with the teacher online (as a run
+        # without the cache pays it): what scoring costs next to training on the same data.
+        score_rows = flexkd.data.score.limit
+        one_epoch = max(1, score_rows // flexkd.training.batch_size)
         measured["flexkd_online_one_epoch"] = _distill(classification_config(
-            settings, work_dir, **{"training.teacher": "online", "training.steps": one_epoch,
-                                   "training.log_every": one_epoch, "training.checkpoint_every": one_epoch}))
+            settings, work_dir, "kd+flexkd", **{"training.teacher": "online", "training.steps": one_epoch,
+                                                "training.log_every": one_epoch, "training.checkpoint_every": one_epoch}))
+        measured["flexkd_online_one_epoch"]["rows"] = one_epoch * flexkd.training.batch_size
+        measured["score_rows"] = score_rows
         if not settings.use_gpu:  # on one GPU there is no second device to scale to
             # Half a CPU reserved per worker keeps one CPU free for Ray Data's reads with 2 workers too.
             single = {"resources.cpus_per_worker": 0.5, "resources.threads_per_worker": 1}
-            measured["flexkd_1_worker"] = _distill(classification_config(settings, work_dir, **single))
+            measured["flexkd_1_worker"] = _distill(classification_config(settings, work_dir, "kd+flexkd", **single))
             measured["flexkd_2_workers"] = _distill(classification_config(
-                settings, work_dir, **single, **{"resources.num_workers": 2}))
+                settings, work_dir, "kd+flexkd", **single, **{"resources.num_workers": 2}))
         generation = generation_config(settings, work_dir)
         measured["flexkd_generation_logit_kd"] = _distill(generation)
         measured["trl_gkd_logit_kd"] = trl_gkd(generation, settings, work_dir)
     results = {"benchmark": "speed", "command": command, "machine": machine(), "load": load.summary(),
-               "settings": asdict(settings), "measured": measured, "wall_seconds": round(time.time() - started, 1),
+               "settings": asdict(settings), "classification": {"train_rows": flexkd.data.train.limit,
+                                                                "batch_size": flexkd.training.batch_size},
+               "measured": measured, "wall_seconds": round(time.time() - started, 1),
                "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     results["ratios"] = ratios(measured, settings)
     results["headline"] = {row["name"]: row["value"] for row in results["ratios"] if row["value"] is not None}
@@ -304,9 +300,9 @@ def ratios(measured: dict[str, Any], settings: SpeedSettings) -> list[dict[str, 
     add("feature_loss_slowdown", "kd+flexkd vs kd (logit only): 1 - tokens/s ratio", value, "< 0.05", value < 0.05)
     score_seconds = measured["flexkd_feature"]["stages"]["score"]["seconds"]
     epoch_seconds = measured["flexkd_online_one_epoch"]["stage_seconds"]
-    add("score_over_epoch", f"score stage wall s ({score_seconds}) / one online-teacher distill epoch wall s "
-        f"({epoch_seconds}), same {settings.train_rows} rows", score_seconds / epoch_seconds if epoch_seconds else None,
-        "(report)", None)
+    add("score_over_epoch", f"score stage wall s ({score_seconds}, {measured['score_rows']} rows) / one online-teacher "
+        f"distill epoch over as many rows, stage wall s ({epoch_seconds}, {measured['flexkd_online_one_epoch']['rows']} rows)",
+        score_seconds / epoch_seconds if epoch_seconds else None, "(report)", None)
     if "flexkd_2_workers" in measured:
         value = tps("flexkd_2_workers") / tps("flexkd_1_worker")
         add("two_workers_over_one", "distill tokens/s, 2 workers x 1 thread / 1 worker x 1 thread", value,
@@ -342,8 +338,9 @@ def speed_markdown(results: dict[str, Any]) -> str:
              f"Machine: {results['machine']['cpus']} CPUs ({results['machine']['cpu_model']}), GPU: {results['machine']['gpu']}, "
              f"torch {results['machine']['torch']}, commit {results['machine']['git_commit']}.",
              f"{load_sentence(load).capitalize()}.", "",
-             f"Classification runs: SST-2, {settings['train_rows']} training rows, {settings['steps']} steps of batch "
-             f"{settings['batch_size']}, student d=192 / 4 layers, teacher SmolLM2-135M-Instruct, teacher-target cache, "
+             f"Classification runs: the quality benchmark's SST-2 pipeline ({results['classification']['train_rows']} "
+             f"training rows, its adapted teacher and cache), {settings['steps']} steps of batch "
+             f"{results['classification']['batch_size']}, student d=192 / 4 layers, teacher-target cache, "
              f"{settings['cpus']} threads unless stated. Generation (TRL) runs: T0 mixture, {settings['generation_rows']} rows, "
              f"{settings['generation_steps']} steps of batch {settings['generation_batch_size']}, max length "
              f"{settings['generation_max_length']}, online teacher.", "",
