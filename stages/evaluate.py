@@ -40,6 +40,7 @@ from flexkd import distributed
 from flexkd.config import PipelineConfig, stable_hash
 from flexkd.data import collate_batch
 from flexkd.errors import StageError
+from flexkd.layers import last_token_positions
 from flexkd.models import load_model, parameter_count
 from flexkd.objective import class_logits
 from flexkd.resolve import load_pipeline_tokenizer, load_teacher
@@ -148,7 +149,10 @@ def classify(model, table: pa.Table, config: PipelineConfig, pad_token_id: int, 
     predicted: list[int] = []
     for chunk in _batches(table, config.evaluation.batch_size, role):
         batch = _collate(chunk, pad_token_id, device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # Only the last prompt token's logits are read: projecting every position onto the
+        # vocabulary would be most of a small student's evaluation.
+        last = last_token_positions(batch["attention_mask"]).unsqueeze(1)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=last).logits
         predicted += class_logits(logits, batch["attention_mask"], verbalizers).argmax(dim=-1).tolist()
     actual = table.column("class_label").to_pylist()
     scores = {"accuracy": float(np.mean(np.equal(predicted, actual))), "macro_f1": macro_f1(predicted, actual)}

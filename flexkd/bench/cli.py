@@ -29,7 +29,13 @@ def _names(text: str | None, known: dict) -> tuple[str, ...]:
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
+    import torch
+
     work_dir = Path(args.work_dir) if args.work_dir else DEFAULT_WORK_DIR
+    if not args.gpu:
+        # The driver's own model work (teacher adaptation, the plain loop, TRL) on one thread, as the
+        # workers: see QualitySettings.threads_per_worker.
+        torch.set_num_threads(1)
     if args.benchmark == "quality":
         from flexkd.bench.quality import METHODS, QualitySettings, run_quality, with_overrides
 

@@ -59,8 +59,8 @@ class GenerationSettings:
     seeds: tuple[int, ...]
     learning_rate: float = 5e-4
     use_gpu: bool = False
-    cpus_per_worker: float = 1  # the other CPU stays free for Ray Data; torch runs threads_per_worker threads
-    threads_per_worker: int = 2
+    cpus_per_worker: float = 1  # the other CPU stays free for Ray Data
+    threads_per_worker: int = 1  # see QualitySettings: one thread is faster on an oversubscribed machine
 
     @classmethod
     def cpu(cls) -> GenerationSettings:

@@ -41,6 +41,8 @@ log = logging.getLogger("flexkd")
 
 PIPELINE = REPO / "pipelines" / "sst2.yaml"
 SHARED_STAGES = ("tokenize", "score", "targets")
+# Touch <work dir>/quality.stop to end after the current run and write the results of the runs done.
+STOP_FILE = "quality.stop"
 RUN_STAGES = (*SHARED_STAGES, "distill", "evaluate")
 
 # What each method sets on top of the common config; everything else is the same for all.
@@ -74,16 +76,18 @@ class QualitySettings:
     temperature: float = 2.0
     layer_map: str = "uniform"
     use_gpu: bool = False
-    # One CPU reserved (the other stays free for Ray Data's read tasks), torch on two threads.
+    # One CPU reserved (the other stays free for Ray Data's read tasks) and one torch thread: on a
+    # machine where other jobs keep more runnable threads than cores, two threads per process were
+    # measured 5-10x slower than one (each step waits at a barrier for a descheduled thread).
     cpus_per_worker: float = 1
-    threads_per_worker: int = 2
+    threads_per_worker: int = 1
 
     @classmethod
     def cpu(cls) -> QualitySettings:
         # Sized for 2 cores shared with other jobs (measured: the teacher forward ran at about 2
         # sentences/s under a load average of 15-30): every teacher pass (adaptation, targets,
         # scoring, the teacher's test accuracy) is the cost that dominates.
-        return cls(train_rows=1000, score_rows=128, teacher_rows=800, steps=200, batch_size=32, seeds=(0, 1, 2),
+        return cls(train_rows=1000, score_rows=96, teacher_rows=600, steps=150, batch_size=32, seeds=(0, 1, 2),
                    warmup_steps=10)
 
     @classmethod
@@ -168,29 +172,34 @@ def run_quality(settings: QualitySettings, work_dir: Path = DEFAULT_WORK_DIR, me
         prepared = run_pipeline(method_config(settings, teacher_dir, work_dir, "kd+flexkd", settings.seeds[0]),
                                 stages=SHARED_STAGES)
         cache_dir = Path(prepared.stages["targets"].directory)
-        for seed in settings.seeds:  # seed-major: a run cut short still has every method at some seeds
-            for method in methods:
-                config = method_config(settings, teacher_dir, work_dir, method, seed, cache_dir)
-                result = run_pipeline(config, stages=RUN_STAGES)
-                score_dirs[config.selection.method] = Path(result.stages["score"].directory)
-                for stage in SHARED_STAGES:
-                    key = stage if stage == "tokenize" else f"{stage}/{config.selection.method}"
-                    if key not in shared_seconds and not (stage == "targets" and config.targets.path):
-                        shared_seconds[key] = stage_seconds(result.stages[stage])
-                        if result.stages[stage].cached:  # built by an earlier invocation
-                            reused_seconds += shared_seconds[key]
-                distill, evaluate = result.stages["distill"], result.stages["evaluate"]
-                metrics = evaluate.outputs["metrics"]
-                runs.append({"method": method, "seed": seed, "accuracy": metrics["student.accuracy"],
-                             "macro_f1": metrics["student.macro_f1"], "teacher_accuracy": metrics["teacher.accuracy"],
-                             "extra_trainable_parameters": distill.outputs["extra_trainable_parameters"],
-                             "student_parameters": distill.outputs["student_parameters"],
-                             "tokens_per_second": distill.outputs["tokens_per_second"],
-                             "distill_seconds": round(distill.seconds, 1), "evaluate_seconds": round(evaluate.seconds, 1),
-                             "final_losses": {k: distill.outputs[k] for k in ("total", "task", "logit", "feature")},
-                             "pipeline_run_id": result.run_id, "distill_dir": str(distill.directory)})
-                log.info("bench quality: %s seed %d: accuracy %.4f", method, seed, metrics["student.accuracy"])
-                (work_dir / "quality.partial.json").write_text(json.dumps(runs, indent=1))
+        stop_file = work_dir / STOP_FILE
+        stop_file.unlink(missing_ok=True)
+        for seed, method in ((seed, method) for seed in settings.seeds for method in methods):
+            # Seed-major, so a benchmark ended early (STOP_FILE) still has every method at some seeds.
+            if stop_file.exists():
+                log.warning("bench quality: %s found, stopping after %d runs", stop_file, len(runs))
+                break
+            config = method_config(settings, teacher_dir, work_dir, method, seed, cache_dir)
+            result = run_pipeline(config, stages=RUN_STAGES)
+            score_dirs[config.selection.method] = Path(result.stages["score"].directory)
+            for stage in SHARED_STAGES:
+                key = stage if stage == "tokenize" else f"{stage}/{config.selection.method}"
+                if key not in shared_seconds and not (stage == "targets" and config.targets.path):
+                    shared_seconds[key] = stage_seconds(result.stages[stage])
+                    if result.stages[stage].cached:  # built by an earlier invocation
+                        reused_seconds += shared_seconds[key]
+            distill, evaluate = result.stages["distill"], result.stages["evaluate"]
+            metrics = evaluate.outputs["metrics"]
+            runs.append({"method": method, "seed": seed, "accuracy": metrics["student.accuracy"],
+                         "macro_f1": metrics["student.macro_f1"], "teacher_accuracy": metrics["teacher.accuracy"],
+                         "extra_trainable_parameters": distill.outputs["extra_trainable_parameters"],
+                         "student_parameters": distill.outputs["student_parameters"],
+                         "tokens_per_second": distill.outputs["tokens_per_second"],
+                         "distill_seconds": round(distill.seconds, 1), "evaluate_seconds": round(evaluate.seconds, 1),
+                         "final_losses": {k: distill.outputs[k] for k in ("total", "task", "logit", "feature")},
+                         "pipeline_run_id": result.run_id, "distill_dir": str(distill.directory)})
+            log.info("bench quality: %s seed %d: accuracy %.4f", method, seed, metrics["student.accuracy"])
+            (work_dir / "quality.partial.json").write_text(json.dumps(runs, indent=1))
     results = {
         "benchmark": "quality", "command": command, "machine": machine(), "load": load.summary(),
         "settings": asdict(settings), "pipeline": str(PIPELINE.relative_to(REPO)),

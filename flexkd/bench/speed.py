@@ -54,7 +54,7 @@ class SpeedSettings:
     generation_steps: int
     generation_batch_size: int
     generation_max_length: int
-    cpus: int = 2
+    cpus: int = 1  # torch threads per process (see QualitySettings.threads_per_worker)
     use_gpu: bool = False
 
     @classmethod
