@@ -71,7 +71,8 @@ class SpeedSettings:
 
 
 def tracking_uri(work_dir: Path) -> str:
-    return f"sqlite:///{work_dir / 'mlflow.db'}"
+    # Its own store: SQLite takes one writer, and the quality benchmark may be running beside it.
+    return f"sqlite:///{work_dir / 'mlflow-speed.db'}"
 
 
 def classification_config(settings: SpeedSettings, work_dir: Path, method: str = "kd+flexkd", **overrides: Any):
@@ -81,7 +82,8 @@ def classification_config(settings: SpeedSettings, work_dir: Path, method: str =
 
     quality = QualitySettings.gpu() if settings.use_gpu else QualitySettings.cpu()
     teacher_dir, _ = sst2_teacher(quality, work_dir)
-    values = {"training.steps": settings.steps, "training.log_every": settings.steps,
+    values = {"tracking.tracking_uri": tracking_uri(work_dir), "training.steps": settings.steps,
+              "training.log_every": settings.steps,
               "training.checkpoint_every": settings.steps, "tracking.experiment": "flexkd-bench-speed",
               "resources.threads_per_worker": settings.cpus} | overrides
     return method_config(quality, teacher_dir, work_dir, method, 0, extra=values)
