@@ -134,3 +134,11 @@ def test_a_full_width_cache_serves_another_selection_and_a_partial_one_refuses()
     assert [order[p] for p in whole] == list(range(8))  # index order for the whole-hidden baselines
     with pytest.raises(ConfigError, match="full_width"):
         _stored_positions(correlation, {"unit_order": {"3": order[:3]}, "full_width": False}, other, 3, {3: 3})
+
+
+def test_the_headline_methods_run_first_at_every_seed():
+    from flexkd.bench.quality import run_order
+
+    order = run_order(tuple(METHODS), (0, 1))
+    assert order[:6] == [(0, "kd+flexkd"), (0, "kd+projector"), (0, "kd"), (1, "kd+flexkd"), (1, "kd+projector"), (1, "kd")]
+    assert sorted(order) == sorted((seed, method) for seed in (0, 1) for method in METHODS)

@@ -55,6 +55,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "kd+variance": {"loss.feature": "correlation", "selection.method": "variance"},
     "kd+flexkd": {"loss.feature": "correlation", "selection.method": "importance"},
 }
+KEY_METHODS = ("kd+flexkd", "kd+projector", "kd")
 COMPARISONS = (("kd+flexkd", "kd+projector"), ("kd+flexkd", "kd"), ("kd+flexkd", "kd+random"),
                ("kd+flexkd", "kd+variance"), ("kd+flexkd", "kd+cka"), ("kd", "ft"))
 
@@ -174,8 +175,7 @@ def run_quality(settings: QualitySettings, work_dir: Path = DEFAULT_WORK_DIR, me
         cache_dir = Path(prepared.stages["targets"].directory)
         stop_file = work_dir / STOP_FILE
         stop_file.unlink(missing_ok=True)
-        for seed, method in ((seed, method) for seed in settings.seeds for method in methods):
-            # Seed-major, so a benchmark ended early (STOP_FILE) still has every method at some seeds.
+        for seed, method in run_order(methods, settings.seeds):
             if stop_file.exists():
                 log.warning("bench quality: %s found, stopping after %d runs", stop_file, len(runs))
                 break
@@ -214,6 +214,15 @@ def run_quality(settings: QualitySettings, work_dir: Path = DEFAULT_WORK_DIR, me
     plot = plot_quality(results, results_dir / "quality.png")
     write_results("quality", results, quality_markdown(results), plot, tracking_uri(work_dir), results_dir)
     return results
+
+
+def run_order(methods: tuple[str, ...], seeds: tuple[int, ...]) -> list[tuple[int, str]]:
+    """The headline comparison first (kd+flexkd, kd+projector, kd at every seed, seed-major), then
+    the other methods, seed-major: a benchmark ended early (STOP_FILE) on a slow machine still
+    answers the main question with a seed spread."""
+    key = [m for m in KEY_METHODS if m in methods]
+    rest = [m for m in methods if m not in key]
+    return [(seed, m) for seed in seeds for m in key] + [(seed, m) for seed in seeds for m in rest]
 
 
 def summarize(runs: list[dict[str, Any]], methods: tuple[str, ...]) -> dict[str, Any]:
