@@ -16,6 +16,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -321,6 +322,10 @@ def _run_stage(config: PipelineConfig, stage: str, result: PipelineResult, pipel
         mlflow.set_tag(f"flexkd.{stage}", f"cached from run {manifest.get('mlflow_run_id')}")
         return StageRecord(stage, directory, fingerprint, manifest["outputs"], 0.0, True, manifest.get("mlflow_run_id"))
 
+    if force and directory.exists():
+        # A forced stage starts over: left in place, a finished run's checkpoints would make
+        # distill "resume" at its last step and redo nothing.
+        shutil.rmtree(directory)
     directory.mkdir(parents=True, exist_ok=True)
     module = importlib.import_module(f"flexkd.stages.{stage}")
     log.info("%s: running -> %s", stage, directory)

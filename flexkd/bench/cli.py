@@ -16,15 +16,15 @@ def _seeds(text: str | None) -> tuple[int, ...] | None:
     return tuple(int(seed) for seed in text.split(",")) if text else None
 
 
-def _names(text: str | None, known: dict) -> tuple[str, ...]:
+def _names(text: str | None, known: dict, default_all: bool = True) -> tuple[str, ...]:
     if not text:
-        return tuple(known)
+        return tuple(known) if default_all else ()
     names = tuple(name.strip() for name in text.split(",") if name.strip())
     unknown = [name for name in names if name not in known]
     if unknown:
         from flexkd.config import ConfigError
 
-        raise ConfigError(f"--methods: unknown method {unknown[0]!r}; methods are: {', '.join(known)}")
+        raise ConfigError(f"unknown name {unknown[0]!r}; known: {', '.join(known)}")
     return names
 
 
@@ -43,10 +43,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
         settings = with_overrides(settings, seeds=_seeds(args.seeds), steps=args.steps, train_rows=args.train_rows)
         run_quality(settings, work_dir, _names(args.methods, METHODS))
     elif args.benchmark == "speed":
-        from flexkd.bench.speed import SpeedSettings, run_speed
+        from flexkd.bench.speed import PARTS, SpeedSettings, run_speed
 
         settings = SpeedSettings.gpu() if args.gpu else SpeedSettings.cpu()
-        run_speed(settings.with_overrides(steps=args.steps, train_rows=args.train_rows), work_dir)
+        run_speed(settings.with_overrides(steps=args.steps), work_dir, only=_names(args.only, dict.fromkeys(PARTS), default_all=False))
     else:
         from flexkd.bench.generation import METHODS, GenerationSettings, run_generation
 

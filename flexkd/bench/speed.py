@@ -239,41 +239,62 @@ def trl_gkd(config, settings: SpeedSettings, work_dir: Path) -> dict[str, Any]:
             "torch_threads": torch.get_num_threads(), "trl": __import__("trl").__version__}
 
 
-def run_speed(settings: SpeedSettings, work_dir: Path = DEFAULT_WORK_DIR, results_dir: Path = RESULTS) -> dict[str, Any]:
+PARTS = ("plain", "feature", "score", "workers", "trl")
+
+
+def run_speed(settings: SpeedSettings, work_dir: Path = DEFAULT_WORK_DIR, results_dir: Path = RESULTS,
+              only: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Measure every part (or, with ``only``, re-measure those parts and keep the others from
+    the last results/speed.json), then write the results."""
     from flexkd.models import parameter_count
     from flexkd.resolve import build_student
 
     work_dir.mkdir(parents=True, exist_ok=True)
     command, started = command_line(), time.time()
-    measured: dict[str, Any] = {}
+    previous = json.loads((results_dir / "speed.json").read_text()) if only else {}
+    measured: dict[str, Any] = dict(previous.get("measured", {}))
+    commands: dict[str, str] = dict(previous.get("commands") or {part: previous["command"] for part in PARTS}
+                                    if previous else {})
+    wanted = set(only or PARTS)
+    flexkd = classification_config(settings, work_dir, "kd+flexkd")
     with LoadMonitor() as load:
-        flexkd = classification_config(settings, work_dir, "kd+flexkd")
-        measured["flexkd_feature"] = _distill(flexkd)  # tokenize, score, targets: the quality benchmark's
-        student = build_student(flexkd)
-        measured["non_embedding_parameters"] = parameter_count(student) - student.get_input_embeddings().weight.numel()
-        stages = measured["flexkd_feature"]["stages"]
-        measured["plain_loop_feature"] = plain_loop(flexkd, Path(stages["targets"]["directory"]),
-                                                    Path(stages["tokenize"]["directory"]), threads=settings.cpus)
-        measured["flexkd_logit_only"] = _distill(classification_config(settings, work_dir, "kd"))
-        # One epoch over as many rows as the score stage read, with the teacher online (as a run
-        # without the cache pays it): what scoring costs next to training on the same data.
-        score_rows = flexkd.data.score.limit
-        one_epoch = max(1, score_rows // flexkd.training.batch_size)
-        measured["flexkd_online_one_epoch"] = _distill(classification_config(
-            settings, work_dir, "kd+flexkd", **{"training.teacher": "online", "training.steps": one_epoch,
-                                                "training.log_every": one_epoch, "training.checkpoint_every": one_epoch}))
-        measured["flexkd_online_one_epoch"]["rows"] = one_epoch * flexkd.training.batch_size
-        measured["score_rows"] = score_rows
-        if not settings.use_gpu:  # on one GPU there is no second device to scale to
+        if wanted & {"plain", "feature"}:
+            measured["flexkd_feature"] = _distill(flexkd)  # tokenize, score, targets: the quality benchmark's
+            student = build_student(flexkd)
+            measured["non_embedding_parameters"] = parameter_count(student) - student.get_input_embeddings().weight.numel()
+        if "plain" in wanted:
+            stages = measured["flexkd_feature"]["stages"]
+            measured["plain_loop_feature"] = plain_loop(flexkd, Path(stages["targets"]["directory"]),
+                                                        Path(stages["tokenize"]["directory"]), threads=settings.cpus)
+        if "feature" in wanted:
+            measured["flexkd_logit_only"] = _distill(classification_config(settings, work_dir, "kd"))
+        if "score" in wanted:
+            # One epoch over as many rows as the score stage read, with the teacher online (as a run
+            # without the cache pays it): what scoring costs next to training on the same data.
+            score_rows = flexkd.data.score.limit
+            one_epoch = max(1, score_rows // flexkd.training.batch_size)
+            measured["flexkd_online_one_epoch"] = _distill(classification_config(
+                settings, work_dir, "kd+flexkd", **{"training.teacher": "online", "training.steps": one_epoch,
+                                                    "training.log_every": one_epoch,
+                                                    "training.checkpoint_every": one_epoch}))
+            measured["flexkd_online_one_epoch"]["rows"] = one_epoch * flexkd.training.batch_size
+            measured["score_rows"] = score_rows
+            measured["score_stage_seconds"] = measured["flexkd_online_one_epoch"]["stages"]["score"]["seconds"]
+        if "workers" in wanted and not settings.use_gpu:  # one GPU has no second device to scale to
             # Half a CPU reserved per worker keeps one CPU free for Ray Data's reads with 2 workers too.
             single = {"resources.cpus_per_worker": 0.5, "resources.threads_per_worker": 1}
             measured["flexkd_1_worker"] = _distill(classification_config(settings, work_dir, "kd+flexkd", **single))
             measured["flexkd_2_workers"] = _distill(classification_config(
                 settings, work_dir, "kd+flexkd", **single, **{"resources.num_workers": 2}))
-        generation = generation_config(settings, work_dir)
-        measured["flexkd_generation_logit_kd"] = _distill(generation)
-        measured["trl_gkd_logit_kd"] = trl_gkd(generation, settings, work_dir)
-    results = {"benchmark": "speed", "command": command, "machine": machine(), "load": load.summary(),
+        if "trl" in wanted:
+            generation = generation_config(settings, work_dir)
+            measured["flexkd_generation_logit_kd"] = _distill(generation)
+            measured["trl_gkd_logit_kd"] = trl_gkd(generation, settings, work_dir)
+    commands |= {part: command for part in wanted}
+    loads = dict(previous.get("loads") or {part: previous["load"] for part in PARTS} if previous else {})
+    loads |= {part: load.summary() for part in wanted}
+    results = {"benchmark": "speed", "command": command, "commands": commands, "machine": machine(),
+               "load": load.summary(), "loads": loads,
                "settings": asdict(settings), "classification": {"train_rows": flexkd.data.train.limit,
                                                                 "batch_size": flexkd.training.batch_size},
                "measured": measured, "wall_seconds": round(time.time() - started, 1),
@@ -291,38 +312,38 @@ def ratios(measured: dict[str, Any], settings: SpeedSettings) -> list[dict[str, 
 
     rows = []
 
-    def add(name: str, what: str, value: float | None, goal: str, met: bool | None) -> None:
-        rows.append({"name": name, "what": what, "value": None if value is None else round(value, 3), "goal": goal,
-                     "met": met})
+    def add(name: str, part: str, what: str, value: float | None, goal: str, met: bool | None) -> None:
+        rows.append({"name": name, "part": part, "what": what, "value": None if value is None else round(value, 3),
+                     "goal": goal, "met": met})
 
     value = tps("flexkd_feature") / tps("plain_loop_feature")
-    add("flexkd_over_plain_loop", "distill-step tokens/s, flexkd distill stage / plain PyTorch loop (kd+flexkd, cache)",
+    add("flexkd_over_plain_loop", "plain", "distill-step tokens/s, flexkd distill stage / plain PyTorch loop (kd+flexkd, cache)",
         value, ">= 0.9", value >= 0.9)
     value = 1 - tps("flexkd_feature") / tps("flexkd_logit_only")
-    add("feature_loss_slowdown", "kd+flexkd vs kd (logit only): 1 - tokens/s ratio", value, "< 0.05", value < 0.05)
-    score_seconds = measured["flexkd_feature"]["stages"]["score"]["seconds"]
+    add("feature_loss_slowdown", "feature", "kd+flexkd vs kd (logit only): 1 - tokens/s ratio", value, "< 0.05", value < 0.05)
+    score_seconds = measured.get("score_stage_seconds") or measured["flexkd_feature"]["stages"]["score"]["seconds"]
     epoch_seconds = measured["flexkd_online_one_epoch"]["stage_seconds"]
-    add("score_over_epoch", f"score stage wall s ({score_seconds}, {measured['score_rows']} rows) / one online-teacher "
+    add("score_over_epoch", "score", f"score stage wall s ({score_seconds}, {measured['score_rows']} rows) / one online-teacher "
         f"distill epoch over as many rows, stage wall s ({epoch_seconds}, {measured['flexkd_online_one_epoch']['rows']} rows)",
         score_seconds / epoch_seconds if epoch_seconds else None, "(report)", None)
     if "flexkd_2_workers" in measured:
         value = tps("flexkd_2_workers") / tps("flexkd_1_worker")
-        add("two_workers_over_one", "distill tokens/s, 2 workers x 1 thread / 1 worker x 1 thread", value,
+        add("two_workers_over_one", "workers", "distill tokens/s, 2 workers x 1 thread / 1 worker x 1 thread", value,
             "(ideal 2.0)", None)
     # 6 FLOPs per parameter per token (forward + backward), over the non-embedding parameters: the
     # embedding is a lookup, and the tied output layer runs at one position per row here.
     flops = 6 * measured["non_embedding_parameters"] * tps("flexkd_feature")
     peak = next((value for name, value in PEAK_BF16_FLOPS.items() if name in (gpu_name() or "")), None)
-    add("distill_model_gflops_per_second", "distill step model GFLOP/s (6 x non-embedding student parameters x "
+    add("distill_model_gflops_per_second", "plain", "distill step model GFLOP/s (6 x non-embedding student parameters x "
         "tokens/s, kd+flexkd)" + (f"; MFU = {flops / peak:.4f} of the dense bf16 peak" if peak else "; MFU: no GPU"),
         flops / 1e9, "(report)", None)
     trl = measured.get("trl_gkd_logit_kd", {})
     if trl.get("tokens_per_second"):
         value = tps("flexkd_generation_logit_kd") / trl["tokens_per_second"]
-        add("flexkd_over_trl", "logit-only KD tokens/s, flexkd distill stage / TRL GKDTrainer", value, ">= 1.0",
+        add("flexkd_over_trl", "trl", "logit-only KD tokens/s, flexkd distill stage / TRL GKDTrainer", value, ">= 1.0",
             value >= 1.0)
     else:
-        add("flexkd_over_trl", f"TRL not measured: {trl.get('error')}", None, ">= 1.0", None)
+        add("flexkd_over_trl", "trl", f"TRL not measured: {trl.get('error')}", None, ">= 1.0", None)
     return rows
 
 
@@ -346,11 +367,12 @@ def speed_markdown(results: dict[str, Any]) -> str:
              f"{settings['cpus']} threads unless stated. Generation (TRL) runs: T0 mixture, {settings['generation_rows']} rows, "
              f"{settings['generation_steps']} steps of batch {settings['generation_batch_size']}, max length "
              f"{settings['generation_max_length']}, online teacher.", "",
-             "| ratio | value | goal | met |", "|---|---|---|---|"]
+             "| ratio | value | goal | met | measured by |", "|---|---|---|---|---|"]
+    commands = results.get("commands", {})
     for row in results["ratios"]:
         met = {True: "yes", False: "**no**", None: "-"}[row["met"]]
         value = "n/a" if row["value"] is None else f"{row['value']:.3f}"
-        lines.append(f"| {row['what']} | {value} | {row['goal']} | {met} |")
+        lines.append(f"| {row['what']} | {value} | {row['goal']} | {met} | `{commands.get(row['part'], results['command'])}` |")
     lines += ["", "| run | tokens/s (in the loop) | stage / wall s |", "|---|---|---|"]
     for name, run in measured.items():
         if not isinstance(run, dict):
