@@ -59,7 +59,7 @@ class SpeedSettings:
 
     @classmethod
     def cpu(cls) -> SpeedSettings:
-        return cls(steps=60, generation_rows=64, generation_steps=12, generation_batch_size=4, generation_max_length=128)
+        return cls(steps=30, generation_rows=64, generation_steps=12, generation_batch_size=4, generation_max_length=128)
 
     @classmethod
     def gpu(cls) -> SpeedSettings:
@@ -93,7 +93,7 @@ def generation_config(settings: SpeedSettings, work_dir: Path, **overrides: Any)
     """The logit-only KD job that TRL runs too: T0 prompts and completions, online teacher."""
     from flexkd.config import load_config
 
-    t0 = str(SHARED_DATA / "t0_mix" / "train.jsonl")
+    t0 = str(short_t0_rows(work_dir, settings.generation_rows, settings.generation_max_length))
     values = {
         "name": "bench-speed-generation" + ("-gpu" if settings.use_gpu else ""), "artifact_root": str(work_dir / "runs"),
         "tracking.tracking_uri": tracking_uri(work_dir), "tracking.experiment": "flexkd-bench-speed",
@@ -110,6 +110,18 @@ def generation_config(settings: SpeedSettings, work_dir: Path, **overrides: Any)
         "resources.threads_per_worker": settings.cpus,
     }
     return load_config(REPO / "pipelines" / "instruct_samsum.yaml", values | overrides)
+
+
+def short_t0_rows(work_dir: Path, rows: int, max_length: int) -> Path:
+    """The first ``rows`` T0 pairs whose completion has at most ``max_length`` characters (about a
+    quarter of the token window): TRL's ChatML collator refuses a row whose completion fills the
+    window, so both trainers get the same rows, ones that fit."""
+    kept = [line for line in (SHARED_DATA / "t0_mix" / "train.jsonl").read_text().splitlines()
+            if len(json.loads(line)["completion"]) <= max_length][:rows]
+    path = work_dir / f"t0_short_{rows}_{max_length}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in kept))
+    return path
 
 
 def _distill(config) -> dict[str, Any]:
@@ -239,7 +251,9 @@ def trl_gkd(config, settings: SpeedSettings, work_dir: Path) -> dict[str, Any]:
             "torch_threads": torch.get_num_threads(), "trl": __import__("trl").__version__}
 
 
-PARTS = ("plain", "feature", "score", "workers", "trl")
+PARTS = ("plain", "feature", "trl", "score", "workers")
+# Touch <work dir>/speed.stop to skip the parts not started yet and write what was measured.
+STOP_FILE = "speed.stop"
 
 
 def run_speed(settings: SpeedSettings, work_dir: Path = DEFAULT_WORK_DIR, results_dir: Path = RESULTS,
@@ -256,19 +270,41 @@ def run_speed(settings: SpeedSettings, work_dir: Path = DEFAULT_WORK_DIR, result
     commands: dict[str, str] = dict(previous.get("commands") or {part: previous["command"] for part in PARTS}
                                     if previous else {})
     wanted = set(only or PARTS)
+
+    def save(measured: dict[str, Any]) -> None:  # what is measured so far survives a later part's failure
+        (work_dir / "speed.partial.json").write_text(json.dumps(measured, indent=1, default=str))
+
+    stop_file = work_dir / STOP_FILE
+    stop_file.unlink(missing_ok=True)
+    done: set[str] = set()
+
+    def go(*parts: str) -> bool:
+        """Measure this part now? Not if unwanted, or if the stop file asks to end early."""
+        if stop_file.exists() or not set(parts) & wanted:
+            return False
+        done.update(set(parts) & wanted)
+        return True
+
     flexkd = classification_config(settings, work_dir, "kd+flexkd")
     with LoadMonitor() as load:
-        if wanted & {"plain", "feature"}:
+        if go("plain", "feature"):
             measured["flexkd_feature"] = _distill(flexkd)  # tokenize, score, targets: the quality benchmark's
             student = build_student(flexkd)
             measured["non_embedding_parameters"] = parameter_count(student) - student.get_input_embeddings().weight.numel()
-        if "plain" in wanted:
+        if "plain" in done:
             stages = measured["flexkd_feature"]["stages"]
             measured["plain_loop_feature"] = plain_loop(flexkd, Path(stages["targets"]["directory"]),
                                                         Path(stages["tokenize"]["directory"]), threads=settings.cpus)
-        if "feature" in wanted:
+        save(measured)
+        if "feature" in done:
             measured["flexkd_logit_only"] = _distill(classification_config(settings, work_dir, "kd"))
-        if "score" in wanted:
+        save(measured)
+        if go("trl"):
+            generation = generation_config(settings, work_dir)
+            measured["flexkd_generation_logit_kd"] = _distill(generation)
+            measured["trl_gkd_logit_kd"] = trl_gkd(generation, settings, work_dir)
+        save(measured)
+        if go("score"):
             # One epoch over as many rows as the score stage read, with the teacher online (as a run
             # without the cache pays it): what scoring costs next to training on the same data.
             score_rows = flexkd.data.score.limit
@@ -280,19 +316,16 @@ def run_speed(settings: SpeedSettings, work_dir: Path = DEFAULT_WORK_DIR, result
             measured["flexkd_online_one_epoch"]["rows"] = one_epoch * flexkd.training.batch_size
             measured["score_rows"] = score_rows
             measured["score_stage_seconds"] = measured["flexkd_online_one_epoch"]["stages"]["score"]["seconds"]
-        if "workers" in wanted and not settings.use_gpu:  # one GPU has no second device to scale to
+        save(measured)
+        if not settings.use_gpu and go("workers"):  # one GPU has no second device to scale to
             # Half a CPU reserved per worker keeps one CPU free for Ray Data's reads with 2 workers too.
             single = {"resources.cpus_per_worker": 0.5, "resources.threads_per_worker": 1}
             measured["flexkd_1_worker"] = _distill(classification_config(settings, work_dir, "kd+flexkd", **single))
             measured["flexkd_2_workers"] = _distill(classification_config(
                 settings, work_dir, "kd+flexkd", **single, **{"resources.num_workers": 2}))
-        if "trl" in wanted:
-            generation = generation_config(settings, work_dir)
-            measured["flexkd_generation_logit_kd"] = _distill(generation)
-            measured["trl_gkd_logit_kd"] = trl_gkd(generation, settings, work_dir)
-    commands |= {part: command for part in wanted}
+    commands |= {part: command for part in done}
     loads = dict(previous.get("loads") or {part: previous["load"] for part in PARTS} if previous else {})
-    loads |= {part: load.summary() for part in wanted}
+    loads |= {part: load.summary() for part in done}
     results = {"benchmark": "speed", "command": command, "commands": commands, "machine": machine(),
                "load": load.summary(), "loads": loads,
                "settings": asdict(settings), "classification": {"train_rows": flexkd.data.train.limit,
@@ -316,33 +349,39 @@ def ratios(measured: dict[str, Any], settings: SpeedSettings) -> list[dict[str, 
         rows.append({"name": name, "part": part, "what": what, "value": None if value is None else round(value, 3),
                      "goal": goal, "met": met})
 
-    value = tps("flexkd_feature") / tps("plain_loop_feature")
-    add("flexkd_over_plain_loop", "plain", "distill-step tokens/s, flexkd distill stage / plain PyTorch loop (kd+flexkd, cache)",
-        value, ">= 0.9", value >= 0.9)
-    value = 1 - tps("flexkd_feature") / tps("flexkd_logit_only")
-    add("feature_loss_slowdown", "feature", "kd+flexkd vs kd (logit only): 1 - tokens/s ratio", value, "< 0.05", value < 0.05)
-    score_seconds = measured.get("score_stage_seconds") or measured["flexkd_feature"]["stages"]["score"]["seconds"]
-    epoch_seconds = measured["flexkd_online_one_epoch"]["stage_seconds"]
-    add("score_over_epoch", "score", f"score stage wall s ({score_seconds}, {measured['score_rows']} rows) / one online-teacher "
-        f"distill epoch over as many rows, stage wall s ({epoch_seconds}, {measured['flexkd_online_one_epoch']['rows']} rows)",
-        score_seconds / epoch_seconds if epoch_seconds else None, "(report)", None)
-    if "flexkd_2_workers" in measured:
+    if tps("flexkd_feature") and tps("plain_loop_feature"):
+        value = tps("flexkd_feature") / tps("plain_loop_feature")
+        add("flexkd_over_plain_loop", "plain", "distill-step tokens/s, flexkd distill stage / plain PyTorch loop "
+            "(kd+flexkd, cache)", value, ">= 0.9", value >= 0.9)
+    if tps("flexkd_feature") and tps("flexkd_logit_only"):
+        value = 1 - tps("flexkd_feature") / tps("flexkd_logit_only")
+        add("feature_loss_slowdown", "feature", "kd+flexkd vs kd (logit only): 1 - tokens/s ratio", value, "< 0.05",
+            value < 0.05)
+    if "flexkd_online_one_epoch" in measured:
+        score_seconds = measured["score_stage_seconds"]
+        epoch_seconds = measured["flexkd_online_one_epoch"]["stage_seconds"]
+        add("score_over_epoch", "score", f"score stage wall s ({score_seconds}, {measured['score_rows']} rows) / one "
+            f"online-teacher distill epoch over as many rows, stage wall s ({epoch_seconds}, "
+            f"{measured['flexkd_online_one_epoch']['rows']} rows)",
+            score_seconds / epoch_seconds if epoch_seconds else None, "(report)", None)
+    if tps("flexkd_2_workers") and tps("flexkd_1_worker"):
         value = tps("flexkd_2_workers") / tps("flexkd_1_worker")
         add("two_workers_over_one", "workers", "distill tokens/s, 2 workers x 1 thread / 1 worker x 1 thread", value,
             "(ideal 2.0)", None)
-    # 6 FLOPs per parameter per token (forward + backward), over the non-embedding parameters: the
-    # embedding is a lookup, and the tied output layer runs at one position per row here.
-    flops = 6 * measured["non_embedding_parameters"] * tps("flexkd_feature")
-    peak = next((value for name, value in PEAK_BF16_FLOPS.items() if name in (gpu_name() or "")), None)
-    add("distill_model_gflops_per_second", "plain", "distill step model GFLOP/s (6 x non-embedding student parameters x "
-        "tokens/s, kd+flexkd)" + (f"; MFU = {flops / peak:.4f} of the dense bf16 peak" if peak else "; MFU: no GPU"),
-        flops / 1e9, "(report)", None)
+    if tps("flexkd_feature") and "non_embedding_parameters" in measured:
+        # 6 FLOPs per parameter per token (forward + backward), over the non-embedding parameters:
+        # the embedding is a lookup, and the tied output layer runs at one position per row here.
+        flops = 6 * measured["non_embedding_parameters"] * tps("flexkd_feature")
+        peak = next((value for name, value in PEAK_BF16_FLOPS.items() if name in (gpu_name() or "")), None)
+        add("distill_model_gflops_per_second", "plain", "distill step model GFLOP/s (6 x non-embedding student "
+            "parameters x tokens/s, kd+flexkd)" + (f"; MFU = {flops / peak:.4f} of the dense bf16 peak" if peak
+                                                   else "; MFU: no GPU"), flops / 1e9, "(report)", None)
     trl = measured.get("trl_gkd_logit_kd", {})
     if trl.get("tokens_per_second"):
         value = tps("flexkd_generation_logit_kd") / trl["tokens_per_second"]
         add("flexkd_over_trl", "trl", "logit-only KD tokens/s, flexkd distill stage / TRL GKDTrainer", value, ">= 1.0",
             value >= 1.0)
-    else:
+    elif trl:
         add("flexkd_over_trl", "trl", f"TRL not measured: {trl.get('error')}", None, ">= 1.0", None)
     return rows
 
