@@ -116,8 +116,9 @@ def short_t0_rows(work_dir: Path, rows: int, max_length: int) -> Path:
     """The first ``rows`` T0 pairs whose completion has at most ``max_length`` characters (about a
     quarter of the token window): TRL's ChatML collator refuses a row whose completion fills the
     window, so both trainers get the same rows, ones that fit."""
-    kept = [line for line in (SHARED_DATA / "t0_mix" / "train.jsonl").read_text().splitlines()
-            if len(json.loads(line)["completion"]) <= max_length][:rows]
+    # split("\n"), not splitlines(): completions hold U+2028 and other characters splitlines breaks at.
+    kept = [line for line in (SHARED_DATA / "t0_mix" / "train.jsonl").read_text().split("\n") if line.strip()
+            and len(json.loads(line)["completion"]) <= max_length][:rows]
     path = work_dir / f"t0_short_{rows}_{max_length}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(line + "\n" for line in kept))
