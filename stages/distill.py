@@ -172,6 +172,7 @@ def _teacher_outputs(loop_config: dict[str, Any], config: PipelineConfig, pairs:
 
 
 def _distill_worker(loop_config: dict[str, Any]) -> None:
+    distributed.use_threads(loop_config["config"].resources.threads_per_worker)
     placement_group = ray.util.get_current_placement_group()
     if loop_config["placement_group_file"] and placement_group and distributed.is_main_process():
         Path(loop_config["placement_group_file"]).write_text(placement_group.id.hex())

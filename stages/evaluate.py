@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from ray.experimental.tqdm_ray import tqdm
 from rouge_score.rouge_scorer import RougeScorer
 
+from flexkd import distributed
 from flexkd.config import PipelineConfig
 from flexkd.data import collate_batch
 from flexkd.errors import StageError
@@ -71,6 +72,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
 def evaluate_models(config: PipelineConfig, eval_dir: str, student_dir: str, pad_token_id: int,
                     verbalizer_ids: list[int] | None) -> dict[str, Any]:
     """The body of the Ray task: metrics of both models and their first sampled predictions."""
+    distributed.use_threads(config.resources.threads_per_worker)
     table = read_eval_rows(Path(eval_dir))
     tokenizer = load_pipeline_tokenizer(config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

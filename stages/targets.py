@@ -95,8 +95,10 @@ class TeacherTargetWriter:
 
     def __init__(self, config: PipelineConfig, unit_order: dict[int, list[int]], top_k: int, temperatures: list[float],
                  pad_token_id: int, verbalizer_ids: list[int] | None):
+        from flexkd import distributed
         from flexkd.resolve import load_teacher
 
+        distributed.use_threads(config.resources.threads_per_worker)
         self.device = torch.device("cuda" if config.resources.use_gpu and torch.cuda.is_available() else "cpu")
         self.teacher = load_teacher(config).to(self.device)
         self.task = config.task.kind
