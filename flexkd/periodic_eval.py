@@ -45,7 +45,7 @@ class StudentEvaluator:
                 scores = self._classify(student)
             else:
                 scores, _ = generate_and_score(student, self.rows, self.config, self.tokenizer, self.pad_token_id,
-                                               self.device, "student")
+                                               self.device)
             student.train()
             values += torch.tensor([scores[name] for name in self.names], dtype=torch.float64, device=self.device)
         distributed.all_reduce_sum_(values)  # only rank 0 added its metrics

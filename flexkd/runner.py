@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -126,9 +127,14 @@ def ensure_ray() -> None:
     (flexkd.faults) are forwarded to the job's workers.
     """
     import ray
+    import ray.data
 
     if ray.is_initialized():
         return
+    if not sys.stdout.isatty():
+        # Into a log file (CI, a Ray job, `| tee`) Ray Data's bars become a block of lines every
+        # 10 s per dataset; the stages log their own start, end and step lines instead.
+        ray.data.DataContext.get_current().enable_progress_bars = False
     runtime_env = _forwarded_runtime_env()
     address = os.environ.get("RAY_ADDRESS", "").strip()
     if address:

@@ -42,7 +42,7 @@ from flexkd.losses import LinearProjector
 from flexkd.models import parameter_count
 from flexkd.objective import LayerPair, ObjectiveSettings, StudentWithObjective
 from flexkd.periodic_eval import StudentEvaluator
-from flexkd.ray_jobs import run_workers
+from flexkd.ray_jobs import progress_bars_wanted, run_workers
 from flexkd.resolve import build_student, load_pipeline_tokenizer, load_teacher, plan_models
 from flexkd.teacher_targets import cached_teacher_outputs, online_teacher_outputs, units_column
 from flexkd.tracking import WorkerMetricLogger, tracking_uri
@@ -82,6 +82,7 @@ def train_student(config: PipelineConfig, inputs: dict[str, Path], output_dir: P
         "tracking_uri": tracking_uri(config) if tracking_run_id else None, "run_id": tracking_run_id,
         "eval_every": eval_every, "eval_dir": str(inputs["tokenize"] / "eval"),
         "placement_group_file": str(placement_group_file) if placement_group_file else None,
+        "progress_bars": progress_bars_wanted(),
     }
     if config.training.teacher == "cache":
         from flexkd.stages.targets import check_cache
@@ -192,7 +193,7 @@ def _distill_worker(loop_config: dict[str, Any]) -> None:
     per_rank_batch = max(1, config.training.batch_size // distributed.world_size())
     batches = _endless_batches(ray.train.get_dataset_shard("train"), per_rank_batch, skip=start_step)
     logger = WorkerMetricLogger(loop_config["tracking_uri"], loop_config["run_id"]) if distributed.is_main_process() else None
-    progress = _progress_bar(start_step, config.training.steps)
+    progress = _progress_bar(start_step, config.training.steps) if loop_config["progress_bars"] else None
 
     tokens, started, parts = 0, time.time(), {}
     for step in range(start_step, config.training.steps):
@@ -221,7 +222,10 @@ def _distill_worker(loop_config: dict[str, Any]) -> None:
                 metrics |= evaluator(module)
             if logger is not None:
                 logger.log(metrics, step=done)
-            if evaluate_now or evaluator is None:  # a Tune trial reports only steps with its metric
+                if progress is None:  # no terminal to draw a bar on: one line per logged step instead
+                    print(f"distill step {done}/{config.training.steps}: " + ", ".join(
+                        f"{name.removeprefix('train.')} {value:.4g}" for name, value in metrics.items()), flush=True)
+            if evaluate_now:  # only Tune reads reports; each one is a barrier across the workers
                 ray.train.report({"step": done, **metrics})
         if done % config.training.checkpoint_every == 0 or last:
             distributed.save_checkpoint(checkpoints, module, optimizer, done)
