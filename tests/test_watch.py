@@ -30,6 +30,7 @@ from flexkd.registry import log_student
 from flexkd.selection import selection_overlap, selection_rank_correlation
 from flexkd.watch import (
     ProgressTags,
+    VersionError,
     VersionReport,
     Watcher,
     WatchError,
@@ -237,6 +238,12 @@ def test_the_champion_alias_moves_only_to_a_better_student(tmp_path):
     assert (tags["flexkd.promotion.candidate"], tags["flexkd.promotion.champion"],
             tags["flexkd.promotion.champion_version"]) == ("0.6", "0.5", "1")
     assert client.get_model_version(STUDENT, "2").tags["flexkd.promotion.decision"].startswith("kept")
+
+    unknown = Watcher(watched_pipeline(tmp_path, watch={"metric": "student.bleu"}))
+    with pytest.raises(VersionError) as caught:
+        unknown.promote(client, client.get_model_version(STUDENT, "3"), VersionReport("3", "done"))
+    assert str(caught.value) == f"watch.metric: 'student.bleu' is not among {STUDENT} v3's metrics (student.accuracy)"
+    assert str(client.get_model_version_by_alias(STUDENT, "champion").version) == "3"
 
 
 def test_an_unreachable_registry_is_one_line(tmp_path, capsys):
