@@ -114,10 +114,9 @@ class Cluster:
 
 def watched_teacher(config: PipelineConfig) -> tuple[str, str | None]:
     """The registered teacher model's name and alias (None: every version)."""
-    match = WATCHED_TEACHER.match(config.teacher.path or "")
-    if match is None or config.watch is None:
-        raise ConfigError("watch: the pipeline has no watch section (add `watch: {}` for the defaults) "
-                          "or its teacher.path is not models:/<name>[@<alias>]")
+    if config.watch is None:
+        raise ConfigError("watch: the pipeline has no watch section; add `watch: {}` to use the defaults")
+    match = WATCHED_TEACHER.match(config.teacher.path)  # the config validated its form
     return match["name"], match["alias"]
 
 
@@ -257,9 +256,9 @@ class Watcher:
         reports = []
         for model_version in versions:
             version = str(model_version.version)
-            if self.keys.status not in model_version.tags:
-                self.set_tags(client, version, status=QUEUED)
             try:
+                if self.keys.status not in model_version.tags:
+                    self.set_tags(client, version, status=QUEUED)
                 reports.append(self.serve(client, version))
             except (MlflowException, OSError) as error:  # the registry failed mid-version: say so, go on
                 reports.append(VersionReport(version, "error", note=f"registry: {_first_line(error)}", failed_now=True))
@@ -361,7 +360,11 @@ class Watcher:
             report = VersionReport(version, DONE, attempts, student=f"models:/{self.student_model}/{student.version}")
             importance_run = student.tags.get("flexkd.importance_run", "")
             self.promote(client, student, report)
-            self.log_drift(client, version, importance_run, report)
+            try:
+                self.log_drift(client, version, importance_run, report)
+            except (MlflowException, OSError, KeyError, ValueError) as error:  # a diagnostic: never fails a version
+                report.note = f"drift not computed: {_first_line(error)}"
+                log.warning("teacher %s version %s: %s", self.teacher, version, report.note)
             self.log_to_pipeline_run(client, student, report)
         except (VersionError, MlflowException, OSError) as error:
             return self.give_up(client, version, attempts, _first_line(error), final=isinstance(error, VersionError))
@@ -373,9 +376,10 @@ class Watcher:
 
     def student_of(self, client: MlflowClient, version: str) -> ModelVersion:
         """The newest student this pipeline registered from this teacher version."""
+        lineage = {"flexkd.teacher.name": self.teacher, "flexkd.teacher.version": str(version),
+                   "flexkd.pipeline": self.config.name}
         found = [v for v in client.search_model_versions(f"name = '{self.student_model}'")
-                 if v.tags.get("flexkd.teacher.name") == self.teacher and v.tags.get("flexkd.teacher.version") == str(version)
-                 and v.tags.get("flexkd.pipeline") == self.config.name]
+                 if all(v.tags.get(key) == value for key, value in lineage.items())]
         if not found:
             raise VersionError(f"the run finished but no version of {self.student_model} is tagged with teacher "
                                f"{self.teacher} version {version}")
@@ -394,10 +398,13 @@ class Watcher:
         elif champion is None:
             report.decision = f"promoted (no {alias} yet)"
         else:
-            report.champion = _metric(champion, metric)
+            try:
+                report.champion = _metric(champion, metric)
+            except VersionError:  # a champion registered by other means: it has no number to defend
+                report.champion = math.nan
             better = is_better(report.candidate, report.champion, mode, margin)
-            verb = "promoted over" if better else "kept"
-            report.decision = f"{verb} {alias} v{champion.version}" + ("" if better else f" (not better by > {margin:g})")
+            report.decision = (f"promoted over {alias} v{champion.version}" if better else
+                               f"kept {alias} v{champion.version} (not better by > {margin:g})")
         if report.decision.startswith("promoted"):
             client.set_registered_model_alias(self.student_model, alias, str(student.version))
         tags = {"flexkd.promotion.decision": report.decision, "flexkd.promotion.metric": f"{metric} ({mode})",
@@ -506,7 +513,8 @@ def summary(watcher: Watcher, reports: list[VersionReport]) -> str:
     if not reports:
         return "\n".join([*lines, "no teacher version to serve"])
     lines += [f"| teacher version | status | attempts | student | {metric} | {watcher.settings.champion_alias} "
-              "| decision | drift vs previous (layer: jaccard / spearman) | note |", "|---|---|---|---|---|---|---|---|---|"]
+              "| decision | drift vs previous (layer: jaccard / spearman) | note |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for report in reports:
         drift = ", ".join(f"{layer}: {jaccard:.2f} / {rho:.2f}" for layer, (jaccard, rho) in report.drift.items())
         if report.drift_against:
@@ -532,6 +540,8 @@ def watch(watcher: Watcher, once: bool, interval_s: float) -> int:
                         if r.failed_now]
         except StageError as error:  # the registry or the teacher model: one line, then try again later
             problems = [str(error)]
+        except MlflowException as error:
+            problems = [f"watch: the model registry at {redact_value(watcher.uri)}: {_first_line(error)}"]
         for problem in problems:
             print(f"flexkd: {problem}", file=sys.stderr, flush=True)
         if once:

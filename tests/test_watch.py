@@ -166,7 +166,10 @@ def test_watch_section_needs_a_registered_teacher_and_a_sane_heartbeat(tmp_path)
         load_config(watched_pipeline(tmp_path), {"teacher.path": f"models:/{TEACHER}/3"})
     with pytest.raises(ConfigError, match="stale_after_s"):
         load_config(watched_pipeline(tmp_path), {"watch.heartbeat_s": 60, "watch.stale_after_s": 90})
-    assert load_config(watched_pipeline(tmp_path), {"teacher.path": f"models:/{TEACHER}@release"}).watch.max_attempts == 3
+    aliased = load_config(watched_pipeline(tmp_path), {"teacher.path": f"models:/{TEACHER}@release"})
+    assert aliased.watch.max_attempts == 3
+    shipped = load_config(PIPELINES / "sst2_watch.yaml")
+    assert shipped.watch.tags == {"stage": "release"} and shipped.teacher.path == "models:/sst2-teacher"
 
 
 # ---- the registry, no Ray ------------------------------------------------------------------------
@@ -242,7 +245,8 @@ def test_the_champion_alias_moves_only_to_a_better_student(tmp_path):
     unknown = Watcher(watched_pipeline(tmp_path, watch={"metric": "student.bleu"}))
     with pytest.raises(VersionError) as caught:
         unknown.promote(client, client.get_model_version(STUDENT, "3"), VersionReport("3", "done"))
-    assert str(caught.value) == f"watch.metric: 'student.bleu' is not among {STUDENT} v3's metrics (student.accuracy)"
+    assert str(caught.value) == (f"watch.metric: 'student.bleu' is not among {STUDENT} v3's metrics "
+                                 "(student.accuracy)")
     assert str(client.get_model_version_by_alias(STUDENT, "champion").version) == "3"
 
 
