@@ -254,11 +254,15 @@ class Watcher:
         client = self.client()
         versions = self.teacher_versions(client)
         reports = []
+        for model_version in versions:  # the backlog shows as queued before the first one runs
+            if self.keys.status not in model_version.tags:
+                try:
+                    self.set_tags(client, str(model_version.version), status=QUEUED)
+                except MlflowException as error:  # e.g. another watcher queued it in the same instant
+                    log.info("version %s not marked queued: %s", model_version.version, _first_line(error))
         for model_version in versions:
             version = str(model_version.version)
             try:
-                if self.keys.status not in model_version.tags:
-                    self.set_tags(client, version, status=QUEUED)
                 reports.append(self.serve(client, version))
             except (MlflowException, OSError) as error:  # the registry failed mid-version: say so, go on
                 reports.append(VersionReport(version, "error", note=f"registry: {_first_line(error)}", failed_now=True))
@@ -530,20 +534,29 @@ def _number(value: float | None) -> str:
 
 
 def watch(watcher: Watcher, once: bool, interval_s: float) -> int:
-    """Poll once (exit 1 if anything failed) or forever (errors are logged and the next poll tries again)."""
-    while True:
-        problems = []
-        try:
-            reports = watcher.poll()
-            print(summary(watcher, reports), flush=True)
-            problems = [f"watch: teacher {watcher.teacher} version {r.version}: {r.note}" for r in reports
-                        if r.failed_now]
-        except StageError as error:  # the registry or the teacher model: one line, then try again later
-            problems = [str(error)]
-        except MlflowException as error:
-            problems = [f"watch: the model registry at {redact_value(watcher.uri)}: {_first_line(error)}"]
-        for problem in problems:
-            print(f"flexkd: {problem}", file=sys.stderr, flush=True)
-        if once:
-            return 1 if problems else 0
-        time.sleep(interval_s)
+    """Poll once (exit 1 if anything failed) or forever (errors are printed and the next poll tries again)."""
+    try:
+        while True:
+            problems = poll_and_report(watcher)
+            if once:
+                return 1 if problems else 0
+            time.sleep(interval_s)
+    except KeyboardInterrupt:
+        print("flexkd: watch stopped; a version it was running is retried once its heartbeat is stale",
+              file=sys.stderr)
+        return 130
+
+
+def poll_and_report(watcher: Watcher) -> list[str]:
+    """One poll: the summary on stdout, one line per problem on stderr; returns the problems."""
+    try:
+        reports = watcher.poll()
+        print(summary(watcher, reports), flush=True)
+        problems = [f"watch: teacher {watcher.teacher} version {r.version}: {r.note}" for r in reports if r.failed_now]
+    except StageError as error:  # the registry or the teacher model: nothing was served
+        problems = [str(error)]
+    except MlflowException as error:
+        problems = [f"watch: the model registry at {redact_value(watcher.uri)}: {_first_line(error)}"]
+    for problem in problems:
+        print(f"flexkd: {problem}", file=sys.stderr, flush=True)
+    return problems
