@@ -24,6 +24,7 @@ import yaml
 from mlflow import MlflowClient
 
 from flexkd.cli import main
+from test_cluster import cluster  # noqa: F401 - the two-node cluster fixture, for the --address test
 from flexkd.config import ConfigError, apply_overrides, load_config
 from flexkd.models import TINY_TOKENIZER_DIR, build_random_model, load_tokenizer
 from flexkd.registry import log_student
@@ -377,3 +378,34 @@ def test_a_watcher_killed_midway_is_retried_once_and_then_left_alone(tmp_path, l
     assert [v.version for v in students(client)] == [student.version]
     assert client.get_model_version(TEACHER, "1").tags[KEYS.attempts] == "2"
     assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == runs
+
+
+# ---- with --address: each release is a Ray job on a real two-node cluster ------------------------
+
+@pytest.mark.slow
+def test_with_an_address_each_release_is_a_ray_job_that_a_later_poll_finishes(cluster):
+    from test_cluster import DEBUG, JOB_TIMEOUT_S, _flexkd
+
+    root = cluster.shared / "watch"  # artifact_root and the SQLite registry, on the nodes' shared storage
+    root.mkdir(parents=True)
+    register_teacher(root, seed=1)
+    client = client_for(root)
+    watch = ["watch", str(DEBUG), "--once", "--address", cluster.address, "--set", f"artifact_root={root}",
+             "--set", "teacher.source=mlflow", "--set", f"teacher.path=models:/{TEACHER}",
+             "--set", "teacher.architecture=null", "--set", "watch={claim_settle_s: 0.2}"]
+    first = _flexkd(cluster.env, *watch)
+    assert first.returncode == 0, first.stderr[-3000:]
+    tags = client.get_model_version(TEACHER, "1").tags
+    assert tags[KEYS.status] == "running" and tags[KEYS.job_id].startswith("flexkd-debug-")
+
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while tags[KEYS.status] == "running":  # cron's later ticks: each follows the job, the last finishes it
+        assert time.monotonic() < deadline, tags
+        time.sleep(10)
+        poll = _flexkd(cluster.env, *watch)
+        assert poll.returncode == 0, poll.stderr[-3000:]
+        tags = client.get_model_version(TEACHER, "1").tags
+    assert (tags[KEYS.status], tags[KEYS.attempts]) == ("done", "1")
+    [student] = students(client)
+    assert student.tags["flexkd.teacher.version"] == "1"
+    assert str(client.get_model_version_by_alias(STUDENT, "champion").version) == str(student.version)
