@@ -161,7 +161,7 @@ def next_action(tags: dict[str, str], keys: ProgressTags, max_attempts: int, sta
     attempts = int(tags.get(keys.attempts, "0"))
     age = heartbeat_age(tags, keys, now)
     if status in (DONE, FAILED):
-        return "skip", status
+        return "skip", tags.get(keys.error, "") if status == FAILED else ""
     if status == RUNNING and tags.get(keys.job_id):
         return "follow", tags[keys.job_id]
     if age < stale_after_s and (status == RUNNING or tags.get(keys.claim)):
