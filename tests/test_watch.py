@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -45,6 +46,7 @@ PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 TEACHER = "tiny-teacher"
 STUDENT = "debug-student"
 KEYS = ProgressTags("debug")
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def store_uri(root: Path) -> str:
@@ -104,9 +106,12 @@ def students(client: MlflowClient):
     return sorted(client.search_model_versions(f"name = '{STUDENT}'"), key=lambda v: int(v.version))
 
 
-def one_line_err(capsys) -> str:
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("flexkd:")]
-    assert len(lines) == 1, lines
+def one_line_err(captured) -> str:
+    """The one ``flexkd:`` line on stderr. After a pipeline ran in this process, Ray's progress bars
+    (ray.experimental.tqdm_ray patches print) may put cursor escapes before a printed line: dropped."""
+    text = ANSI_ESCAPE.sub("", captured.readouterr().err)
+    lines = [line.strip() for line in text.splitlines() if line.strip().startswith("flexkd:")]
+    assert len(lines) == 1, (lines, text[-3000:])
     return lines[0]
 
 
@@ -280,30 +285,46 @@ def _pipeline_run(client: MlflowClient, student):
     return client.get_run(client.get_run(student.run_id).data.tags["mlflow.parentRunId"])
 
 
-def test_each_release_gets_one_student_and_the_better_one_is_champion(tmp_path, local_ray, capsys):
-    pipeline, client = watched_pipeline(tmp_path), client_for(tmp_path)
+# The debug pipeline, smaller still: each release costs a whole pipeline run through Ray.
+SMALL = {"data.train.limit": 64, "data.eval.limit": 16, "training.steps": 8, "training.log_every": 4,
+         "training.checkpoint_every": 4}
+
+
+def test_each_release_gets_one_student_the_better_is_champion_and_a_broken_one_is_one_line(
+        tmp_path, local_ray, capfd):
+    pipeline, client = watched_pipeline(tmp_path, **SMALL), client_for(tmp_path)
     register_teacher(tmp_path, seed=1)
-    assert main(["watch", str(pipeline), "--once"]) == 0
-    register_teacher(tmp_path, seed=2)
-    assert main(["watch", str(pipeline), "--once"]) == 0
-    summary = capsys.readouterr().out
+    register_teacher(tmp_path, seed=2)  # a release whose files are gone
+    shutil.rmtree(urlsplit(client.get_model_version_download_uri(TEACHER, "2")).path)
+
+    assert main(["watch", str(pipeline), "--once"]) == 1  # release 1 served, release 2 failed
+    line = one_line_err(capfd)
+    assert line.startswith(f"flexkd: watch: teacher {TEACHER} version 2: teacher.path: models:/{TEACHER}/2: "), line
+    broken = client.get_model_version(TEACHER, "2").tags
+    assert broken[KEYS.status] == "failed" and broken[KEYS.error] in line
+
+    register_teacher(tmp_path, seed=3)
+    assert main(["watch", str(pipeline), "--once"]) == 0  # release 3 served; release 2 is not retried
+    summary = capfd.readouterr().out
+    assert client.get_model_version(TEACHER, "2").tags[KEYS.attempts] == "1"
 
     found = students(client)
-    assert [v.tags["flexkd.teacher.version"] for v in found] == ["1", "2"]
+    assert [v.tags["flexkd.teacher.version"] for v in found] == ["1", "3"]
     assert all(v.tags["flexkd.teacher.name"] == TEACHER for v in found)
     first, second = found
     scores = [float(v.tags["metric.student.accuracy"]) for v in found]
     champion = client.get_model_version_by_alias(STUDENT, "champion")
     assert str(champion.version) == str((second if scores[1] > scores[0] else first).version)
     assert second.tags["flexkd.promotion.decision"].startswith("promoted" if scores[1] > scores[0] else "kept")
-    assert [float(second.tags["flexkd.promotion.candidate"]), float(second.tags["flexkd.promotion.champion"])] == scores
-    for teacher_version, student in zip(("1", "2"), found):
+    assert float(second.tags["flexkd.promotion.candidate"]) == scores[1]
+    assert float(second.tags["flexkd.promotion.champion"]) == scores[0]
+    for teacher_version, student in zip(("1", "3"), found):
         tags = client.get_model_version(TEACHER, teacher_version).tags
         assert tags[KEYS.status] == "done" and tags[KEYS.attempts] == "1"
         assert tags[KEYS.student] == f"models:/{STUDENT}/{student.version}"
 
-    # The drift of release 2 against release 1, per mapped teacher layer, is what the two
-    # selections say; release 1 had nothing to drift from.
+    # The drift of release 3 against release 1 (the previous done one), per mapped teacher layer,
+    # is what the two selections say; release 1 had nothing to drift from.
     expected = importance_drift(_selected(client, first), _selected(client, second))
     assert list(expected) == ["2", "4"]
     logged = _pipeline_run(client, second).data.metrics
@@ -313,25 +334,7 @@ def test_each_release_gets_one_student_and_the_better_one_is_champion(tmp_path, 
     assert logged["promotion.candidate"] == scores[1] and logged["promotion.champion"] == scores[0]
     assert not [key for key in _pipeline_run(client, first).data.metrics if key.startswith("drift.")]
     assert f"v1 -> 2: {expected['2'][0]:.2f} / {expected['2'][1]:.2f}" in summary
-
-
-def test_a_version_with_missing_files_is_one_line_and_the_others_are_served(tmp_path, local_ray, capsys):
-    pipeline, client = watched_pipeline(tmp_path), client_for(tmp_path)
-    register_teacher(tmp_path, seed=1)
-    register_teacher(tmp_path, seed=2)
-    files = urlsplit(client.get_model_version_download_uri(TEACHER, "1")).path
-    shutil.rmtree(files)
-
-    assert main(["watch", str(pipeline), "--once"]) == 1
-    line = one_line_err(capsys)
-    assert line.startswith(f"flexkd: watch: teacher {TEACHER} version 1: teacher.path: models:/{TEACHER}/1: "), line
-    broken, served = (client.get_model_version(TEACHER, version).tags for version in ("1", "2"))
-    assert broken[KEYS.status] == "failed" and broken[KEYS.error] in line
-    assert served[KEYS.status] == "done"
-    assert [v.tags["flexkd.teacher.version"] for v in students(client)] == ["2"]
-    # A bad version is not retried: the files will not come back by themselves.
-    assert main(["watch", str(pipeline), "--once"]) == 0
-    assert client.get_model_version(TEACHER, "1").tags[KEYS.attempts] == "1"
+    print(summary)  # shown with -s: the summary the README quotes
 
 
 def _wait_for(pattern: str, root: Path, process: subprocess.Popen, timeout: float = 900) -> None:
@@ -344,6 +347,7 @@ def _wait_for(pattern: str, root: Path, process: subprocess.Popen, timeout: floa
     raise AssertionError(f"{pattern} did not appear within {timeout} s")
 
 
+@pytest.mark.slow  # two partial pipeline runs, ~5 min on the shared 2-core machine
 def test_a_watcher_killed_midway_is_retried_once_and_then_left_alone(tmp_path, local_ray):
     watch = {"heartbeat_s": 0.5, "stale_after_s": 3.0}
     pipeline = watched_pipeline(tmp_path, watch=watch, **{
