@@ -520,9 +520,9 @@ def summary(watcher: Watcher, reports: list[VersionReport]) -> str:
               "| decision | drift vs previous (layer: jaccard / spearman) | note |",
               "|---|---|---|---|---|---|---|---|---|"]
     for report in reports:
-        drift = ", ".join(f"{layer}: {jaccard:.2f} / {rho:.2f}" for layer, (jaccard, rho) in report.drift.items())
+        drift = "; ".join(f"layer {layer}: {jaccard:.2f} / {rho:.2f}" for layer, (jaccard, rho) in report.drift.items())
         if report.drift_against:
-            drift = f"v{report.drift_against} -> {drift}"
+            drift = f"vs v{report.drift_against}: {drift}"
         lines.append(f"| {report.version} | {report.status} | {report.attempts} | {report.student or ''} "
                      f"| {_number(report.candidate)} | {_number(report.champion)} | {report.decision or ''} "
                      f"| {drift} | {report.note} |")

@@ -39,6 +39,7 @@ from flexkd.watch import (
     importance_drift,
     is_better,
     next_action,
+    summary,
     timestamp,
 )
 
@@ -256,6 +257,21 @@ def test_the_champion_alias_moves_only_to_a_better_student(tmp_path):
     assert str(client.get_model_version_by_alias(STUDENT, "champion").version) == "3"
 
 
+def test_the_summary_shows_each_version_the_decision_and_the_drift(tmp_path):
+    watcher = Watcher(watched_pipeline(tmp_path))
+    table = summary(watcher, [
+        VersionReport("1", "failed", 3, "gave up after 3 attempt(s)"),
+        VersionReport("2", "done", 1, student=f"models:/{STUDENT}/4", candidate=0.71875, champion=0.6875,
+                      decision="promoted over champion v3", drift_against="1",
+                      drift={"2": (0.5, 0.25), "4": (1 / 3, -0.125)})]).splitlines()
+    assert table[0] == f"watch debug: teacher {TEACHER} (every version) in {store_uri(tmp_path)}"
+    assert table[2].startswith("| teacher version | status | attempts | student | student.accuracy | champion |")
+    assert table[4] == "| 1 | failed | 3 |  |  |  |  |  | gave up after 3 attempt(s) |"
+    assert table[5] == (f"| 2 | done | 1 | models:/{STUDENT}/4 | 0.7188 | 0.6875 | promoted over champion v3 "
+                        "| vs v1: layer 2: 0.50 / 0.25; layer 4: 0.33 / -0.12 |  |")
+    assert summary(watcher, [])[-len("no teacher version to serve"):] == "no teacher version to serve"
+
+
 def test_an_unreachable_registry_is_one_line(tmp_path, capsys):
     pipeline = watched_pipeline(tmp_path, **{"tracking.tracking_uri": "http://alice:s3cret@127.0.0.1:9"})
     started = time.monotonic()
@@ -333,7 +349,7 @@ def test_each_release_gets_one_student_the_better_is_champion_and_a_broken_one_i
         assert logged[f"drift.layer_{layer}.spearman"] == pytest.approx(rho)
     assert logged["promotion.candidate"] == scores[1] and logged["promotion.champion"] == scores[0]
     assert not [key for key in _pipeline_run(client, first).data.metrics if key.startswith("drift.")]
-    assert f"v1 -> 2: {expected['2'][0]:.2f} / {expected['2'][1]:.2f}" in summary
+    assert f"vs v1: layer 2: {expected['2'][0]:.2f} / {expected['2'][1]:.2f}; layer 4: " in summary
     print(summary)  # shown with -s: the summary the README quotes
 
 
