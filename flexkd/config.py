@@ -321,7 +321,7 @@ class PipelineConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _watched_teacher_is_registered(self) -> PipelineConfig:
+    def _watch_needs_a_registered_model(self) -> PipelineConfig:
         if self.watch is None:
             return self
         if self.teacher.source != "mlflow" or not WATCHED_TEACHER.match(self.teacher.path or ""):
