@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -249,6 +250,37 @@ def _is_config_path(model: type[BaseModel], parts: list[str]) -> bool:
     return isinstance(nested, type) and issubclass(nested, BaseModel) and _is_config_path(nested, parts[1:])
 
 
+# A watched teacher is a registered model, every version of it or the one under an alias.
+WATCHED_TEACHER = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+))?$")
+
+
+class WatchConfig(_Section):
+    """``flexkd watch``: distill every new version of the registered teacher named by
+    ``teacher.path`` (``models:/<name>``: every version; ``models:/<name>@<alias>``: the version
+    under the alias at each poll), and promote the student only when it is better."""
+
+    tags: dict[str, str] = Field(default_factory=dict, description="distill only teacher versions carrying "
+                                 "all these tags, e.g. {stage: release}")
+    metric: str | None = Field(None, description="evaluation metric compared for promotion; default: "
+                               "student.accuracy (classification), student.rougeL (generation)")
+    mode: Literal["min", "max"] | None = Field(None, description="default: min for perplexity, else max")
+    margin: float = Field(0.0, ge=0, description="the new student must beat the champion by more than this")
+    champion_alias: str = Field("champion", min_length=1)
+    max_attempts: int = Field(3, gt=0, description="runs of one teacher version before it is marked failed")
+    heartbeat_s: float = Field(30.0, gt=0, description="how often a running watcher refreshes its heartbeat tag")
+    stale_after_s: float = Field(300.0, gt=0, description="a running version whose heartbeat is older is "
+                                 "taken to be dead (its watcher or job died) and retried")
+    claim_settle_s: float = Field(2.0, ge=0, description="wait between writing a claim and re-reading it; "
+                                  "a concurrent watcher's claim that lands in this window wins")
+
+    @model_validator(mode="after")
+    def _heartbeat_before_stale(self) -> WatchConfig:
+        if self.stale_after_s < 2 * self.heartbeat_s:
+            raise ValueError(f"stale_after_s ({self.stale_after_s:g}) must be at least twice heartbeat_s "
+                             f"({self.heartbeat_s:g}), or a live run would look dead")
+        return self
+
+
 class ResourcesConfig(_Section):
     num_workers: int = Field(1, gt=0)
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -273,6 +305,7 @@ class PipelineConfig(_Section):
     resources: ResourcesConfig = ResourcesConfig()
     targets: TargetsConfig = TargetsConfig()
     tune: SweepConfig | None = None
+    watch: WatchConfig | None = None
     artifact_root: str = Field("runs", description="where stage artifacts go; relative to the pipeline file")
 
     @model_validator(mode="after")
@@ -285,6 +318,16 @@ class PipelineConfig(_Section):
         if self.loss.feature in ("cka", "projector") and not self.targets.full_width:
             raise ValueError(f"loss.feature '{self.loss.feature}' reads whole teacher hidden states: "
                              "with training.teacher 'cache' set targets.full_width: true")
+        return self
+
+    @model_validator(mode="after")
+    def _watch_needs_a_registered_model(self) -> PipelineConfig:
+        if self.watch is None:
+            return self
+        if self.teacher.source != "mlflow" or not WATCHED_TEACHER.match(self.teacher.path or ""):
+            raise ValueError("watch: needs teacher.source 'mlflow' and teacher.path models:/<name> or "
+                             f"models:/<name>@<alias>, not a version (got {self.teacher.path!r}); "
+                             "the watcher pins each version itself")
         return self
 
     def fingerprint(self) -> str:
