@@ -220,8 +220,9 @@ def _prune_student(config: PipelineConfig, teacher, scores: dict[str, torch.Tens
         pairs = pruned_student_layer_map(kept)
     else:
         pairs = plan_models(config).layer_pairs
-    # Hidden state t >= 1 is block t-1's output (the collector's row t-1); the embedding (t = 0)
-    # is not a block output and has no row.
+    # Hidden state t >= 1 is block t-1's output, the collector's row t-1 (for the last block, read
+    # before the final norm: a unit removed there is removed from the norm's input too). The
+    # embedding (t = 0) is not a block output and has no row.
     blocks = sorted({teacher_layer - 1 for teacher_layer, _ in pairs if teacher_layer >= 1})
     if not blocks:
         raise ValueError(f"layer_map {config.layer_map!r} maps only the embeddings; pruning ranks the residual "
