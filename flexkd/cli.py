@@ -66,8 +66,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     config = load_config(args.pipeline, _overrides(args.set))
     plan = preflight(config)
+    pairs = "chosen by the score stage" if plan.layer_pairs is None else list(plan.layer_pairs)
     print(f"{args.pipeline}: valid. teacher d={plan.teacher_hidden} L={plan.teacher_layers}, "
-          f"student d={plan.student_hidden} L={plan.student_layers}, k={plan.k}, layer pairs {list(plan.layer_pairs)}")
+          f"student d={plan.student_hidden} L={plan.student_layers}, k={plan.k}, layer pairs {pairs}")
     return 0
 
 

@@ -22,7 +22,7 @@ from flexkd.losses import FEATURE_LOSSES, LOGIT_LOSSES
 Score = Literal[IMPORTANCE_SCORES]  # type: ignore[valid-type]
 LogitLoss = Literal[LOGIT_LOSSES]  # type: ignore[valid-type]
 FeatureLoss = Literal[FEATURE_LOSSES]  # type: ignore[valid-type]
-LayerMap = Literal["last", "uniform"] | list[Annotated[list[int], Field(min_length=2, max_length=2)]]
+LayerMap = Literal["last", "uniform", "source"] | list[Annotated[list[int], Field(min_length=2, max_length=2)]]
 
 
 class ConfigError(ValueError):
@@ -60,19 +60,38 @@ class TeacherConfig(_Section):
         return self
 
 
-class StudentConfig(_Section):
-    """How the student starts: random weights (architecture overrides the teacher's config)
-    or a pretrained folder."""
+# The student.architecture fields a pruned student may set: its target sizes. Everything else
+# (head_dim, activation, RoPE, vocabulary) is the teacher's, since the weights are the teacher's.
+PRUNE_TARGET_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+                       "num_key_value_heads")
 
-    init: Literal["random", "pretrained"] = "random"
+
+class StudentConfig(_Section):
+    """How the student starts: random weights (architecture overrides the teacher's config), a
+    pretrained folder, or cut out of the teacher (``prune_from_teacher``: architecture gives the
+    target sizes; the score stage ranks the teacher's units, channels, heads and blocks and writes
+    the pruned weights, which distill starts from)."""
+
+    init: Literal["random", "pretrained", "prune_from_teacher"] = "random"
     path: str | None = None
     architecture: dict[str, Any] = Field(default_factory=dict)
+    layer_selection: Literal["uniform", "importance"] = Field(
+        "uniform", description="prune_from_teacher: the teacher blocks kept: spread evenly, or those that "
+        "change the hidden state most (the last block always)")
     seed: int = 0
 
     @model_validator(mode="after")
     def _init_needs(self) -> StudentConfig:
         if self.init == "pretrained" and not self.path:
             raise ValueError("init 'pretrained' needs student.path")
+        if self.init != "prune_from_teacher" and self.layer_selection != "uniform":
+            raise ValueError(f"student.layer_selection '{self.layer_selection}' applies only to init "
+                             "'prune_from_teacher'")
+        if self.init == "prune_from_teacher":
+            others = sorted(set(self.architecture) - set(PRUNE_TARGET_FIELDS))
+            if others:
+                raise ValueError(f"student.architecture.{others[0]}: a pruned student keeps the teacher's; "
+                                 f"init 'prune_from_teacher' takes only {', '.join(PRUNE_TARGET_FIELDS)}")
         return self
 
 
@@ -119,7 +138,10 @@ class ScoringConfig(_Section):
 
 
 class SelectionConfig(_Section):
-    method: Literal["importance", "random", "variance"] = "importance"
+    """Which teacher units each student unit is paired with. ``identity`` (the default of a pruned
+    student): student unit i with the teacher unit it was cut from."""
+
+    method: Literal["importance", "random", "variance", "identity"] = "importance"
     k: int | None = Field(None, gt=0, description="units per mapped layer; default: the student's hidden size")
     seed: int = 0
 
@@ -307,6 +329,31 @@ class PipelineConfig(_Section):
     tune: SweepConfig | None = None
     watch: WatchConfig | None = None
     artifact_root: str = Field("runs", description="where stage artifacts go; relative to the pipeline file")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pruned_student_defaults(cls, raw: Any) -> Any:
+        """A pruned student pairs each of its blocks with the teacher block it was cut from
+        (layer_map 'source') and each unit with its own teacher unit (selection 'identity'),
+        unless the file says otherwise."""
+        if not (isinstance(raw, dict) and isinstance(raw.get("student"), dict)
+                and raw["student"].get("init") == "prune_from_teacher"):
+            return raw
+        selection = raw.get("selection")
+        if selection is None or isinstance(selection, dict):
+            raw = {**raw, "selection": {"method": "identity", **(selection or {})}}
+        return {"layer_map": "source", **raw}
+
+    @model_validator(mode="after")
+    def _pruned_student_only(self) -> PipelineConfig:
+        if self.student.init != "prune_from_teacher":
+            if self.layer_map == "source":
+                raise ValueError("layer_map 'source' (each student block with the teacher block it was cut from) "
+                                 "needs student.init 'prune_from_teacher'")
+            if self.selection.method == "identity":
+                raise ValueError("selection.method 'identity' (each student unit with the teacher unit it was cut "
+                                 "from) needs student.init 'prune_from_teacher'")
+        return self
 
     @model_validator(mode="after")
     def _cache_serves_the_run(self) -> PipelineConfig:

@@ -264,7 +264,7 @@ def run_pipeline(config: PipelineConfig, stages: tuple[str, ...] = STAGES, force
     pipeline_dir = Path(config.artifact_root) / config.name
     with mlflow.start_run(experiment_id=experiment_id, run_name=config.name) as parent:
         mlflow.set_tags({"flexkd.pipeline": config.name, "flexkd.fingerprint": config.fingerprint(),
-                         "flexkd.version": __version__})
+                         "flexkd.version": __version__, "flexkd.student.init": config.student.init})
         log_config(config)
         result = PipelineResult(config, parent.info.run_id, uri)
         for stage in pipeline_stages(config):

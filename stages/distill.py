@@ -58,7 +58,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
 
     metrics = train_student(config, inputs, output_dir, tracking_run_id=mlflow.active_run().info.run_id)
     mlflow.log_metrics({f"final.{key}": value for key, value in metrics.items() if isinstance(value, (int, float))})
-    return {**metrics, "student_dir": str(output_dir / "student")}
+    return {**metrics, "student_dir": str(output_dir / "student"), "student_init": config.student.init}
 
 
 def train_student(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path, *,
@@ -73,9 +73,11 @@ def train_student(config: PipelineConfig, inputs: dict[str, Path], output_dir: P
     all the trials of a sweep; by default they are read from ``inputs``. ``placement_group_file``
     gets the id of the workers' placement group, so whoever kills this run can free it.
     """
-    plan = plan_models(config)
+    plan = plan_models(config, inputs.get("score") if config.student.init == "prune_from_teacher" else None)
     tokenized = json.loads((inputs["tokenize"] / "manifest.json").read_text())["outputs"]
     loop_config = {
+        # A pruned student starts from the weights the score stage cut out of the teacher.
+        "score_dir": str(inputs["score"]) if "score" in inputs else None,
         "config": config, "output_dir": str(output_dir), "k": plan.k, "d_teacher": plan.teacher_hidden,
         "pairs": [list(pair) for pair in plan.layer_pairs],
         "pad_token_id": tokenized["pad_token_id"], "verbalizer_ids": tokenized["verbalizer_ids"],
@@ -144,7 +146,7 @@ def _build(loop_config: dict[str, Any]):
     settings = ObjectiveSettings(task=config.task.kind, k=loop_config["k"],
                                  **config.loss.model_dump(exclude={"feature"}), feature=config.loss.feature)
     torch.manual_seed(config.training.seed)
-    student = build_student(config)
+    student = build_student(config, loop_config["score_dir"])
     projectors = {}
     if config.loss.feature == "projector":
         projectors = {f"{p.teacher_layer}-{p.student_layer}":
@@ -233,7 +235,8 @@ def _distill_worker(loop_config: dict[str, Any]) -> None:
                 distributed.prune_checkpoints(checkpoints, KEEP_CHECKPOINTS)
         faults.maybe_kill_worker(done, distributed.rank(), output_dir)
 
-    _save_student(config, module, projectors, output_dir, tokens, time.time() - started, parts, start_step)
+    _save_student(config, module, projectors, output_dir, tokens, time.time() - started, parts, start_step,
+                  loop_config["score_dir"])
 
 
 def _refuse_non_finite(parts: dict[str, torch.Tensor], step: int) -> None:
@@ -253,13 +256,14 @@ def _progress_bar(start: int, total: int):
     return bar
 
 
-def _save_student(config, module, projectors, output_dir: Path, tokens: int, seconds: float, parts, start_step: int) -> None:
+def _save_student(config, module, projectors, output_dir: Path, tokens: int, seconds: float, parts, start_step: int,
+                  score_dir: str | None) -> None:
     """Rank 0 writes the student in Hugging Face format (a fresh CPU copy loaded with the
     gathered weights, so the saved model knows nothing of FSDP)."""
     state = distributed.full_model_state_dict(module)
     if not distributed.is_main_process():
         return
-    student = build_student(config)
+    student = build_student(config, score_dir)
     student.load_state_dict({key.removeprefix("student."): value for key, value in state.items()
                              if key.startswith("student.")})
     student.save_pretrained(output_dir / "student", safe_serialization=True)
