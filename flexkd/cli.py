@@ -7,6 +7,7 @@
     flexkd tune pipelines/x.yaml [--num-samples 16]   Ray Tune sweep of its tune.search_space
     flexkd submit pipelines/x.yaml --address http://HEAD:8265 [--wait]   run it on a Ray cluster
     flexkd status|logs|stop JOB --address http://HEAD:8265              follow a submitted pipeline
+    flexkd watch pipelines/x.yaml [--once] [--interval 300] [--address URL]   distill each new teacher release
     flexkd bench quality|speed|generation [--gpu]   benchmarks -> benchmarks/results/, benchmarks/RESULTS.md
 """
 
@@ -66,8 +67,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     config = load_config(args.pipeline, _overrides(args.set))
     plan = preflight(config)
+    pairs = "chosen by the score stage" if plan.layer_pairs is None else list(plan.layer_pairs)
     print(f"{args.pipeline}: valid. teacher d={plan.teacher_hidden} L={plan.teacher_layers}, "
-          f"student d={plan.student_hidden} L={plan.student_layers}, k={plan.k}, layer pairs {list(plan.layer_pairs)}")
+          f"student d={plan.student_hidden} L={plan.student_layers}, k={plan.k}, layer pairs {pairs}")
     return 0
 
 
@@ -127,6 +129,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_benchmark(args)
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    from flexkd.jobs import load_runtime_env
+    from flexkd.watch import Cluster, Watcher, watch
+
+    cluster = None if args.address is None else Cluster(args.address, Path(args.working_dir),
+                                                         load_runtime_env(args.runtime_env))
+    watcher = Watcher(Path(args.pipeline), _overrides(args.set), cluster=cluster, set_pairs=args.set)
+    return watch(watcher, once=args.once, interval_s=args.interval)
+
+
 def _add_address(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265"),
                         help="the cluster's dashboard (default: $RAY_API_SERVER_ADDRESS, else http://127.0.0.1:8265)")
@@ -171,6 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--working-dir", default=".", help="folder uploaded with the job; holds the pipeline file")
     submit.add_argument("--runtime-env", metavar="YAML", help="extra runtime_env, e.g. clusters/runtime_env/cpu.yaml")
     submit.set_defaults(handler=cmd_submit)
+
+    watch = commands.add_parser("watch", help="distill every new version of the pipeline's registered teacher")
+    watch.add_argument("pipeline", help="a pipeline with a watch section and teacher.path models:/<name>[@<alias>]")
+    watch.add_argument("--once", action="store_true", help="poll once and exit (1 if a version failed); for cron")
+    watch.add_argument("--interval", type=float, default=300.0, help="seconds between polls (default 300)")
+    watch.add_argument("--address", help="submit each version to this Ray cluster's dashboard instead of running "
+                       "it here")
+    watch.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    watch.add_argument("--working-dir", default=".", help="with --address: folder uploaded with each job")
+    watch.add_argument("--runtime-env", metavar="YAML", help="with --address: extra runtime_env")
+    watch.set_defaults(handler=cmd_watch)
 
     for name, handler, text in (("status", cmd_status, "print a submitted pipeline's status"),
                                 ("logs", cmd_logs, "print a submitted pipeline's logs"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,7 +22,7 @@ from flexkd.losses import FEATURE_LOSSES, LOGIT_LOSSES
 Score = Literal[IMPORTANCE_SCORES]  # type: ignore[valid-type]
 LogitLoss = Literal[LOGIT_LOSSES]  # type: ignore[valid-type]
 FeatureLoss = Literal[FEATURE_LOSSES]  # type: ignore[valid-type]
-LayerMap = Literal["last", "uniform"] | list[Annotated[list[int], Field(min_length=2, max_length=2)]]
+LayerMap = Literal["last", "uniform", "source"] | list[Annotated[list[int], Field(min_length=2, max_length=2)]]
 
 
 class ConfigError(ValueError):
@@ -59,19 +60,38 @@ class TeacherConfig(_Section):
         return self
 
 
-class StudentConfig(_Section):
-    """How the student starts: random weights (architecture overrides the teacher's config)
-    or a pretrained folder."""
+# The student.architecture fields a pruned student may set: its target sizes. Everything else
+# (head_dim, activation, RoPE, vocabulary) is the teacher's, since the weights are the teacher's.
+PRUNE_TARGET_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+                       "num_key_value_heads")
 
-    init: Literal["random", "pretrained"] = "random"
+
+class StudentConfig(_Section):
+    """How the student starts: random weights (architecture overrides the teacher's config), a
+    pretrained folder, or cut out of the teacher (``prune_from_teacher``: architecture gives the
+    target sizes; the score stage ranks the teacher's units, channels, heads and blocks and writes
+    the pruned weights, which distill starts from)."""
+
+    init: Literal["random", "pretrained", "prune_from_teacher"] = "random"
     path: str | None = None
     architecture: dict[str, Any] = Field(default_factory=dict)
+    layer_selection: Literal["uniform", "importance"] = Field(
+        "uniform", description="prune_from_teacher: the teacher blocks kept: spread evenly, or those that "
+        "change the hidden state most (the last block always)")
     seed: int = 0
 
     @model_validator(mode="after")
     def _init_needs(self) -> StudentConfig:
         if self.init == "pretrained" and not self.path:
             raise ValueError("init 'pretrained' needs student.path")
+        if self.init != "prune_from_teacher" and self.layer_selection != "uniform":
+            raise ValueError(f"student.layer_selection '{self.layer_selection}' applies only to init "
+                             "'prune_from_teacher'")
+        if self.init == "prune_from_teacher":
+            others = sorted(set(self.architecture) - set(PRUNE_TARGET_FIELDS))
+            if others:
+                raise ValueError(f"student.architecture.{others[0]}: a pruned student keeps the teacher's; "
+                                 f"init 'prune_from_teacher' takes only {', '.join(PRUNE_TARGET_FIELDS)}")
         return self
 
 
@@ -118,7 +138,10 @@ class ScoringConfig(_Section):
 
 
 class SelectionConfig(_Section):
-    method: Literal["importance", "random", "variance"] = "importance"
+    """Which teacher units each student unit is paired with. ``identity`` (the default of a pruned
+    student): student unit i with the teacher unit it was cut from."""
+
+    method: Literal["importance", "random", "variance", "identity"] = "importance"
     k: int | None = Field(None, gt=0, description="units per mapped layer; default: the student's hidden size")
     seed: int = 0
 
@@ -249,6 +272,37 @@ def _is_config_path(model: type[BaseModel], parts: list[str]) -> bool:
     return isinstance(nested, type) and issubclass(nested, BaseModel) and _is_config_path(nested, parts[1:])
 
 
+# A watched teacher is a registered model, every version of it or the one under an alias.
+WATCHED_TEACHER = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+))?$")
+
+
+class WatchConfig(_Section):
+    """``flexkd watch``: distill every new version of the registered teacher named by
+    ``teacher.path`` (``models:/<name>``: every version; ``models:/<name>@<alias>``: the version
+    under the alias at each poll), and promote the student only when it is better."""
+
+    tags: dict[str, str] = Field(default_factory=dict, description="distill only teacher versions carrying "
+                                 "all these tags, e.g. {stage: release}")
+    metric: str | None = Field(None, description="evaluation metric compared for promotion; default: "
+                               "student.accuracy (classification), student.rougeL (generation)")
+    mode: Literal["min", "max"] | None = Field(None, description="default: min for perplexity, else max")
+    margin: float = Field(0.0, ge=0, description="the new student must beat the champion by more than this")
+    champion_alias: str = Field("champion", min_length=1)
+    max_attempts: int = Field(3, gt=0, description="runs of one teacher version before it is marked failed")
+    heartbeat_s: float = Field(30.0, gt=0, description="how often a running watcher refreshes its heartbeat tag")
+    stale_after_s: float = Field(300.0, gt=0, description="a running version whose heartbeat is older is "
+                                 "taken to be dead (its watcher or job died) and retried")
+    claim_settle_s: float = Field(2.0, ge=0, description="wait between writing a claim and re-reading it; "
+                                  "a concurrent watcher's claim that lands in this window wins")
+
+    @model_validator(mode="after")
+    def _heartbeat_before_stale(self) -> WatchConfig:
+        if self.stale_after_s < 2 * self.heartbeat_s:
+            raise ValueError(f"stale_after_s ({self.stale_after_s:g}) must be at least twice heartbeat_s "
+                             f"({self.heartbeat_s:g}), or a live run would look dead")
+        return self
+
+
 class ResourcesConfig(_Section):
     num_workers: int = Field(1, gt=0)
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -274,7 +328,33 @@ class PipelineConfig(_Section):
     resources: ResourcesConfig = ResourcesConfig()
     targets: TargetsConfig = TargetsConfig()
     tune: SweepConfig | None = None
+    watch: WatchConfig | None = None
     artifact_root: str = Field("runs", description="where stage artifacts go; relative to the pipeline file")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pruned_student_defaults(cls, raw: Any) -> Any:
+        """A pruned student pairs each of its blocks with the teacher block it was cut from
+        (layer_map 'source') and each unit with its own teacher unit (selection 'identity'),
+        unless the file says otherwise."""
+        if not (isinstance(raw, dict) and isinstance(raw.get("student"), dict)
+                and raw["student"].get("init") == "prune_from_teacher"):
+            return raw
+        selection = raw.get("selection")
+        if selection is None or isinstance(selection, dict):
+            raw = {**raw, "selection": {"method": "identity", **(selection or {})}}
+        return {"layer_map": "source", **raw}
+
+    @model_validator(mode="after")
+    def _pruned_student_only(self) -> PipelineConfig:
+        if self.student.init != "prune_from_teacher":
+            if self.layer_map == "source":
+                raise ValueError("layer_map 'source' (each student block with the teacher block it was cut from) "
+                                 "needs student.init 'prune_from_teacher'")
+            if self.selection.method == "identity":
+                raise ValueError("selection.method 'identity' (each student unit with the teacher unit it was cut "
+                                 "from) needs student.init 'prune_from_teacher'")
+        return self
 
     @model_validator(mode="after")
     def _cache_serves_the_run(self) -> PipelineConfig:
@@ -286,6 +366,16 @@ class PipelineConfig(_Section):
         if self.loss.feature in ("cka", "projector") and not self.targets.full_width:
             raise ValueError(f"loss.feature '{self.loss.feature}' reads whole teacher hidden states: "
                              "with training.teacher 'cache' set targets.full_width: true")
+        return self
+
+    @model_validator(mode="after")
+    def _watch_needs_a_registered_model(self) -> PipelineConfig:
+        if self.watch is None:
+            return self
+        if self.teacher.source != "mlflow" or not WATCHED_TEACHER.match(self.teacher.path or ""):
+            raise ValueError("watch: needs teacher.source 'mlflow' and teacher.path models:/<name> or "
+                             f"models:/<name>@<alias>, not a version (got {self.teacher.path!r}); "
+                             "the watcher pins each version itself")
         return self
 
     def fingerprint(self) -> str:

@@ -111,7 +111,7 @@ def submit(address: str, pipeline: Path, config: PipelineConfig, overrides: list
     check_submittable(config, pipeline, working_dir)
     client = connect(address)
     base_id = submission_id(config)
-    latest = _latest_attempt(client, base_id)
+    latest = latest_attempt(client, base_id)
     if latest is not None and latest.status.value in ("PENDING", "RUNNING"):
         job_id = latest.submission_id
         print(f"attaching to {latest.status.value} job {job_id}")
@@ -140,7 +140,8 @@ def _attempt_number(base_id: str, job_id: str) -> int:
     return int(match.group(1) or 1)
 
 
-def _latest_attempt(client, base_id: str):
+def latest_attempt(client, base_id: str):
+    """The cluster's newest job among ``base_id``, ``base_id-r2``, ...; None if there is none."""
     attempts = [job for job in client.list_jobs() if job.submission_id and _attempt_number(base_id, job.submission_id)]
     return max(attempts, key=lambda job: _attempt_number(base_id, job.submission_id), default=None)
 

@@ -26,6 +26,7 @@ class StudentEvaluator:
         from flexkd.stages.evaluate import TOKEN_COLUMNS, read_eval_rows
 
         self.config, self.device = config, device
+        self.score_dir = loop_config.get("score_dir")
         self.rows = read_eval_rows(Path(loop_config["eval_dir"]))
         size = config.evaluation.batch_size
         self.batches = [collate_batch(self.rows.slice(start, size).select(TOKEN_COLUMNS).to_pydict(),
@@ -37,7 +38,7 @@ class StudentEvaluator:
     def __call__(self, module: torch.nn.Module) -> dict[str, float]:
         from flexkd.stages.evaluate import generate_and_score
 
-        student = _plain_student(self.config, module)
+        student = _plain_student(self.config, module, self.score_dir)
         values = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
         if student is not None:
             student.eval()
@@ -45,7 +46,7 @@ class StudentEvaluator:
                 scores = self._classify(student)
             else:
                 scores, _ = generate_and_score(student, self.rows, self.config, self.tokenizer, self.pad_token_id,
-                                               self.device, "student")
+                                               self.device)
             student.train()
             values += torch.tensor([scores[name] for name in self.names], dtype=torch.float64, device=self.device)
         distributed.all_reduce_sum_(values)  # only rank 0 added its metrics
@@ -67,7 +68,7 @@ class StudentEvaluator:
         return {"accuracy": accuracy, "macro_f1": macro_f1(predicted, actual)}
 
 
-def _plain_student(config: PipelineConfig, module: torch.nn.Module):
+def _plain_student(config: PipelineConfig, module: torch.nn.Module, score_dir: str | None):
     """The student as a plain model on rank 0 (None elsewhere). One rank: the trained module
     itself. Several: a copy with the gathered weights, since a sharded student can only run
     inside the root module's forward. Collective."""
@@ -76,7 +77,7 @@ def _plain_student(config: PipelineConfig, module: torch.nn.Module):
     state = distributed.full_model_state_dict(module)
     if not distributed.is_main_process():
         return None
-    student = build_student(config)
+    student = build_student(config, score_dir)
     student.load_state_dict({key.removeprefix("student."): value for key, value in state.items()
                              if key.startswith("student.")})
     return student.to(distributed.device())

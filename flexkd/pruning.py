@@ -28,7 +28,16 @@ from flexkd.selection import select_top_k_units
 
 LayerSelection = Literal["uniform", "importance"]
 LAYER_SELECTIONS = ("uniform", "importance")
-_FIELD = "student.prune"
+# The pipeline-config field each target comes from (flexkd.resolve.prune_targets), so that an
+# error names what to change in the pipeline file.
+CONFIG_FIELDS = {
+    "hidden_size": "student.architecture.hidden_size",
+    "num_layers": "student.architecture.num_hidden_layers",
+    "intermediate_size": "student.architecture.intermediate_size",
+    "num_key_value_heads": "student.architecture.num_key_value_heads",
+    "num_attention_heads": "student.architecture.num_attention_heads",
+    "layer_selection": "student.layer_selection",
+}
 
 
 @dataclass(frozen=True)
@@ -47,11 +56,11 @@ class PruneTargets:
         for name in ("hidden_size", "num_layers", "intermediate_size", "num_key_value_heads", "num_attention_heads"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{_FIELD}.{name} = {value!r} must be a positive integer")
+                raise ValueError(f"{CONFIG_FIELDS[name]} = {value!r} must be a positive integer")
         if self.layer_selection not in LAYER_SELECTIONS:
-            raise ValueError(f"{_FIELD}.layer_selection = {self.layer_selection!r} is not one of {LAYER_SELECTIONS}")
+            raise ValueError(f"{CONFIG_FIELDS['layer_selection']} = {self.layer_selection!r} is not one of {LAYER_SELECTIONS}")
         if self.num_attention_heads is not None and self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"{_FIELD}.num_key_value_heads = {self.num_key_value_heads} does not divide "
+            raise ValueError(f"{CONFIG_FIELDS['num_key_value_heads']} = {self.num_key_value_heads} does not divide "
                              f"num_attention_heads = {self.num_attention_heads}")
 
     @classmethod
@@ -67,17 +76,17 @@ class PruneTargets:
                                    ("intermediate_size", "intermediate_size"),
                                    ("num_key_value_heads", "num_key_value_heads")):
             if getattr(self, name) > getattr(teacher, teacher_name):
-                raise ValueError(f"{_FIELD}.{name} = {getattr(self, name)} exceeds the teacher's "
+                raise ValueError(f"{CONFIG_FIELDS[name]} = {getattr(self, name)} exceeds the teacher's "
                                  f"{getattr(teacher, teacher_name)}")
         queries_per_group = teacher.num_attention_heads // teacher.num_key_value_heads
         heads = self.num_key_value_heads * queries_per_group
         if self.num_attention_heads is not None and self.num_attention_heads != heads:
-            raise ValueError(f"{_FIELD}.num_attention_heads = {self.num_attention_heads} must be num_key_value_heads "
+            raise ValueError(f"{CONFIG_FIELDS['num_attention_heads']} = {self.num_attention_heads} must be num_key_value_heads "
                              f"x {queries_per_group} = {heads}: heads are pruned as whole groups of the teacher's "
                              f"{queries_per_group} query heads per KV head")
         if teacher.model_type == "llama" and self.hidden_size % heads:
             # LlamaConfig refuses this even with an explicit head_dim (the other families do not).
-            raise ValueError(f"{_FIELD}.hidden_size = {self.hidden_size} is not a multiple of the {heads} attention "
+            raise ValueError(f"{CONFIG_FIELDS['hidden_size']} = {self.hidden_size} is not a multiple of the {heads} attention "
                              f"heads that num_key_value_heads = {self.num_key_value_heads} keeps (LlamaConfig requires it)")
 
 
@@ -121,7 +130,8 @@ def kept_layer_indices(teacher_layers: int, student_layers: int, selection: Laye
     ([L_T], see :func:`flexkd.pruning_scores.block_change_sum`).
     """
     if not 1 <= student_layers <= teacher_layers:
-        raise ValueError(f"{_FIELD}.num_layers = {student_layers} must be between 1 and the teacher's {teacher_layers}")
+        raise ValueError(f"{CONFIG_FIELDS['num_layers']} = {student_layers} must be between 1 and the teacher's "
+                         f"{teacher_layers}")
     if selection == "uniform":
         if student_layers == 1:
             return [teacher_layers - 1]
@@ -129,9 +139,9 @@ def kept_layer_indices(teacher_layers: int, student_layers: int, selection: Laye
         # Integer round-half-up of j * span / steps; a step of at least 1 keeps the indices distinct.
         return [(2 * j * span + steps) // (2 * steps) for j in range(student_layers)]
     if selection != "importance":
-        raise ValueError(f"{_FIELD}.layer_selection = {selection!r} is not one of {LAYER_SELECTIONS}")
+        raise ValueError(f"{CONFIG_FIELDS['layer_selection']} = {selection!r} is not one of {LAYER_SELECTIONS}")
     if block_change is None or block_change.shape != (teacher_layers,):
-        raise ValueError(f"{_FIELD}.layer_selection = 'importance' needs block-change scores for all "
+        raise ValueError(f"{CONFIG_FIELDS['layer_selection']} = 'importance' needs block-change scores for all "
                          f"{teacher_layers} teacher blocks (collect_pruning_scores)")
     others = select_top_k_units(block_change[:-1].float(), student_layers - 1) if student_layers > 1 else []
     return sorted([int(index) for index in others] + [teacher_layers - 1])
@@ -196,16 +206,16 @@ def prune_llama(teacher: PreTrainedModel, hidden_units: Tensor, targets: PruneTa
     targets.validate_for(config)
     hidden_units = _checked_hidden_units(hidden_units, targets.hidden_size, config.hidden_size)
     kv_heads, queries_per_group = config.num_key_value_heads, config.num_attention_heads // config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = teacher_head_dim(config)
     needs = {"mlp": targets.intermediate_size < config.intermediate_size,
              "attention": targets.num_key_value_heads < kv_heads,
              "block_change": targets.layer_selection == "importance"}
-    reasons = {"mlp": f"intermediate_size = {targets.intermediate_size}",
-               "attention": f"num_key_value_heads = {targets.num_key_value_heads}",
-               "block_change": "layer_selection = 'importance'"}
+    reasons = {"mlp": f"{CONFIG_FIELDS['intermediate_size']} = {targets.intermediate_size}",
+               "attention": f"{CONFIG_FIELDS['num_key_value_heads']} = {targets.num_key_value_heads}",
+               "block_change": f"{CONFIG_FIELDS['layer_selection']} = 'importance'"}
     for key, needed in needs.items():
         if needed and (scores is None or key not in scores):
-            raise ValueError(f"{_FIELD}.{reasons[key]} needs '{key}' pruning scores (collect_pruning_scores)")
+            raise ValueError(f"{reasons[key]} needs '{key}' pruning scores (collect_pruning_scores)")
     kept = kept_layer_indices(config.num_hidden_layers, targets.num_layers, targets.layer_selection,
                               scores["block_change"] if needs["block_change"] else None)
 
@@ -239,7 +249,7 @@ def prune_llama(teacher: PreTrainedModel, hidden_units: Tensor, targets: PruneTa
             raise ValueError(f"cannot prune parameter {name!r}: not a weight of a llama-family model")
         state[name] = _take(tensor, spec, index)
 
-    student = _fresh_model(teacher, _student_config(config, targets, kept, head_dim))
+    student = _fresh_model(teacher, pruned_model_config(config, targets, kept))
     student.load_state_dict(state, strict=True)
     return student.eval()
 
@@ -247,7 +257,8 @@ def prune_llama(teacher: PreTrainedModel, hidden_units: Tensor, targets: PruneTa
 def _checked_hidden_units(hidden_units: Tensor, size: int, teacher_size: int) -> Tensor:
     hidden_units = torch.as_tensor(hidden_units).long().cpu()
     if hidden_units.shape != (size,):
-        raise ValueError(f"hidden_units has shape {tuple(hidden_units.shape)}; {_FIELD}.hidden_size needs ({size},)")
+        raise ValueError(f"hidden_units has shape {tuple(hidden_units.shape)}; {CONFIG_FIELDS['hidden_size']} = {size} "
+                         f"needs ({size},)")
     if hidden_units.unique().numel() != size or not bool(((hidden_units >= 0) & (hidden_units < teacher_size)).all()):
         raise ValueError(f"hidden_units must be {size} distinct teacher units in 0..{teacher_size - 1}")
     return hidden_units
@@ -265,8 +276,14 @@ def _take(tensor: Tensor, spec: tuple[str | None, ...], index: Mapping[str, Tens
     return tensor.detach().clone()
 
 
-def _student_config(config: PretrainedConfig, targets: PruneTargets, kept: list[int],
-                    head_dim: int) -> PretrainedConfig:
+def teacher_head_dim(config: PretrainedConfig) -> int:
+    """The width of one attention head, which a pruned student keeps (it drops whole heads)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def pruned_model_config(config: PretrainedConfig, targets: PruneTargets, kept: Sequence[int]) -> PretrainedConfig:
+    """The config of the student cut from a teacher with ``config``, keeping blocks ``kept``."""
+    head_dim = teacher_head_dim(config)
     fields: dict[str, Any] = config.to_dict()
     fields.pop("quantization_config", None)
     heads = targets.num_key_value_heads * (config.num_attention_heads // config.num_key_value_heads)

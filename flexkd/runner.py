@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -131,9 +132,14 @@ def ensure_ray() -> None:
     (flexkd.faults) are forwarded to the job's workers.
     """
     import ray
+    import ray.data
 
     if ray.is_initialized():
         return
+    if not sys.stdout.isatty():
+        # Into a log file (CI, a Ray job, `| tee`) Ray Data's bars become a block of lines every
+        # 10 s per dataset; the stages log their own start, end and step lines instead.
+        ray.data.DataContext.get_current().enable_progress_bars = False
     runtime_env = _forwarded_runtime_env()
     address = os.environ.get("RAY_ADDRESS", "").strip()
     if address:
@@ -263,7 +269,7 @@ def run_pipeline(config: PipelineConfig, stages: tuple[str, ...] = STAGES, force
     pipeline_dir = Path(config.artifact_root) / config.name
     with mlflow.start_run(experiment_id=experiment_id, run_name=config.name) as parent:
         mlflow.set_tags({"flexkd.pipeline": config.name, "flexkd.fingerprint": config.fingerprint(),
-                         "flexkd.version": __version__})
+                         "flexkd.version": __version__, "flexkd.student.init": config.student.init})
         log_config(config)
         result = PipelineResult(config, parent.info.run_id, uri)
         for stage in pipeline_stages(config):

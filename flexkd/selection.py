@@ -143,3 +143,36 @@ def selection_overlap(a: Tensor, b: Tensor) -> float:
     set_a, set_b = set(a.tolist()), set(b.tolist())
     union = set_a | set_b
     return len(set_a & set_b) / len(union) if union else 1.0
+
+
+def selection_rank_correlation(a: Tensor, b: Tensor) -> float:
+    """Spearman rank correlation of two ordered selections over the union of their units.
+
+    A unit's rank in a selection is its position (0 = most important). A unit that a selection
+    does not contain is tied behind all of its selected units: it gets the mean of the ranks that
+    selection leaves free (``len(a) .. |union| - 1``). The ranks are then correlated (Pearson),
+    which is Spearman's rho with ties averaged. Identical orders give 1, reversed orders -1.
+
+    Args:
+        a: [k_a] ordered unit indices, most important first.
+        b: [k_b] ordered unit indices.
+
+    Returns:
+        rho in [-1, 1]; 1.0 when the union holds a single unit (there is nothing to order).
+    """
+    units = sorted(set(a.tolist()) | set(b.tolist()))
+    if len(units) < 2:
+        return 1.0
+    ranks_a, ranks_b = _union_ranks(a, units), _union_ranks(b, units)
+    centred_a, centred_b = ranks_a - ranks_a.mean(), ranks_b - ranks_b.mean()
+    denominator = centred_a.norm() * centred_b.norm()
+    if denominator == 0:  # an empty selection orders nothing
+        return 0.0
+    return float((centred_a @ centred_b) / denominator)
+
+
+def _union_ranks(selection: Tensor, units: list[int]) -> Tensor:
+    """[len(units)] float64 ranks of ``units`` in ``selection``, unselected units tied last."""
+    position = {unit: rank for rank, unit in enumerate(selection.tolist())}
+    tied_rank = (len(position) + len(units) - 1) / 2  # mean of the free ranks len(position) .. len(units)-1
+    return torch.tensor([float(position.get(unit, tied_rank)) for unit in units], dtype=torch.float64)

@@ -42,7 +42,7 @@ from flexkd.losses import LinearProjector
 from flexkd.models import parameter_count
 from flexkd.objective import LayerPair, ObjectiveSettings, StudentWithObjective
 from flexkd.periodic_eval import StudentEvaluator
-from flexkd.ray_jobs import run_workers
+from flexkd.ray_jobs import progress_bars_wanted, run_workers
 from flexkd.resolve import build_student, load_pipeline_tokenizer, load_teacher, plan_models
 from flexkd.teacher_targets import cached_teacher_outputs, online_teacher_outputs, units_column
 from flexkd.tracking import WorkerMetricLogger, tracking_uri
@@ -58,7 +58,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
 
     metrics = train_student(config, inputs, output_dir, tracking_run_id=mlflow.active_run().info.run_id)
     mlflow.log_metrics({f"final.{key}": value for key, value in metrics.items() if isinstance(value, (int, float))})
-    return {**metrics, "student_dir": str(output_dir / "student")}
+    return {**metrics, "student_dir": str(output_dir / "student"), "student_init": config.student.init}
 
 
 def train_student(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path, *,
@@ -73,15 +73,18 @@ def train_student(config: PipelineConfig, inputs: dict[str, Path], output_dir: P
     all the trials of a sweep; by default they are read from ``inputs``. ``placement_group_file``
     gets the id of the workers' placement group, so whoever kills this run can free it.
     """
-    plan = plan_models(config)
+    plan = plan_models(config, inputs.get("score") if config.student.init == "prune_from_teacher" else None)
     tokenized = json.loads((inputs["tokenize"] / "manifest.json").read_text())["outputs"]
     loop_config = {
+        # A pruned student starts from the weights the score stage cut out of the teacher.
+        "score_dir": str(inputs["score"]) if "score" in inputs else None,
         "config": config, "output_dir": str(output_dir), "k": plan.k, "d_teacher": plan.teacher_hidden,
         "pairs": [list(pair) for pair in plan.layer_pairs],
         "pad_token_id": tokenized["pad_token_id"], "verbalizer_ids": tokenized["verbalizer_ids"],
         "tracking_uri": tracking_uri(config) if tracking_run_id else None, "run_id": tracking_run_id,
         "eval_every": eval_every, "eval_dir": str(inputs["tokenize"] / "eval"),
         "placement_group_file": str(placement_group_file) if placement_group_file else None,
+        "progress_bars": progress_bars_wanted(),
     }
     if config.training.teacher == "cache":
         from flexkd.stages.targets import check_cache
@@ -167,7 +170,7 @@ def _build(loop_config: dict[str, Any]):
     settings = ObjectiveSettings(task=config.task.kind, k=loop_config["k"],
                                  **config.loss.model_dump(exclude={"feature"}), feature=config.loss.feature)
     torch.manual_seed(config.training.seed)
-    student = build_student(config)
+    student = build_student(config, loop_config["score_dir"])
     projectors = {}
     if config.loss.feature == "projector":
         projectors = {f"{p.teacher_layer}-{p.student_layer}":
@@ -197,10 +200,10 @@ def _teacher_outputs(loop_config: dict[str, Any], config: PipelineConfig, pairs:
 
 
 def _distill_worker(loop_config: dict[str, Any]) -> None:
+    distributed.use_threads(loop_config["config"].resources.threads_per_worker)
     placement_group = ray.util.get_current_placement_group()
     if loop_config["placement_group_file"] and placement_group and distributed.is_main_process():
         Path(loop_config["placement_group_file"]).write_text(placement_group.id.hex())
-    distributed.use_threads(loop_config["config"].resources.threads_per_worker)
     config, device, pairs, module, projectors = _build(loop_config)
     output_dir = Path(loop_config["output_dir"])
     checkpoints = output_dir / "checkpoints"
@@ -217,7 +220,7 @@ def _distill_worker(loop_config: dict[str, Any]) -> None:
     per_rank_batch = max(1, config.training.batch_size // distributed.world_size())
     batches = _endless_batches(ray.train.get_dataset_shard("train"), per_rank_batch, skip=start_step)
     logger = WorkerMetricLogger(loop_config["tracking_uri"], loop_config["run_id"]) if distributed.is_main_process() else None
-    progress = _progress_bar(start_step, config.training.steps)
+    progress = _progress_bar(start_step, config.training.steps) if loop_config["progress_bars"] else None
 
     tokens, started, parts = 0, time.time(), {}
     for step in range(start_step, config.training.steps):
@@ -246,7 +249,10 @@ def _distill_worker(loop_config: dict[str, Any]) -> None:
                 metrics |= evaluator(module)
             if logger is not None:
                 logger.log(metrics, step=done)
-            if evaluate_now or evaluator is None:  # a Tune trial reports only steps with its metric
+                if progress is None:  # no terminal to draw a bar on: one line per logged step instead
+                    print(f"distill step {done}/{config.training.steps}: " + ", ".join(
+                        f"{name.removeprefix('train.')} {value:.4g}" for name, value in metrics.items()), flush=True)
+            if evaluate_now:  # only Tune reads reports; each one is a barrier across the workers
                 ray.train.report({"step": done, **metrics})
         if done % config.training.checkpoint_every == 0 or last:
             distributed.save_checkpoint(checkpoints, module, optimizer, done)
@@ -254,7 +260,8 @@ def _distill_worker(loop_config: dict[str, Any]) -> None:
                 distributed.prune_checkpoints(checkpoints, KEEP_CHECKPOINTS)
         faults.maybe_kill_worker(done, distributed.rank(), output_dir)
 
-    _save_student(config, module, projectors, output_dir, tokens, time.time() - started, parts, start_step)
+    _save_student(config, module, projectors, output_dir, tokens, time.time() - started, parts, start_step,
+                  loop_config["score_dir"])
 
 
 def _refuse_non_finite(parts: dict[str, torch.Tensor], step: int) -> None:
@@ -274,13 +281,14 @@ def _progress_bar(start: int, total: int):
     return bar
 
 
-def _save_student(config, module, projectors, output_dir: Path, tokens: int, seconds: float, parts, start_step: int) -> None:
+def _save_student(config, module, projectors, output_dir: Path, tokens: int, seconds: float, parts, start_step: int,
+                  score_dir: str | None) -> None:
     """Rank 0 writes the student in Hugging Face format (a fresh CPU copy loaded with the
     gathered weights, so the saved model knows nothing of FSDP)."""
     state = distributed.full_model_state_dict(module)
     if not distributed.is_main_process():
         return
-    student = build_student(config)
+    student = build_student(config, score_dir)
     student.load_state_dict({key.removeprefix("student."): value for key, value in state.items()
                              if key.startswith("student.")})
     student.save_pretrained(output_dir / "student", safe_serialization=True)

@@ -40,9 +40,9 @@ from flexkd import distributed
 from flexkd.config import PipelineConfig, stable_hash
 from flexkd.data import collate_batch
 from flexkd.errors import StageError
-from flexkd.layers import last_token_positions
 from flexkd.models import load_model, parameter_count
-from flexkd.objective import class_logits
+from flexkd.objective import class_logits, scored_positions
+from flexkd.ray_jobs import progress_bars_wanted
 from flexkd.resolve import load_pipeline_tokenizer, load_teacher
 
 # The teacher's kept scores, beside the evaluate stage's fingerprint folders.
@@ -60,9 +60,9 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
                                num_gpus=1 if resources.use_gpu else 0)(evaluate_models)
     eval_dir, student_dir = inputs["tokenize"] / "eval", inputs["distill"] / "student"
     try:
-        result = ray.get(evaluate_task.remote(config, str(eval_dir), str(student_dir),
-                                              tokenized["pad_token_id"], tokenized["verbalizer_ids"],
-                                              str(output_dir.parent / TEACHER_SCORES_DIR)))
+        result = ray.get(evaluate_task.remote(config, str(eval_dir), str(student_dir), tokenized["pad_token_id"],
+                                              tokenized["verbalizer_ids"], str(output_dir.parent / TEACHER_SCORES_DIR),
+                                              progress_bars_wanted()))
     except ray.exceptions.RayTaskError as error:
         # Name the task's own error: the first line of Ray's wrapper only names the task's pid.
         raise StageError(f"evaluate: {type(error.cause).__name__}: {error.cause}".splitlines()[0]) from error
@@ -79,7 +79,8 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
 
 
 def evaluate_models(config: PipelineConfig, eval_dir: str, student_dir: str, pad_token_id: int,
-                    verbalizer_ids: list[int] | None, teacher_scores_dir: str | None = None) -> dict[str, Any]:
+                    verbalizer_ids: list[int] | None, teacher_scores_dir: str | None = None,
+                    progress_bars: bool = False) -> dict[str, Any]:
     """The body of the Ray task: metrics of both models and their first sampled predictions.
     ``teacher_scores_dir``: where the teacher's scores are kept and looked up (None: not kept)."""
     distributed.use_threads(config.resources.threads_per_worker)
@@ -99,10 +100,13 @@ def evaluate_models(config: PipelineConfig, eval_dir: str, student_dir: str, pad
         else:
             # One model in memory at a time: the teacher may be far larger than the student.
             model = load().to(device)
+            progress_label = f"evaluate {role}" if progress_bars else None
             if config.task.kind == "classification":
-                scores, outputs[role] = classify(model, table, config, pad_token_id, verbalizer_ids, device, role)
+                scores, outputs[role] = classify(model, table, config, pad_token_id, verbalizer_ids, device,
+                                                 progress_label)
             else:
-                scores, outputs[role] = generate_and_score(model, table, config, tokenizer, pad_token_id, device, role)
+                scores, outputs[role] = generate_and_score(model, table, config, tokenizer, pad_token_id, device,
+                                                           progress_label)
             scores["parameters"] = parameter_count(model)
             del model
             if role == "teacher" and teacher_file is not None:
@@ -143,16 +147,17 @@ def read_eval_rows(eval_dir: Path) -> pa.Table:
 
 @torch.no_grad()
 def classify(model, table: pa.Table, config: PipelineConfig, pad_token_id: int, verbalizer_ids: list[int],
-             device: torch.device, role: str) -> tuple[dict[str, float], list[str]]:
-    """Accuracy and macro-F1 of the argmax verbalizer score, and the predicted label names."""
+             device: torch.device, progress_label: str | None = None) -> tuple[dict[str, float], list[str]]:
+    """Accuracy and macro-F1 of the argmax verbalizer score, and the predicted label names.
+    ``progress_label``: the progress bar's label; None draws no bar."""
     verbalizers = torch.tensor(verbalizer_ids, device=device)
     predicted: list[int] = []
-    for chunk in _batches(table, config.evaluation.batch_size, role):
+    for chunk in _batches(table, config.evaluation.batch_size, progress_label):
         batch = _collate(chunk, pad_token_id, device)
         # Only the last prompt token's logits are read: projecting every position onto the
-        # vocabulary would be most of a small student's evaluation.
-        last = last_token_positions(batch["attention_mask"]).unsqueeze(1)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=last).logits
+        # vocabulary would be most of the forward's cost.
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       logits_to_keep=scored_positions("classification", batch)).logits
         predicted += class_logits(logits, batch["attention_mask"], verbalizers).argmax(dim=-1).tolist()
     actual = table.column("class_label").to_pylist()
     scores = {"accuracy": float(np.mean(np.equal(predicted, actual))), "macro_f1": macro_f1(predicted, actual)}
@@ -161,11 +166,11 @@ def classify(model, table: pa.Table, config: PipelineConfig, pad_token_id: int, 
 
 @torch.no_grad()
 def generate_and_score(model, table: pa.Table, config: PipelineConfig, tokenizer, pad_token_id: int,
-                       device: torch.device, role: str) -> tuple[dict[str, float], list[str]]:
+                       device: torch.device, progress_label: str | None = None) -> tuple[dict[str, float], list[str]]:
     """ROUGE-L of greedy continuations and response perplexity, and the continuations."""
     continuations: list[str] = []
     summed_nll, response_tokens = 0.0, 0
-    for chunk in _batches(table, config.evaluation.batch_size, role):
+    for chunk in _batches(table, config.evaluation.batch_size, progress_label):
         generated = greedy_continuations(model, chunk, pad_token_id, config.evaluation.max_new_tokens, device)
         continuations += tokenizer.batch_decode(generated, skip_special_tokens=True)
         batch = _collate(chunk, pad_token_id, device)
@@ -213,10 +218,10 @@ def macro_f1(predicted: Sequence[int], actual: Sequence[int]) -> float:
     return float(np.mean(scores))
 
 
-def _batches(table: pa.Table, batch_size: int, role: str):
+def _batches(table: pa.Table, batch_size: int, progress_label: str | None):
     # Ray's tqdm: a plain tqdm bar in a Ray task reaches the driver as garbled log lines.
     starts = range(0, table.num_rows, batch_size)
-    for start in tqdm(starts, total=len(starts), desc=f"evaluate {role}"):
+    for start in (starts if progress_label is None else tqdm(starts, total=len(starts), desc=progress_label)):
         yield table.slice(start, batch_size)
 
 

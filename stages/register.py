@@ -7,6 +7,8 @@ and registered as a new version of ``tracking.registered_model_name`` (default
 
     flexkd.teacher.name, flexkd.teacher.version   the teacher it was distilled from
     flexkd.importance_run                         the MLflow run of the score stage
+    flexkd.student.init                           how the student started (random, pretrained,
+                                                  prune_from_teacher)
     flexkd.pipeline, flexkd.pipeline_fingerprint  the pipeline and its resolved config
     metric.<name>                                 every evaluation metric (teacher.* and student.*)
 
@@ -54,6 +56,7 @@ def lineage_tags(config: PipelineConfig, importance_run: str, metrics: dict[str,
         "flexkd.importance_run": importance_run,
         "flexkd.pipeline": config.name,
         "flexkd.pipeline_fingerprint": config.fingerprint(),
+        "flexkd.student.init": config.student.init,
     }
     return tags | {f"metric.{name}": str(value) for name, value in metrics.items()}
 

@@ -9,18 +9,43 @@ vector. The driver then orders the units and writes:
     importance/layer_<l>.npy   float32 [d_teacher], per teacher layer
     importance.png             sorted scores per layer
     selected.json              per layer: ordered indices, k, score, method, d_teacher
+
+With ``student.init: prune_from_teacher`` the same backward also feeds a
+:class:`~flexkd.pruning_scores.PruningScoreCollector` (importance of every block's output units,
+MLP channels and key/value groups, and each block's change of the hidden state; sums all-reduced
+like the importance), and rank 0 cuts the student out of the teacher:
+
+    pruning/scores.safetensors  the collector's summed scores (residual [L, d], mlp [L, I],
+                                attention [L, KV], block_change [L], examples, tokens)
+    pruning/selection.json      kept teacher blocks, kept residual units (ordered: student unit i
+                                is teacher unit hidden_units[i]), target sizes, layer pairs
+    pruned_student/             the pruned student, Hugging Face format: distill starts from it
+
+The residual units are ranked by their importance summed over the mapped teacher blocks (with
+the default layer_map 'source', every block the student keeps). With the default selection
+'identity', selected.json pairs student unit i with teacher unit hidden_units[i] at every mapped
+layer, so the feature loss holds each unit to the one it was cut from.
+
+FSDP2 and the collector's hooks: the hooks sit on the blocks and on their ``o_proj`` and
+``down_proj`` and read activations, never parameters, so a sharded teacher scores exactly like a
+whole one (tests/test_pruning_distributed.py). Pruning itself slices every full weight of a plain
+module, which a sharded teacher does not hold: with one worker the teacher is never sharded and is
+pruned as it is; with several, rank 0 loads a plain copy after the scoring pass.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
 import torch
+from safetensors.torch import save_file
 
 from flexkd import distributed
 from flexkd.config import PipelineConfig
@@ -30,7 +55,16 @@ from flexkd.layers import forward_with_hidden_states
 from flexkd.objective import summed_task_loss
 from flexkd.plots import plot_importance
 from flexkd.ray_jobs import run_workers
-from flexkd.resolve import load_teacher, plan_models
+from flexkd.pruning import hidden_units_by_importance, kept_layer_indices, prune_llama, pruned_student_layer_map
+from flexkd.pruning_scores import PruningScoreCollector
+from flexkd.resolve import (
+    PRUNED_STUDENT_DIR,
+    PRUNING_SELECTION,
+    load_pipeline_tokenizer,
+    load_teacher,
+    plan_models,
+    prune_targets,
+)
 from flexkd.selection import (
     activation_moments,
     select_random_units,
@@ -44,18 +78,26 @@ log = logging.getLogger("flexkd")
 
 def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> dict[str, Any]:
     plan = plan_models(config)
+    prune = config.student.init == "prune_from_teacher"
+    # Blocks chosen by their scores are not known yet: score every block's output, keep the mapped.
+    layers = list(range(1, plan.teacher_layers + 1)) if plan.layer_pairs is None else plan.teacher_layer_indices
     tokenized = json.loads((inputs["tokenize"] / "manifest.json").read_text())
     raw_dir = output_dir / "raw"
     run_workers(
         "score", config, _score_worker,
-        loop_config={"config": config, "layers": plan.teacher_layer_indices, "raw_dir": str(raw_dir),
-                     "pad_token_id": tokenized["outputs"]["pad_token_id"],
+        loop_config={"config": config, "layers": layers, "raw_dir": str(raw_dir), "output_dir": str(output_dir),
+                     "prune": prune, "pad_token_id": tokenized["outputs"]["pad_token_id"],
                      "verbalizer_ids": tokenized["outputs"]["verbalizer_ids"]},
         datasets={"score": ray.data.read_parquet(str(inputs["tokenize"] / "score"))},
         run_name="score", storage=output_dir / "ray",
     )
     sums = torch.load(raw_dir / "sums.pt", weights_only=True)
-    selected = _select(config, plan.k, plan.teacher_hidden, sums, data_fingerprint=tokenized["fingerprint"])
+    hidden_units = None
+    if prune:  # now the kept blocks, and so the layer pairs, are known
+        plan = plan_models(config, output_dir)
+        hidden_units = json.loads((output_dir / PRUNING_SELECTION).read_text())["hidden_units"]
+    selected = _select(config, plan.k, plan.teacher_hidden, sums, plan.teacher_layer_indices, hidden_units,
+                       data_fingerprint=tokenized["fingerprint"])
 
     importance_dir = output_dir / "importance"
     importance_dir.mkdir(exist_ok=True)
@@ -72,16 +114,27 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
     mlflow.log_artifact(str(output_dir / "importance.png"))
     mlflow.log_artifact(str(output_dir / "selected.json"))
     mlflow.log_metrics({"examples": float(sums["examples"]), "k": float(plan.k)})
-    return {"examples": int(sums["examples"]), "k": plan.k, "layers": plan.teacher_layer_indices,
-            "selection": config.selection.method, "score": config.scoring.score}
+    mlflow.set_tag("flexkd.student.init", config.student.init)
+    outputs = {"examples": int(sums["examples"]), "k": plan.k, "layers": plan.teacher_layer_indices,
+               "selection": config.selection.method, "score": config.scoring.score,
+               "student_init": config.student.init}
+    if prune:
+        mlflow.log_artifacts(str(output_dir / PRUNING_SELECTION.parent), "pruning")
+        kept = json.loads((output_dir / PRUNING_SELECTION).read_text())["kept_layers"]
+        outputs |= {"pruned_student_dir": str(output_dir / PRUNED_STUDENT_DIR), "kept_layers": kept,
+                    "layer_pairs": [list(pair) for pair in plan.layer_pairs]}
+    return outputs
 
 
-def _select(config: PipelineConfig, k: int, d_teacher: int, sums: dict, data_fingerprint: str) -> dict:
-    """Ordered unit indices per teacher layer, for the configured selection method."""
+def _select(config: PipelineConfig, k: int, d_teacher: int, sums: dict, layers_mapped: list[int],
+            hidden_units: list[int] | None, data_fingerprint: str) -> dict:
+    """Ordered unit indices per mapped teacher layer, for the configured selection method."""
     layers = {}
-    for layer, unit_sum in sums["importance"].items():
-        method = config.selection.method
-        if method == "importance":
+    for layer in layers_mapped:
+        unit_sum, method = sums["importance"][layer], config.selection.method
+        if method == "identity":  # student unit i is the teacher unit it was cut from
+            indices = torch.tensor(hidden_units[:k])
+        elif method == "importance":
             indices = select_top_k_units(finalize_importance(unit_sum, sums["examples"]), k)
         elif method == "random":
             indices = select_random_units(d_teacher, k, seed=config.selection.seed + layer)
@@ -102,6 +155,7 @@ def _score_worker(loop_config: dict[str, Any]) -> None:
     teacher = distributed.shard_model(load_teacher(config).to(device), trainable=False)
     verbalizer_ids = loop_config["verbalizer_ids"]
     verbalizer_ids = torch.tensor(verbalizer_ids, device=device) if verbalizer_ids else None
+    collector = PruningScoreCollector(teacher) if loop_config["prune"] else None
 
     d_teacher = teacher.config.hidden_size
     importance = {layer: torch.zeros(d_teacher, dtype=torch.float32, device=device) for layer in layers}
@@ -113,28 +167,34 @@ def _score_worker(loop_config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("score")
     batches = shard.iter_batches(batch_size=config.scoring.batch_size, batch_format="numpy")
     last_rows = None
-    for rows in _lockstep(batches):
-        # A rank whose shard ran out still runs the forward (FSDP2 all-gathers are collective)
-        # on its last batch, and adds nothing.
-        weight = 0.0 if rows is None else 1.0
-        rows = last_rows if rows is None else rows
-        if rows is None:
-            raise RuntimeError("a scoring worker got no data: use fewer workers than scoring examples")
-        last_rows = rows
-        batch = {key: value.to(device) for key, value in collate_batch(rows, loop_config["pad_token_id"]).items()}
-        logits, hidden = forward_with_hidden_states(teacher, batch["input_ids"], batch["attention_mask"], layers)
-        loss = summed_task_loss(config.task.kind, logits, batch, verbalizer_ids)
-        gradients = hidden_state_gradients(loss, [hidden[layer] for layer in layers])
-        if weight == 0.0:
-            continue
-        for layer, gradient in zip(layers, gradients):
-            importance[layer] += unit_importance_sum(gradient, hidden[layer].detach(), batch["attention_mask"],
-                                                     config.scoring.score)
-            for total, part in zip(moments[layer], activation_moments(hidden[layer].detach(), batch["attention_mask"])):
-                total += part.to(total.dtype)
-        examples += batch["input_ids"].shape[0]
+    with collector or nullcontext():
+        for rows in _lockstep(batches):
+            # A rank whose shard ran out still runs the forward and backward (FSDP2 all-gathers
+            # are collective) on its last batch, and adds nothing.
+            weight = 0.0 if rows is None else 1.0
+            rows = last_rows if rows is None else rows
+            if rows is None:
+                raise RuntimeError("a scoring worker got no data: use fewer workers than scoring examples")
+            last_rows = rows
+            batch = {key: value.to(device) for key, value in collate_batch(rows, loop_config["pad_token_id"]).items()}
+            logits, hidden = forward_with_hidden_states(teacher, batch["input_ids"], batch["attention_mask"], layers)
+            loss = summed_task_loss(config.task.kind, logits, batch, verbalizer_ids)
+            # One backward serves both: the collector's activations are asked for with the hidden states.
+            pruning_activations = collector.activations() if collector is not None else []
+            gradients = hidden_state_gradients(loss, [hidden[layer] for layer in layers] + pruning_activations)
+            if weight == 0.0:
+                continue
+            for layer, gradient in zip(layers, gradients):
+                importance[layer] += unit_importance_sum(gradient, hidden[layer].detach(), batch["attention_mask"],
+                                                         config.scoring.score)
+                for total, part in zip(moments[layer], activation_moments(hidden[layer].detach(), batch["attention_mask"])):
+                    total += part.to(total.dtype)
+            if collector is not None:
+                collector.accumulate(batch["attention_mask"])
+            examples += batch["input_ids"].shape[0]
 
-    for tensor in [examples, *importance.values(), *(m for parts in moments.values() for m in parts)]:
+    pruning_sums = list(collector.sums.values()) if collector is not None else []
+    for tensor in [examples, *importance.values(), *(m for parts in moments.values() for m in parts), *pruning_sums]:
         distributed.all_reduce_sum_(tensor)
     if distributed.is_main_process():
         raw_dir = Path(loop_config["raw_dir"])
@@ -143,6 +203,43 @@ def _score_worker(loop_config: dict[str, Any]) -> None:
                     "importance": {layer: value.cpu() for layer, value in importance.items()},
                     "moments": {layer: [m.cpu() for m in parts] for layer, parts in moments.items()}},
                    raw_dir / "sums.pt")
+        if collector is not None:
+            if distributed.world_size() > 1:  # a sharded teacher holds 1/N of each weight: prune a whole one
+                del teacher
+                teacher = load_teacher(config)
+            _prune_student(config, teacher, collector.state(), Path(loop_config["output_dir"]))
+
+
+def _prune_student(config: PipelineConfig, teacher, scores: dict[str, torch.Tensor], output_dir: Path) -> None:
+    """Choose what the student keeps, cut it out of ``teacher`` and write it with its scores."""
+    teacher_config = teacher.config
+    targets = prune_targets(config, teacher_config)
+    kept = kept_layer_indices(teacher_config.num_hidden_layers, targets.num_layers, targets.layer_selection,
+                              scores["block_change"])
+    if config.layer_map == "source":
+        pairs = pruned_student_layer_map(kept)
+    else:
+        pairs = plan_models(config).layer_pairs
+    # Hidden state t >= 1 is block t-1's output, the collector's row t-1 (for the last block, read
+    # before the final norm: a unit removed there is removed from the norm's input too). The
+    # embedding (t = 0) is not a block output and has no row.
+    blocks = sorted({teacher_layer - 1 for teacher_layer, _ in pairs if teacher_layer >= 1})
+    if not blocks:
+        raise ValueError(f"layer_map {config.layer_map!r} maps only the embeddings; pruning ranks the residual "
+                         "units at block outputs")
+    hidden_units = hidden_units_by_importance({block: scores["residual"][block] for block in blocks},
+                                              targets.hidden_size)
+    student = prune_llama(teacher, hidden_units, targets, scores)
+    student.save_pretrained(output_dir / PRUNED_STUDENT_DIR, safe_serialization=True)
+    load_pipeline_tokenizer(config).save_pretrained(output_dir / PRUNED_STUDENT_DIR)
+
+    pruning_dir = output_dir / PRUNING_SELECTION.parent
+    pruning_dir.mkdir(parents=True, exist_ok=True)
+    save_file({name: value.contiguous() for name, value in scores.items()}, pruning_dir / "scores.safetensors")
+    selection = {"kept_layers": kept, "hidden_units": hidden_units.tolist(), "ranked_at_blocks": blocks,
+                 "layer_pairs": [list(pair) for pair in pairs], "layer_selection": targets.layer_selection,
+                 "targets": asdict(targets), "examples": int(scores["examples"]), "tokens": int(scores["tokens"])}
+    (output_dir / PRUNING_SELECTION).write_text(json.dumps(selection, indent=1))
 
 
 def _lockstep(batches):

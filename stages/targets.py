@@ -41,7 +41,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
 
     from flexkd.resolve import load_pipeline_tokenizer, plan_models
 
-    plan = plan_models(config)
+    plan = plan_models(config, inputs["score"] if config.student.init == "prune_from_teacher" else None)
     tokenized = json.loads((inputs["tokenize"] / "manifest.json").read_text())
     selected = json.loads((inputs["score"] / "selected.json").read_text())["layers"]
     k_max = config.targets.k_max or plan.k

@@ -206,6 +206,7 @@ def _student_weights(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(directory / "student" / "model.safetensors")
 
 
+@pytest.mark.slow  # about 1.5 min of Ray Train runs: `make test-slow`
 def test_cached_and_online_runs_reach_the_same_parameters(tmp_path, local_ray):
     online = run_pipeline(_debug(tmp_path), stages=("tokenize", "score", "distill"))
     cache_config = _debug(tmp_path, **{"training.teacher": "cache"})

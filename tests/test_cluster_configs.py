@@ -34,7 +34,7 @@ def _project_requirements() -> list[str]:
 
 def test_every_file_in_clusters_is_checked_here():
     checked = {*_files("vm", "*.yaml"), *_files("kuberay", "*.yaml"), *_files("runtime_env", "*.yaml"),
-               *_files("local", "*.sh"), CLUSTERS / "README.md"}
+               *_files("local", "*.sh"), *_files("schedule", "*"), CLUSTERS / "README.md"}
     assert {path for path in CLUSTERS.rglob("*") if path.is_file()} == checked
     assert len(_files("vm", "*.yaml")) >= 2 and len(_files("kuberay", "*.yaml")) >= 3
 
@@ -154,6 +154,60 @@ def test_runtime_env_is_valid_and_installs_the_projects_requirements(path):
 def test_cpu_runtime_env_takes_the_cpu_build_of_torch():
     options = yaml.safe_load((CLUSTERS / "runtime_env" / "cpu.yaml").read_text())["pip"]["pip_install_options"]
     assert "https://download.pytorch.org/whl/cpu" in options
+
+
+# ---- clusters/schedule: flexkd watch from cron, systemd and Kubernetes ----------------------------
+
+def _check_watch_command(words: list[str]) -> None:
+    """A `flexkd watch --once` of a shipped pipeline that has a watch section."""
+    args = build_parser().parse_args(words)
+    assert args.command == "watch" and args.once
+    overrides = dict(pair.split("=", 1) for pair in args.set)
+    config = load_config(REPO_ROOT / args.pipeline, {key: yaml.safe_load(value) for key, value in overrides.items()})
+    assert config.watch is not None and config.teacher.source == "mlflow"
+
+
+def test_cron_line_polls_once_under_a_lock():
+    [line] = [line for line in (CLUSTERS / "schedule" / "crontab").read_text().splitlines()
+              if line.strip() and not line.startswith("#") and "=" not in line.split()[0]]
+    fields = line.split(None, 5)
+    assert len(fields) == 6 and all(re.fullmatch(r"[\d*/,-]+", field) for field in fields[:5])
+    command = shlex.split(fields[5].split(">>")[0])
+    assert "flock" in command and "-n" in command
+    _check_watch_command(command[command.index("watch"):])
+
+
+def test_systemd_timer_starts_a_oneshot_watch():
+    import configparser
+
+    units = {}
+    for name in ("flexkd-watch@.service", "flexkd-watch@.timer"):
+        units[name] = configparser.ConfigParser(strict=False, interpolation=None)
+        units[name].optionxform = str  # systemd keys are case-sensitive
+        units[name].read_string((CLUSTERS / "schedule" / name).read_text())
+    service, timer = units["flexkd-watch@.service"], units["flexkd-watch@.timer"]
+    assert service["Service"]["Type"] == "oneshot"
+    assert timer["Timer"]["OnCalendar"] and timer["Install"]["WantedBy"] == "timers.target"
+    command = shlex.split(service["Service"]["ExecStart"].replace("%i", "sst2_watch"))
+    _check_watch_command(command[1:])
+
+
+def test_kubernetes_cronjob_submits_each_release_to_the_raycluster():
+    job = yaml.safe_load((CLUSTERS / "schedule" / "cronjob.yaml").read_text())
+    assert (job["apiVersion"], job["kind"]) == ("batch/v1", "CronJob")
+    assert len(job["spec"]["schedule"].split()) == 5 and job["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    command = pod["containers"][0]["command"]
+    assert command[:3] == ["python", "-m", "flexkd.cli"]
+    _check_watch_command(command[3:])
+    args = build_parser().parse_args(command[3:])
+    head_service = _kuberay_documents()["RayCluster"]["metadata"]["name"] + "-head-svc"
+    assert args.address == f"http://{head_service}:8265"
+    overrides = dict(pair.split("=", 1) for pair in args.set)
+    assert overrides["artifact_root"].startswith(SHARED_MOUNT)  # what the cluster's stages share
+    claims = {volume["persistentVolumeClaim"]["claimName"] for volume in pod["volumes"]}
+    assert claims == {"flexkd-shared"}
 
 
 # ---- clusters/local and the README --------------------------------------------------------------

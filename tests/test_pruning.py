@@ -271,12 +271,12 @@ def test_pruned_student_keeps_the_pairing_and_the_important_parts(teacher_and_sc
 
 
 @pytest.mark.parametrize(("targets", "message"), [
-    (PruneTargets(65, 3, 64, 1), r"^student\.prune\.hidden_size = 65 exceeds the teacher's 64$"),
-    (PruneTargets(32, 5, 64, 1), r"^student\.prune\.num_layers = 5 exceeds the teacher's 4$"),
-    (PruneTargets(32, 3, 256, 1), r"^student\.prune\.intermediate_size = 256 exceeds the teacher's 128$"),
-    (PruneTargets(32, 3, 64, 3), r"^student\.prune\.num_key_value_heads = 3 exceeds the teacher's 2$"),
-    (PruneTargets(32, 3, 64, 1, num_attention_heads=4), r"^student\.prune\.num_attention_heads = 4 must be "),
-    (PruneTargets(30, 3, 64, 2), r"^student\.prune\.hidden_size = 30 is not a multiple of the 4 attention heads"),
+    (PruneTargets(65, 3, 64, 1), r"^student\.architecture\.hidden_size = 65 exceeds the teacher's 64$"),
+    (PruneTargets(32, 5, 64, 1), r"^student\.architecture\.num_hidden_layers = 5 exceeds the teacher's 4$"),
+    (PruneTargets(32, 3, 256, 1), r"^student\.architecture\.intermediate_size = 256 exceeds the teacher's 128$"),
+    (PruneTargets(32, 3, 64, 3), r"^student\.architecture\.num_key_value_heads = 3 exceeds the teacher's 2$"),
+    (PruneTargets(32, 3, 64, 1, num_attention_heads=4), r"^student\.architecture\.num_attention_heads = 4 must be "),
+    (PruneTargets(30, 3, 64, 2), r"^student\.architecture\.hidden_size = 30 is not a multiple of the 4 attention heads"),
 ])
 def test_shapes_the_teacher_cannot_be_cut_to_are_refused_in_one_line(targets, message, build_tiny_llama):
     teacher = build_tiny_llama()
@@ -286,10 +286,10 @@ def test_shapes_the_teacher_cannot_be_cut_to_are_refused_in_one_line(targets, me
 
 
 @pytest.mark.parametrize(("fields", "message"), [
-    ({"hidden_size": 0}, r"^student\.prune\.hidden_size = 0 must be a positive integer$"),
+    ({"hidden_size": 0}, r"^student\.architecture\.hidden_size = 0 must be a positive integer$"),
     ({"num_key_value_heads": 4, "num_attention_heads": 6},
-     r"^student\.prune\.num_key_value_heads = 4 does not divide num_attention_heads = 6$"),
-    ({"layer_selection": "random"}, r"^student\.prune\.layer_selection = 'random' is not one of"),
+     r"^student\.architecture\.num_key_value_heads = 4 does not divide num_attention_heads = 6$"),
+    ({"layer_selection": "random"}, r"^student\.layer_selection = 'random' is not one of"),
 ])
 def test_invalid_targets_are_refused_on_construction(fields, message):
     with pytest.raises(ValueError, match=message) as error:
@@ -303,11 +303,11 @@ def test_unsupported_architecture_and_bad_inputs_are_refused_in_one_line(build_t
                                          r"got 'gpt2'$"):
         PruneTargets(32, 3, 64, 1).validate_for(AutoConfig.for_model("gpt2"))
     teacher = build_tiny_llama()
-    with pytest.raises(ValueError, match=r"^student\.prune\.intermediate_size = 64 needs 'mlp' pruning scores"):
+    with pytest.raises(ValueError, match=r"^student\.architecture\.intermediate_size = 64 needs 'mlp' pruning scores"):
         prune_llama(teacher, torch.arange(32), PruneTargets(32, 3, 64, 2))
     with pytest.raises(ValueError, match=r"^hidden_units must be 32 distinct teacher units in 0\.\.63$"):
         prune_llama(teacher, torch.zeros(32, dtype=torch.long), PruneTargets(32, 3, 128, 2))
-    with pytest.raises(ValueError, match=r"^hidden_units has shape \(16,\); student\.prune\.hidden_size needs"):
+    with pytest.raises(ValueError, match=r"^hidden_units has shape \(16,\); student\.architecture\.hidden_size = 32 needs"):
         prune_llama(teacher, torch.arange(16), PruneTargets(32, 3, 128, 2))
 
 

@@ -367,6 +367,7 @@ def _finished_distill(tracking_uri: str, directory: Path):
     return stage_run, pipeline_run, json.loads((directory / "metrics.json").read_text())
 
 
+@pytest.mark.slow  # about 1.5 min of Ray Train runs: `make test-slow`
 def test_distill_survives_a_killed_worker_and_matches_a_run_without_it(tmp_path, local_ray):
     """Rank 0 of distill is SIGKILLed after step 8 (checkpoint at 6); with max_failures 1 the
     worker group restarts, resumes from step 6 and finishes. Final loss parts agree with an

@@ -103,6 +103,7 @@ def test_plan_caches_the_largest_k_and_every_mapped_layer(tmp_path):
     assert plan.metric == "eval.accuracy" and plan.mode == "max"
 
 
+@pytest.mark.slow  # about 1.5 min of Ray Train runs: `make test-slow`
 def test_four_trial_sweep_runs_from_the_cache_and_resumes(tmp_path, local_ray):
     path = sweep_file(tmp_path)
     config = load_config(path)

@@ -1,0 +1,183 @@
+"""``student.init: prune_from_teacher`` through the pipeline: the config, ``flexkd validate``, and
+the debug pipeline on a real local Ray and MLflow store, starting the student from the teacher."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from flexkd.cli import main
+from flexkd.config import ConfigError, parse_config
+from flexkd.pruning import kept_layer_indices
+from flexkd.resolve import build_student, load_teacher, plan_models
+from flexkd.runner import run_pipeline
+
+PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
+DEBUG = PIPELINES / "debug.yaml"
+# Half the debug teacher's width (64), half its depth (4 blocks), one of its two KV groups.
+PRUNED = {"init": "prune_from_teacher",
+          "architecture": {"hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 64, "num_key_value_heads": 1}}
+
+
+def pruned_debug_config(root: Path, **overrides):
+    """The debug pipeline with a pruned student, the defaults of a pruned student left to apply
+    (no layer_map, no selection method), its artifacts and MLflow store under ``root``."""
+    raw = yaml.safe_load(DEBUG.read_text())
+    raw.pop("layer_map")
+    raw.pop("selection")
+    raw |= {"student": PRUNED, "artifact_root": str(root), "tracking": {"tracking_uri": f"sqlite:///{root}/mlflow.db"}}
+    for dotted, value in overrides.items():
+        section = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            section = section.setdefault(key, {})
+        section[leaf] = value
+    return parse_config(raw, source="debug.yaml", base=PIPELINES)
+
+
+# --- config and validate ------------------------------------------------------------------------
+
+
+def test_a_pruned_student_defaults_to_its_source_blocks_and_identity_pairing(tmp_path):
+    config = pruned_debug_config(tmp_path)
+    assert (config.layer_map, config.selection.method, config.student.layer_selection) == ("source", "identity",
+                                                                                          "uniform")
+    plan = plan_models(config)
+    # Uniform 4 -> 2 keeps teacher blocks 0 and 3: their outputs are hidden states 1 and 4.
+    assert plan.layer_pairs == ((1, 1), (4, 2)) and plan.k == 32 and plan.student_hidden == 32
+    # The file still decides when it says so.
+    chosen = pruned_debug_config(tmp_path, layer_map="last", **{"selection.method": "importance"})
+    assert (chosen.layer_map, chosen.selection.method) == ("last", "importance")
+    # Blocks chosen by their scores are known only once the score stage ran.
+    assert plan_models(pruned_debug_config(tmp_path, **{"student.layer_selection": "importance"})).layer_pairs is None
+
+
+def _validate(capsys, *settings: str) -> tuple[int, str]:
+    code = main(["validate", str(DEBUG), *(part for setting in settings for part in ("--set", setting))])
+    return code, capsys.readouterr().err
+
+
+PRUNE = ("student.init=prune_from_teacher",)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ((*PRUNE, "student.architecture.hidden_size=96"),
+     "student.architecture.hidden_size = 96 exceeds the teacher's 64"),
+    ((*PRUNE, "student.architecture.num_hidden_layers=6"),
+     "student.architecture.num_hidden_layers = 6 exceeds the teacher's 4"),
+    ((*PRUNE, "student.architecture={hidden_size: 32, num_attention_heads: 3}"),
+     "student.architecture.num_attention_heads = 3 is not a multiple of the teacher's 2 query heads per key/value "
+     "head: heads are pruned as whole groups"),
+    ((*PRUNE, "student.architecture={hidden_size: 30, num_key_value_heads: 2}"),
+     "student.architecture.hidden_size = 30 is not a multiple of the 4 attention heads that num_key_value_heads = 2 "
+     "keeps (LlamaConfig requires it)"),
+    ((*PRUNE, "teacher.architecture.model_type=gpt2"),
+     "student.init 'prune_from_teacher': pruning supports llama-family models (llama, mistral, qwen2, qwen3); "
+     "got 'gpt2'"),
+    ((*PRUNE, "student.architecture.head_dim=8"),
+     f"{DEBUG}: student: student.architecture.head_dim: a pruned student keeps the teacher's; init "
+     "'prune_from_teacher' takes only hidden_size, num_hidden_layers, intermediate_size, num_attention_heads, "
+     "num_key_value_heads"),
+    (("student.layer_selection=importance",),
+     f"{DEBUG}: student: student.layer_selection 'importance' applies only to init 'prune_from_teacher'"),
+    (("layer_map=source",),
+     f"{DEBUG}: <top level>: layer_map 'source' (each student block with the teacher block it was cut from) needs "
+     "student.init 'prune_from_teacher'"),
+])
+def test_bad_pruning_targets_are_one_line_from_validate(capsys, settings, message):
+    code, err = _validate(capsys, *settings)
+    assert code == 2
+    assert err == f"flexkd: config error: {message}\n"
+
+
+def test_validate_accepts_a_pruned_student_and_names_its_pairs(capsys):
+    assert main(["validate", str(DEBUG), "--set", "student.init=prune_from_teacher", "--set", "layer_map=source"]) == 0
+    assert "student d=32 L=2, k=32, layer pairs [(1, 1), (4, 2)]" in capsys.readouterr().out
+
+
+def test_a_pruned_student_needs_the_score_stage_weights(tmp_path):
+    with pytest.raises(ValueError, match="pruned weights are the score stage's"):
+        build_student(pruned_debug_config(tmp_path))
+    with pytest.raises(ConfigError, match=r"pruning/selection.json is missing; rerun the score stage"):
+        plan_models(pruned_debug_config(tmp_path), score_dir=tmp_path)
+
+
+# --- the pipeline -------------------------------------------------------------------------------
+
+
+def test_the_debug_pipeline_distills_a_student_pruned_from_the_teacher(tmp_path, local_ray):
+    # A learning rate so small that 12 AdamW steps move no weight by more than ~1e-6: what
+    # distill saves is then what it started from.
+    config = pruned_debug_config(tmp_path, **{"training.learning_rate": 1e-7})
+    result = run_pipeline(config, stages=("tokenize", "score", "distill", "evaluate"))
+    assert [record.cached for record in result.stages.values()] == [False] * 4
+
+    score = result.stages["score"].directory
+    selection = json.loads((score / "pruning" / "selection.json").read_text())
+    units = selection["hidden_units"]
+    assert selection["kept_layers"] == [0, 3] and selection["layer_pairs"] == [[1, 1], [4, 2]]
+    assert len(units) == 32 and len(set(units)) == 32
+    scores = load_file(score / "pruning" / "scores.safetensors")
+    assert scores["residual"].shape == (4, 64) and scores["mlp"].shape == (4, 128)
+    assert scores["attention"].shape == (4, 2) and int(scores["examples"]) == 128  # the train split scores
+
+    # Identity pairing: student unit i with teacher unit units[i], at every mapped layer.
+    selected = json.loads((score / "selected.json").read_text())["layers"]
+    assert set(selected) == {"1", "4"}
+    assert all(entry["indices"] == units and entry["method"] == "identity" for entry in selected.values())
+
+    # The pruned student is the teacher's weights, sliced: embedding columns at the kept units,
+    # and block 3's keys from its more important KV group.
+    teacher = load_teacher(config)
+    pruned = AutoModelForCausalLM.from_pretrained(score / "pruned_student")
+    teacher_embedding = teacher.get_input_embeddings().weight
+    assert torch.equal(pruned.get_input_embeddings().weight, teacher_embedding[:, units])
+    group = int(scores["attention"][3].argmax())
+    head_dim = teacher.config.head_dim
+    teacher_keys = teacher.model.layers[3].self_attn.k_proj.weight[group * head_dim:(group + 1) * head_dim]
+    assert torch.equal(pruned.model.layers[1].self_attn.k_proj.weight, teacher_keys[:, units])
+    assert pruned.config.head_dim == head_dim == 16  # the teacher's, not 32 // 2
+
+    # Distill started from those weights (a random start would be nowhere near them).
+    distilled = AutoModelForCausalLM.from_pretrained(result.stages["distill"].outputs["student_dir"])
+    assert not torch.equal(distilled.get_input_embeddings().weight, teacher_embedding[:, units])  # it trained
+    torch.testing.assert_close(distilled.get_input_embeddings().weight, teacher_embedding[:, units],
+                               atol=1e-5, rtol=0)
+    metrics = result.stages["evaluate"].outputs["metrics"]
+    assert 0 <= metrics["student.accuracy"] <= 1
+
+    # student.init is recorded: params and tags of the pipeline run, stage outputs and manifests.
+    client = MlflowClient(result.tracking_uri)
+    parent = client.get_run(result.run_id)
+    assert parent.data.params["student.init"] == "prune_from_teacher"
+    assert parent.data.tags["flexkd.student.init"] == "prune_from_teacher"
+    assert client.get_run(result.stages["score"].run_id).data.tags["flexkd.student.init"] == "prune_from_teacher"
+    for stage in ("score", "distill"):
+        manifest = json.loads((result.stages[stage].directory / "manifest.json").read_text())
+        assert manifest["config"]["student"]["init"] == "prune_from_teacher"
+        assert manifest["outputs"]["student_init"] == "prune_from_teacher"
+    assert {item.path for item in client.list_artifacts(result.stages["score"].run_id, "pruning")} == {
+        "pruning/scores.safetensors", "pruning/selection.json"}
+
+
+@pytest.mark.slow
+def test_blocks_kept_by_their_block_change_set_the_layer_pairs_of_distill(tmp_path, local_ray):
+    config = pruned_debug_config(tmp_path, **{"student.layer_selection": "importance"})
+    result = run_pipeline(config, stages=("tokenize", "score", "distill"))
+    score = result.stages["score"].directory
+    selection = json.loads((score / "pruning" / "selection.json").read_text())
+    block_change = load_file(score / "pruning" / "scores.safetensors")["block_change"]
+    kept = kept_layer_indices(4, 2, "importance", block_change)
+    assert selection["kept_layers"] == kept and kept[-1] == 3
+    pairs = [[block + 1, student] for student, block in enumerate(kept, start=1)]
+    assert result.stages["score"].outputs["layer_pairs"] == pairs
+    assert sorted(json.loads((score / "selected.json").read_text())["layers"]) == sorted(str(t) for t, _ in pairs)
+    assert plan_models(config, score).layer_pairs == tuple(map(tuple, pairs))
+    assert result.stages["distill"].outputs["steps"] == 12
