@@ -3,6 +3,7 @@ the debug pipeline on a real local Ray and MLflow store, starting the student fr
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -32,7 +33,9 @@ def pruned_debug_config(root: Path, **overrides):
     raw = yaml.safe_load(DEBUG.read_text())
     raw.pop("layer_map")
     raw.pop("selection")
-    raw |= {"student": PRUNED, "artifact_root": str(root), "tracking": {"tracking_uri": f"sqlite:///{root}/mlflow.db"}}
+    # A copy: the overrides below write into the student section, and PRUNED is shared by every test.
+    raw |= {"student": copy.deepcopy(PRUNED), "artifact_root": str(root),
+            "tracking": {"tracking_uri": f"sqlite:///{root}/mlflow.db"}}
     for dotted, value in overrides.items():
         section = raw
         *parents, leaf = dotted.split(".")
