@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install quickstart test test-slow test-all clean
+.PHONY: install quickstart test test-integration test-slow test-all clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,9 @@ quickstart: install
 
 test: install
 	$(BIN)/python -m pytest
+
+test-integration: install
+	$(BIN)/python -m pytest -m integration
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow

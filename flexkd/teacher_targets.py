@@ -102,13 +102,13 @@ def cached_teacher_outputs(rows: dict[str, Any], batch: dict[str, Tensor], task:
         [B, T, k] (or [B, T, d_T] in index order), float32, zero on padding.
     """
     height, width = batch["input_ids"].shape
-    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    real = batch["attention_mask"].bool().cpu().numpy()  # right padding: row-major order = the rows' tokens
     features = {}
     for layer, units in stored_units.items():
         keep = units if inverse_order is not None else k
+        tokens = np.concatenate(list(rows[units_column(layer)])).astype(np.float16, copy=False).reshape(-1, units)
         padded = np.zeros((height, width, keep), dtype=np.float16)
-        for row, (flat, length) in enumerate(zip(rows[units_column(layer)], lengths)):
-            padded[row, :length] = np.asarray(flat, dtype=np.float16).reshape(length, units)[:, :keep]
+        padded[real] = tokens[:, :keep]
         values = torch.from_numpy(padded).to(device=device, dtype=torch.float32)
         features[layer] = values if inverse_order is None else values.index_select(-1, inverse_order[layer].to(device))
     if task == "classification":

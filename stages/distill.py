@@ -18,7 +18,7 @@ group, or a rerun after the driver died, continues from the newest complete one.
 Outputs:
 
     student/        the distilled student, Hugging Face format (safetensors, config, tokenizer)
-    metrics.json    final loss parts, tokens/s, steps, parameter counts
+    metrics.json    final loss parts, tokens/s (steady state, see the loop), steps, parameter counts
 """
 
 from __future__ import annotations
@@ -222,8 +222,11 @@ def _distill_worker(loop_config: dict[str, Any]) -> None:
     logger = WorkerMetricLogger(loop_config["tracking_uri"], loop_config["run_id"]) if distributed.is_main_process() else None
     progress = _progress_bar(start_step, config.training.steps) if loop_config["progress_bars"] else None
 
-    tokens, started, parts = 0, time.time(), {}
+    # Throughput is the steady state: every step but this run's first (which waits for Ray Data's
+    # first block and warms the kernels), data wait included, checkpoints and evaluation excluded.
+    tokens, step_seconds, parts = 0, 0.0, {}
     for step in range(start_step, config.training.steps):
+        step_started = time.perf_counter()
         rows = next(batches)
         batch = {key: value.to(device) for key, value in collate_batch(rows, loop_config["pad_token_id"]).items()}
         teacher_logits, teacher_features = teacher_outputs(rows, batch) if need_teacher else (None, {})
@@ -234,7 +237,9 @@ def _distill_worker(loop_config: dict[str, Any]) -> None:
         parts["total"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens += int(batch["attention_mask"].sum()) * distributed.world_size()
+        if step > start_step:
+            tokens += int(batch["attention_mask"].sum()) * distributed.world_size()
+            step_seconds += time.perf_counter() - step_started
         done = step + 1
         if progress is not None:
             progress.update(1)
@@ -243,7 +248,7 @@ def _distill_worker(loop_config: dict[str, Any]) -> None:
         evaluate_now = evaluator is not None and (done % loop_config["eval_every"] == 0 or last)
         if log_now or evaluate_now:
             metrics = {f"train.{name}": float(value.detach()) for name, value in parts.items()}
-            metrics |= {"train.tokens_per_second": tokens / max(time.time() - started, 1e-9),
+            metrics |= {"train.tokens_per_second": tokens / max(step_seconds, 1e-9),
                         "train.learning_rate": learning_rate_at(step, config)}
             if evaluate_now:
                 metrics |= evaluator(module)
@@ -260,7 +265,7 @@ def _distill_worker(loop_config: dict[str, Any]) -> None:
                 distributed.prune_checkpoints(checkpoints, KEEP_CHECKPOINTS)
         faults.maybe_kill_worker(done, distributed.rank(), output_dir)
 
-    _save_student(config, module, projectors, output_dir, tokens, time.time() - started, parts, start_step,
+    _save_student(config, module, projectors, output_dir, tokens, step_seconds, parts, start_step,
                   loop_config["score_dir"])
 
 

@@ -142,3 +142,25 @@ def test_the_headline_methods_run_first_at_every_seed():
     order = run_order(tuple(METHODS), (0, 1))
     assert order[:6] == [(0, "kd+flexkd"), (0, "kd+projector"), (0, "kd"), (1, "kd+flexkd"), (1, "kd+projector"), (1, "kd")]
     assert sorted(order) == sorted((seed, method) for seed in (0, 1) for method in METHODS)
+
+
+def test_speed_page_puts_each_ratio_next_to_its_goal_and_the_profile_adds_up():
+    from flexkd.bench.speed import PHASES, SpeedSettings, ratios, speed_markdown
+
+    profile = {phase: float(i + 1) for i, phase in enumerate(PHASES)}
+    measured = {"flexkd_feature": {"tokens_per_second": 90.0}, "plain_loop_feature": {"tokens_per_second": 100.0,
+                                                                                    "ms_per_step": profile},
+                "flexkd_logit_only": {"tokens_per_second": 96.0},
+                "plain_loop_logit_only": {"tokens_per_second": 110.0, "ms_per_step": profile}}
+    rows = {row["name"]: row for row in ratios(measured, SpeedSettings.cpu())}
+    assert rows["flexkd_over_plain_loop"]["value"] == 0.9 and rows["flexkd_over_plain_loop"]["met"] is True
+    assert rows["feature_loss_slowdown"]["value"] == round(1 - 90 / 96, 3) and rows["feature_loss_slowdown"]["met"] is False
+    assert rows["feature_loss_slowdown_plain"]["value"] == round(1 - 100 / 110, 3)
+    page = speed_markdown({"measured": measured, "ratios": list(rows.values()), "command": "flexkd bench speed",
+                           "finished_at": "now", "wall_seconds": 60,
+                           "load": {"cpus": 2, "load1_mean": 1, "load1_min": 1, "load1_max": 1, "seconds": 60},
+                           "settings": vars(SpeedSettings.cpu()),
+                           "classification": {"train_rows": 10, "batch_size": 2},
+                           "machine": {"cpus": 2, "cpu_model": "x", "gpu": None, "torch": "t", "git_commit": "c"}})
+    assert f"| **step** | {sum(profile.values()):.1f} | {sum(profile.values()):.1f} |" in page
+    assert "| 0.900 | >= 0.9 | yes |" in page

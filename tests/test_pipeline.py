@@ -81,6 +81,7 @@ def test_debug_pipeline_end_to_end(tmp_path, local_ray):
         "tokenize": True, "score": True, "distill": False, "evaluate": False, "register": False}
 
 
+@pytest.mark.integration  # two score runs: about 1.5 min
 def test_two_scoring_workers_give_the_same_importance(tmp_path, local_ray):
     vectors = {}
     for workers in (1, 2):
@@ -104,6 +105,7 @@ def _wait_for(pattern: str, root: Path, process: subprocess.Popen, timeout: floa
     raise AssertionError(f"{pattern} did not appear within {timeout} s")
 
 
+@pytest.mark.integration  # two pipeline runs: about 2.5 min
 def test_a_killed_run_resumes_from_finished_stages_and_the_last_checkpoint(tmp_path, local_ray):
     overrides = {"training.steps": 240, "training.checkpoint_every": 20, "training.log_every": 20}
     config = debug_config(tmp_path, **overrides)

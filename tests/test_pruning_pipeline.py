@@ -115,6 +115,7 @@ def test_a_pruned_student_needs_the_score_stage_weights(tmp_path):
 # --- the pipeline -------------------------------------------------------------------------------
 
 
+@pytest.mark.integration  # a full debug pipeline: about 1 min
 def test_the_debug_pipeline_distills_a_student_pruned_from_the_teacher(tmp_path, local_ray):
     # A learning rate so small that 12 AdamW steps move no weight by more than ~1e-6: what
     # distill saves is then what it started from.

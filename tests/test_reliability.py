@@ -292,6 +292,7 @@ def _resume_from(good: Path, directory: Path) -> Path:
     return target
 
 
+@pytest.mark.integration  # with its six_steps fixture: about 2.5 min for the three
 def test_a_non_finite_loss_stops_the_run_keeps_the_checkpoint_and_fails_the_mlflow_run(six_steps):
     """Resumed at step 6 with an absurd learning rate, step 7's update overflows the weights and
     step 8's loss is not finite."""
@@ -317,6 +318,7 @@ def test_a_non_finite_loss_stops_the_run_keeps_the_checkpoint_and_fails_the_mlfl
     assert mlflow.active_run() is None  # nothing left open for the next run in this process
 
 
+@pytest.mark.integration  # with its six_steps fixture: about 2.5 min for the three
 def test_a_corrupt_newest_checkpoint_is_passed_over_and_the_previous_one_resumed(six_steps):
     root, upstream, good = six_steps
     config = debug_config(root, **{"training.steps": 12, "training.checkpoint_every": 6, "training.log_every": 6,
@@ -334,6 +336,7 @@ def test_a_corrupt_newest_checkpoint_is_passed_over_and_the_previous_one_resumed
     assert read_manifest(directory)["done"] is True
 
 
+@pytest.mark.integration  # with its six_steps fixture: about 2.5 min for the three
 def test_distill_refuses_to_resume_when_every_checkpoint_is_corrupt(six_steps):
     root, upstream, good = six_steps
     config = debug_config(root, **{"training.steps": 12, "training.checkpoint_every": 6, "training.log_every": 6,

@@ -15,8 +15,8 @@
                    (lmbda=0, seq_kd off, beta=0) vs the flexkd distill stage     goal: flexkd >= TRL
 
 Tokens are non-padding tokens of the batches (what the distill stage counts); tokens/s of a
-loop is measured from its first step to its last, so model loading and Ray start-up are not in
-it (the stage wall times are reported next to it). Writes benchmarks/results/speed.{json,md,png}.
+loop is its steady state: every step but the first (data wait included; checkpoints, model
+loading and Ray start-up not; the stage wall times are reported next to it). Writes benchmarks/results/speed.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -138,8 +138,13 @@ def _distill(config) -> dict[str, Any]:
                        for name, r in result.stages.items()}}
 
 
+PHASES = ("batch", "teacher targets from the cache", "student forward", "loss (task, logit, feature)", "backward",
+          "optimizer")
+
+
 def plain_loop(config, targets_dir: Path, tokenize_dir: Path, threads: int) -> dict[str, Any]:
-    """The same distillation loss, in one process, no Ray, no FSDP: the reference throughput."""
+    """The same distillation loss, in one process, no Ray, no FSDP: the reference throughput, and
+    where a step's time goes (``ms_per_step`` by phase; the phases add up to the step)."""
     import pyarrow.parquet as pq
     import torch
 
@@ -171,27 +176,51 @@ def plain_loop(config, targets_dir: Path, tokenize_dir: Path, threads: int) -> d
         optimizer = torch.optim.AdamW(module.parameters(), lr=config.training.learning_rate,
                                       weight_decay=config.training.weight_decay)
         table = pq.ParquetDataset(str(targets_dir / "train")).read()
-        columns = {name: table.column(name).to_pylist() for name in table.column_names}
+        # Object arrays of numpy arrays, as Ray Data's numpy batches hand them to the distill stage.
+        columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
         rows_total, batch_size = table.num_rows, config.training.batch_size
         need_teacher = config.loss.beta > 0 or (config.loss.gamma > 0 and config.loss.feature != "none")
-        tokens, started = 0, time.perf_counter()
+        tokens, seconds = 0, 0.0
+        phases = dict.fromkeys(PHASES, 0.0)  # seconds per phase over the steady-state steps
+
+        def lap(phase: str, since: float, step: int) -> float:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            if step > 0:
+                phases[phase] += now - since
+            return now
+
         for step in range(config.training.steps):
+            step_started = time.perf_counter()
             start = (step * batch_size) % (rows_total - rows_total % batch_size)
             rows = {name: values[start:start + batch_size] for name, values in columns.items()}
             batch = {key: value.to(device) for key, value in collate_batch(rows, tokenized["pad_token_id"]).items()}
+            mark = lap("batch", step_started, step)
             teacher = (cached_teacher_outputs(rows, batch, config.task.kind, units, plan.k, None, info["top_k_logits"],
                                               device, info["temperatures"], config.loss.temperature)
                        if need_teacher else (None, {}))
+            mark = lap("teacher targets from the cache", mark, step)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate_at(step, config)
-            parts = module(batch, *teacher)
+            # StudentWithObjective.forward, in its two halves, to time the loss apart from the model.
+            logits, hidden = forward_scored(module.student, batch, settings.task, module.student_layers)
+            mark = lap("student forward", mark, step)
+            parts = distillation_loss(settings, batch, logits, hidden, *teacher, pairs, module.verbalizer_ids,
+                                      dict(module.projectors))
+            mark = lap("loss (task, logit, feature)", mark, step)
             parts["total"].backward()
+            mark = lap("backward", mark, step)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            tokens += int(batch["attention_mask"].sum())
-        seconds = time.perf_counter() - started
+            lap("optimizer", mark, step)
+            if step > 0:  # the steady state, as the distill stage counts it
+                tokens += int(batch["attention_mask"].sum())
+                seconds += time.perf_counter() - step_started
+        steady_steps = max(1, config.training.steps - 1)
         return {"tokens_per_second": tokens / seconds, "seconds": round(seconds, 1), "tokens": tokens,
-                "threads": threads, "steps": config.training.steps}
+                "threads": threads, "steps": config.training.steps,
+                "ms_per_step": {phase: round(1000 * value / steady_steps, 2) for phase, value in phases.items()}}
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -218,21 +247,17 @@ def trl_gkd(config, settings: SpeedSettings, work_dir: Path) -> dict[str, Any]:
     torch.manual_seed(config.training.seed)
     student, teacher = build_student(config), load_teacher(config)
 
-    class CountingGKD(GKDTrainer):
-        tokens = 0
+    step_tokens: list[int] = []  # per step (one compute_loss a step: no gradient accumulation)
+    step_ends: list[float] = []
 
+    class CountingGKD(GKDTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            CountingGKD.tokens += int(inputs["attention_mask"].sum())
+            step_tokens.append(int(inputs["attention_mask"].sum()))
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-    class LoopTimer(TrainerCallback):
-        started = ended = 0.0
-
-        def on_train_begin(self, *_, **__):
-            LoopTimer.started = time.perf_counter()
-
-        def on_train_end(self, *_, **__):
-            LoopTimer.ended = time.perf_counter()
+    class StepTimer(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            step_ends.append(time.perf_counter())
 
     args = GKDConfig(
         output_dir=str(work_dir / "trl"), max_steps=config.training.steps,
@@ -243,11 +268,13 @@ def trl_gkd(config, settings: SpeedSettings, work_dir: Path) -> dict[str, Any]:
         logging_steps=config.training.steps, dataloader_num_workers=0, disable_tqdm=True, seed=config.training.seed)
     started = time.perf_counter()
     trainer = CountingGKD(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
-                          processing_class=tokenizer, callbacks=[LoopTimer()])
+                          processing_class=tokenizer, callbacks=[StepTimer()])
     trainer.train()
-    loop_seconds = LoopTimer.ended - LoopTimer.started
-    return {"tokens_per_second": CountingGKD.tokens / loop_seconds, "loop_seconds": round(loop_seconds, 1),
-            "wall_seconds": round(time.perf_counter() - started, 1), "tokens": CountingGKD.tokens,
+    # The steady state, as flexkd's distill stage counts it: from the end of the first step to the last.
+    loop_seconds = step_ends[-1] - step_ends[0]
+    tokens = sum(step_tokens[1:])
+    return {"tokens_per_second": tokens / loop_seconds, "loop_seconds": round(loop_seconds, 1),
+            "wall_seconds": round(time.perf_counter() - started, 1), "tokens": tokens,
             "steps": config.training.steps, "student_parameters": parameter_count(student),
             "torch_threads": torch.get_num_threads(), "trl": __import__("trl").__version__}
 
@@ -298,7 +325,11 @@ def run_speed(settings: SpeedSettings, work_dir: Path = DEFAULT_WORK_DIR, result
                                                         Path(stages["tokenize"]["directory"]), threads=settings.cpus)
         save(measured)
         if "feature" in done:
-            measured["flexkd_logit_only"] = _distill(classification_config(settings, work_dir, "kd"))
+            logit_only = classification_config(settings, work_dir, "kd")
+            measured["flexkd_logit_only"] = _distill(logit_only)
+            stages = measured["flexkd_logit_only"]["stages"]
+            measured["plain_loop_logit_only"] = plain_loop(logit_only, Path(stages["targets"]["directory"]),
+                                                           Path(stages["tokenize"]["directory"]), threads=settings.cpus)
         save(measured)
         if go("trl"):
             generation = generation_config(settings, work_dir)
@@ -356,8 +387,12 @@ def ratios(measured: dict[str, Any], settings: SpeedSettings) -> list[dict[str, 
             "(kd+flexkd, cache)", value, ">= 0.9", value >= 0.9)
     if tps("flexkd_feature") and tps("flexkd_logit_only"):
         value = 1 - tps("flexkd_feature") / tps("flexkd_logit_only")
-        add("feature_loss_slowdown", "feature", "kd+flexkd vs kd (logit only): 1 - tokens/s ratio", value, "< 0.05",
-            value < 0.05)
+        add("feature_loss_slowdown", "feature", "kd+flexkd vs kd (logit only), distill stages: 1 - tokens/s ratio",
+            value, "< 0.05", value < 0.05)
+    if tps("plain_loop_feature") and tps("plain_loop_logit_only"):
+        value = 1 - tps("plain_loop_feature") / tps("plain_loop_logit_only")
+        add("feature_loss_slowdown_plain", "feature", "kd+flexkd vs kd (logit only), plain loops: 1 - tokens/s ratio "
+            "(the cost of the method itself, no Ray)", value, "< 0.05", value < 0.05)
     if "flexkd_online_one_epoch" in measured:
         score_seconds = measured["score_stage_seconds"]
         epoch_seconds = measured["flexkd_online_one_epoch"]["stage_seconds"]
@@ -420,6 +455,13 @@ def speed_markdown(results: dict[str, Any]) -> str:
         seconds = run.get("stage_seconds", run.get("wall_seconds", run.get("seconds")))
         tokens = run.get("tokens_per_second")
         lines.append(f"| {name} | {'n/a' if tokens is None else f'{tokens:.0f}'} | {seconds} |")
+    profiled = {name: run["ms_per_step"] for name, run in measured.items() if isinstance(run, dict) and "ms_per_step" in run}
+    if profiled:
+        lines += ["", "Where a step's time goes (plain loops, ms per step, steady state; the phases add up to the step):", "",
+                  "| phase | " + " | ".join(profiled) + " |", "|---|" + "---|" * len(profiled)]
+        lines += [f"| {phase} | " + " | ".join(f"{run.get(phase, 0):.1f}" for run in profiled.values()) + " |"
+                  for phase in PHASES]
+        lines.append("| **step** | " + " | ".join(f"{sum(run.values()):.1f}" for run in profiled.values()) + " |")
     lines += ["", "![speed](results/speed.png)", ""]
     return "\n".join(lines)
 
