@@ -108,13 +108,32 @@ def test_adapted_teacher_is_an_untied_hf_folder_with_the_trained_rows(tmp_path):
                                                    for i in range(60)))
     task = TaskConfig(kind="classification", prompt_template="Review: {sentence}\nSentiment:",
                       label_names=["negative", "positive"])
-    folder, record = adapted_teacher(base, data, 60, task, 32, tmp_path / "cache")
+    folder, record = adapted_teacher(base, data, 60, task, 32, tmp_path / "cache", top_layers=1, epochs=2)
     assert (folder / DONE_FILE).is_file() and record["train_rows"] == 60
-    assert record["train_accuracy"] > 0.9  # the two phrasings are trivially separable
+    assert record["probe_train_accuracy"] > 0.9  # the two phrasings are trivially separable
+    assert [epoch["epoch"] for epoch in record["epochs"]] == [1, 2] and record["held_out_accuracy"] > 0.9
     adapted, original = load_model(folder), load_model(base)
     assert not adapted.config.tie_word_embeddings
     assert torch.equal(adapted.model.embed_tokens.weight, original.model.embed_tokens.weight)
-    assert adapted_teacher(base, data, 60, task, 32, tmp_path / "cache")[0] == folder  # cached
+    assert torch.equal(adapted.model.layers[0].mlp.up_proj.weight, original.model.layers[0].mlp.up_proj.weight)
+    kept_an_epoch = any(epoch["kept"] for epoch in record["epochs"])
+    top_changed = not torch.equal(adapted.model.layers[1].mlp.up_proj.weight, original.model.layers[1].mlp.up_proj.weight)
+    assert top_changed == kept_an_epoch  # the top block is trained only if an epoch was kept
+    assert adapted_teacher(base, data, 60, task, 32, tmp_path / "cache", top_layers=1, epochs=2)[0] == folder  # cached
+
+
+def test_the_top_blocks_run_alone_reproduce_the_full_model(build_tiny_llama, tiny_tokenizer):
+    from flexkd.bench.teacher import _top_blocks_only
+
+    model = build_tiny_llama(num_hidden_layers=3)
+    batch = tiny_tokenizer(["a short one", "a somewhat longer sentence here"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        full = model.model(**batch, output_hidden_states=True)
+        with _top_blocks_only(model, 1) as top:
+            alone = top(inputs_embeds=full.hidden_states[1], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(alone[real], full.last_hidden_state[real], atol=1e-5, rtol=1e-5)
+    assert len(model.model.layers) == 3 and model.config.num_hidden_layers == 3  # put back
 
 
 def test_a_full_width_cache_serves_another_selection_and_a_partial_one_refuses():

@@ -88,7 +88,7 @@ class QualitySettings:
         # Sized for 2 cores shared with other jobs (measured: the teacher forward ran at about 2
         # sentences/s under a load average of 15-30): every teacher pass (adaptation, targets,
         # scoring, the teacher's test accuracy) is the cost that dominates.
-        return cls(train_rows=1000, score_rows=96, teacher_rows=600, steps=150, batch_size=32, seeds=(0, 1, 2),
+        return cls(train_rows=1000, score_rows=96, teacher_rows=3000, steps=150, batch_size=32, seeds=(0, 1, 2),
                    warmup_steps=10)
 
     @classmethod
@@ -291,6 +291,14 @@ def verdict(comparison: dict[str, Any]) -> str:
             f"± {comparison['paired_difference_std']:.2f}, {a} ahead on {comparison['a_wins_seeds']} of {comparison['seeds']} seeds")
 
 
+def _epochs_sentence(teacher: dict[str, Any]) -> str:
+    epochs = teacher.get("epochs") or []
+    kept = next((e["epoch"] for e in epochs if e["kept"]), 0)
+    held_out = ", ".join(f"{100 * e['held_out_accuracy']:.1f}%" for e in epochs)
+    return (f"{len(epochs)} epochs, held-out accuracy after each {held_out}; kept "
+            + (f"epoch {kept}" if kept else "the rows alone (no epoch beat them)"))
+
+
 def quality_markdown(results: dict[str, Any]) -> str:
     settings, teacher, load = results["settings"], results["teacher"], results["load"]
     from flexkd.layers import resolve_layer_map
@@ -307,11 +315,13 @@ def quality_markdown(results: dict[str, Any]) -> str:
         f"{' (uncommitted changes)' if results['machine']['git_dirty'] else ''}.",
         f"{load_sentence(load).capitalize()}.",
         "",
-        f"Teacher: SmolLM2-135M-Instruct, verbalizer rows of lm_head trained on {teacher['train_rows']} SST-2 training "
-        f"sentences (frozen features, L2 {teacher['l2']} picked on the last tenth): **test accuracy "
-        f"{results['headline'].get('accuracy.teacher', float('nan')):.2f}%** (evaluate stage, 872 sentences); on the held-out "
-        f"tenth {100 * teacher['held_out_accuracy'][str(teacher['l2'])]:.2f}% vs {100 * teacher['zero_shot_held_out_accuracy']:.2f}% "
-        f"zero-shot; train {100 * teacher['train_accuracy']:.2f}%.",
+        f"Teacher: SmolLM2-135M-Instruct, adapted on {teacher['train_rows']} SST-2 training sentences "
+        f"(flexkd/bench/teacher.py): the verbalizer rows of lm_head fitted on frozen final features (L2 {teacher['l2']}), "
+        f"then the top {teacher['top_layers']} blocks, the final norm and those rows fine-tuned together "
+        f"({_epochs_sentence(teacher)}); **test accuracy {results['headline'].get('accuracy.teacher', float('nan')):.2f}%** "
+        f"(evaluate stage, 872 sentences). On the held-out tenth ({teacher['held_out_rows']} sentences): zero-shot "
+        f"{100 * teacher['zero_shot_held_out_accuracy']:.2f}%, rows alone {100 * teacher['probe_held_out_accuracy'][str(teacher['l2'])]:.2f}%, "
+        f"kept {100 * teacher['held_out_accuracy']:.2f}%.",
         "",
         f"Student: teacher's tokenizer, hidden 192, 4 layers, random init. {settings['train_rows']} training sentences, "
         f"{settings['steps']} steps of batch {settings['batch_size']}, AdamW lr {settings['learning_rate']} "
