@@ -32,26 +32,28 @@ def run_benchmark(args: argparse.Namespace) -> int:
     import torch
 
     work_dir = Path(args.work_dir) if args.work_dir else DEFAULT_WORK_DIR
-    if not args.gpu:
-        # The driver's own model work (teacher adaptation, the plain loop, TRL) on one thread, as the
-        # workers: see QualitySettings.threads_per_worker.
-        torch.set_num_threads(1)
+    if args.threads or not args.gpu:
+        # The driver's own model work (teacher adaptation, the plain loop, TRL) on as many threads as
+        # a worker: by default one, see QualitySettings.threads_per_worker.
+        torch.set_num_threads(args.threads or 1)
     if args.benchmark == "quality":
         from flexkd.bench.quality import METHODS, QualitySettings, run_quality, with_overrides
 
         settings = QualitySettings.gpu() if args.gpu else QualitySettings.cpu()
-        settings = with_overrides(settings, seeds=_seeds(args.seeds), steps=args.steps, train_rows=args.train_rows)
+        settings = with_overrides(settings, seeds=_seeds(args.seeds), steps=args.steps, train_rows=args.train_rows,
+                                  threads_per_worker=args.threads)
         run_quality(settings, work_dir, _names(args.methods, METHODS))
     elif args.benchmark == "speed":
         from flexkd.bench.speed import PARTS, SpeedSettings, run_speed
 
         settings = SpeedSettings.gpu() if args.gpu else SpeedSettings.cpu()
-        run_speed(settings.with_overrides(steps=args.steps), work_dir, only=_names(args.only, dict.fromkeys(PARTS), default_all=False))
+        run_speed(settings.with_overrides(steps=args.steps, cpus=args.threads), work_dir, only=_names(args.only, dict.fromkeys(PARTS), default_all=False))
     else:
         from flexkd.bench.generation import METHODS, GenerationSettings, run_generation
 
         settings = GenerationSettings.gpu() if args.gpu else GenerationSettings.cpu()
-        settings = settings.with_overrides(seeds=_seeds(args.seeds), steps=args.steps, train_rows=args.train_rows)
+        settings = settings.with_overrides(seeds=_seeds(args.seeds), steps=args.steps, train_rows=args.train_rows,
+                                           threads_per_worker=args.threads)
         run_generation(settings, work_dir, _names(args.methods, METHODS))
     print(write_results_page().read_text())
     return 0
