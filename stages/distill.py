@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from itertools import count
 from pathlib import Path
@@ -255,8 +256,11 @@ def _distill_worker(loop_config: dict[str, Any]) -> None:
             if logger is not None:
                 logger.log(metrics, step=done)
                 if progress is None:  # no terminal to draw a bar on: one line per logged step instead
+                    # To the process's own stdout: Ray Train's patched print would also log the line
+                    # when stdout is wrapped, and the driver would show it twice.
                     print(f"distill step {done}/{config.training.steps}: " + ", ".join(
-                        f"{name.removeprefix('train.')} {value:.4g}" for name, value in metrics.items()), flush=True)
+                        f"{name.removeprefix('train.')} {value:.4g}" for name, value in metrics.items()),
+                        file=sys.__stdout__, flush=True)
             if evaluate_now:  # only Tune reads reports; each one is a barrier across the workers
                 ray.train.report({"step": done, **metrics})
         if done % config.training.checkpoint_every == 0 or last:
