@@ -91,7 +91,7 @@ def main() -> None:
         "setup": {"teacher": "SmolLM2-135M-Instruct (d=576, 30 layers)", "student": "d=192, 4 layers",
                   "train_rows": 256, "eval_rows": 64, "steps_per_trial": args.steps, "batch_size": 16,
                   "trials": 4, "max_concurrent_trials": 2, "asha": "off",
-                  "machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, shared"},
+                  "machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"},
         "shared_tokenize_score_seconds": round(shared, 1),
         "online": online, "cache": cache,
         "speedup_trials_only": round(online["seconds"] / cache["trials_seconds"], 2),
@@ -107,7 +107,7 @@ def report(results: dict) -> str:
     online, cache, setup = results["online"], results["cache"], results["setup"]
     return f"""# Sweep wall time: teacher-target cache vs online teacher
 
-`python benchmarks/tune_cache.py` (one run, both sweeps), {setup['machine']}.
+`python benchmarks/tune_cache.py --steps {setup['steps_per_trial']}` (one run, both sweeps), {setup['machine']}.
 
 Setup: quickstart ({setup['teacher']} -> student {setup['student']}), {setup['train_rows']} training
 rows, {setup['eval_rows']} eval rows, {setup['trials']} trials (selection.k in {{64, 192}} x loss.gamma in
@@ -126,8 +126,8 @@ sweep after the first), **{results['speedup_including_cache_build']}x** includin
 Per-trial wall time (s): online {sorted(online['trial_seconds'].values())}, cache {sorted(cache['trial_seconds'].values())}.
 Best trial: online {online['best']}, cache {cache['best']}.
 
-The machine is shared with other engineers' test runs; the load averages above are the
-whole machine's, so both numbers carry that noise.
+The load averages above are the whole machine's (2 cores): the sweep's own trials (2 at a time,
+2 torch threads each) make a load of about 4; more than that means other jobs shared the cores.
 """
 
 
