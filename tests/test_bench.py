@@ -121,6 +121,15 @@ def test_adapted_teacher_is_an_untied_hf_folder_with_the_trained_rows(tmp_path):
     assert top_changed == kept_an_epoch  # the top block is trained only if an epoch was kept
     assert adapted_teacher(base, data, 60, task, 32, tmp_path / "cache", top_layers=1, epochs=2)[0] == folder  # cached
 
+    # The record's held-out accuracy is the saved model's own, computed here with the whole model.
+    from flexkd.bench.teacher import _features, _forward, read_tsv
+    from flexkd.data import verbalizer_token_ids
+
+    held_out = _forward(adapted, tokenizer, read_tsv(data, 60, "label")[54:], task, 32, first_trained=2)
+    features, labels = _features(held_out)
+    rows = adapted.lm_head.weight[verbalizer_token_ids(tokenizer, task.label_names)]
+    assert float(((features @ rows.T).argmax(dim=1) == labels).float().mean()) == record["held_out_accuracy"]
+
 
 def test_the_top_blocks_run_alone_reproduce_the_full_model(build_tiny_llama, tiny_tokenizer):
     from flexkd.bench.teacher import _top_blocks_only
@@ -131,6 +140,8 @@ def test_the_top_blocks_run_alone_reproduce_the_full_model(build_tiny_llama, tin
         full = model.model(**batch, output_hidden_states=True)
         with _top_blocks_only(model, 1) as top:
             alone = top(inputs_embeds=full.hidden_states[1], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+            with pytest.raises(ValueError, match="already runs its top blocks only"), _top_blocks_only(model, 1):
+                pass  # nested, it would run no block at all
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(alone[real], full.last_hidden_state[real], atol=1e-5, rtol=1e-5)
     assert len(model.model.layers) == 3 and model.config.num_hidden_layers == 3  # put back

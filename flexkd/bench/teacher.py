@@ -45,7 +45,7 @@ from flexkd.ray_jobs import progress_bars_wanted
 
 log = logging.getLogger("flexkd")
 
-RECIPE = "verbalizer-rows-logreg+top-blocks-v2"
+RECIPE = "verbalizer-rows-logreg+top-blocks-v3"
 L2_CHOICES = (1e-4, 1e-3, 1e-2, 1e-1)
 TOP_LAYERS = 4  # of SmolLM2's 30 blocks: an epoch over 3,000 sentences takes about a minute on 2 cores
 EPOCHS = 3
@@ -152,13 +152,19 @@ def _top_blocks_only(model, first_trained: int) -> Iterator[torch.nn.Module]:
     """``model.model`` running blocks ``first_trained``.. only, fed ``inputs_embeds`` = the hidden
     state entering them: the same positions, causal mask and rotary embeddings as the full model,
     so the output is the full model's (checked on the first batch)."""
+    if getattr(model, "_top_blocks_only", False):  # nested, it would cut the already cut stack again
+        raise ValueError("_top_blocks_only: the model already runs its top blocks only")
     blocks, count = model.model.layers, model.config.num_hidden_layers
+    if not 0 <= first_trained < count:
+        raise ValueError(f"_top_blocks_only({first_trained}): the model has {count} blocks")
     model.model.layers = torch.nn.ModuleList(list(blocks)[first_trained:])
     model.config.num_hidden_layers = count - first_trained
+    model._top_blocks_only = True
     try:
         yield model.model
     finally:
         model.model.layers, model.config.num_hidden_layers = blocks, count
+        model._top_blocks_only = False
 
 
 def _fine_tune_top_blocks(model, train: list[dict[str, torch.Tensor]], held_out: list[dict[str, torch.Tensor]],
@@ -171,9 +177,9 @@ def _fine_tune_top_blocks(model, train: list[dict[str, torch.Tensor]], held_out:
     trained.requires_grad_(True)
     optimizer = torch.optim.AdamW([*trained.parameters(), rows], lr=LEARNING_RATE, weight_decay=0.0)
     generator = torch.Generator().manual_seed(0)
-    history, best = [], (_held_out_accuracy(model, held_out, rows, first_trained), 0,
-                         copy.deepcopy(trained.state_dict()), rows.detach().clone())
+    history = []
     with _top_blocks_only(model, first_trained) as top:
+        best = (_held_out_accuracy(top, held_out, rows), 0, copy.deepcopy(trained.state_dict()), rows.detach().clone())
         final = top(inputs_embeds=train[0]["entering"], attention_mask=train[0]["attention_mask"], use_cache=False).last_hidden_state
         last = last_token_positions(train[0]["attention_mask"])
         if not torch.allclose(final[torch.arange(len(last)), last], train[0]["final"], atol=1e-3, rtol=1e-3):
@@ -190,7 +196,7 @@ def _fine_tune_top_blocks(model, train: list[dict[str, torch.Tensor]], held_out:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(float(loss.detach()))
-            accuracy = _held_out_accuracy(model, held_out, rows, first_trained)
+            accuracy = _held_out_accuracy(top, held_out, rows)
             history.append({"epoch": epoch, "train_loss": sum(losses) / len(losses), "held_out_accuracy": accuracy})
             log.info("teacher top blocks, epoch %d: train loss %.4f, held-out accuracy %.4f", epoch, history[-1]["train_loss"],
                      accuracy)
@@ -204,15 +210,15 @@ def _fine_tune_top_blocks(model, train: list[dict[str, torch.Tensor]], held_out:
 
 
 @torch.no_grad()
-def _held_out_accuracy(model, held_out: list[dict[str, torch.Tensor]], rows: torch.Tensor, first_trained: int) -> float:
+def _held_out_accuracy(top: torch.nn.Module, held_out: list[dict[str, torch.Tensor]], rows: torch.Tensor) -> float:
+    """Accuracy of ``top`` (``_top_blocks_only``'s module) with the verbalizer rows [C, d] on ``held_out``."""
     correct = total = 0
-    with _top_blocks_only(model, first_trained) as top:
-        for batch in held_out:
-            hidden = top(inputs_embeds=batch["entering"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
-            last = last_token_positions(batch["attention_mask"])
-            predicted = (hidden[torch.arange(len(last)), last] @ rows.T).argmax(dim=1)
-            correct += int((predicted == batch["labels"]).sum())
-            total += len(last)
+    for batch in held_out:
+        hidden = top(inputs_embeds=batch["entering"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+        last = last_token_positions(batch["attention_mask"])
+        predicted = (hidden[torch.arange(len(last)), last] @ rows.T).argmax(dim=1)
+        correct += int((predicted == batch["labels"]).sum())
+        total += len(last)
     return correct / max(total, 1)
 
 
