@@ -212,13 +212,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, help="distill steps per run")
     bench.add_argument("--train-rows", type=int, help="training rows")
     bench.add_argument("--methods", help="comma-separated subset of the benchmark's methods")
-    bench.add_argument("--threads", type=int, help="torch threads of the driver and of every worker (CPU default 1, "
+    bench.add_argument("--threads", type=_positive_int, help="torch threads of the driver and of every worker (CPU default 1, "
                        "right when other jobs share the cores; 2 on an idle 2-core machine is faster)")
     bench.add_argument("--only", help="speed: re-measure only these parts (plain,feature,score,workers,trl), "
                        "keeping the others from the last benchmarks/results/speed.json")
     bench.add_argument("--work-dir", help="artifacts, cached teacher and MLflow store (default: runs/bench)")
     bench.set_defaults(handler=cmd_bench)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -192,5 +192,25 @@ def test_speed_page_puts_each_ratio_next_to_its_goal_and_the_profile_adds_up():
                            "settings": vars(SpeedSettings.cpu()),
                            "classification": {"train_rows": 10, "batch_size": 2},
                            "machine": {"cpus": 2, "cpu_model": "x", "gpu": None, "torch": "t", "git_commit": "c"}})
-    assert f"| **step** | {sum(profile.values()):.1f} | {sum(profile.values()):.1f} |" in page
-    assert "| 0.900 | >= 0.9 | yes |" in page
+    assert "| 0.900 | >= 0.9 | yes |" in page and "| teacher targets from the cache | 2.0 | 2.0 |" in page
+
+
+@pytest.mark.integration  # tokenize, score and targets of the debug pipeline on local Ray: about 1 min
+def test_the_plain_loop_trains_from_a_real_cache_and_its_phases_add_up_to_its_steps(tmp_path, local_ray):
+    from flexkd.bench.speed import PHASES, plain_loop
+    from flexkd.config import apply_overrides, load_config, parse_config
+    from flexkd.runner import run_pipeline
+
+    raw = load_config(Path(__file__).resolve().parent.parent / "pipelines" / "debug.yaml").model_dump(mode="json")
+    config = parse_config(apply_overrides(raw, {"artifact_root": str(tmp_path), "training.teacher": "cache",
+                                                "tracking.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+                                                "training.steps": 6}))
+    stages = run_pipeline(config, stages=("tokenize", "score", "targets")).stages
+    measured = plain_loop(config, stages["targets"].directory, stages["tokenize"].directory, threads=1)
+    assert measured["tokens"] > 0 and measured["tokens_per_second"] > 0
+    assert set(measured["ms_per_step"]) == set(PHASES)
+    step_ms = 1000 * measured["seconds"] / (config.training.steps - 1)
+    # The phases tile the step; only the token count and the rounding (1 ms, 0.01 ms a phase) lie outside them.
+    assert abs(sum(measured["ms_per_step"].values()) - step_ms) <= 0.05 * step_ms + 1.0
+    logit_only = parse_config(apply_overrides(config.model_dump(mode="json"), {"loss.gamma": 0.0, "loss.feature": "none"}))
+    assert plain_loop(logit_only, stages["targets"].directory, stages["tokenize"].directory, threads=1)["tokens"] > 0
