@@ -214,3 +214,14 @@ def test_the_plain_loop_trains_from_a_real_cache_and_its_phases_add_up_to_its_st
     assert abs(sum(measured["ms_per_step"].values()) - step_ms) <= 0.05 * step_ms + 1.0
     logit_only = parse_config(apply_overrides(config.model_dump(mode="json"), {"loss.gamma": 0.0, "loss.feature": "none"}))
     assert plain_loop(logit_only, stages["targets"].directory, stages["tokenize"].directory, threads=1)["tokens"] > 0
+
+
+def test_method_names_become_metric_names_mlflow_accepts(tmp_path):
+    import mlflow
+
+    from flexkd.bench.common import metric_name
+
+    assert metric_name("accuracy.kd+flexkd") == "accuracy.kd_plus_flexkd"
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    with mlflow.start_run():
+        mlflow.log_metrics({metric_name(name): 1.0 for name in ("accuracy.kd+flexkd", "rougeL.kd+projector.samsum")})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -99,6 +100,11 @@ def load_sentence(load: dict[str, Any]) -> str:
             f"a load above {load['cpus']} means other processes were competing for the cores")
 
 
+def metric_name(key: str) -> str:
+    """``key`` as MLflow accepts a metric name: method names such as kd+flexkd hold a '+'."""
+    return re.sub(r"[^\w\-. /]", "_", key.replace("+", "_plus_"))
+
+
 def write_results(name: str, results: dict[str, Any], markdown: str, plot_file: Path | None,
                   tracking_uri: str, results_dir: Path = RESULTS) -> dict[str, Path]:
     """Write ``<name>.json`` and ``<name>.md`` (and the plot, already drawn) and log all of them,
@@ -116,7 +122,7 @@ def write_results(name: str, results: dict[str, Any], markdown: str, plot_file: 
     with mlflow.start_run(run_name=f"bench-{name}") as run:
         mlflow.set_tags({"flexkd.bench": name, "flexkd.command": results.get("command", ""),
                          "flexkd.git_commit": results.get("machine", {}).get("git_commit", "")})
-        mlflow.log_metrics({key: float(value) for key, value in results.get("headline", {}).items()
+        mlflow.log_metrics({metric_name(key): float(value) for key, value in results.get("headline", {}).items()
                             if isinstance(value, (int, float))})
         for path in paths.values():
             mlflow.log_artifact(str(path))

@@ -173,6 +173,11 @@ def run_quality(settings: QualitySettings, work_dir: Path = DEFAULT_WORK_DIR, me
         prepared = run_pipeline(method_config(settings, teacher_dir, work_dir, "kd+flexkd", settings.seeds[0]),
                                 stages=SHARED_STAGES)
         cache_dir = Path(prepared.stages["targets"].directory)
+        for stage in SHARED_STAGES:
+            key = stage if stage == "tokenize" else f"{stage}/{prepared.config.selection.method}"
+            shared_seconds[key] = stage_seconds(prepared.stages[stage])
+            if prepared.stages[stage].cached:  # built by an earlier invocation
+                reused_seconds += shared_seconds[key]
         stop_file = work_dir / STOP_FILE
         stop_file.unlink(missing_ok=True)
         for seed, method in run_order(methods, settings.seeds):
