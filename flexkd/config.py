@@ -156,6 +156,16 @@ class LossConfig(_Section):
     skew_alpha: float = Field(0.1, ge=0, le=1)
     feature: FeatureLoss | Literal["none"] = "correlation"
 
+    @property
+    def uses_features(self) -> bool:
+        """Whether a step reads the teacher's hidden units."""
+        return self.gamma > 0 and self.feature != "none"
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether a step needs the teacher at all (logits or units)."""
+        return self.beta > 0 or self.uses_features
+
 
 class TrainingConfig(_Section):
     steps: int = Field(100, gt=0)

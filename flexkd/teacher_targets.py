@@ -102,10 +102,15 @@ def cached_teacher_outputs(rows: dict[str, Any], batch: dict[str, Tensor], task:
         [B, T, k] (or [B, T, d_T] in index order), float32, zero on padding.
     """
     height, width = batch["input_ids"].shape
-    real = batch["attention_mask"].bool().cpu().numpy()  # right padding: row-major order = the rows' tokens
+    real = batch["attention_mask"].bool().cpu().numpy()  # [B, T]; row-major, its True cells are the rows' tokens in order
+    lengths = real.sum(axis=1)
     features = {}
     for layer, units in stored_units.items():
         keep = units if inverse_order is not None else k
+        stored = [len(flat) for flat in rows[units_column(layer)]]
+        if stored != (lengths * units).tolist():  # one scatter for the batch: a short row would shift every later one
+            raise ValueError(f"teacher-target cache layer {layer}: rows store {stored} values, the batch's tokens x "
+                             f"{units} units are {(lengths * units).tolist()}")
         tokens = np.concatenate(list(rows[units_column(layer)])).astype(np.float16, copy=False).reshape(-1, units)
         padded = np.zeros((height, width, keep), dtype=np.float16)
         padded[real] = tokens[:, :keep]

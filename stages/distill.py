@@ -99,7 +99,8 @@ def train_student(config: PipelineConfig, inputs: dict[str, Path], output_dir: P
         if config.task.kind == "generation" and config.loss.temperature not in info["temperatures"]:
             log.warning("distill: loss.temperature %s is not one of the cache's exact temperatures %s: the teacher's "
                         "rest-mass normalizer is approximated", config.loss.temperature, info["temperatures"])
-        columns = [*ROW_SCHEMA.names, *(units_column(layer) for layer in units), *_cache_logit_columns(config.task.kind)]
+        unit_columns = [units_column(layer) for layer in units] if config.loss.uses_features else []
+        columns = [*ROW_SCHEMA.names, *unit_columns, *_cache_logit_columns(config.task.kind)]
         train = ray.data.read_parquet(str(inputs["targets"] / "train"), columns=columns) if train_data is None else train_data
     else:
         selected = json.loads((inputs["score"] / "selected.json").read_text())
@@ -191,7 +192,9 @@ def _teacher_outputs(loop_config: dict[str, Any], config: PipelineConfig, pairs:
     if cache is not None:
         positions = ({layer: torch.tensor(order) for layer, order in cache["positions"].items()}
                      if cache["positions"] is not None else None)
-        return lambda rows, batch: cached_teacher_outputs(rows, batch, config.task.kind, cache["units"], loop_config["k"],
+        # Without a feature loss (kd) no cached unit is read: decoding them would be wasted work.
+        units = cache["units"] if config.loss.uses_features else {}
+        return lambda rows, batch: cached_teacher_outputs(rows, batch, config.task.kind, units, loop_config["k"],
                                                           positions, cache["top_k"], device, cache["temperatures"],
                                                           config.loss.temperature)
     teacher = distributed.shard_model(load_teacher(config).to(device), trainable=False)
@@ -215,7 +218,7 @@ def _distill_worker(loop_config: dict[str, Any]) -> None:
     if latest is not None:
         start_step = distributed.load_checkpoint(latest, module, optimizer)["step"]
 
-    need_teacher = config.loss.beta > 0 or (config.loss.gamma > 0 and config.loss.feature != "none")
+    need_teacher = config.loss.uses_teacher
     teacher_outputs = _teacher_outputs(loop_config, config, pairs, device) if need_teacher else None
     evaluator = StudentEvaluator(loop_config, config, device) if loop_config["eval_every"] else None
     per_rank_batch = max(1, config.training.batch_size // distributed.world_size())

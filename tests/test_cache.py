@@ -37,7 +37,7 @@ from flexkd.objective import LayerPair, ObjectiveSettings, cached_topk_logprobs,
 from flexkd.resolve import build_student, count_teacher_loads
 from flexkd.runner import run_pipeline
 from flexkd.stages.targets import _cache_schema
-from flexkd.teacher_targets import cached_teacher_outputs, online_teacher_outputs, target_columns
+from flexkd.teacher_targets import cached_teacher_outputs, online_teacher_outputs, target_columns, units_column
 
 SAMPLES = TINY_TOKENIZER_DIR.parent / "samples"
 PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
@@ -225,3 +225,14 @@ def test_cached_and_online_runs_reach_the_same_parameters(tmp_path, local_ray):
           f"weights moved up to {moved:.2e}")
     assert moved > 0.01  # training did move the weights, so agreeing is not trivial
     assert difference <= 2e-3, f"max |online - cached| = {difference:.2e} (weights moved up to {moved:.2e})"
+
+
+def test_a_cache_row_whose_length_disagrees_with_the_batch_is_refused():
+    batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])}
+    rows = {units_column(4): [np.zeros(3 * 2, np.float16), np.zeros(3 * 2, np.float16)],  # the second has 2 tokens
+            "teacher_class_logits": [np.zeros(2, np.float32)] * 2}
+    with pytest.raises(ValueError, match=r"layer 4: rows store \[6, 6\] values.*\[6, 4\]"):
+        cached_teacher_outputs(rows, batch, "classification", {4: 2}, 2, None, 0, torch.device("cpu"))
+    rows[units_column(4)][1] = np.arange(2 * 2, dtype=np.float16)
+    _, features = cached_teacher_outputs(rows, batch, "classification", {4: 2}, 2, None, 0, torch.device("cpu"))
+    assert features[4][1].tolist() == [[0.0, 1.0], [2.0, 3.0], [0.0, 0.0]]  # the row's tokens, then padding
