@@ -179,8 +179,8 @@ def plain_loop(config, targets_dir: Path, tokenize_dir: Path, threads: int) -> d
         # Object arrays of numpy arrays, as Ray Data's numpy batches hand them to the distill stage.
         columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
         rows_total, batch_size = table.num_rows, config.training.batch_size
-        need_teacher = config.loss.beta > 0 or (config.loss.gamma > 0 and config.loss.feature != "none")
-        feature_units = units if config.loss.gamma > 0 and config.loss.feature != "none" else {}
+        need_teacher = config.loss.uses_teacher
+        feature_units = units if config.loss.uses_features else {}  # as the distill stage: kd decodes no unit
         if config.training.steps < 2:
             raise ValueError("plain_loop: the steady state leaves out the first step, so it needs at least 2 steps")
         tokens, seconds = 0, 0.0
