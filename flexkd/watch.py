@@ -237,9 +237,10 @@ class Watcher:
         token = f"{self.owner}/{uuid.uuid4().hex[:8]}"
         try:
             self.set_tags(client, version, claim=token, heartbeat=timestamp())
-        except MlflowException as error:  # e.g. SQLite: two first claims collide on the tag's unique key
-            log.info("teacher %s version %s: claim not written (%s)", self.teacher, version, _first_line(error))
-            return False
+        except MlflowException as error:  # e.g. SQLite: two first claims collide on a tag's unique key
+            # Not a loss by itself: the claim tag may have landed before the heartbeat collided, and
+            # the rival may have lost on its claim tag. Only the read-back can tell who holds it.
+            log.info("teacher %s version %s: claim write collided (%s)", self.teacher, version, _first_line(error))
         time.sleep(self.settings.claim_settle_s)
         if self.tags(client, version).get(self.keys.claim) != token:
             log.info("teacher %s version %s: claimed by another watcher", self.teacher, version)

@@ -222,6 +222,9 @@ def test_method_names_become_metric_names_mlflow_accepts(tmp_path):
     from flexkd.bench.common import metric_name
 
     assert metric_name("accuracy.kd+flexkd") == "accuracy.kd_plus_flexkd"
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    with mlflow.start_run():
-        mlflow.log_metrics({metric_name(name): 1.0 for name in ("accuracy.kd+flexkd", "rougeL.kd+projector.samsum")})
+    # Its own client and store: the module-level tracking URI and experiment belong to other tests.
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.create_run(client.create_experiment("metric-names"))
+    names = [metric_name(name) for name in ("accuracy.kd+flexkd", "rougeL.kd+projector.samsum")]
+    client.log_batch(run.info.run_id, metrics=[mlflow.entities.Metric(name, 1.0, 0, 0) for name in names])
+    assert set(client.get_run(run.info.run_id).data.metrics) == set(names)

@@ -197,6 +197,24 @@ def test_versions_are_chosen_by_alias_or_tags(tmp_path):
         missing.teacher_versions(missing.client())
 
 
+def test_a_claim_whose_heartbeat_write_collides_is_decided_by_reading_it_back(tmp_path, monkeypatch):
+    """The race the test below hits now and then on SQLite: this claim's tag lands, then its
+    heartbeat collides with the rival's insert. Giving up there let both watchers lose."""
+    from mlflow.exceptions import MlflowException
+
+    client = client_for(tmp_path)
+    version = dummy_version(client, tmp_path, TEACHER)
+    watcher = Watcher(watched_pipeline(tmp_path, watch={"claim_settle_s": 0.0}))
+    write = watcher.set_tags
+
+    def claim_lands_heartbeat_collides(client, version, **values):
+        write(client, version, claim=values["claim"])
+        raise MlflowException("UNIQUE constraint failed: model_version_tags.key")
+
+    monkeypatch.setattr(watcher, "set_tags", claim_lands_heartbeat_collides)
+    assert watcher.claim(watcher.client(), version) is True
+
+
 @pytest.mark.parametrize("left_behind", [False, True], ids=["first-claim", "over-a-dead-watchers-claim"])
 def test_two_watchers_racing_for_a_version_do_not_both_win(tmp_path, left_behind):
     client = client_for(tmp_path)
