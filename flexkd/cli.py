@@ -216,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "right when other jobs share the cores; 2 on an idle 2-core machine is faster)")
     bench.add_argument("--only", help="speed: re-measure only these parts (plain,feature,score,workers,trl), "
                        "keeping the others from the last benchmarks/results/speed.json")
+    variant = bench.add_argument_group("quality variants (an investigation run; with --label its results are kept "
+                                       "as quality-<label> beside the main table)")
+    variant.add_argument("--layer-map", help="layer_map of every method (default: uniform)")
+    variant.add_argument("--score-rows", type=_positive_int, help="dev sentences the importance is scored on (default 96)")
+    variant.add_argument("--gamma", type=float, help="feature loss weight, summed over the mapped pairs (default 1.0)")
+    variant.add_argument("--learning-rate", type=float, help="student learning rate (default 1e-3)")
+    variant.add_argument("--label", help="write benchmarks/results/quality-<label>.* instead of quality.*")
     bench.add_argument("--work-dir", help="artifacts, cached teacher and MLflow store (default: runs/bench)")
     bench.set_defaults(handler=cmd_bench)
     return parser

@@ -88,6 +88,23 @@ def test_bench_command_parses_and_the_page_lists_every_section(tmp_path):
     (tmp_path / "quality.md").write_text("## Quality: SST-2 classification\n\nnumbers\n")
     page = write_results_page(tmp_path, tmp_path / "RESULTS.md").read_text()
     assert "numbers" in page and "## Speed\n\nNot run yet." in page and "## Generation\n\nNot run yet." in page
+    (tmp_path / "quality-last-layer.md").write_text("## Quality: variant last-layer\n")
+    page = write_results_page(tmp_path, tmp_path / "RESULTS.md").read_text()
+    assert page.index("numbers") < page.index("variant last-layer") < page.index("## Generation")
+
+
+def test_a_quality_variant_is_kept_beside_the_main_table_and_its_options_belong_to_quality():
+    from flexkd.bench.cli import run_benchmark
+    from flexkd.bench.quality import results_name
+    from flexkd.config import ConfigError
+
+    args = build_parser().parse_args(["bench", "quality", "--layer-map", "last", "--score-rows", "872", "--label", "last"])
+    assert (args.layer_map, args.score_rows, args.label) == ("last", 872, "last")
+    assert results_name(None) == "quality" and results_name("last-layer") == "quality-last-layer"
+    with pytest.raises(ConfigError, match="--label"):
+        results_name("../escape")
+    with pytest.raises(ConfigError, match="--gamma is an option of 'flexkd bench quality' only"):
+        run_benchmark(build_parser().parse_args(["bench", "speed", "--gamma", "2"]))
 
 
 def test_adapted_teacher_is_an_untied_hf_folder_with_the_trained_rows(tmp_path):

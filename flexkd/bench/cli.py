@@ -28,8 +28,17 @@ def _names(text: str | None, known: dict, default_all: bool = True) -> tuple[str
     return names
 
 
+QUALITY_VARIANT_OPTIONS = ("layer_map", "score_rows", "gamma", "learning_rate", "label")
+
+
 def run_benchmark(args: argparse.Namespace) -> int:
     import torch
+
+    misplaced = [name for name in QUALITY_VARIANT_OPTIONS if getattr(args, name, None) is not None]
+    if args.benchmark != "quality" and misplaced:
+        from flexkd.config import ConfigError
+
+        raise ConfigError(f"--{misplaced[0].replace('_', '-')} is an option of 'flexkd bench quality' only")
 
     work_dir = Path(args.work_dir) if args.work_dir else DEFAULT_WORK_DIR
     if args.threads or not args.gpu:
@@ -41,8 +50,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
         settings = QualitySettings.gpu() if args.gpu else QualitySettings.cpu()
         settings = with_overrides(settings, seeds=_seeds(args.seeds), steps=args.steps, train_rows=args.train_rows,
-                                  threads_per_worker=args.threads)
-        run_quality(settings, work_dir, _names(args.methods, METHODS))
+                                  threads_per_worker=args.threads, layer_map=args.layer_map, score_rows=args.score_rows,
+                                  gamma=args.gamma, learning_rate=args.learning_rate)
+        run_quality(settings, work_dir, _names(args.methods, METHODS), label=args.label)
     elif args.benchmark == "speed":
         from flexkd.bench.speed import PARTS, SpeedSettings, run_speed
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -156,9 +157,23 @@ def sst2_teacher(settings: QualitySettings, work_dir: Path) -> tuple[Path, dict[
                            base.data.max_length, work_dir / "teachers")
 
 
+def results_name(label: str | None) -> str:
+    """``quality``, or ``quality-<label>`` for a variant (an investigation run) kept beside it."""
+    if label is None:
+        return "quality"
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", label):
+        from flexkd.config import ConfigError
+
+        raise ConfigError(f"--label {label!r}: use lower-case letters, digits and '-' (it names results files)")
+    return f"quality-{label}"
+
+
 def run_quality(settings: QualitySettings, work_dir: Path = DEFAULT_WORK_DIR, methods: tuple[str, ...] = tuple(METHODS),
-                results_dir: Path = RESULTS) -> dict[str, Any]:
+                results_dir: Path = RESULTS, label: str | None = None) -> dict[str, Any]:
+    """Every (method, seed) of ``settings``; writes ``results_dir/<results_name(label)>.{json,md,png}``."""
     from flexkd.runner import run_pipeline
+
+    name = results_name(label)
 
     work_dir.mkdir(parents=True, exist_ok=True)
     command = command_line()
@@ -206,7 +221,7 @@ def run_quality(settings: QualitySettings, work_dir: Path = DEFAULT_WORK_DIR, me
             log.info("bench quality: %s seed %d: accuracy %.4f", method, seed, metrics["student.accuracy"])
             (work_dir / "quality.partial.json").write_text(json.dumps(runs, indent=1))
     results = {
-        "benchmark": "quality", "command": command, "machine": machine(), "load": load.summary(),
+        "benchmark": name, "label": label, "command": command, "machine": machine(), "load": load.summary(),
         "settings": asdict(settings), "pipeline": str(PIPELINE.relative_to(REPO)),
         "common_overrides": pipeline_overrides(settings, Path("<adapted teacher>"), Path("<work dir>")),
         "methods": METHODS, "teacher": teacher_record | {"folder": str(teacher_dir)},
@@ -216,8 +231,8 @@ def run_quality(settings: QualitySettings, work_dir: Path = DEFAULT_WORK_DIR, me
     }
     results["selection_diagnostics"] = selection_diagnostics(score_dirs)
     results |= summarize(runs, methods)
-    plot = plot_quality(results, results_dir / "quality.png")
-    write_results("quality", results, quality_markdown(results), plot, tracking_uri(work_dir), results_dir)
+    plot = plot_quality(results, results_dir / f"{name}.png")
+    write_results(name, results, quality_markdown(results), plot, tracking_uri(work_dir), results_dir)
     return results
 
 
@@ -308,8 +323,9 @@ def quality_markdown(results: dict[str, Any]) -> str:
     settings, teacher, load = results["settings"], results["teacher"], results["load"]
     from flexkd.layers import resolve_layer_map
 
+    name, label = results.get("benchmark", "quality"), results.get("label")
     lines = [
-        "## Quality: SST-2 classification",
+        "## Quality: SST-2 classification" + (f", variant `{label}`" if label else ""),
         "",
         f"Command: `{results['command']}` (finished {results['finished_at']}, wall time {results['wall_seconds'] / 60:.1f} min; "
         f"it reused {results['reused_seconds'] / 60:.1f} min of teacher adaptation and shared stages built by an earlier "
@@ -344,7 +360,7 @@ def quality_markdown(results: dict[str, Any]) -> str:
         per_seed = ", ".join(f"{v:.2f}" for v in row["per_seed"].values())
         lines.append(f"| {method} | {row['accuracy_mean']:.2f} ± {row['accuracy_std']:.2f} (n={row['seeds']}) | {per_seed} | "
                      f"{row['extra_trainable_parameters']:,} | {row['distill_seconds_mean']:.0f} |")
-    lines += ["", "![quality](results/quality.png)", "", "Comparisons (difference of means, in accuracy points):", ""]
+    lines += ["", f"![{name}](results/{name}.png)", "", "Comparisons (difference of means, in accuracy points):", ""]
     lines += [f"- {verdict(c)}." for c in results["comparisons"]]
     diagnostics = results.get("selection_diagnostics") or {}
     if diagnostics:
