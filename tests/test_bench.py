@@ -245,3 +245,29 @@ def test_method_names_become_metric_names_mlflow_accepts(tmp_path):
     names = [metric_name(name) for name in ("accuracy.kd+flexkd", "rougeL.kd+projector.samsum")]
     client.log_batch(run.info.run_id, metrics=[mlflow.entities.Metric(name, 1.0, 0, 0) for name in names])
     assert set(client.get_run(run.info.run_id).data.metrics) == set(names)
+
+
+def test_generation_students_are_pruned_from_the_teacher_and_share_every_teacher_side_stage(tmp_path):
+    from flexkd.bench.generation import METHODS as GENERATION_METHODS
+    from flexkd.bench.generation import PIPELINE, GenerationSettings, pipeline_overrides
+    from flexkd.config import load_config
+
+    overrides = pipeline_overrides(GenerationSettings.cpu(), tmp_path, tmp_path / "eval.jsonl", 452)
+    configs = {method: load_config(PIPELINE, overrides | extra) for method, extra in GENERATION_METHODS.items()}
+    for method, config in configs.items():
+        assert (config.student.init, config.student.layer_selection) == ("prune_from_teacher", "importance"), method
+        assert config.layer_map == "last" and config.selection.method == "identity", method
+    assert configs["kd"].loss.uses_features is False and configs["kd+flexkd"].loss.feature == "correlation"
+    fingerprints = {}
+    for stage in ("tokenize", "score", "targets"):
+        inputs = {name: fingerprints[name] for name in ("tokenize", "score") if name in fingerprints}
+        per_method = {stage_fingerprint(config, stage, inputs) for config in configs.values()}
+        assert len(per_method) == 1, stage
+        fingerprints[stage] = per_method.pop()
+
+
+def test_generation_rouge_is_kept_apart_per_eval_set():
+    from flexkd.bench.generation import rouge_per_source
+
+    scores = rouge_per_source(["the cat sat", "a b c d"], ["the cat sat", "x y"], ["samsum", "self_instruct"])
+    assert scores == {"samsum": 100.0, "self_instruct": 0.0}

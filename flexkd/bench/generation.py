@@ -2,14 +2,19 @@
 students, through the real pipeline.
 
     teacher   SmolLM2-135M-Instruct as is (the demo teacher)
-    student   hidden 384, the teacher's tokenizer; random init on this branch (importance-guided
-              pruned init is the ``prune`` branch's ``student.init: prune_from_teacher``)
+    student   cut out of the teacher (``student.init: prune_from_teacher``): hidden 384 (the 384
+              residual units of highest task importance), MLP 1024, 2 of 3 key/value groups, and
+              the blocks that change the hidden state most (``layer_selection: importance``)
     train     prompts and completions of the T0 mixture (/work/shared/data/t0_mix), chat template
     eval      SAMSum (200 dialogues) and Self-Instruct (252 user-oriented tasks) in one eval split
               (benchmarks/results keeps which row is which); greedy decoding, ROUGE-L F1 x100 per
               set, computed from the evaluate stage's own predictions of every row
-    methods   kd, kd+projector, kd+flexkd (cached teacher targets, full width), the same steps,
-              learning rate, data and seed for all
+    methods   kd, kd+projector, kd+flexkd on the final hidden states (layer_map last; cached
+              teacher targets, full width), the same steps, learning rate, data and seed for all.
+              kd+flexkd pairs each student unit with the teacher unit it was cut from (the pruned
+              student's ``selection: identity``): those units are the top of the importance
+              ranking, so this is Flex-KD's selection, in the student's own order.
+    baseline  the pruned student before any distillation, scored by the same evaluation code
 
 Writes benchmarks/results/generation.{json,md,png} and logs them to MLflow.
 """
@@ -42,8 +47,9 @@ PIPELINE = REPO / "pipelines" / "instruct_samsum.yaml"
 METHODS: dict[str, dict[str, Any]] = {
     "kd": {"loss.gamma": 0.0, "loss.feature": "none"},
     "kd+projector": {"loss.feature": "projector"},
-    "kd+flexkd": {"loss.feature": "correlation", "selection.method": "importance"},
+    "kd+flexkd": {"loss.feature": "correlation"},
 }
+PRUNED_START = "pruned, no distillation"
 EVAL_SETS = ("samsum", "self_instruct")
 
 
@@ -57,15 +63,19 @@ class GenerationSettings:
     max_new_tokens: int
     num_layers: int
     seeds: tuple[int, ...]
-    learning_rate: float = 5e-4
+    # A pruned student starts from the teacher's weights: a small step size keeps what it inherits.
+    learning_rate: float = 2e-4
+    layer_selection: str = "importance"
     use_gpu: bool = False
     cpus_per_worker: float = 1  # the other CPU stays free for Ray Data
     threads_per_worker: int = 1  # see QualitySettings: one thread is faster on an oversubscribed machine
 
     @classmethod
     def cpu(cls) -> GenerationSettings:
-        return cls(train_rows=800, score_rows=128, steps=300, batch_size=8, max_length=256, max_new_tokens=64,
-                   num_layers=8, seeds=(0,))
+        # Sized for 60 minutes on 2 cores: each distill step of the 16-block student over about
+        # 1,000 tokens, and greedy decoding of the 452 eval prompts by five models, dominate.
+        return cls(train_rows=800, score_rows=64, steps=200, batch_size=8, max_length=256, max_new_tokens=64,
+                   num_layers=16, seeds=(0,))
 
     @classmethod
     def gpu(cls) -> GenerationSettings:
@@ -100,6 +110,7 @@ def pipeline_overrides(settings: GenerationSettings, work_dir: Path, eval_path: 
     return {
         "name": "bench-generation" + ("-gpu" if settings.use_gpu else ""), "artifact_root": str(work_dir / "runs"),
         "tracking.tracking_uri": tracking_uri(work_dir), "tracking.experiment": "flexkd-bench-generation",
+        "student.init": "prune_from_teacher", "student.layer_selection": settings.layer_selection,
         "student.architecture": {"hidden_size": 384, "num_hidden_layers": settings.num_layers, "num_attention_heads": 6,
                                  "num_key_value_heads": 2, "intermediate_size": 1024},
         "data.train": {"path": t0, "limit": settings.train_rows, "prompt_template": "{prompt}",
@@ -108,7 +119,8 @@ def pipeline_overrides(settings: GenerationSettings, work_dir: Path, eval_path: 
                        "response_column": "completion"},
         "data.eval": {"path": str(eval_path), "prompt_template": "{prompt}", "response_column": "response"},
         "data.max_length": settings.max_length,
-        # The paper's default pairing (final hidden states); it also keeps the full-width cache one layer deep.
+        # The paper's default pairing (final hidden states) rather than the pruned student's every
+        # block with its source: it keeps the full-width cache one layer deep (16 would be ~4 GB).
         "layer_map": "last",
         "training.steps": settings.steps, "training.batch_size": settings.batch_size,
         "training.learning_rate": settings.learning_rate, "training.warmup_steps": 25, "training.log_every": 25,
@@ -128,12 +140,16 @@ def run_generation(settings: GenerationSettings, work_dir: Path = DEFAULT_WORK_D
     command, started = command_line(), time.time()
     eval_path, sources = write_eval_set(work_dir)
     runs = []
+    pruned_start: dict[str, Any] = {}
     with LoadMonitor() as load:
         for seed in settings.seeds:
             for method in methods:
                 overrides = pipeline_overrides(settings, work_dir, eval_path, len(sources)) | METHODS[method]
                 config = load_config(PIPELINE, overrides | {"student.seed": seed, "training.seed": seed})
                 result = run_pipeline(config, stages=("tokenize", "score", "targets", "distill", "evaluate"))
+                if not pruned_start:
+                    pruned_start = evaluate_pruned_start(config, Path(result.stages["tokenize"].directory),
+                                                         Path(result.stages["score"].directory), sources)
                 distill, evaluate = result.stages["distill"], result.stages["evaluate"]
                 scores = rouge_by_source(evaluate.directory / "predictions.jsonl", sources)
                 runs.append({"method": method, "seed": seed, "rougeL": scores,
@@ -146,9 +162,9 @@ def run_generation(settings: GenerationSettings, work_dir: Path = DEFAULT_WORK_D
                 (work_dir / "generation.partial.json").write_text(json.dumps(runs, indent=1))
     results = {"benchmark": "generation", "command": command, "machine": machine(), "load": load.summary(),
                "settings": asdict(settings), "pipeline": str(PIPELINE.relative_to(REPO)), "methods": METHODS,
-               "student_init": "random (pruned init not on this branch)", "runs": runs,
+               "student_init": "prune_from_teacher", "pruned_start": pruned_start, "runs": runs,
                "wall_seconds": round(time.time() - started, 1), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-    results["table"] = table(runs)
+    results["table"] = table(runs, pruned_start)
     results["headline"] = {f"rougeL.{name}.{role}": row[role] for name, row in results["table"].items()
                            for role in ("samsum", "self_instruct")}
     plot = plot_generation(results, results_dir / "generation.png")
@@ -156,27 +172,58 @@ def run_generation(settings: GenerationSettings, work_dir: Path = DEFAULT_WORK_D
     return results
 
 
-def rouge_by_source(predictions_file: Path, sources: list[str]) -> dict[str, dict[str, float]]:
-    """ROUGE-L F1 x100 per eval set, for teacher and student, from the evaluate stage's predictions."""
+def evaluate_pruned_start(config, tokenize_dir: Path, score_dir: Path, sources: list[str]) -> dict[str, Any]:
+    """The pruned student as the score stage wrote it, before any distillation, scored by the
+    evaluate stage's own code on every eval row: what distillation has to improve on."""
+    import torch
+
+    from flexkd.models import load_model, parameter_count
+    from flexkd.resolve import load_pipeline_tokenizer
+    from flexkd.stages.evaluate import generate_and_score, read_eval_rows
+
+    started = time.time()
+    pad_token_id = json.loads((tokenize_dir / "manifest.json").read_text())["outputs"]["pad_token_id"]
+    table_rows = read_eval_rows(tokenize_dir / "eval")
+    model = load_model(score_dir / "pruned_student").eval()
+    with torch.no_grad():
+        scores, outputs = generate_and_score(model, table_rows, config, load_pipeline_tokenizer(config), pad_token_id,
+                                             torch.device("cpu"), "evaluate pruned start")
+    by_source = rouge_per_source(table_rows.column("reference").to_pylist(), outputs,
+                                 [sources[i] for i in table_rows.column("example_id").to_pylist()])
+    return {"rougeL": by_source, "rougeL_all": scores["rougeL"], "perplexity": scores["perplexity"],
+            "parameters": parameter_count(model), "seconds": round(time.time() - started, 1)}
+
+
+def rouge_per_source(references: list[str], outputs: list[str], row_sources: list[str]) -> dict[str, float]:
+    """ROUGE-L F1 x100 of ``outputs`` per eval set."""
     from rouge_score.rouge_scorer import RougeScorer
 
     scorer = RougeScorer(["rougeL"], use_stemmer=True)
-    rows = [json.loads(line) for line in predictions_file.read_text().splitlines()]
-    if len(rows) != len(sources):
-        raise ValueError(f"{predictions_file}: {len(rows)} predictions for {len(sources)} eval rows")
-    scores: dict[str, dict[str, float]] = {}
-    for role in ("teacher", "student"):
-        for source in EVAL_SETS:
-            values = [scorer.score(row["reference"], row[role])["rougeL"].fmeasure
-                      for row in rows if sources[row["example_id"]] == source]
-            scores.setdefault(role, {})[source] = round(100 * sum(values) / len(values), 2)
+    scores = {}
+    for source in EVAL_SETS:
+        values = [scorer.score(reference, output)["rougeL"].fmeasure
+                  for reference, output, row_source in zip(references, outputs, row_sources) if row_source == source]
+        scores[source] = round(100 * sum(values) / len(values), 2)
     return scores
 
 
-def table(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def rouge_by_source(predictions_file: Path, sources: list[str]) -> dict[str, dict[str, float]]:
+    """ROUGE-L F1 x100 per eval set, for teacher and student, from the evaluate stage's predictions."""
+    rows = [json.loads(line) for line in predictions_file.read_text().splitlines()]
+    if len(rows) != len(sources):
+        raise ValueError(f"{predictions_file}: {len(rows)} predictions for {len(sources)} eval rows")
+    references, row_sources = [row["reference"] for row in rows], [sources[row["example_id"]] for row in rows]
+    return {role: rouge_per_source(references, [row[role] for row in rows], row_sources) for role in ("teacher", "student")}
+
+
+def table(runs: list[dict[str, Any]], pruned_start: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     rows: dict[str, dict[str, Any]] = {}
     teacher = runs[0]["rougeL"]["teacher"] if runs else {}
-    rows["teacher"] = {**teacher, "seeds": 1, "extra_trainable_parameters": 0, "parameters": None}
+    rows["teacher"] = {**teacher, "seeds": 1, "extra_trainable_parameters": 0, "parameters": None,
+                       "perplexity": runs[0]["perplexity"]["teacher"] if runs else None}
+    if pruned_start:
+        rows[PRUNED_START] = {**pruned_start["rougeL"], "seeds": 1, "extra_trainable_parameters": 0,
+                              "parameters": pruned_start["parameters"], "perplexity": pruned_start["perplexity"]}
     for method in dict.fromkeys(run["method"] for run in runs):
         mine = [run for run in runs if run["method"] == method]
         rows[method] = {source: round(mean_std([run["rougeL"]["student"][source] for run in mine])[0], 2)
@@ -184,7 +231,8 @@ def table(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         rows[method] |= {f"{source}_std": round(mean_std([run["rougeL"]["student"][source] for run in mine])[1], 2)
                          for source in EVAL_SETS}
         rows[method] |= {"seeds": len(mine), "extra_trainable_parameters": mine[0]["extra_trainable_parameters"],
-                         "parameters": mine[0]["student_parameters"]}
+                         "parameters": mine[0]["student_parameters"],
+                         "perplexity": mean_std([run["perplexity"]["student"] for run in mine])[0]}
     return rows
 
 
@@ -195,17 +243,21 @@ def generation_markdown(results: dict[str, Any]) -> str:
              "",
              f"Machine: {results['machine']['cpus']} CPUs ({results['machine']['cpu_model']}), GPU: {results['machine']['gpu']}, "
              f"commit {results['machine']['git_commit']}.", f"{load_sentence(load).capitalize()}.", "",
-             f"Teacher SmolLM2-135M-Instruct as is. Student: hidden 384, {settings['num_layers']} layers, **random init** "
-             "(importance-guided pruned init is not on this branch); feature losses on the final hidden states "
-             "(layer_map last). "
+             f"Teacher SmolLM2-135M-Instruct as is (576 wide, 30 blocks). Students **cut out of the teacher** "
+             f"(`student.init: prune_from_teacher`): hidden 384, {settings['num_layers']} blocks "
+             f"(layer_selection {settings['layer_selection']}), MLP 1024, 6 heads / 2 KV groups; pruning scored on "
+             f"{settings['score_rows']} T0 rows. Feature losses on the final hidden states (layer_map last); kd+flexkd "
+             "pairs each student unit with the teacher unit it was cut from (the top of the importance ranking), "
+             "kd+projector learns a 384 -> 576 map. "
              f"Distilled on {settings['train_rows']} T0-mixture prompt/completion pairs (chat template, max length "
              f"{settings['max_length']}), {settings['steps']} steps of batch {settings['batch_size']}, lr "
              f"{settings['learning_rate']}, teacher-target cache; seeds {list(settings['seeds'])}. Greedy decoding, "
              f"at most {settings['max_new_tokens']} new tokens; ROUGE-L F1 x100.", "",
-             "| model | SAMSum (200) | Self-Instruct (252) | seeds | extra trainable params |", "|---|---|---|---|---|"]
+             "| model | ROUGE-L SAMSum (200) | ROUGE-L Self-Instruct (252) | perplexity of the references | seeds | "
+             "extra trainable params |", "|---|---|---|---|---|---|"]
     for name, row in results["table"].items():
-        lines.append(f"| {name} | {row['samsum']:.2f} | {row['self_instruct']:.2f} | {row['seeds']} | "
-                     f"{row['extra_trainable_parameters']:,} |")
+        lines.append(f"| {name} | {row['samsum']:.2f} | {row['self_instruct']:.2f} | {row['perplexity']:.4g} | "
+                     f"{row['seeds']} | {row['extra_trainable_parameters']:,} |")
     lines += ["", "![generation](results/generation.png)", ""]
     return "\n".join(lines)
 
