@@ -271,3 +271,13 @@ def test_generation_rouge_is_kept_apart_per_eval_set():
 
     scores = rouge_per_source(["the cat sat", "a b c d"], ["the cat sat", "x y"], ["samsum", "self_instruct"])
     assert scores == {"samsum": 100.0, "self_instruct": 0.0}
+
+
+def test_generation_page_counts_shared_stages_an_earlier_invocation_built():
+    from flexkd.bench.generation import _reused_sentence
+
+    shared = {"tokenize": {"seconds": 30, "reused": True}, "targets": {"seconds": 420, "reused": True},
+              "score": {"seconds": 90, "reused": False}}
+    sentence = _reused_sentence(shared, wall_seconds=1800)
+    assert "reused 7.5 min" in sentence and "about 38 min" in sentence
+    assert "from scratch" not in _reused_sentence({"score": {"seconds": 90, "reused": False}}, 1800)

@@ -38,6 +38,7 @@ from flexkd.bench.common import (
     load_sentence,
     machine,
     mean_std,
+    stage_seconds,
     write_results,
 )
 
@@ -51,6 +52,7 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 PRUNED_START = "pruned, no distillation"
 EVAL_SETS = ("samsum", "self_instruct")
+SHARED_STAGES = ("tokenize", "score", "targets")
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,7 @@ def run_generation(settings: GenerationSettings, work_dir: Path = DEFAULT_WORK_D
     eval_path, sources = write_eval_set(work_dir)
     runs = []
     pruned_start: dict[str, Any] = {}
+    shared: dict[str, dict[str, Any]] = {}
     with LoadMonitor() as load:
         for seed in settings.seeds:
             for method in methods:
@@ -151,6 +154,9 @@ def run_generation(settings: GenerationSettings, work_dir: Path = DEFAULT_WORK_D
                 if not pruned_start:
                     pruned_start = evaluate_pruned_start(config, Path(result.stages["tokenize"].directory),
                                                          Path(result.stages["score"].directory), sources)
+                    # Every method reuses these by fingerprint; an earlier invocation may have built them.
+                    shared = {stage: {"seconds": stage_seconds(result.stages[stage]), "reused": result.stages[stage].cached}
+                              for stage in SHARED_STAGES}
                 distill, evaluate = result.stages["distill"], result.stages["evaluate"]
                 scores = rouge_by_source(evaluate.directory / "predictions.jsonl", sources)
                 runs.append({"method": method, "seed": seed, "rougeL": scores,
@@ -164,7 +170,7 @@ def run_generation(settings: GenerationSettings, work_dir: Path = DEFAULT_WORK_D
     results = {"benchmark": "generation", "command": command, "machine": machine(), "load": load.summary(),
                "settings": asdict(settings), "pipeline": str(PIPELINE.relative_to(REPO)), "methods": METHODS,
                "student_init": "prune_from_teacher", "pruned_start": pruned_start, "runs": runs,
-               "wall_seconds": round(time.time() - started, 1), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+               "shared_stage_seconds": shared, "wall_seconds": round(time.time() - started, 1), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     results["table"] = table(runs, pruned_start)
     results["headline"] = {f"rougeL.{name}.{role}": row[role] for name, row in results["table"].items()
                            for role in ("samsum", "self_instruct")}
@@ -240,7 +246,8 @@ def table(runs: list[dict[str, Any]], pruned_start: dict[str, Any] | None = None
 def generation_markdown(results: dict[str, Any]) -> str:
     settings, load = results["settings"], results["load"]
     lines = ["## Generation: SAMSum and Self-Instruct ROUGE-L", "",
-             f"Command: `{results['command']}` (finished {results['finished_at']}, wall time {results['wall_seconds'] / 60:.1f} min)",
+             f"Command: `{results['command']}` (finished {results['finished_at']}, wall time {results['wall_seconds'] / 60:.1f} min"
+             f"{_reused_sentence(results.get('shared_stage_seconds') or {}, results['wall_seconds'])})",
              "",
              f"Machine: {results['machine']['cpus']} CPUs ({results['machine']['cpu_model']}), GPU: {results['machine']['gpu']}, "
              f"commit {results['machine']['git_commit']}.", f"{load_sentence(load).capitalize()}.", "",
@@ -261,6 +268,19 @@ def generation_markdown(results: dict[str, Any]) -> str:
                      f"{row['seeds']} | {row['extra_trainable_parameters']:,} |")
     lines += ["", "![generation](results/generation.png)", ""]
     return "\n".join(lines)
+
+
+def _reused_sentence(shared: dict[str, dict[str, Any]], wall_seconds: float) -> str:
+    built = "; ".join(f"{stage} {entry['seconds']:.0f} s" + (" (reused)" if entry["reused"] else "")
+                      for stage, entry in shared.items())
+    if not built:
+        return ""
+    reused = sum(entry["seconds"] for entry in shared.values() if entry["reused"])
+    sentence = f"; shared stages, run once for every method: {built}"
+    if reused:
+        sentence += (f"; it reused {reused / 60:.1f} min of them from an earlier invocation, so a run from scratch "
+                     f"takes about {(wall_seconds + reused) / 60:.0f} min")
+    return sentence
 
 
 def plot_generation(results: dict[str, Any], path: Path) -> Path:
