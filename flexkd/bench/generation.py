@@ -192,9 +192,11 @@ def evaluate_pruned_start(config, tokenize_dir: Path, score_dir: Path, sources: 
     pad_token_id = json.loads((tokenize_dir / "manifest.json").read_text())["outputs"]["pad_token_id"]
     table_rows = read_eval_rows(tokenize_dir / "eval")
     model = load_model(score_dir / "pruned_student").eval()
+    # No progress bar: the evaluate stage's is Ray's, which in the driver keeps redrawing after it ends.
+    log.info("bench generation: greedy decoding of %d eval rows by the pruned start", table_rows.num_rows)
     with torch.no_grad():
         scores, outputs = generate_and_score(model, table_rows, config, load_pipeline_tokenizer(config), pad_token_id,
-                                             torch.device("cpu"), "evaluate pruned start")
+                                             torch.device("cpu"))
     by_source = rouge_per_source(table_rows.column("reference").to_pylist(), outputs,
                                  [sources[i] for i in table_rows.column("example_id").to_pylist()])
     return {"rougeL": by_source, "rougeL_all": scores["rougeL"], "perplexity": scores["perplexity"],
