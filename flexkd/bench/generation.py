@@ -75,7 +75,7 @@ class GenerationSettings:
     @classmethod
     def cpu(cls) -> GenerationSettings:
         # Sized for 60 minutes on 2 cores, where the shared stages take about 10 minutes (the
-        # full-width cache over 800 rows: 7), a distill step of the 16-block student about 4 s
+        # full-width cache over 800 rows: 7), a distill step of the 16-block student about 3 s
         # (measured), and greedy decoding of the 452 eval prompts is paid by five models.
         return cls(train_rows=800, score_rows=64, steps=120, batch_size=8, max_length=256, max_new_tokens=64,
                    num_layers=16, seeds=(0,))
@@ -123,7 +123,7 @@ def pipeline_overrides(settings: GenerationSettings, work_dir: Path, eval_path: 
         "data.eval": {"path": str(eval_path), "prompt_template": "{prompt}", "response_column": "response"},
         "data.max_length": settings.max_length,
         # The paper's default pairing (final hidden states) rather than the pruned student's every
-        # block with its source: it keeps the full-width cache one layer deep (16 would be ~4 GB).
+        # block with its source: it keeps the full-width cache one layer deep (16 would take gigabytes).
         "layer_map": "last",
         "training.steps": settings.steps, "training.batch_size": settings.batch_size,
         "training.learning_rate": settings.learning_rate, "training.warmup_steps": 25, "training.log_every": 25,
