@@ -360,8 +360,12 @@ def quality_markdown(results: dict[str, Any]) -> str:
         per_seed = ", ".join(f"{v:.2f}" for v in row["per_seed"].values())
         lines.append(f"| {method} | {row['accuracy_mean']:.2f} ± {row['accuracy_std']:.2f} (n={row['seeds']}) | {per_seed} | "
                      f"{row['extra_trainable_parameters']:,} | {row['distill_seconds_mean']:.0f} |")
-    lines += ["", f"![{name}](results/{name}.png)", "", "Comparisons (difference of means, in accuracy points):", ""]
-    lines += [f"- {verdict(c)}." for c in results["comparisons"]]
+    lines += ["", f"![{name}](results/{name}.png)", ""]
+    if results["comparisons"]:
+        lines += ["Comparisons (difference of means, in accuracy points):", ""]
+        lines += [f"- {verdict(c)}." for c in results["comparisons"]]
+    else:
+        lines.append("No two of the compared methods ran in this invocation: read it against the main table.")
     diagnostics = results.get("selection_diagnostics") or {}
     if diagnostics:
         lines += ["", "Selected teacher units (k of d per mapped layer): the share of the summed importance the top-k "
