@@ -220,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "as quality-<label> beside the main table)")
     variant.add_argument("--layer-map", help="layer_map of every method (default: uniform)")
     variant.add_argument("--score-rows", type=_positive_int, help="dev sentences the importance is scored on (default 96)")
+    variant.add_argument("--k", type=_positive_int, help="teacher units the selections keep per mapped layer "
+                         "(default: the student's hidden size, 192)")
     variant.add_argument("--gamma", type=float, help="feature loss weight, summed over the mapped pairs (default 1.0)")
     variant.add_argument("--learning-rate", type=float, help="student learning rate (default 1e-3)")
     variant.add_argument("--label", help="write benchmarks/results/quality-<label>.* instead of quality.*")

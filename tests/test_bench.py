@@ -4,6 +4,7 @@ verdict say what the numbers say, and the teacher's verbalizer fit learns a sepa
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,9 @@ def test_a_quality_variant_is_kept_beside_the_main_table_and_its_options_belong_
 
     args = build_parser().parse_args(["bench", "quality", "--layer-map", "last", "--score-rows", "872", "--label", "last"])
     assert (args.layer_map, args.score_rows, args.label) == ("last", 872, "last")
+    assert _config("kd+flexkd").selection.k is None
+    fewer = method_config(replace(SETTINGS, k=96), Path("/tmp/t"), Path("/tmp/w"), "kd+flexkd", 0)
+    assert fewer.selection.k == 96
     assert results_name(None) == "quality" and results_name("last-layer") == "quality-last-layer"
     with pytest.raises(ConfigError, match="--label"):
         results_name("../escape")

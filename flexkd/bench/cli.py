@@ -28,7 +28,7 @@ def _names(text: str | None, known: dict, default_all: bool = True) -> tuple[str
     return names
 
 
-QUALITY_VARIANT_OPTIONS = ("layer_map", "score_rows", "gamma", "learning_rate", "label")
+QUALITY_VARIANT_OPTIONS = ("layer_map", "score_rows", "k", "gamma", "learning_rate", "label")
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
@@ -50,7 +50,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
         settings = QualitySettings.gpu() if args.gpu else QualitySettings.cpu()
         settings = with_overrides(settings, seeds=_seeds(args.seeds), steps=args.steps, train_rows=args.train_rows,
-                                  threads_per_worker=args.threads, layer_map=args.layer_map, score_rows=args.score_rows,
+                                  threads_per_worker=args.threads, layer_map=args.layer_map, score_rows=args.score_rows, k=args.k,
                                   gamma=args.gamma, learning_rate=args.learning_rate)
         run_quality(settings, work_dir, _names(args.methods, METHODS), label=args.label)
     elif args.benchmark == "speed":

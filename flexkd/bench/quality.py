@@ -77,6 +77,7 @@ class QualitySettings:
     beta: float = 1.0
     temperature: float = 2.0
     layer_map: str = "uniform"
+    k: int | None = None  # selected teacher units per mapped layer; None: the student's hidden size
     use_gpu: bool = False
     # One CPU reserved (the other stays free for Ray Data's read tasks) and one torch thread: on a
     # machine where other jobs keep more runnable threads than cores, two threads per process were
@@ -115,6 +116,7 @@ def pipeline_overrides(settings: QualitySettings, teacher_dir: Path, work_dir: P
         "data.score.path": str(SHARED_DATA / "sst2" / "dev.tsv"),
         "data.score.limit": settings.score_rows,
         "layer_map": settings.layer_map,
+        "selection.k": settings.k,
         "loss.alpha": 1.0, "loss.beta": settings.beta, "loss.gamma": settings.gamma,
         "loss.temperature": settings.temperature,
         "training.steps": settings.steps, "training.batch_size": settings.batch_size,
@@ -350,7 +352,8 @@ def quality_markdown(results: dict[str, Any]) -> str:
         f"+ {settings['gamma']} x feature loss summed over the {settings['layer_map']} layer map "
         f"(teacher block -> student block: {', '.join(f'{t}->{s}' for t, s in resolve_layer_map(settings['layer_map'], 30, 4))}), "
         "identical for every method; importance scored on "
-        f"{settings['score_rows']} dev sentences at those teacher layers. Seeds {list(settings['seeds'])} "
+        f"{settings['score_rows']} dev sentences at those teacher layers; the selections keep "
+        f"{settings.get('k') or 192} of the teacher's 576 units per layer. Seeds {list(settings['seeds'])} "
         "(student init and projector init); the data order is the same for all runs. Accuracy on test.tsv (872 sentences).",
         "",
         "| method | accuracy % (mean ± std) | per seed | extra trainable params | distill s / run |",
