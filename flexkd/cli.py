@@ -219,11 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     variant = bench.add_argument_group("quality variants (an investigation run; with --label its results are kept "
                                        "as quality-<label> beside the main table)")
     variant.add_argument("--layer-map", help="layer_map of every method (default: uniform)")
-    variant.add_argument("--score-rows", type=_positive_int, help="dev sentences the importance is scored on (default 96)")
+    variant.add_argument("--score-rows", type=_positive_int, help="dev sentences the importance is scored on (CPU default 96)")
     variant.add_argument("--k", type=_positive_int, help="teacher units the selections keep per mapped layer "
                          "(default: the student's hidden size, 192)")
     variant.add_argument("--gamma", type=float, help="feature loss weight, summed over the mapped pairs (default 1.0)")
-    variant.add_argument("--learning-rate", type=float, help="student learning rate (default 1e-3)")
+    variant.add_argument("--learning-rate", type=float, help="student learning rate (CPU default 1e-3)")
     variant.add_argument("--label", help="write benchmarks/results/quality-<label>.* instead of quality.*")
     bench.add_argument("--work-dir", help="artifacts, cached teacher and MLflow store (default: runs/bench)")
     bench.set_defaults(handler=cmd_bench)

@@ -285,3 +285,46 @@ def test_generation_page_counts_shared_stages_an_earlier_invocation_built():
     sentence = _reused_sentence(shared, wall_seconds=1800)
     assert "reused 7.5 min" in sentence and "about 38 min" in sentence
     assert "from scratch" not in _reused_sentence({"score": {"seconds": 90, "reused": False}}, 1800)
+
+
+def test_every_quality_variant_option_reaches_the_settings_and_a_variant_needs_a_label(monkeypatch, tmp_path):
+    from flexkd.bench import cli as bench_cli
+    from flexkd.bench import quality
+    from flexkd.config import ConfigError
+
+    captured = {}
+    monkeypatch.setattr(quality, "run_quality", lambda settings, work_dir, methods, label=None:
+                        captured.update(settings=settings, methods=methods, label=label))
+    page = tmp_path / "RESULTS.md"
+    page.write_text("page")
+    monkeypatch.setattr(bench_cli, "write_results_page", lambda: page)
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
+    arguments = ["bench", "quality", "--methods", "kd+flexkd,kd+projector", "--layer-map", "last", "--score-rows", "872",
+                 "--k", "96", "--gamma", "3", "--learning-rate", "0.003", "--label", "everything"]
+    bench_cli.run_benchmark(build_parser().parse_args(arguments))
+    settings = captured["settings"]
+    assert (settings.layer_map, settings.score_rows, settings.k, settings.gamma, settings.learning_rate) == \
+        ("last", 872, 96, 3.0, 0.003)
+    assert captured["methods"] == ("kd+flexkd", "kd+projector") and captured["label"] == "everything"
+    with pytest.raises(ConfigError, match="--gamma makes a variant: name it with --label"):
+        bench_cli.run_benchmark(build_parser().parse_args(["bench", "quality", "--gamma", "3"]))
+
+
+def test_generation_page_shows_the_first_output_of_each_model_on_each_set(tmp_path):
+    import json
+
+    from flexkd.bench.generation import _first_outputs_table, first_outputs
+
+    predictions = tmp_path / "predictions.jsonl"
+    rows = [{"example_id": 0, "reference": "a | b", "teacher": "t0", "student": "s0"},
+            {"example_id": 1, "reference": "r1", "teacher": "t1", "student": "s1"},
+            {"example_id": 2, "reference": "r2", "teacher": "t2", "student": "x " * 100}]
+    predictions.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    first = first_outputs(predictions, ["samsum", "self_instruct", "self_instruct"])
+    assert first == {"samsum": {"reference": "a | b", "teacher": "t0", "student": "s0"},
+                     "self_instruct": {"reference": "r1", "teacher": "t1", "student": "s1"}}
+    results = {"runs": [{"method": "kd", "seed": 0, "first_outputs": first}],
+               "pruned_start": {"first_outputs": {"samsum": "p0", "self_instruct": "p1"}}}
+    table = "\n".join(_first_outputs_table(results))
+    assert "| reference | a \\| b | r1 |" in table and "| pruned, no distillation | p0 | p1 |" in table
+    assert "| kd | s0 | s1 |" in table

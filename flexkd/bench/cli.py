@@ -39,6 +39,13 @@ def run_benchmark(args: argparse.Namespace) -> int:
         from flexkd.config import ConfigError
 
         raise ConfigError(f"--{misplaced[0].replace('_', '-')} is an option of 'flexkd bench quality' only")
+    unlabelled = [name for name in misplaced if name != "label"]
+    if unlabelled and args.label is None:
+        from flexkd.config import ConfigError
+
+        # Without a label a variant would overwrite the main table, which notes.md reads.
+        raise ConfigError(f"--{unlabelled[0].replace('_', '-')} makes a variant: name it with --label NAME "
+                          "(it is kept as quality-NAME beside the main table)")
 
     work_dir = Path(args.work_dir) if args.work_dir else DEFAULT_WORK_DIR
     if args.threads or not args.gpu:
@@ -50,8 +57,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
         settings = QualitySettings.gpu() if args.gpu else QualitySettings.cpu()
         settings = with_overrides(settings, seeds=_seeds(args.seeds), steps=args.steps, train_rows=args.train_rows,
-                                  threads_per_worker=args.threads, layer_map=args.layer_map, score_rows=args.score_rows, k=args.k,
-                                  gamma=args.gamma, learning_rate=args.learning_rate)
+                                  threads_per_worker=args.threads, layer_map=args.layer_map,
+                                  score_rows=args.score_rows, k=args.k, gamma=args.gamma, learning_rate=args.learning_rate)
         run_quality(settings, work_dir, _names(args.methods, METHODS), label=args.label)
     elif args.benchmark == "speed":
         from flexkd.bench.speed import PARTS, SpeedSettings, run_speed

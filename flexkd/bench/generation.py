@@ -11,9 +11,11 @@ students, through the real pipeline.
               set, computed from the evaluate stage's own predictions of every row
     methods   kd, kd+projector, kd+flexkd on the final hidden states (layer_map last; cached
               teacher targets, full width), the same steps, learning rate, data and seed for all.
-              kd+flexkd pairs each student unit with the teacher unit it was cut from (the pruned
-              student's ``selection: identity``): those units are the top of the importance
-              ranking, so this is Flex-KD's selection, in the student's own order.
+              kd+flexkd is Flex-KD's correlation loss between each of the student's 384 units and
+              the teacher unit it was cut from (the pruned student's ``selection: identity``).
+              Which teacher units those are was decided by the pruning (|grad x activation|
+              summed over every block), not by Flex-KD's ranking at the mapped layer, and with
+              k = 384 = the student's width nothing further is selected.
     baseline  the pruned student before any distillation, scored by the same evaluation code
 
 Writes benchmarks/results/generation.{json,md,png} and logs them to MLflow.
@@ -165,7 +167,8 @@ def run_generation(settings: GenerationSettings, work_dir: Path = DEFAULT_WORK_D
                              "extra_trainable_parameters": distill.outputs["extra_trainable_parameters"],
                              "student_parameters": distill.outputs["student_parameters"],
                              "distill_seconds": round(distill.seconds, 1), "evaluate_seconds": round(evaluate.seconds, 1),
-                             "pipeline_run_id": result.run_id})
+                             "pipeline_run_id": result.run_id,
+                             "first_outputs": first_outputs(evaluate.directory / "predictions.jsonl", sources)})
                 (work_dir / "generation.partial.json").write_text(json.dumps(runs, indent=1))
     results = {"benchmark": "generation", "command": command, "machine": machine(), "load": load.summary(),
                "settings": asdict(settings), "pipeline": str(PIPELINE.relative_to(REPO)), "methods": METHODS,
@@ -185,22 +188,35 @@ def evaluate_pruned_start(config, tokenize_dir: Path, score_dir: Path, sources: 
     import torch
 
     from flexkd.models import load_model, parameter_count
-    from flexkd.resolve import load_pipeline_tokenizer
+    from flexkd.resolve import PRUNED_STUDENT_DIR, load_pipeline_tokenizer
     from flexkd.stages.evaluate import generate_and_score, read_eval_rows
 
     started = time.time()
     pad_token_id = json.loads((tokenize_dir / "manifest.json").read_text())["outputs"]["pad_token_id"]
     table_rows = read_eval_rows(tokenize_dir / "eval")
-    model = load_model(score_dir / "pruned_student").eval()
+    device = torch.device("cuda" if config.resources.use_gpu and torch.cuda.is_available() else "cpu")
+    model = load_model(score_dir / PRUNED_STUDENT_DIR).eval().to(device)
     # No progress bar: the evaluate stage's is Ray's, which in the driver keeps redrawing after it ends.
     log.info("bench generation: greedy decoding of %d eval rows by the pruned start", table_rows.num_rows)
     with torch.no_grad():
         scores, outputs = generate_and_score(model, table_rows, config, load_pipeline_tokenizer(config), pad_token_id,
-                                             torch.device("cpu"))
+                                             device)
     by_source = rouge_per_source(table_rows.column("reference").to_pylist(), outputs,
                                  [sources[i] for i in table_rows.column("example_id").to_pylist()])
+    row_sources = [sources[i] for i in table_rows.column("example_id").to_pylist()]
     return {"rougeL": by_source, "rougeL_all": scores["rougeL"], "perplexity": scores["perplexity"],
-            "parameters": parameter_count(model), "seconds": round(time.time() - started, 1)}
+            "parameters": parameter_count(model), "seconds": round(time.time() - started, 1),
+            "first_outputs": {source: outputs[row_sources.index(source)] for source in EVAL_SETS}}
+
+
+def first_outputs(predictions_file: Path, sources: list[str]) -> dict[str, dict[str, str]]:
+    """The first prediction of each eval set: reference, teacher and student, to read beside the scores."""
+    rows = [json.loads(line) for line in predictions_file.read_text().splitlines()]
+    first = {}
+    for row in rows:
+        source = sources[row["example_id"]]
+        first.setdefault(source, {key: row[key] for key in ("reference", "teacher", "student")})
+    return first
 
 
 def rouge_per_source(references: list[str], outputs: list[str], row_sources: list[str]) -> dict[str, float]:
@@ -257,7 +273,8 @@ def generation_markdown(results: dict[str, Any]) -> str:
              f"(`student.init: prune_from_teacher`): hidden 384, {settings['num_layers']} blocks "
              f"(layer_selection {settings['layer_selection']}), MLP 1024, 6 heads / 2 KV groups; pruning scored on "
              f"{settings['score_rows']} T0 rows. Feature losses on the final hidden states (layer_map last); kd+flexkd "
-             "pairs each student unit with the teacher unit it was cut from (the top of the importance ranking), "
+             "is the correlation loss between each student unit and the teacher unit it was cut from (units chosen by "
+             "the pruning's importance summed over all blocks; k = 384, the student's width, so no further selection), "
              "kd+projector learns a 384 -> 576 map. "
              f"Distilled on {settings['train_rows']} T0-mixture prompt/completion pairs (chat template, max length "
              f"{settings['max_length']}), {settings['steps']} steps of batch {settings['batch_size']}, lr "
@@ -269,7 +286,31 @@ def generation_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {row['samsum']:.2f} | {row['self_instruct']:.2f} | {row['perplexity']:.4g} | "
                      f"{row['seeds']} | {row['extra_trainable_parameters']:,} |")
     lines += ["", "![generation](results/generation.png)", ""]
+    lines += _first_outputs_table(results)
     return "\n".join(lines)
+
+
+def _first_outputs_table(results: dict[str, Any], width: int = 90) -> list[str]:
+    """The first greedy output of every model on each eval set, cut to ``width`` characters."""
+    runs = [run for run in results["runs"] if run.get("first_outputs") and run["seed"] == results["runs"][0]["seed"]]
+    if not runs:
+        return []
+
+    def cell(text: str) -> str:
+        text = " ".join(text.split())
+        return (text[:width] + "..." if len(text) > width else text).replace("|", "\\|")
+
+    lines = [f"First output on each set, seed {runs[0]['seed']} (greedy; read beside the scores):", "",
+             "| model | " + " | ".join(EVAL_SETS) + " |", "|---|" + "---|" * len(EVAL_SETS)]
+    first = runs[0]["first_outputs"]
+    lines.append("| reference | " + " | ".join(cell(first[s]["reference"]) for s in EVAL_SETS) + " |")
+    lines.append("| teacher | " + " | ".join(cell(first[s]["teacher"]) for s in EVAL_SETS) + " |")
+    pruned = (results.get("pruned_start") or {}).get("first_outputs")
+    if pruned:
+        lines.append(f"| {PRUNED_START} | " + " | ".join(cell(pruned[s]) for s in EVAL_SETS) + " |")
+    lines += [f"| {run['method']} | " + " | ".join(cell(run["first_outputs"][s]["student"]) for s in EVAL_SETS) + " |"
+              for run in runs]
+    return [*lines, ""]
 
 
 def _reused_sentence(shared: dict[str, dict[str, Any]], wall_seconds: float) -> str:

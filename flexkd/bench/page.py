@@ -26,7 +26,7 @@ def write_results_page(results_dir: Path = RESULTS, page: Path = PAGE) -> Path:
         section = results_dir / f"{name}.md"
         parts.append(section.read_text() if section.is_file() else f"## {name.capitalize()}\n\nNot run yet.\n")
         # Variants of a benchmark (flexkd bench quality --label ...) follow its main section.
-        parts += [variant.read_text() for variant in sorted(results_dir.glob(f"{name}-*.md"))]
+        parts += [variant.read_text() for variant in sorted(results_dir.glob(f"{name}-*.md"), key=lambda path: path.stem)]
     gpu = results_dir / "gpu.md"
     if gpu.is_file():
         parts.append(gpu.read_text())

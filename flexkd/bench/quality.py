@@ -11,7 +11,9 @@
               method and are reused by fingerprint by every seed and method; each (method, seed)
               runs only distill and evaluate. Seeds set student.seed and training.seed.
 
-Writes benchmarks/results/quality.{json,md,png} and logs them to MLflow (experiment flexkd-bench).
+Writes benchmarks/results/quality.{json,md,png}, or quality-<label>.* for a variant (another layer map,
+scoring set, k, loss weight or learning rate, applied alike to every method it runs), and logs them
+to MLflow (experiment flexkd-bench).
 """
 
 from __future__ import annotations
@@ -376,12 +378,17 @@ def quality_markdown(results: dict[str, Any]) -> str:
                   "", "| teacher layer | importance share of top-k | k/d | overlap with variance | overlap with random |",
                   "|---|---|---|---|---|"]
         lines += [f"| {layer} | {row['importance_share_of_top_k']:.3f} | {row['flat_share']:.3f} | "
-                  f"{row.get('overlap_with_variance', float('nan')):.3f} | {row.get('overlap_with_random', float('nan')):.3f} |"
+                  f"{_share(row.get('overlap_with_variance'))} | {_share(row.get('overlap_with_random'))} |"
                   for layer, row in diagnostics.items()]
     shared = ", ".join(f"{k} {v:.0f} s" for k, v in results["shared_stage_seconds"].items())
     lines += ["", f"Shared stages (each run once, then reused by fingerprint by every method and seed; their own "
               f"run times, possibly from an earlier invocation): {shared}. Teacher adaptation: {teacher['seconds']:.0f} s.", ""]
     return "\n".join(lines)
+
+
+def _share(value: float | None) -> str:
+    """A fraction for the diagnostics table; a dash where that selection did not run."""
+    return "-" if value is None else f"{value:.3f}"
 
 
 def plot_quality(results: dict[str, Any], path: Path) -> Path:
