@@ -313,14 +313,15 @@ def test_every_quality_variant_option_reaches_the_settings_and_a_variant_needs_a
 def test_generation_page_shows_the_first_output_of_each_model_on_each_set(tmp_path):
     import json
 
-    from flexkd.bench.generation import _first_outputs_table, first_outputs
+    from flexkd.bench.generation import _first_outputs_table, first_outputs, read_predictions
 
     predictions = tmp_path / "predictions.jsonl"
     rows = [{"example_id": 0, "reference": "a | b", "teacher": "t0", "student": "s0"},
             {"example_id": 1, "reference": "r1", "teacher": "t1", "student": "s1"},
             {"example_id": 2, "reference": "r2", "teacher": "t2", "student": "x " * 100}]
     predictions.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    first = first_outputs(predictions, ["samsum", "self_instruct", "self_instruct"])
+    sources = ["samsum", "self_instruct", "self_instruct"]
+    first = first_outputs(read_predictions(predictions, sources), sources)
     assert first == {"samsum": {"reference": "a | b", "teacher": "t0", "student": "s0"},
                      "self_instruct": {"reference": "r1", "teacher": "t1", "student": "s1"}}
     results = {"runs": [{"method": "kd", "seed": 0, "first_outputs": first}],

@@ -34,15 +34,13 @@ QUALITY_VARIANT_OPTIONS = ("layer_map", "score_rows", "k", "gamma", "learning_ra
 def run_benchmark(args: argparse.Namespace) -> int:
     import torch
 
+    from flexkd.config import ConfigError
+
     misplaced = [name for name in QUALITY_VARIANT_OPTIONS if getattr(args, name, None) is not None]
     if args.benchmark != "quality" and misplaced:
-        from flexkd.config import ConfigError
-
         raise ConfigError(f"--{misplaced[0].replace('_', '-')} is an option of 'flexkd bench quality' only")
     unlabelled = [name for name in misplaced if name != "label"]
     if unlabelled and args.label is None:
-        from flexkd.config import ConfigError
-
         # Without a label a variant would overwrite the main table, which notes.md reads.
         raise ConfigError(f"--{unlabelled[0].replace('_', '-')} makes a variant: name it with --label NAME "
                           "(it is kept as quality-NAME beside the main table)")

@@ -160,7 +160,8 @@ def run_generation(settings: GenerationSettings, work_dir: Path = DEFAULT_WORK_D
                     shared = {stage: {"seconds": stage_seconds(result.stages[stage]), "reused": result.stages[stage].cached}
                               for stage in SHARED_STAGES}
                 distill, evaluate = result.stages["distill"], result.stages["evaluate"]
-                scores = rouge_by_source(evaluate.directory / "predictions.jsonl", sources)
+                predictions = read_predictions(evaluate.directory / "predictions.jsonl", sources)
+                scores = rouge_by_source(predictions, sources)
                 runs.append({"method": method, "seed": seed, "rougeL": scores,
                              "rougeL_all": {role: evaluate.outputs["metrics"][f"{role}.rougeL"] for role in ("teacher", "student")},
                              "perplexity": {role: evaluate.outputs["metrics"][f"{role}.perplexity"] for role in ("teacher", "student")},
@@ -168,7 +169,7 @@ def run_generation(settings: GenerationSettings, work_dir: Path = DEFAULT_WORK_D
                              "student_parameters": distill.outputs["student_parameters"],
                              "distill_seconds": round(distill.seconds, 1), "evaluate_seconds": round(evaluate.seconds, 1),
                              "pipeline_run_id": result.run_id,
-                             "first_outputs": first_outputs(evaluate.directory / "predictions.jsonl", sources)})
+                             "first_outputs": first_outputs(predictions, sources)})
                 (work_dir / "generation.partial.json").write_text(json.dumps(runs, indent=1))
     results = {"benchmark": "generation", "command": command, "machine": machine(), "load": load.summary(),
                "settings": asdict(settings), "pipeline": str(PIPELINE.relative_to(REPO)), "methods": METHODS,
@@ -201,17 +202,23 @@ def evaluate_pruned_start(config, tokenize_dir: Path, score_dir: Path, sources: 
     with torch.no_grad():
         scores, outputs = generate_and_score(model, table_rows, config, load_pipeline_tokenizer(config), pad_token_id,
                                              device)
-    by_source = rouge_per_source(table_rows.column("reference").to_pylist(), outputs,
-                                 [sources[i] for i in table_rows.column("example_id").to_pylist()])
     row_sources = [sources[i] for i in table_rows.column("example_id").to_pylist()]
+    by_source = rouge_per_source(table_rows.column("reference").to_pylist(), outputs, row_sources)
     return {"rougeL": by_source, "rougeL_all": scores["rougeL"], "perplexity": scores["perplexity"],
             "parameters": parameter_count(model), "seconds": round(time.time() - started, 1),
             "first_outputs": {source: outputs[row_sources.index(source)] for source in EVAL_SETS}}
 
 
-def first_outputs(predictions_file: Path, sources: list[str]) -> dict[str, dict[str, str]]:
-    """The first prediction of each eval set: reference, teacher and student, to read beside the scores."""
+def read_predictions(predictions_file: Path, sources: list[str]) -> list[dict[str, Any]]:
+    """The evaluate stage's predictions, one per eval row (``sources`` names each row's eval set)."""
     rows = [json.loads(line) for line in predictions_file.read_text().splitlines()]
+    if len(rows) != len(sources):
+        raise ValueError(f"{predictions_file}: {len(rows)} predictions for {len(sources)} eval rows")
+    return rows
+
+
+def first_outputs(rows: list[dict[str, Any]], sources: list[str]) -> dict[str, dict[str, str]]:
+    """The first prediction of each eval set: reference, teacher and student, to read beside the scores."""
     first = {}
     for row in rows:
         source = sources[row["example_id"]]
@@ -232,11 +239,8 @@ def rouge_per_source(references: list[str], outputs: list[str], row_sources: lis
     return scores
 
 
-def rouge_by_source(predictions_file: Path, sources: list[str]) -> dict[str, dict[str, float]]:
+def rouge_by_source(rows: list[dict[str, Any]], sources: list[str]) -> dict[str, dict[str, float]]:
     """ROUGE-L F1 x100 per eval set, for teacher and student, from the evaluate stage's predictions."""
-    rows = [json.loads(line) for line in predictions_file.read_text().splitlines()]
-    if len(rows) != len(sources):
-        raise ValueError(f"{predictions_file}: {len(rows)} predictions for {len(sources)} eval rows")
     references, row_sources = [row["reference"] for row in rows], [sources[row["example_id"]] for row in rows]
     return {role: rouge_per_source(references, [row[role] for row in rows], row_sources) for role in ("teacher", "student")}
 
