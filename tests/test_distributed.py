@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from flexkd import distributed as fd
+from gloo_ranks import run_on_two_ranks
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
@@ -58,12 +56,6 @@ def _train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps
         optimizer.zero_grad()
         losses.append(loss.item())
     return losses
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- single process
@@ -141,57 +133,45 @@ def test_decoder_blocks_fall_back_to_no_split_modules() -> None:
 # --------------------------------------------------------------------------- two gloo ranks
 
 
-def _two_rank_worker(local_rank: int, port: int, out_dir: str) -> None:
+def _two_rank_worker(out_dir: str) -> None:
     """One of two gloo ranks: sharded gradients, then a DCP save/load round trip."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(local_rank),
-        LOCAL_RANK=str(local_rank),
-        WORLD_SIZE="2",
-    )
-    torch.set_num_threads(1)
-    fd.init_process_group_from_env()
-    fd.init_process_group_from_env()  # second call is a no-op
+    fd.init_process_group_from_env()  # the group exists already, so this is a no-op
     out = Path(out_dir)
-    try:
-        # Gradients: each rank takes half of the batch; FSDP must average them.
-        model = fd.shard_model(_tiny_llama(), trainable=True)
-        assert isinstance(model, fd.FSDPModule)
-        assert isinstance(model.model.layers[0], fd.FSDPModule)
-        input_ids = _batch().chunk(2)[fd.rank()]
-        model(input_ids=input_ids, labels=input_ids).loss.backward()
-        grads = {}
-        for name, p in model.named_parameters():
-            assert isinstance(p.grad, DTensor), name
-            grads[name] = p.grad.full_tensor()  # collective: every rank calls it
-        if fd.is_main_process():
-            torch.save(grads, out / "grads.pt")
+    # Gradients: each rank takes half of the batch; FSDP must average them.
+    model = fd.shard_model(_tiny_llama(), trainable=True)
+    assert isinstance(model, fd.FSDPModule)
+    assert isinstance(model.model.layers[0], fd.FSDPModule)
+    input_ids = _batch().chunk(2)[fd.rank()]
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        assert isinstance(p.grad, DTensor), name
+        grads[name] = p.grad.full_tensor()  # collective: every rank calls it
+    if fd.is_main_process():
+        torch.save(grads, out / "grads.pt")
 
-        # Checkpoint: train, save at step 3, load into a fresh sharded model.
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        model.zero_grad()
-        _train_steps(model, optimizer, steps=1)
-        path = fd.save_checkpoint(out / "ckpt", model, optimizer, step=3, extra={"tag": "x"})
-        saved = fd.full_model_state_dict(model)
-        fresh = fd.shard_model(_tiny_llama(seed=1), trainable=True)
-        fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
-        meta = fd.load_checkpoint(fd.latest_checkpoint(out / "ckpt"), fresh, fresh_optimizer)
-        loaded = fd.full_model_state_dict(fresh)
-        total = fd.all_reduce_sum_(torch.tensor([float(fd.rank() + 1)]))
-        if fd.is_main_process():
-            torch.save({"path": str(path), "meta": meta, "saved": saved, "loaded": loaded,
-                        "total": total.item()}, out / "ckpt.pt")
-        else:
-            assert saved == {} and loaded == {}
-    finally:
-        dist.destroy_process_group()
+    # Checkpoint: train, save at step 3, load into a fresh sharded model.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.zero_grad()
+    _train_steps(model, optimizer, steps=1)
+    path = fd.save_checkpoint(out / "ckpt", model, optimizer, step=3, extra={"tag": "x"})
+    saved = fd.full_model_state_dict(model)
+    fresh = fd.shard_model(_tiny_llama(seed=1), trainable=True)
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    meta = fd.load_checkpoint(fd.latest_checkpoint(out / "ckpt"), fresh, fresh_optimizer)
+    loaded = fd.full_model_state_dict(fresh)
+    total = fd.all_reduce_sum_(torch.tensor([float(fd.rank() + 1)]))
+    if fd.is_main_process():
+        torch.save({"path": str(path), "meta": meta, "saved": saved, "loaded": loaded,
+                    "total": total.item()}, out / "ckpt.pt")
+    else:
+        assert saved == {} and loaded == {}
 
 
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("two_ranks")
-    mp.spawn(_two_rank_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
+    run_on_two_ranks(_two_rank_worker, str(out))
     return out
 
 

@@ -9,18 +9,15 @@ in the wrong order, or lost its gradient.
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from flexkd import distributed as fd
 from flexkd.layers import forward_with_hidden_states
 from flexkd.pruning_scores import SCORE_KEYS, PruningScoreCollector, collect_pruning_scores
+from gloo_ranks import run_on_two_ranks
 
 
 def _teacher() -> LlamaForCausalLM:
@@ -46,34 +43,24 @@ def _lm_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tens
                                              reduction="sum")
 
 
-def _rank(local_rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
-                      LOCAL_RANK=str(local_rank), WORLD_SIZE="2")
-    torch.set_num_threads(1)
-    fd.init_process_group_from_env()
-    try:
-        teacher = fd.shard_model(_teacher(), trainable=False)
-        assert isinstance(teacher.model.layers[0], fd.FSDPModule)
-        batch = {key: value.chunk(2)[fd.rank()] for key, value in _batch().items()}
-        # As the score worker does: the hidden states the Flex-KD importance needs and the
-        # collector's activations from one autograd.grad.
-        with PruningScoreCollector(teacher) as collector, torch.enable_grad():
-            logits, hidden = forward_with_hidden_states(teacher, batch["input_ids"], batch["attention_mask"], [3])
-            torch.autograd.grad(_lm_loss(logits, batch), [hidden[3]] + collector.activations())
-            collector.accumulate(batch["attention_mask"])
-        for tensor in collector.sums.values():
-            fd.all_reduce_sum_(tensor)
-        if fd.is_main_process():
-            torch.save(collector.state(), Path(out) / "sharded.pt")
-    finally:
-        dist.destroy_process_group()
+def _scores_on_this_rank(out: str) -> None:
+    teacher = fd.shard_model(_teacher(), trainable=False)
+    assert isinstance(teacher.model.layers[0], fd.FSDPModule)
+    batch = {key: value.chunk(2)[fd.rank()] for key, value in _batch().items()}
+    # As the score worker does: the hidden states the Flex-KD importance needs and the
+    # collector's activations from one autograd.grad.
+    with PruningScoreCollector(teacher) as collector, torch.enable_grad():
+        logits, hidden = forward_with_hidden_states(teacher, batch["input_ids"], batch["attention_mask"], [3])
+        torch.autograd.grad(_lm_loss(logits, batch), [hidden[3]] + collector.activations())
+        collector.accumulate(batch["attention_mask"])
+    for tensor in collector.sums.values():
+        fd.all_reduce_sum_(tensor)
+    if fd.is_main_process():
+        torch.save(collector.state(), Path(out) / "sharded.pt")
 
 
 def test_a_sharded_teacher_gives_the_scores_of_a_whole_one(tmp_path: Path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    run_on_two_ranks(_scores_on_this_rank, str(tmp_path))
     sharded = torch.load(tmp_path / "sharded.pt", weights_only=True)
     whole = collect_pruning_scores(_teacher(), [_batch()], _lm_loss)
     for key in SCORE_KEYS:
