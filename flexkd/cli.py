@@ -224,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: the student's hidden size, 192)")
     variant.add_argument("--gamma", type=float, help="feature loss weight, summed over the mapped pairs (default 1.0)")
     variant.add_argument("--learning-rate", type=float, help="student learning rate (CPU default 1e-3)")
+    variant.add_argument("--tune", action="store_true", default=None,
+                         help="tune each method first (its own flexkd tune sweep, scored on held-out dev rows), "
+                         "then compare the methods with their best values")
     variant.add_argument("--label", help="write benchmarks/results/quality-<label>.* instead of quality.*")
     bench.add_argument("--work-dir", help="artifacts, cached teacher and MLflow store (default: runs/bench)")
     bench.set_defaults(handler=cmd_bench)

@@ -4,6 +4,7 @@ verdict say what the numbers say, and the teacher's verbalizer fit learns a sepa
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -293,8 +294,8 @@ def test_every_quality_variant_option_reaches_the_settings_and_a_variant_needs_a
     from flexkd.config import ConfigError
 
     captured = {}
-    monkeypatch.setattr(quality, "run_quality", lambda settings, work_dir, methods, label=None:
-                        captured.update(settings=settings, methods=methods, label=label))
+    monkeypatch.setattr(quality, "run_quality", lambda settings, work_dir, methods, label=None, tune=False:
+                        captured.update(settings=settings, methods=methods, label=label, tune=tune))
     page = tmp_path / "RESULTS.md"
     page.write_text("page")
     monkeypatch.setattr(bench_cli, "write_results_page", lambda: page)
@@ -306,8 +307,64 @@ def test_every_quality_variant_option_reaches_the_settings_and_a_variant_needs_a
     assert (settings.layer_map, settings.score_rows, settings.k, settings.gamma, settings.learning_rate) == \
         ("last", 872, 96, 3.0, 0.003)
     assert captured["methods"] == ("kd+flexkd", "kd+projector") and captured["label"] == "everything"
+    assert captured["tune"] is False
     with pytest.raises(ConfigError, match="--gamma makes a variant: name it with --label"):
         bench_cli.run_benchmark(build_parser().parse_args(["bench", "quality", "--gamma", "3"]))
+    # --tune tunes the headline methods unless told which.
+    bench_cli.run_benchmark(build_parser().parse_args(["bench", "quality", "--tune", "--label", "tuned"]))
+    assert captured["tune"] is True and captured["methods"] == quality.KEY_METHODS
+    with pytest.raises(ConfigError, match="--tune makes a variant"):
+        bench_cli.run_benchmark(build_parser().parse_args(["bench", "quality", "--tune"]))
+    with pytest.raises(ConfigError, match="--tune is an option of 'flexkd bench quality' only"):
+        bench_cli.run_benchmark(build_parser().parse_args(["bench", "speed", "--tune"]))
+
+
+def test_each_method_is_tuned_over_the_same_learning_rates_and_as_many_trials(shared_data, tmp_path):
+    from flexkd.bench.quality import QualitySettings
+    from flexkd.bench.quality_tuned import search_space, selection_set, sweep_config
+    from flexkd.config import ConfigError
+
+    spaces = {method: search_space(method) for method in ("kd", "kd+projector", "kd+flexkd", "ft")}
+    trials = {method: math.prod(len(values) for values in space.values()) for method, space in spaces.items()}
+    assert trials["kd+projector"] == trials["kd+flexkd"] == 8 and spaces["kd+projector"] == spaces["kd+flexkd"]
+    assert {"loss.gamma", "layer_map"} <= set(spaces["kd+flexkd"]) and "loss.gamma" not in spaces["kd"]
+    assert "loss.temperature" in spaces["kd"] and trials["kd"] == 6
+    assert all(space["training.learning_rate"] == spaces["kd"]["training.learning_rate"] for space in spaces.values())
+
+    # The selection rows: after the scoring rows of dev.tsv, as many as test.tsv, in neither.
+    settings = QualitySettings.cpu()
+    path = selection_set(settings.score_rows, tmp_path)
+    header, *rows = path.read_text().splitlines()
+    dev = (shared_data / "sst2" / "dev.tsv").read_text().splitlines()
+    test = set((shared_data / "sst2" / "test.tsv").read_text().splitlines()[1:])
+    assert header == dev[0] and len(rows) == 872 and rows[0] == dev[1 + settings.score_rows]
+    assert not set(rows) & set(dev[1:1 + settings.score_rows])
+    assert not set(rows) & test
+    assert selection_set(settings.score_rows, tmp_path) == path  # the same file again
+
+    config = sweep_config(settings, tmp_path / "teacher", tmp_path, "kd+flexkd", path)
+    assert config.data.eval.path == str(path) and config.tune.asha is None
+    assert config.tune.eval_every == settings.steps and config.training.seed == settings.seeds[0]
+    assert {name: dimension.grid for name, dimension in config.tune.search_space.items()} == spaces["kd+flexkd"]
+    with pytest.raises(ConfigError, match="--score-rows 6500"):
+        selection_set(6500, tmp_path)
+
+
+def test_the_tuned_page_shows_each_methods_grid_best_values_and_every_trial():
+    from flexkd.bench.quality_tuned import tuning_markdown
+
+    tuning = {"selection_set": "selection/dev-96-968.tsv", "selection_rows": 872, "seed": 0, "methods": {
+        "kd": {"search_space": {"training.learning_rate": [0.0005, 0.001], "loss.temperature": [1.0, 2.0]},
+               "trials": [{"params": {"training.learning_rate": 0.001, "loss.temperature": 2.0}, "accuracy": 66.5,
+                           "status": "completed"},
+                          {"params": {"training.learning_rate": 0.0005, "loss.temperature": 1.0}, "accuracy": None,
+                           "status": "error"}],
+               "best": {"training.learning_rate": 0.001, "loss.temperature": 2.0}, "best_accuracy": 66.5,
+               "sweep_run_id": "r", "seconds": 600.0}}}
+    text = "\n".join(tuning_markdown(tuning))
+    assert "| kd | training.learning_rate: 0.0005, 0.001; loss.temperature: 1.0, 2.0 | 2 | learning_rate 0.001, " \
+           "temperature 2.0 | 66.50 | 10.0 |" in text
+    assert "learning_rate 0.0005, temperature 1.0 -> failed" in text and "872 dev.tsv sentences" in text
 
 
 def test_generation_page_shows_the_first_output_of_each_model_on_each_set(tmp_path):

@@ -28,7 +28,7 @@ def _names(text: str | None, known: dict, default_all: bool = True) -> tuple[str
     return names
 
 
-QUALITY_VARIANT_OPTIONS = ("layer_map", "score_rows", "k", "gamma", "learning_rate", "label")
+QUALITY_VARIANT_OPTIONS = ("layer_map", "score_rows", "k", "gamma", "learning_rate", "tune", "label")
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
@@ -51,13 +51,14 @@ def run_benchmark(args: argparse.Namespace) -> int:
         # a worker: by default one, see QualitySettings.threads_per_worker.
         torch.set_num_threads(args.threads or 1)
     if args.benchmark == "quality":
-        from flexkd.bench.quality import METHODS, QualitySettings, run_quality, with_overrides
+        from flexkd.bench.quality import KEY_METHODS, METHODS, QualitySettings, run_quality, with_overrides
 
         settings = QualitySettings.gpu() if args.gpu else QualitySettings.cpu()
         settings = with_overrides(settings, seeds=_seeds(args.seeds), steps=args.steps, train_rows=args.train_rows,
                                   threads_per_worker=args.threads, layer_map=args.layer_map,
                                   score_rows=args.score_rows, k=args.k, gamma=args.gamma, learning_rate=args.learning_rate)
-        run_quality(settings, work_dir, _names(args.methods, METHODS), label=args.label)
+        methods = _names(args.methods, METHODS, default_all=not args.tune) or KEY_METHODS
+        run_quality(settings, work_dir, methods, label=args.label, tune=bool(args.tune))
     elif args.benchmark == "speed":
         from flexkd.bench.speed import PARTS, SpeedSettings, run_speed
 

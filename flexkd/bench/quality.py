@@ -173,11 +173,17 @@ def results_name(label: str | None) -> str:
 
 
 def run_quality(settings: QualitySettings, work_dir: Path = DEFAULT_WORK_DIR, methods: tuple[str, ...] = tuple(METHODS),
-                results_dir: Path = RESULTS, label: str | None = None) -> dict[str, Any]:
-    """Every (method, seed) of ``settings``; writes ``results_dir/<results_name(label)>.{json,md,png}``."""
+                results_dir: Path = RESULTS, label: str | None = None, tune: bool = False) -> dict[str, Any]:
+    """Every (method, seed) of ``settings``; writes ``results_dir/<results_name(label)>.{json,md,png}``.
+    ``tune``: each method first finds its own values on held-out rows (flexkd.bench.quality_tuned)."""
+    from flexkd.bench.quality_tuned import tune_methods
     from flexkd.runner import run_pipeline
 
     name = results_name(label)
+    if tune and label is None:
+        from flexkd.config import ConfigError
+
+        raise ConfigError("--tune makes a variant: name it with --label NAME")
 
     work_dir.mkdir(parents=True, exist_ok=True)
     command = command_line()
@@ -197,13 +203,15 @@ def run_quality(settings: QualitySettings, work_dir: Path = DEFAULT_WORK_DIR, me
             shared_seconds[key] = stage_seconds(prepared.stages[stage])
             if prepared.stages[stage].cached:  # built by an earlier invocation
                 reused_seconds += shared_seconds[key]
+        tuning = tune_methods(settings, teacher_dir, work_dir, methods) if tune else None
+        best = {method: sweep["best"] for method, sweep in tuning["methods"].items()} if tuning else {}
         stop_file = work_dir / STOP_FILE
         stop_file.unlink(missing_ok=True)
         for seed, method in run_order(methods, settings.seeds):
             if stop_file.exists():
                 log.warning("bench quality: %s found, stopping after %d runs", stop_file, len(runs))
                 break
-            config = method_config(settings, teacher_dir, work_dir, method, seed, cache_dir)
+            config = method_config(settings, teacher_dir, work_dir, method, seed, cache_dir, best.get(method))
             result = run_pipeline(config, stages=RUN_STAGES)
             score_dirs[config.selection.method] = Path(result.stages["score"].directory)
             for stage in SHARED_STAGES:
@@ -228,7 +236,7 @@ def run_quality(settings: QualitySettings, work_dir: Path = DEFAULT_WORK_DIR, me
         "benchmark": name, "label": label, "command": command, "machine": machine(), "load": load.summary(),
         "settings": asdict(settings), "pipeline": str(PIPELINE.relative_to(REPO)),
         "common_overrides": pipeline_overrides(settings, Path("<adapted teacher>"), Path("<work dir>")),
-        "methods": METHODS, "teacher": teacher_record | {"folder": str(teacher_dir)},
+        "methods": METHODS, "tuning": tuning, "teacher": teacher_record | {"folder": str(teacher_dir)},
         "shared_stage_seconds": shared_seconds, "runs": runs, "wall_seconds": round(time.time() - started, 1),
         "reused_seconds": round(reused_seconds, 1),
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -358,6 +366,12 @@ def quality_markdown(results: dict[str, Any]) -> str:
         f"{settings.get('k') or 192} of the teacher's 576 units per layer. Seeds {list(settings['seeds'])} "
         "(student init and projector init); the data order is the same for all runs. Accuracy on test.tsv (872 sentences).",
         "",
+    ]
+    if results.get("tuning"):
+        from flexkd.bench.quality_tuned import tuning_markdown
+
+        lines += tuning_markdown(results["tuning"])
+    lines += [
         "| method | accuracy % (mean ± std) | per seed | extra trainable params | distill s / run |",
         "|---|---|---|---|---|",
     ]
