@@ -177,6 +177,9 @@ class TrainingConfig(_Section):
     log_every: int = Field(10, gt=0)
     checkpoint_every: int = Field(50, gt=0)
     max_failures: int = Field(0, ge=0, description="worker-group restarts Ray Train may do")
+    precision: Literal["float32", "bf16"] = Field(
+        "float32", description="bf16: the distill step's model forwards (student, online teacher) under bf16 "
+        "autocast; weights, optimizer state and the losses stay float32")
     teacher: Literal["online", "cache"] = Field(
         "online", description="online: run the teacher every step; cache: read the targets stage's teacher outputs")
 

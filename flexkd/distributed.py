@@ -104,6 +104,11 @@ def init_process_group_from_env() -> None:
         dist.init_process_group(backend="gloo")
 
 
+def autocast(precision: str, device: torch.device) -> torch.autocast:
+    """bf16 autocast on ``device`` for ``precision`` 'bf16'; a disabled one for 'float32'."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def use_threads(count: int | None) -> None:
     """Set this worker's torch thread count. Ray pins OMP_NUM_THREADS to the CPUs a worker
     reserves, which leaves cores idle when a small machine keeps a CPU free for Ray Data."""

@@ -292,5 +292,8 @@ class StudentWithObjective(torch.nn.Module):
     def forward(self, batch: dict[str, Tensor], teacher_logits: Tensor | CachedTeacherLogits | None,
                 teacher_features: dict[int, Tensor]) -> dict[str, Tensor]:
         logits, hidden = forward_scored(self.student, batch, self.settings.task, self.student_layers)
-        return distillation_loss(self.settings, batch, logits, hidden, teacher_logits, teacher_features,
-                                 self.pairs, self.verbalizer_ids, dict(self.projectors))
+        # The losses in float32 even under bf16 autocast, which would run the correlation's and the
+        # projector's matmuls in bf16: too coarse for correlations near 1 and KL of close distributions.
+        with torch.autocast(logits.device.type, enabled=False):
+            return distillation_loss(self.settings, batch, logits, hidden, teacher_logits, teacher_features,
+                                     self.pairs, self.verbalizer_ids, dict(self.projectors))

@@ -233,10 +233,11 @@ def _distill_worker(loop_config: dict[str, Any]) -> None:
         step_started = time.perf_counter()
         rows = next(batches)
         batch = {key: value.to(device) for key, value in collate_batch(rows, loop_config["pad_token_id"]).items()}
-        teacher_logits, teacher_features = teacher_outputs(rows, batch) if need_teacher else (None, {})
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, config)
-        parts = module(batch, teacher_logits, teacher_features)
+        with distributed.autocast(config.training.precision, device):
+            teacher_logits, teacher_features = teacher_outputs(rows, batch) if need_teacher else (None, {})
+            parts = module(batch, teacher_logits, teacher_features)
         _refuse_non_finite(parts, step + 1)
         parts["total"].backward()
         optimizer.step()

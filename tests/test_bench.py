@@ -35,6 +35,17 @@ def test_every_method_validates_and_shares_everything_but_its_loss_and_selection
         assert differing <= {"loss", "selection"}, (method, differing)
 
 
+def test_the_gpu_setting_distills_in_bf16_and_the_cpu_setting_in_float32(shared_data, tmp_path):
+    from flexkd.bench.generation import GenerationSettings
+    from flexkd.bench.speed import SpeedSettings, generation_config
+
+    gpu = method_config(QualitySettings.gpu(), tmp_path / "teacher", tmp_path, "kd+flexkd", 0)
+    assert (gpu.training.precision, _config("kd+flexkd").training.precision) == ("bf16", "float32")
+    assert GenerationSettings.gpu().precision == "bf16" and GenerationSettings.cpu().precision == "float32"
+    assert generation_config(SpeedSettings.gpu(), tmp_path).training.precision == "bf16"
+    assert generation_config(SpeedSettings.cpu(), tmp_path).training.precision == "float32"
+
+
 def test_seeds_share_tokenize_score_and_targets_but_not_distill():
     one, two = _config("kd+flexkd", seed=0), _config("kd+flexkd", seed=1)
     fingerprints = {}

@@ -73,6 +73,10 @@ def test_unknown_choice_names_the_field(tmp_path):
     raw = debug_raw()
     raw["loss"]["logit"] = "kl"
     assert "loss.logit" in one_error(raw, tmp_path)
+    raw = debug_raw()
+    raw["training"]["precision"] = "fp16"
+    message = one_error(raw, tmp_path)
+    assert "training.precision" in message and "bf16" in message
 
 
 def test_k_larger_than_student_is_refused(tmp_path):

@@ -73,12 +73,15 @@ def test_debug_pipeline_end_to_end(tmp_path, local_ray):
     student = AutoModelForCausalLM.from_pretrained(folder)
     assert student.config.hidden_size == 32
 
-    # Same config again: every stage is reused. A new loss weight reruns distill onwards only.
+    # Same config again: every stage is reused. A new loss weight (here with bf16 autocast, which
+    # the distill step alone reads) reruns distill onwards only.
     again = run_pipeline(config)
     assert all(record.cached for record in again.stages.values())
-    reweighted = run_pipeline(debug_config(tmp_path, **{"loss.gamma": 0.5}))
+    reweighted = run_pipeline(debug_config(tmp_path, **{"loss.gamma": 0.5, "training.precision": "bf16"}))
     assert {name: record.cached for name, record in reweighted.stages.items()} == {
         "tokenize": True, "score": True, "distill": False, "evaluate": False, "register": False}
+    bf16_losses = client.get_metric_history(reweighted.stages["distill"].run_id, "train.total")
+    assert [m.step for m in bf16_losses] == [4, 8, 12] and all(np.isfinite(m.value) for m in bf16_losses)
 
 
 @pytest.mark.integration  # two score runs: about 1.5 min

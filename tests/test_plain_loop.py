@@ -80,3 +80,44 @@ def test_plain_loop_distills_task_and_selected_subspace():
     task_after, correlation_after = measure()
     assert task_after < 0.8 * task_before, (task_before, task_after)
     assert correlation_after > correlation_before + 0.2, (correlation_before, correlation_after)
+
+
+def test_bf16_autocast_runs_the_student_in_bf16_and_the_losses_in_float32():
+    """training.precision bf16: the model forward under autocast, the loss on its outputs in float32."""
+    from flexkd.distributed import autocast
+    from flexkd.losses import LinearProjector
+    from flexkd.objective import StudentWithObjective, forward_scored
+
+    tokenizer = load_tokenizer(TINY_TOKENIZER_DIR)
+    task = TaskConfig(kind="classification", prompt_template="Review: {sentence}\nSentiment:",
+                      label_names=["negative", "positive"])
+    verbalizers = torch.tensor(verbalizer_token_ids(tokenizer, task.label_names))
+    rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()[:16]]
+    data = _batch(tokenizer, task, rows)
+    student = build_random_model({**ARCH, "hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 64},
+                                 vocab_size=len(tokenizer), seed=1)
+    generator = torch.Generator().manual_seed(0)
+    teacher_logits = torch.randn(16, 1, len(tokenizer), generator=generator)
+    teacher_features = {3: torch.randn(*data["input_ids"].shape, 48, generator=generator)}
+    pairs = [LayerPair(3, 2)]
+    cpu = torch.device("cpu")
+    for feature in ("correlation", "projector"):
+        settings = ObjectiveSettings(task="classification", k=32 if feature == "correlation" else 48, feature=feature)
+        projectors = {"3-2": LinearProjector(32, 48)} if feature == "projector" else {}
+        module = StudentWithObjective(student, settings, pairs, verbalizers, projectors)
+        features = teacher_features if feature == "projector" else {3: teacher_features[3][..., :32]}
+        with torch.no_grad(), autocast("bf16", cpu):
+            logits, hidden = forward_scored(student, data, "classification", [2])
+            parts = module(data, teacher_logits, features)
+        assert logits.dtype == torch.bfloat16  # the residual stream, so the hidden states, stay float32
+        # The loss of exactly those bf16 outputs, computed outside autocast (in float32).
+        expected = distillation_loss(settings, data, logits, hidden, teacher_logits, features, pairs, verbalizers,
+                                     dict(module.projectors))
+        for name, value in parts.items():
+            assert value.dtype == torch.float32, name
+            torch.testing.assert_close(value, expected[name], rtol=1e-6, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+        with torch.no_grad(), autocast("float32", cpu):
+            assert forward_scored(student, data, "classification", [2])[0].dtype == torch.float32
+            reference = module(data, teacher_logits, features)
+        for name, value in parts.items():  # bf16 is close to float32, not equal
+            torch.testing.assert_close(value, reference[name], rtol=0.05, atol=0.05, msg=lambda m, name=name: f"{name}: {m}")

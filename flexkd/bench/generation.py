@@ -71,6 +71,7 @@ class GenerationSettings:
     learning_rate: float = 2e-4
     layer_selection: str = "importance"
     use_gpu: bool = False
+    precision: str = "float32"  # training.precision
     cpus_per_worker: float = 1  # the other CPU stays free for Ray Data
     threads_per_worker: int = 1  # see QualitySettings: one thread is faster on an oversubscribed machine
 
@@ -85,7 +86,8 @@ class GenerationSettings:
     @classmethod
     def gpu(cls) -> GenerationSettings:
         return cls(train_rows=7668, score_rows=1024, steps=3000, batch_size=32, max_length=512, max_new_tokens=128,
-                   num_layers=16, seeds=(0, 1, 2), use_gpu=True, cpus_per_worker=4, threads_per_worker=4)
+                   num_layers=16, seeds=(0, 1, 2), use_gpu=True, precision="bf16", cpus_per_worker=4,
+                   threads_per_worker=4)
 
     def with_overrides(self, **values: Any) -> GenerationSettings:
         return replace(self, **{key: value for key, value in values.items() if value is not None})
@@ -130,6 +132,7 @@ def pipeline_overrides(settings: GenerationSettings, work_dir: Path, eval_path: 
         "training.steps": settings.steps, "training.batch_size": settings.batch_size,
         "training.learning_rate": settings.learning_rate, "training.warmup_steps": 25, "training.log_every": 25,
         "training.checkpoint_every": settings.steps, "training.teacher": "cache",
+        "training.precision": settings.precision,
         "targets.full_width": True, "targets.batch_size": 8, "targets.temperatures": [1.0],
         "evaluation": {"batch_size": 16, "max_new_tokens": settings.max_new_tokens, "samples": eval_rows},
         "resources.num_workers": 1, "resources.cpus_per_worker": settings.cpus_per_worker,

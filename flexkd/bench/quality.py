@@ -81,6 +81,7 @@ class QualitySettings:
     layer_map: str = "uniform"
     k: int | None = None  # selected teacher units per mapped layer; None: the student's hidden size
     use_gpu: bool = False
+    precision: str = "float32"  # training.precision
     # One CPU reserved (the other stays free for Ray Data's read tasks) and one torch thread: on a
     # machine where other jobs keep more runnable threads than cores, two threads per process were
     # measured 5-10x slower than one (each step waits at a barrier for a descheduled thread).
@@ -98,7 +99,7 @@ class QualitySettings:
     @classmethod
     def gpu(cls) -> QualitySettings:
         return cls(train_rows=60614, score_rows=2048, teacher_rows=20000, steps=4000, batch_size=64,
-                   seeds=(0, 1, 2, 3, 4), use_gpu=True, cpus_per_worker=4, threads_per_worker=4)
+                   seeds=(0, 1, 2, 3, 4), use_gpu=True, precision="bf16", cpus_per_worker=4, threads_per_worker=4)
 
 
 def pipeline_overrides(settings: QualitySettings, teacher_dir: Path, work_dir: Path) -> dict[str, Any]:
@@ -123,6 +124,7 @@ def pipeline_overrides(settings: QualitySettings, teacher_dir: Path, work_dir: P
         "loss.temperature": settings.temperature,
         "training.steps": settings.steps, "training.batch_size": settings.batch_size,
         "training.learning_rate": settings.learning_rate, "training.warmup_steps": settings.warmup_steps,
+        "training.precision": settings.precision,
         "training.log_every": 50, "training.checkpoint_every": settings.steps, "training.teacher": "cache",
         "targets.full_width": True, "targets.batch_size": 32,
         "evaluation.batch_size": 64, "evaluation.samples": 20,

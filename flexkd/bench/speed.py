@@ -106,6 +106,7 @@ def generation_config(settings: SpeedSettings, work_dir: Path, **overrides: Any)
         "training.steps": settings.generation_steps, "training.batch_size": settings.generation_batch_size,
         "training.warmup_steps": 0, "training.learning_rate": 5e-4, "training.log_every": settings.generation_steps,
         "training.checkpoint_every": settings.generation_steps, "training.teacher": "online",
+        "training.precision": "bf16" if settings.use_gpu else "float32",
         "resources.num_workers": 1, "resources.cpus_per_worker": 1, "resources.use_gpu": settings.use_gpu,
         "resources.threads_per_worker": settings.cpus,
     }
@@ -149,6 +150,7 @@ def plain_loop(config, targets_dir: Path, tokenize_dir: Path, threads: int) -> d
     import torch
 
     from flexkd.data import collate_batch
+    from flexkd.distributed import autocast
     from flexkd.losses import LinearProjector
     from flexkd.objective import LayerPair, ObjectiveSettings, StudentWithObjective, distillation_loss, forward_scored
     from flexkd.resolve import build_student, plan_models
@@ -202,15 +204,17 @@ def plain_loop(config, targets_dir: Path, tokenize_dir: Path, threads: int) -> d
             rows = {name: values[start:start + batch_size] for name, values in columns.items()}
             batch = {key: value.to(device) for key, value in collate_batch(rows, tokenized["pad_token_id"]).items()}
             mark = lap("batch", step_started, step)
-            teacher = (cached_teacher_outputs(rows, batch, config.task.kind, feature_units, plan.k, None, info["top_k_logits"],
-                                              device, info["temperatures"], config.loss.temperature)
-                       if need_teacher else (None, {}))
-            mark = lap("teacher targets from the cache", mark, step)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate_at(step, config)
-            # StudentWithObjective.forward, in its two halves, to time the loss apart from the model.
-            logits, hidden = forward_scored(module.student, batch, settings.task, module.student_layers)
-            mark = lap("student forward", mark, step)
+            with autocast(config.training.precision, device):  # as the distill stage
+                teacher = (cached_teacher_outputs(rows, batch, config.task.kind, feature_units, plan.k, None,
+                                                  info["top_k_logits"], device, info["temperatures"], config.loss.temperature)
+                           if need_teacher else (None, {}))
+                mark = lap("teacher targets from the cache", mark, step)
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate_at(step, config)
+                # StudentWithObjective.forward, in its two halves, to time the loss apart from the model;
+                # the loss in float32 (outside autocast), as there.
+                logits, hidden = forward_scored(module.student, batch, settings.task, module.student_layers)
+                mark = lap("student forward", mark, step)
             parts = distillation_loss(settings, batch, logits, hidden, *teacher, pairs, module.verbalizer_ids,
                                       dict(module.projectors))
             mark = lap("loss (task, logit, feature)", mark, step)
@@ -271,7 +275,8 @@ def trl_gkd(config, settings: SpeedSettings, work_dir: Path) -> dict[str, Any]:
         per_device_train_batch_size=config.training.batch_size, learning_rate=config.training.learning_rate,
         lr_scheduler_type="constant", warmup_steps=0, lmbda=0.0, beta=0.0, seq_kd=False,
         temperature=config.loss.temperature, max_length=config.data.max_length, gradient_checkpointing=False,
-        bf16=False, use_cpu=not settings.use_gpu, report_to="none", save_strategy="no",  # float32, as flexkd's distill
+        # The precision flexkd's distill runs at: float32 on a CPU, bf16 autocast in the GPU setting.
+        bf16=config.training.precision == "bf16", use_cpu=not settings.use_gpu, report_to="none", save_strategy="no",
         logging_steps=config.training.steps, dataloader_num_workers=0, disable_tqdm=True, seed=config.training.seed)
     started = time.perf_counter()
     trainer = CountingGKD(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
