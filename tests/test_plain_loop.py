@@ -20,23 +20,29 @@ SAMPLE = TINY_TOKENIZER_DIR.parent / "samples" / "sst2_train.jsonl"
 ARCH = {"num_attention_heads": 4, "num_key_value_heads": 2}
 
 
-def _batch(tokenizer, task, rows):
-    columns = {key: [row[key] for row in rows] for key in rows[0]}
-    return collate_batch(tokenize_rows(columns, tokenizer, task, max_length=48), tokenizer.pad_token_id)
-
-
-def test_plain_loop_distills_task_and_selected_subspace():
+def _sst2_sample(rows: int):
+    """The tiny tokenizer, the verbalizer ids and one batch of the first ``rows`` shipped SST-2 rows."""
     tokenizer = load_tokenizer(TINY_TOKENIZER_DIR)
     task = TaskConfig(kind="classification", prompt_template="Review: {sentence}\nSentiment:",
                       label_names=["negative", "positive"])
     verbalizers = torch.tensor(verbalizer_token_ids(tokenizer, task.label_names))
-    rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()[:64]]
-    data = _batch(tokenizer, task, rows)
+    lines = [json.loads(line) for line in SAMPLE.read_text().splitlines()[:rows]]
+    columns = {key: [line[key] for line in lines] for key in lines[0]}
+    data = collate_batch(tokenize_rows(columns, tokenizer, task, max_length=48), tokenizer.pad_token_id)
+    return tokenizer, verbalizers, data
+
+
+def _student(tokenizer):
+    return build_random_model({**ARCH, "hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 64},
+                              vocab_size=len(tokenizer), seed=1)
+
+
+def test_plain_loop_distills_task_and_selected_subspace():
+    tokenizer, verbalizers, data = _sst2_sample(64)
 
     teacher = build_random_model({**ARCH, "hidden_size": 64, "num_hidden_layers": 4, "intermediate_size": 128},
                                  vocab_size=len(tokenizer), seed=0).eval().requires_grad_(False)
-    student = build_random_model({**ARCH, "hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 64},
-                                 vocab_size=len(tokenizer), seed=1)
+    student = _student(tokenizer)
     (teacher_layer, student_layer), = resolve_layer_map("last", 4, 2)
 
     # 1. Score: |dL_task/dh| of the teacher's last hidden state, averaged over examples.
@@ -44,7 +50,7 @@ def test_plain_loop_distills_task_and_selected_subspace():
     loss = summed_task_loss("classification", logits, data, verbalizers)
     gradient, = hidden_state_gradients(loss, [hidden[teacher_layer]])
     importance = finalize_importance(
-        unit_importance_sum(gradient, hidden[teacher_layer].detach(), data["attention_mask"], "grad"), len(rows))
+        unit_importance_sum(gradient, hidden[teacher_layer].detach(), data["attention_mask"], "grad"), len(data["input_ids"]))
     units = select_top_k_units(importance, k=32)
 
     with torch.no_grad():
@@ -88,14 +94,8 @@ def test_bf16_autocast_runs_the_student_in_bf16_and_the_losses_in_float32():
     from flexkd.losses import LinearProjector
     from flexkd.objective import StudentWithObjective, forward_scored
 
-    tokenizer = load_tokenizer(TINY_TOKENIZER_DIR)
-    task = TaskConfig(kind="classification", prompt_template="Review: {sentence}\nSentiment:",
-                      label_names=["negative", "positive"])
-    verbalizers = torch.tensor(verbalizer_token_ids(tokenizer, task.label_names))
-    rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()[:16]]
-    data = _batch(tokenizer, task, rows)
-    student = build_random_model({**ARCH, "hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 64},
-                                 vocab_size=len(tokenizer), seed=1)
+    tokenizer, verbalizers, data = _sst2_sample(16)
+    student = _student(tokenizer)
     generator = torch.Generator().manual_seed(0)
     teacher_logits = torch.randn(16, 1, len(tokenizer), generator=generator)
     teacher_features = {3: torch.randn(*data["input_ids"].shape, 48, generator=generator)}
