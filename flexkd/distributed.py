@@ -106,6 +106,9 @@ def init_process_group_from_env() -> None:
 
 def autocast(precision: str, device: torch.device) -> torch.autocast:
     """bf16 autocast on ``device`` for ``precision`` 'bf16'; a disabled one for 'float32'."""
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        # torch.autocast would only warn and run float32 under a bf16 label.
+        raise ValueError(f"training.precision: bf16 is not supported on {torch.cuda.get_device_name(device)}")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 

@@ -203,7 +203,7 @@ def distillation_loss(
         projectors: ``"<teacher>-<student>"`` -> LinearProjector, for the projector baseline.
     Returns: ``task``, ``logit``, ``feature`` and the weighted ``total``, each a scalar.
     """
-    zero = student_logits.new_zeros(())
+    zero = student_logits.new_zeros((), dtype=torch.promote_types(student_logits.dtype, torch.float32))
     mask = batch["attention_mask"]
     cached = isinstance(teacher_logits, CachedTeacherLogits)
     if settings.task == "classification":
@@ -292,8 +292,8 @@ class StudentWithObjective(torch.nn.Module):
     def forward(self, batch: dict[str, Tensor], teacher_logits: Tensor | CachedTeacherLogits | None,
                 teacher_features: dict[int, Tensor]) -> dict[str, Tensor]:
         logits, hidden = forward_scored(self.student, batch, self.settings.task, self.student_layers)
-        # The losses in float32 even under bf16 autocast, which would run the correlation's and the
-        # projector's matmuls in bf16: too coarse for correlations near 1 and KL of close distributions.
+        # The losses in float32 even under bf16 autocast, which would run the projector's and CKA's
+        # matmuls in bf16: too coarse for features this close to their targets.
         with torch.autocast(logits.device.type, enabled=False):
             return distillation_loss(self.settings, batch, logits, hidden, teacher_logits, teacher_features,
                                      self.pairs, self.verbalizer_ids, dict(self.projectors))

@@ -328,6 +328,54 @@ def test_every_quality_variant_option_reaches_the_settings_and_a_variant_needs_a
         bench_cli.run_benchmark(build_parser().parse_args(["bench", "quality", "--tune"]))
     with pytest.raises(ConfigError, match="--tune is an option of 'flexkd bench quality' only"):
         bench_cli.run_benchmark(build_parser().parse_args(["bench", "speed", "--tune"]))
+    with pytest.raises(ConfigError, match="--gamma is tuned per method under --tune"):
+        bench_cli.run_benchmark(build_parser().parse_args(["bench", "quality", "--tune", "--gamma", "3", "--label", "x"]))
+
+
+def test_tuned_runs_use_each_methods_own_best_values(monkeypatch, tmp_path):
+    """run_quality(tune=True) with the teacher, the sweeps and the pipeline runs stubbed: every
+    (method, seed) run gets that method's best values and nothing of another method's."""
+    from types import SimpleNamespace
+
+    from flexkd import runner
+    from flexkd.bench import quality, quality_tuned
+
+    best = {"kd+flexkd": {"training.learning_rate": 0.0005, "loss.gamma": 3.0, "layer_map": "last"},
+            "kd": {"training.learning_rate": 0.001, "loss.temperature": 4.0}}
+    monkeypatch.setattr(quality, "sst2_teacher", lambda settings, work_dir: (tmp_path / "teacher", {
+        "made_now": True, "seconds": 1.0}))
+    monkeypatch.setattr(quality_tuned, "tune_methods", lambda settings, teacher_dir, work_dir, methods: {
+        "seed": 3, "selection_rows": 872, "methods": {method: {"best": best[method]} for method in methods}})
+    seen = []
+
+    def fake_run(config, stages):
+        seen.append((config, stages))
+        record = lambda name, **outputs: SimpleNamespace(directory=tmp_path / name, seconds=1.0, cached=False,
+                                                         outputs=outputs)
+        stage_records = {name: record(name) for name in ("tokenize", "score", "targets")}
+        stage_records["distill"] = record("distill", extra_trainable_parameters=0, student_parameters=1,
+                                          tokens_per_second=1.0, total=1.0, task=1.0, logit=0.0, feature=0.0)
+        stage_records["evaluate"] = record("evaluate", metrics={"student.accuracy": 0.6, "student.macro_f1": 0.6,
+                                                                "teacher.accuracy": 0.8})
+        return SimpleNamespace(stages=stage_records, run_id="r", config=config)
+
+    monkeypatch.setattr(runner, "run_pipeline", fake_run)
+    monkeypatch.setattr(quality, "selection_diagnostics", lambda score_dirs: {})
+    monkeypatch.setattr(quality, "write_results", lambda *args: None)
+    monkeypatch.setattr(quality, "quality_markdown", lambda results: "")
+    monkeypatch.setattr(quality, "plot_quality", lambda results, path: path)
+    settings = replace(SETTINGS, seeds=(0, 1))
+    results = quality.run_quality(settings, tmp_path, ("kd+flexkd", "kd"), tmp_path, label="tuned", tune=True)
+
+    runs = [config for config, stages in seen if "distill" in stages]
+    assert len(runs) == 4 and results["tuning"]["methods"]["kd"]["best"] == best["kd"]
+    for config in runs:
+        method = "kd" if config.loss.feature == "none" else "kd+flexkd"
+        assert config.training.learning_rate == best[method]["training.learning_rate"], method
+        if method == "kd":
+            assert config.loss.temperature == 4.0 and config.layer_map == SETTINGS.layer_map
+        else:
+            assert (config.loss.gamma, config.layer_map, config.loss.temperature) == (3.0, "last", SETTINGS.temperature)
 
 
 def test_each_method_is_tuned_over_the_same_learning_rates_and_as_many_trials(shared_data, tmp_path):
@@ -335,12 +383,14 @@ def test_each_method_is_tuned_over_the_same_learning_rates_and_as_many_trials(sh
     from flexkd.bench.quality_tuned import search_space, selection_set, sweep_config
     from flexkd.config import ConfigError
 
-    spaces = {method: search_space(method) for method in ("kd", "kd+projector", "kd+flexkd", "ft")}
+    spaces = {method: search_space(method) for method in ("kd", "kd+projector", "kd+flexkd", "kd+cka")}
     trials = {method: math.prod(len(values) for values in space.values()) for method, space in spaces.items()}
-    assert trials["kd+projector"] == trials["kd+flexkd"] == 8 and spaces["kd+projector"] == spaces["kd+flexkd"]
+    assert set(trials.values()) == {8} and spaces["kd+projector"] == spaces["kd+flexkd"]
     assert {"loss.gamma", "layer_map"} <= set(spaces["kd+flexkd"]) and "loss.gamma" not in spaces["kd"]
-    assert "loss.temperature" in spaces["kd"] and trials["kd"] == 6
+    assert "loss.temperature" in spaces["kd"]
     assert all(space["training.learning_rate"] == spaces["kd"]["training.learning_rate"] for space in spaces.values())
+    with pytest.raises(ConfigError, match="--tune: ft has only the learning rate"):
+        search_space("ft")
 
     # The selection rows: after the scoring rows of dev.tsv, as many as test.tsv, in neither.
     settings = QualitySettings.cpu()
@@ -355,7 +405,8 @@ def test_each_method_is_tuned_over_the_same_learning_rates_and_as_many_trials(sh
 
     config = sweep_config(settings, tmp_path / "teacher", tmp_path, "kd+flexkd", path)
     assert config.data.eval.path == str(path) and config.tune.asha is None
-    assert config.tune.eval_every == settings.steps and config.training.seed == settings.seeds[0]
+    assert config.tune.eval_every == settings.steps and config.training.seed not in settings.seeds
+    assert config.student.seed == config.training.seed
     assert {name: dimension.grid for name, dimension in config.tune.search_space.items()} == spaces["kd+flexkd"]
     with pytest.raises(ConfigError, match="--score-rows 6500"):
         selection_set(6500, tmp_path)
@@ -370,10 +421,10 @@ def test_the_tuned_page_shows_each_methods_grid_best_values_and_every_trial():
                            "status": "completed"},
                           {"params": {"training.learning_rate": 0.0005, "loss.temperature": 1.0}, "accuracy": None,
                            "status": "error"}],
-               "best": {"training.learning_rate": 0.001, "loss.temperature": 2.0}, "best_accuracy": 66.5,
-               "sweep_run_id": "r", "seconds": 600.0}}}
+               "completed": 1, "best": {"training.learning_rate": 0.001, "loss.temperature": 2.0},
+               "best_accuracy": 66.5, "sweep_run_id": "r", "seconds": 600.0}}}
     text = "\n".join(tuning_markdown(tuning))
-    assert "| kd | training.learning_rate: 0.0005, 0.001; loss.temperature: 1.0, 2.0 | 2 | learning_rate 0.001, " \
+    assert "| kd | training.learning_rate: 0.0005, 0.001; loss.temperature: 1.0, 2.0 | 1 of 2 | learning_rate 0.001, " \
            "temperature 2.0 | 66.50 | 10.0 |" in text
     assert "learning_rate 0.0005, temperature 1.0 -> failed" in text and "872 dev.tsv sentences" in text
 

@@ -45,6 +45,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
         raise ConfigError(f"--{unlabelled[0].replace('_', '-')} makes a variant: name it with --label NAME "
                           "(it is kept as quality-NAME beside the main table)")
 
+    tuned = [name for name in ("learning_rate", "gamma", "layer_map") if args.tune and getattr(args, name) is not None]
+    if tuned:
+        raise ConfigError(f"--{tuned[0].replace('_', '-')} is tuned per method under --tune; leave it out")
+
     work_dir = Path(args.work_dir) if args.work_dir else DEFAULT_WORK_DIR
     if args.threads or not args.gpu:
         # The driver's own model work (teacher adaptation, the plain loop, TRL) on as many threads as

@@ -215,7 +215,10 @@ def run_quality(settings: QualitySettings, work_dir: Path = DEFAULT_WORK_DIR, me
                 break
             config = method_config(settings, teacher_dir, work_dir, method, seed, cache_dir, best.get(method))
             result = run_pipeline(config, stages=RUN_STAGES)
-            score_dirs[config.selection.method] = Path(result.stages["score"].directory)
+            # The importance selection described is kd+flexkd's (kd and the projector score at their own,
+            # possibly tuned, layer maps too, and run after it).
+            if method == "kd+flexkd" or config.selection.method not in score_dirs:
+                score_dirs[config.selection.method] = Path(result.stages["score"].directory)
             for stage in SHARED_STAGES:
                 key = stage if stage == "tokenize" else f"{stage}/{config.selection.method}"
                 if key not in shared_seconds and not (stage == "targets" and config.targets.path):
@@ -311,7 +314,7 @@ def selection_diagnostics(score_dirs: dict[str, Path]) -> dict[str, dict[str, fl
                "importance_share_of_top_k": round(float(importance[entry["indices"]].sum() / importance.sum()), 3),
                "flat_share": round(entry["k"] / entry["d_teacher"], 3)}
         for method in ("variance", "random"):
-            if method in selected:
+            if layer in selected.get(method, {}):  # absent where that selection ran at another layer map
                 row[f"overlap_with_{method}"] = round(len(chosen & set(selected[method][layer]["indices"])) / entry["k"], 3)
         diagnostics[layer] = row
     return diagnostics
@@ -365,7 +368,8 @@ def quality_markdown(results: dict[str, Any]) -> str:
         f"(teacher block -> student block: {', '.join(f'{t}->{s}' for t, s in resolve_layer_map(settings['layer_map'], 30, 4))}), "
         "identical for every method; importance scored on "
         f"{settings['score_rows']} dev sentences at those teacher layers; the selections keep "
-        f"{settings.get('k') or 192} of the teacher's 576 units per layer. Seeds {list(settings['seeds'])} "
+        f"{settings.get('k') or 192} of the teacher's 576 units per layer. Distill precision "
+        f"{settings.get('precision', 'float32')}. Seeds {list(settings['seeds'])} "
         "(student init and projector init); the data order is the same for all runs. Accuracy on test.tsv (872 sentences).",
         "",
     ]
