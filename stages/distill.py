@@ -225,6 +225,7 @@ def _distill_worker(loop_config: dict[str, Any]) -> None:
     batches = _endless_batches(ray.train.get_dataset_shard("train"), per_rank_batch, skip=start_step)
     logger = WorkerMetricLogger(loop_config["tracking_uri"], loop_config["run_id"]) if distributed.is_main_process() else None
     progress = _progress_bar(start_step, config.training.steps) if loop_config["progress_bars"] else None
+    mixed_precision = distributed.autocast(config.training.precision, device)  # checked once, entered every step
 
     # Throughput is the steady state: every step but this run's first (which waits for Ray Data's
     # first block and warms the kernels), data wait included, checkpoints and evaluation excluded.
@@ -235,7 +236,7 @@ def _distill_worker(loop_config: dict[str, Any]) -> None:
         batch = {key: value.to(device) for key, value in collate_batch(rows, loop_config["pad_token_id"]).items()}
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, config)
-        with distributed.autocast(config.training.precision, device):
+        with mixed_precision:
             teacher_logits, teacher_features = teacher_outputs(rows, batch) if need_teacher else (None, {})
             parts = module(batch, teacher_logits, teacher_features)
         _refuse_non_finite(parts, step + 1)

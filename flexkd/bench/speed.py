@@ -191,6 +191,7 @@ def plain_loop(config, targets_dir: Path, tokenize_dir: Path, threads: int) -> d
         # phase, which would slow this loop, the reference the distill stage is held against: no
         # phases there.
         profile = device.type == "cpu"
+        mixed_precision = autocast(config.training.precision, device)
 
         def lap(phase: str, since: float, step: int) -> float:
             now = time.perf_counter()
@@ -204,7 +205,7 @@ def plain_loop(config, targets_dir: Path, tokenize_dir: Path, threads: int) -> d
             rows = {name: values[start:start + batch_size] for name, values in columns.items()}
             batch = {key: value.to(device) for key, value in collate_batch(rows, tokenized["pad_token_id"]).items()}
             mark = lap("batch", step_started, step)
-            with autocast(config.training.precision, device):  # as the distill stage
+            with mixed_precision:  # as the distill stage
                 teacher = (cached_teacher_outputs(rows, batch, config.task.kind, feature_units, plan.k, None,
                                                   info["top_k_logits"], device, info["temperatures"], config.loss.temperature)
                            if need_teacher else (None, {}))
