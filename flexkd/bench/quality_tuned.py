@@ -79,7 +79,7 @@ def selection_set(score_rows: int, work_dir: Path) -> Path:
 
 
 def sweep_config(settings, teacher_dir: Path, work_dir: Path, method: str, selection: Path):
-    """The method's pipeline at the first seed, scored on ``selection``, with its tune section."""
+    """The method's pipeline at the tuning seed, scored on ``selection``, with its tune section."""
     from flexkd.bench.quality import method_config
 
     tune = {"search_space": {path: {"grid": values} for path, values in search_space(method).items()},
