@@ -49,32 +49,51 @@ def split_samsum(work_dir: Path, eval_rows: int) -> tuple[Path, Path]:
 
 def pipelines(work_dir: Path, args: argparse.Namespace) -> dict[str, dict]:
     """Raw configs of both runs (the random run's layer_map is filled in after the pruned run)."""
-    from flexkd.config import apply_overrides
+    from flexkd.config.schema import apply_overrides
 
     train, test = split_samsum(work_dir, args.eval_rows)
     raw = yaml.safe_load((REPO / "pipelines" / "instruct_samsum.yaml").read_text())
     summarize = {"prompt_template": "Summarize this dialogue.\n{dialogue}", "response_column": "summary"}
     common = {
-        "artifact_root": str(work_dir / "runs"), "tracking.tracking_uri": f"sqlite:///{work_dir}/mlflow.db",
-        "data.train": {"path": str(train), "limit": args.train_rows, **summarize}, "data.eval": {"path": str(test), **summarize},
+        "artifact_root": str(work_dir / "runs"),
+        "tracking.tracking_uri": f"sqlite:///{work_dir}/mlflow.db",
+        "data.train": {"path": str(train), "limit": args.train_rows, **summarize},
+        "data.eval": {"path": str(test), **summarize},
         "data.score": {"path": str(train), "limit": args.score_rows, **summarize},
         "data.max_length": args.max_length,
         "scoring.batch_size": 8,
-        "training": {"steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
-                     "warmup_steps": max(1, args.steps // 10), "log_every": max(1, args.steps // 10),
-                     "checkpoint_every": args.steps, "teacher": "cache"},
+        "training": {
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "learning_rate": args.learning_rate,
+            "warmup_steps": max(1, args.steps // 10),
+            "log_every": max(1, args.steps // 10),
+            "checkpoint_every": args.steps,
+            "teacher": "cache",
+        },
         "targets": {"top_k_logits": 32, "temperatures": [1.0], "batch_size": 8},
         "evaluation": {"batch_size": 8, "max_new_tokens": args.max_new_tokens, "samples": 10},
         "resources": {"num_workers": 1, "cpus_per_worker": 1, "threads_per_worker": args.threads},
     }
     sizes = {"hidden_size": 384, "num_hidden_layers": args.layers, "intermediate_size": 1024, "num_key_value_heads": 2}
-    pruned = apply_overrides(raw, {**common, "name": "prune-init-pruned", "layer_map": "source",
-                                   "student": {"init": "prune_from_teacher", "architecture": sizes,
-                                               "layer_selection": args.layer_selection}})
+    pruned = apply_overrides(
+        raw,
+        {
+            **common,
+            "name": "prune-init-pruned",
+            "layer_map": "source",
+            "student": {"init": "prune_from_teacher", "architecture": sizes, "layer_selection": args.layer_selection},
+        },
+    )
     # The same shape: 6 heads of the teacher's width 64 (a pruned student keeps it).
-    random = apply_overrides(raw, {**common, "name": "prune-init-random",
-                                   "student": {"init": "random", "architecture": {
-                                       **sizes, "num_attention_heads": 6, "head_dim": 64}}})
+    random = apply_overrides(
+        raw,
+        {
+            **common,
+            "name": "prune-init-random",
+            "student": {"init": "random", "architecture": {**sizes, "num_attention_heads": 6, "head_dim": 64}},
+        },
+    )
     return {"pruned": pruned, "random": random}
 
 
@@ -82,15 +101,21 @@ def evaluate_folder(config, tokenize_dir: Path, model_dir: Path) -> dict[str, fl
     """ROUGE-L and perplexity of one model folder on the eval split, by the evaluate stage's code."""
     import torch
 
-    from flexkd.models import load_model, parameter_count
-    from flexkd.resolve import load_pipeline_tokenizer
-    from flexkd.stages.evaluate import generate_and_score, read_eval_rows
+    from flexkd.evaluation.metrics import generate_and_score, read_eval_rows
+    from flexkd.models.loading import load_model, parameter_count
+    from flexkd.models.plan import load_pipeline_tokenizer
 
     pad_token_id = json.loads((tokenize_dir / "manifest.json").read_text())["outputs"]["pad_token_id"]
     model = load_model(model_dir).eval()
-    scores, predictions = generate_and_score(model, read_eval_rows(tokenize_dir / "eval"), config,
-                                             load_pipeline_tokenizer(config), pad_token_id, torch.device("cpu"),
-                                             model_dir.name)
+    scores, predictions = generate_and_score(
+        model,
+        read_eval_rows(tokenize_dir / "eval"),
+        config,
+        load_pipeline_tokenizer(config),
+        pad_token_id,
+        torch.device("cpu"),
+        model_dir.name,
+    )
     return {**scores, "parameters": parameter_count(model), "first_prediction": predictions[0]}
 
 
@@ -113,8 +138,8 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/flexkd-prune-init"))
     args = parser.parse_args()
 
-    from flexkd.config import apply_overrides, parse_config
-    from flexkd.runner import ensure_ray, run_pipeline
+    from flexkd.config.schema import apply_overrides, parse_config
+    from flexkd.pipeline.runner import ensure_ray, run_pipeline
 
     started = time.time()
     shutil.rmtree(args.work_dir, ignore_errors=True)  # every run measures from scratch
@@ -139,32 +164,49 @@ def main() -> None:
     evaluated = time.time()
     metrics = pruned_run.stages["evaluate"].outputs["metrics"]
     rows = {
-        "teacher": {"rougeL": metrics["teacher.rougeL"], "perplexity": metrics["teacher.perplexity"],
-                    "parameters": metrics["teacher.parameters"]},
+        "teacher": {
+            "rougeL": metrics["teacher.rougeL"],
+            "perplexity": metrics["teacher.perplexity"],
+            "parameters": metrics["teacher.parameters"],
+        },
         "pruned, before distillation": evaluate_folder(pruned_config, tokenize_dir, score_dir / "pruned_student"),
-        f"pruned, after {args.steps} steps": {"rougeL": metrics["student.rougeL"],
-                                             "perplexity": metrics["student.perplexity"],
-                                             "parameters": metrics["student.parameters"]},
+        f"pruned, after {args.steps} steps": {
+            "rougeL": metrics["student.rougeL"],
+            "perplexity": metrics["student.perplexity"],
+            "parameters": metrics["student.parameters"],
+        },
         f"random init, after {args.steps} steps": evaluate_folder(
-            random_config, tokenize_dir, random_run.stages["distill"].directory / "student"),
+            random_config, tokenize_dir, random_run.stages["distill"].directory / "student"
+        ),
     }
     timings["evaluate_folders"] = round(time.time() - evaluated, 1)
     selection = json.loads((score_dir / "pruning" / "selection.json").read_text())
-    distill = {name: {key: run.stages["distill"].outputs[key] for key in ("total", "task", "logit", "feature")}
-               for name, run in (("pruned", pruned_run), ("random", random_run))}
+    distill = {
+        name: {key: run.stages["distill"].outputs[key] for key in ("total", "task", "logit", "feature")}
+        for name, run in (("pruned", pruned_run), ("random", random_run))
+    }
     results = {
-        "command": "python benchmarks/prune_init.py " + " ".join(
-            f"--{key.replace('_', '-')} {value}" for key, value in vars(args).items()),
-        "setup": {"teacher": "SmolLM2-135M-Instruct (d=576, 30 blocks, 9 heads / 3 KV, MLP 1536)",
-                  "student": f"d=384, {args.layers} blocks, 6 heads / 2 KV of width 64, MLP 1024",
-                  "train_dialogues": min(args.train_rows, 200 - args.eval_rows), "test_dialogues": args.eval_rows,
-                  "score_dialogues": args.score_rows, "steps": args.steps, "batch_size": args.batch_size,
-                  "learning_rate": args.learning_rate, "max_length": args.max_length,
-                  "max_new_tokens": args.max_new_tokens, "kept_teacher_blocks": selection["kept_layers"],
-                  "layer_selection": args.layer_selection,
-                  "layer_pairs": layer_pairs,
-                  "machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, shared"},
-        "results": rows, "final_train_losses": distill, "seconds": timings,
+        "command": "python benchmarks/prune_init.py "
+        + " ".join(f"--{key.replace('_', '-')} {value}" for key, value in vars(args).items()),
+        "setup": {
+            "teacher": "SmolLM2-135M-Instruct (d=576, 30 blocks, 9 heads / 3 KV, MLP 1536)",
+            "student": f"d=384, {args.layers} blocks, 6 heads / 2 KV of width 64, MLP 1024",
+            "train_dialogues": min(args.train_rows, 200 - args.eval_rows),
+            "test_dialogues": args.eval_rows,
+            "score_dialogues": args.score_rows,
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "learning_rate": args.learning_rate,
+            "max_length": args.max_length,
+            "max_new_tokens": args.max_new_tokens,
+            "kept_teacher_blocks": selection["kept_layers"],
+            "layer_selection": args.layer_selection,
+            "layer_pairs": layer_pairs,
+            "machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, shared",
+        },
+        "results": rows,
+        "final_train_losses": distill,
+        "seconds": timings,
         "total_seconds": round(time.time() - started, 1),
         "load_average": {"before": [round(x, 1) for x in load_before], "after": [round(x, 1) for x in os.getloadavg()]},
     }
@@ -176,28 +218,32 @@ def main() -> None:
 
 def report(results: dict) -> str:
     setup = results["setup"]
-    table = "\n".join(f"| {name} | {row['rougeL']:.2f} | {row['perplexity']:.4g} | {row['parameters'] / 1e6:.1f}M |"
-                      for name, row in results["results"].items())
-    losses = "\n".join(f"| {name} | " + " | ".join(f"{value:.4g}" for value in parts.values()) + " |"
-                       for name, parts in results["final_train_losses"].items())
+    table = "\n".join(
+        f"| {name} | {row['rougeL']:.2f} | {row['perplexity']:.4g} | {row['parameters'] / 1e6:.1f}M |"
+        for name, row in results["results"].items()
+    )
+    losses = "\n".join(
+        f"| {name} | " + " | ".join(f"{value:.4g}" for value in parts.values()) + " |"
+        for name, parts in results["final_train_losses"].items()
+    )
     return f"""# Student initialization: pruned from the teacher vs random, SAMSum
 
-`{results['command']}`
+`{results["command"]}`
 
-{setup['machine']}; the whole script took {results['total_seconds'] / 60:.1f} min (load average
-{results['load_average']['before']} before, {results['load_average']['after']} after: the machine is shared).
+{setup["machine"]}; the whole script took {results["total_seconds"] / 60:.1f} min (load average
+{results["load_average"]["before"]} before, {results["load_average"]["after"]} after: the machine is shared).
 
-Teacher {setup['teacher']}; student {setup['student']}. SAMSum sample split into
-{setup['train_dialogues']} training and {setup['test_dialogues']} test dialogues (disjoint); pruning
-scores from {setup['score_dialogues']} training dialogues. Both students: {setup['steps']} distill steps of
-batch {setup['batch_size']}, learning rate {setup['learning_rate']}, max length {setup['max_length']},
+Teacher {setup["teacher"]}; student {setup["student"]}. SAMSum sample split into
+{setup["train_dialogues"]} training and {setup["test_dialogues"]} test dialogues (disjoint); pruning
+scores from {setup["score_dialogues"]} training dialogues. Both students: {setup["steps"]} distill steps of
+batch {setup["batch_size"]}, learning rate {setup["learning_rate"]}, max length {setup["max_length"]},
 the instruct_samsum loss (task + forward KL + correlation), teacher targets from the cache (top-32 logits),
-the same {len(setup['layer_pairs'])} layer pairs {setup['layer_pairs']} (each student block with the teacher
-block it was cut from; teacher blocks kept by `student.layer_selection: {setup['layer_selection']}`:
-{setup['kept_teacher_blocks']}). The pruned student pairs
+the same {len(setup["layer_pairs"])} layer pairs {setup["layer_pairs"]} (each student block with the teacher
+block it was cut from; teacher blocks kept by `student.layer_selection: {setup["layer_selection"]}`:
+{setup["kept_teacher_blocks"]}). The pruned student pairs
 each unit with the teacher unit it was cut from; the random one uses Flex-KD importance selection.
 
-| model | ROUGE-L (test, greedy, {setup['max_new_tokens']} new tokens) | perplexity of reference summaries | parameters |
+| model | ROUGE-L (test, greedy, {setup["max_new_tokens"]} new tokens) | perplexity of reference summaries | parameters |
 |---|---|---|---|
 {table}
 
@@ -207,8 +253,8 @@ Final training losses (last step):
 |---|---|---|---|---|
 {losses}
 
-Stage seconds: {results['seconds']}.
-One run, one seed, {setup['test_dialogues']} test dialogues: differences of a point or two of ROUGE-L are
+Stage seconds: {results["seconds"]}.
+One run, one seed, {setup["test_dialogues"]} test dialogues: differences of a point or two of ROUGE-L are
 within noise.
 """
 

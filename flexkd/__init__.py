@@ -7,8 +7,8 @@ The method is plain PyTorch and imports no Ray, so it drops into any training lo
 
 __version__ = "0.1.0"
 
-from flexkd.importance import finalize_importance, hidden_state_gradients, unit_importance_sum
-from flexkd.losses import (
+from flexkd.method.importance import finalize_importance, hidden_state_gradients, unit_importance_sum
+from flexkd.method.losses import (
     LinearProjector,
     causal_lm_loss,
     classification_loss,
@@ -19,7 +19,7 @@ from flexkd.losses import (
     projector_mse_loss,
     topk_logit_distillation_loss,
 )
-from flexkd.selection import resolve_k, select_random_units, select_top_k_units, select_variance_units
+from flexkd.method.selection import resolve_k, select_random_units, select_top_k_units, select_variance_units
 
 __all__ = [
     "LinearProjector",

@@ -1,14 +1,14 @@
 """The ``flexkd`` command.
 
-    flexkd run pipelines/quickstart.yaml [--set loss.gamma=0.5] [--stages tokenize,score] [--force distill]
-    flexkd validate pipelines/x.yaml        check a pipeline file and its model shapes, run nothing
-    flexkd fetch-teacher                    download and convert the offline demo teacher
-    flexkd ui pipelines/x.yaml              print the command that opens this pipeline's MLflow runs
-    flexkd tune pipelines/x.yaml [--num-samples 16]   Ray Tune sweep of its tune.search_space
-    flexkd submit pipelines/x.yaml --address http://HEAD:8265 [--wait]   run it on a Ray cluster
-    flexkd status|logs|stop JOB --address http://HEAD:8265              follow a submitted pipeline
-    flexkd watch pipelines/x.yaml [--once] [--interval 300] [--address URL]   distill each new teacher release
-    flexkd bench quality|speed|generation [--gpu]   benchmarks -> benchmarks/results/, benchmarks/RESULTS.md
+flexkd run pipelines/quickstart.yaml [--set loss.gamma=0.5] [--stages tokenize,score] [--force distill]
+flexkd validate pipelines/x.yaml        check a pipeline file and its model shapes, run nothing
+flexkd fetch-teacher                    download and convert the offline demo teacher
+flexkd ui pipelines/x.yaml              print the command that opens this pipeline's MLflow runs
+flexkd tune pipelines/x.yaml [--num-samples 16]   Ray Tune sweep of its tune.search_space
+flexkd submit pipelines/x.yaml --address http://HEAD:8265 [--wait]   run it on a Ray cluster
+flexkd status|logs|stop JOB --address http://HEAD:8265              follow a submitted pipeline
+flexkd watch pipelines/x.yaml [--once] [--interval 300] [--address URL]   distill each new teacher release
+flexkd bench quality|speed|generation [--gpu]   benchmarks -> benchmarks/results/, benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from flexkd.config import ConfigError, load_config
+from flexkd.config.schema import ConfigError, load_config
 from flexkd.errors import StageError
 
 
@@ -42,7 +42,7 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def _stage_list(text: str | None) -> tuple[str, ...]:
-    from flexkd.runner import STAGES
+    from flexkd.pipeline.runner import STAGES
 
     if not text:
         return ()
@@ -54,7 +54,7 @@ def _stage_list(text: str | None) -> tuple[str, ...]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flexkd.runner import STAGES, run_pipeline, summary_table
+    from flexkd.pipeline.runner import STAGES, run_pipeline, summary_table
 
     config = load_config(args.pipeline, _overrides(args.set))
     result = run_pipeline(config, stages=_stage_list(args.stages) or STAGES, force=_stage_list(args.force))
@@ -63,25 +63,27 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from flexkd.resolve import preflight
+    from flexkd.models.plan import preflight
 
     config = load_config(args.pipeline, _overrides(args.set))
     plan = preflight(config)
     pairs = "chosen by the score stage" if plan.layer_pairs is None else list(plan.layer_pairs)
-    print(f"{args.pipeline}: valid. teacher d={plan.teacher_hidden} L={plan.teacher_layers}, "
-          f"student d={plan.student_hidden} L={plan.student_layers}, k={plan.k}, layer pairs {pairs}")
+    print(
+        f"{args.pipeline}: valid. teacher d={plan.teacher_hidden} L={plan.teacher_layers}, "
+        f"student d={plan.student_hidden} L={plan.student_layers}, k={plan.k}, layer pairs {pairs}"
+    )
     return 0
 
 
 def cmd_fetch_teacher(args: argparse.Namespace) -> int:
-    from flexkd.models import fetch_demo_teacher
+    from flexkd.models.loading import fetch_demo_teacher
 
     print(fetch_demo_teacher(args.cache_dir))
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from flexkd.tune import run_sweep
+    from flexkd.sweep.tune import run_sweep
 
     overrides = _overrides(args.set) | ({"tune.num_samples": args.num_samples} if args.num_samples else {})
     result = run_sweep(load_config(args.pipeline, overrides), Path(args.pipeline))
@@ -91,57 +93,78 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from flexkd.tracking import tracking_uri, ui_command
+    from flexkd.tracking.runs import tracking_uri, ui_command
 
     print(ui_command(tracking_uri(load_config(args.pipeline))))
     return 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from flexkd.jobs import load_runtime_env, submit
+    from flexkd.cluster.jobs import load_runtime_env, submit
 
     config = load_config(args.pipeline, _overrides(args.set))
-    return submit(args.address, Path(args.pipeline), config, args.set, Path(args.working_dir),
-                  load_runtime_env(args.runtime_env), wait=args.wait)
+    return submit(
+        args.address,
+        Path(args.pipeline),
+        config,
+        args.set,
+        Path(args.working_dir),
+        load_runtime_env(args.runtime_env),
+        wait=args.wait,
+    )
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from flexkd.jobs import status
+    from flexkd.cluster.jobs import status
 
     return status(args.address, args.job)
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from flexkd.jobs import logs
+    from flexkd.cluster.jobs import logs
 
     return logs(args.address, args.job, follow_logs=args.follow)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from flexkd.jobs import stop
+    from flexkd.cluster.jobs import stop
 
     return stop(args.address, args.job)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from flexkd.bench.cli import run_benchmark  # heavy imports stay out of the CLI's start-up
+    # The benchmarks live in the checkout, not in the installed package: they write into the
+    # checkout's benchmarks/ folder. PYTHONPATH, not only sys.path, so the Ray workers they start
+    # import them too.
+    checkout = Path(__file__).resolve().parents[1]
+    if not (checkout / "benchmarks" / "cli.py").is_file():
+        raise ConfigError(f"flexkd bench runs from a source checkout; no benchmarks/ beside {checkout / 'flexkd'}")
+    sys.path.insert(0, str(checkout))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")]))
+    from benchmarks.cli import run_benchmark
 
     return run_benchmark(args)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from flexkd.jobs import load_runtime_env
-    from flexkd.watch import Cluster, Watcher, watch
+    from flexkd.cluster.jobs import load_runtime_env
+    from flexkd.watch.watcher import Cluster, Watcher, watch
 
-    cluster = None if args.address is None else Cluster(args.address, Path(args.working_dir),
-                                                         load_runtime_env(args.runtime_env))
+    cluster = (
+        None
+        if args.address is None
+        else Cluster(args.address, Path(args.working_dir), load_runtime_env(args.runtime_env))
+    )
     watcher = Watcher(Path(args.pipeline), _overrides(args.set), cluster=cluster, set_pairs=args.set)
     return watch(watcher, once=args.once, interval_s=args.interval)
 
 
 def _add_address(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265"),
-                        help="the cluster's dashboard (default: $RAY_API_SERVER_ADDRESS, else http://127.0.0.1:8265)")
+    parser.add_argument(
+        "--address",
+        default=os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265"),
+        help="the cluster's dashboard (default: $RAY_API_SERVER_ADDRESS, else http://127.0.0.1:8265)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,16 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("pipeline", help="a pipeline with a watch section and teacher.path models:/<name>[@<alias>]")
     watch.add_argument("--once", action="store_true", help="poll once and exit (1 if a version failed); for cron")
     watch.add_argument("--interval", type=float, default=300.0, help="seconds between polls (default 300)")
-    watch.add_argument("--address", help="submit each version to this Ray cluster's dashboard instead of running "
-                       "it here")
+    watch.add_argument(
+        "--address", help="submit each version to this Ray cluster's dashboard instead of running it here"
+    )
     watch.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     watch.add_argument("--working-dir", default=".", help="with --address: folder uploaded with each job")
     watch.add_argument("--runtime-env", metavar="YAML", help="with --address: extra runtime_env")
     watch.set_defaults(handler=cmd_watch)
 
-    for name, handler, text in (("status", cmd_status, "print a submitted pipeline's status"),
-                                ("logs", cmd_logs, "print a submitted pipeline's logs"),
-                                ("stop", cmd_stop, "stop a submitted pipeline")):
+    for name, handler, text in (
+        ("status", cmd_status, "print a submitted pipeline's status"),
+        ("logs", cmd_logs, "print a submitted pipeline's logs"),
+        ("stop", cmd_stop, "stop a submitted pipeline"),
+    ):
         job = commands.add_parser(name, help=text)
         job.add_argument("job", help="the submission id that flexkd submit printed")
         _add_address(job)
@@ -212,21 +238,39 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, help="distill steps per run")
     bench.add_argument("--train-rows", type=int, help="training rows")
     bench.add_argument("--methods", help="comma-separated subset of the benchmark's methods")
-    bench.add_argument("--threads", type=_positive_int, help="torch threads of the driver and of every worker (CPU default 1, "
-                       "right when other jobs share the cores; 2 on an idle 2-core machine is faster)")
-    bench.add_argument("--only", help="speed: re-measure only these parts (plain,feature,score,workers,trl), "
-                       "keeping the others from the last benchmarks/results/speed.json")
-    variant = bench.add_argument_group("quality variants (an investigation run; with --label its results are kept "
-                                       "as quality-<label> beside the main table)")
+    bench.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="torch threads of the driver and of every worker (CPU default 1, "
+        "right when other jobs share the cores; 2 on an idle 2-core machine is faster)",
+    )
+    bench.add_argument(
+        "--only",
+        help="speed: re-measure only these parts (plain,feature,score,workers,trl), "
+        "keeping the others from the last benchmarks/results/speed.json",
+    )
+    variant = bench.add_argument_group(
+        "quality variants (an investigation run; with --label its results are kept "
+        "as quality-<label> beside the main table)"
+    )
     variant.add_argument("--layer-map", help="layer_map of every method (default: uniform)")
-    variant.add_argument("--score-rows", type=_positive_int, help="dev sentences the importance is scored on (CPU default 96)")
-    variant.add_argument("--k", type=_positive_int, help="teacher units the selections keep per mapped layer "
-                         "(default: the student's hidden size, 192)")
+    variant.add_argument(
+        "--score-rows", type=_positive_int, help="dev sentences the importance is scored on (CPU default 96)"
+    )
+    variant.add_argument(
+        "--k",
+        type=_positive_int,
+        help="teacher units the selections keep per mapped layer (default: the student's hidden size, 192)",
+    )
     variant.add_argument("--gamma", type=float, help="feature loss weight, summed over the mapped pairs (default 1.0)")
     variant.add_argument("--learning-rate", type=float, help="student learning rate (CPU default 1e-3)")
-    variant.add_argument("--tune", action="store_true", default=None,
-                         help="tune each method first (its own flexkd tune sweep, scored on held-out dev rows), "
-                         "then compare the methods with their best values")
+    variant.add_argument(
+        "--tune",
+        action="store_true",
+        default=None,
+        help="tune each method first (its own flexkd tune sweep, scored on held-out dev rows), "
+        "then compare the methods with their best values",
+    )
     variant.add_argument("--label", help="write benchmarks/results/quality-<label>.* instead of quality.*")
     bench.add_argument("--work-dir", help="artifacts, cached teacher and MLflow store (default: runs/bench)")
     bench.set_defaults(handler=cmd_bench)
@@ -242,8 +286,11 @@ def _positive_int(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
     try:
         return args.handler(args)
     except ConfigError as error:

@@ -35,7 +35,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 if TYPE_CHECKING:  # only for annotations; importing transformers costs seconds per process
-    from transformers import PreTrainedModel
+    pass
 
 log = logging.getLogger("flexkd")
 
@@ -247,9 +247,7 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(
-    checkpoint_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
-) -> dict[str, Any]:
+def load_checkpoint(checkpoint_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Load a :func:`save_checkpoint` directory into ``model`` and ``optimizer`` in place.
 
     Collective. The files are checked against the sizes and digests in ``meta.json`` first;
@@ -265,9 +263,7 @@ def load_checkpoint(
     state = {"model": model_state, "optim": optim_state}
     with _single_process_ok():
         dcp.load(state, checkpoint_id=checkpoint_dir)
-    set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
-    )
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return {key: value for key, value in meta.items() if key != "files"}
 
 
@@ -284,9 +280,11 @@ def latest_checkpoint(directory: Path) -> Path | None:
     if not directory.is_dir():
         return None
     complete = sorted(
-        ((int(match.group(1)), child)
-         for child in directory.iterdir()
-         if (match := _STEP_DIR.match(child.name)) and (child / META_FILENAME).is_file()),
+        (
+            (int(match.group(1)), child)
+            for child in directory.iterdir()
+            if (match := _STEP_DIR.match(child.name)) and (child / META_FILENAME).is_file()
+        ),
         reverse=True,
     )
     problems = []
@@ -301,7 +299,8 @@ def latest_checkpoint(directory: Path) -> Path | None:
     if problems:
         raise CorruptCheckpointError(
             f"no intact checkpoint in {directory}: {'; '.join(problems)}; "
-            "delete the checkpoints directory to start this stage over")
+            "delete the checkpoints directory to start this stage over"
+        )
     return None
 
 
@@ -314,8 +313,14 @@ def prune_checkpoints(directory: Path, keep: int) -> list[Path]:
     newest checkpoint and delete the last good one.
     """
     directory = Path(directory)
-    complete = sorted((child for child in directory.glob("step_*")
-                       if _STEP_DIR.match(child.name) and (child / META_FILENAME).is_file()), reverse=True)
+    complete = sorted(
+        (
+            child
+            for child in directory.glob("step_*")
+            if _STEP_DIR.match(child.name) and (child / META_FILENAME).is_file()
+        ),
+        reverse=True,
+    )
     kept, deleted = 0, []
     for candidate in complete:
         try:
@@ -364,7 +369,8 @@ def verify_checkpoint(checkpoint_dir: Path, check_digests: bool = True) -> dict[
         actual = file.stat().st_size
         if actual != size:
             raise CorruptCheckpointError(
-                f"checkpoint {checkpoint_dir}: {name} has {actual} bytes, expected {size} (truncated?)")
+                f"checkpoint {checkpoint_dir}: {name} has {actual} bytes, expected {size} (truncated?)"
+            )
         if check_digests and _sha256(file, cache=True) != sha256:
             raise CorruptCheckpointError(f"checkpoint {checkpoint_dir}: {name} does not match its SHA-256")
     return meta
@@ -372,13 +378,18 @@ def verify_checkpoint(checkpoint_dir: Path, check_digests: bool = True) -> dict[
 
 def _checkpoint_files(path: Path) -> set[str]:
     """Every file of a checkpoint but its marker, as paths relative to the checkpoint."""
-    return {file.relative_to(path).as_posix() for file in path.rglob("*")
-            if file.is_file() and file.name not in (META_FILENAME, f"{META_FILENAME}.tmp")}
+    return {
+        file.relative_to(path).as_posix()
+        for file in path.rglob("*")
+        if file.is_file() and file.name not in (META_FILENAME, f"{META_FILENAME}.tmp")
+    }
 
 
 def _file_digests(path: Path) -> dict[str, dict[str, Any]]:
-    return {name: {"size": (path / name).stat().st_size, "sha256": _sha256(path / name, cache=False)}
-            for name in sorted(_checkpoint_files(path))}
+    return {
+        name: {"size": (path / name).stat().st_size, "sha256": _sha256(path / name, cache=False)}
+        for name in sorted(_checkpoint_files(path))
+    }
 
 
 # (path, size, mtime_ns) -> SHA-256, for files read by verify_checkpoint in this process. Digests

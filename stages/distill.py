@@ -28,25 +28,27 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Iterator
 from itertools import count
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import ray
 import torch
 
-from flexkd import distributed, faults
-from flexkd.config import ConfigError, PipelineConfig
-from flexkd.data import ROW_SCHEMA, collate_batch
-from flexkd.losses import LinearProjector
-from flexkd.models import parameter_count
-from flexkd.objective import LayerPair, ObjectiveSettings, StudentWithObjective
-from flexkd.periodic_eval import StudentEvaluator
-from flexkd.ray_jobs import progress_bars_wanted, run_workers
-from flexkd.resolve import build_student, load_pipeline_tokenizer, load_teacher, plan_models
-from flexkd.teacher_targets import cached_teacher_outputs, online_teacher_outputs, units_column
-from flexkd.tracking import WorkerMetricLogger, tracking_uri
+from flexkd import distributed
+from flexkd.cluster.train_workers import progress_bars_wanted, run_workers
+from flexkd.config.schema import ConfigError, PipelineConfig
+from flexkd.data.rows import ROW_SCHEMA, collate_batch
+from flexkd.data.teacher_targets import cached_teacher_outputs, online_teacher_outputs, units_column
+from flexkd.evaluation.periodic import StudentEvaluator
+from flexkd.method.losses import LinearProjector
+from flexkd.method.objective import LayerPair, ObjectiveSettings, StudentWithObjective
+from flexkd.models.loading import parameter_count
+from flexkd.models.plan import build_student, load_pipeline_tokenizer, load_teacher, plan_models
+from flexkd.testing import faults
+from flexkd.tracking.runs import WorkerMetricLogger, tracking_uri
 
 log = logging.getLogger("flexkd")
 
@@ -62,10 +64,18 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
     return {**metrics, "student_dir": str(output_dir / "student"), "student_init": config.student.init}
 
 
-def train_student(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path, *,
-                  tracking_run_id: str | None = None, eval_every: int | None = None,
-                  callbacks: list | None = None, run_name: str = "distill",
-                  train_data: ray.data.Dataset | None = None, placement_group_file: Path | None = None) -> dict[str, Any]:
+def train_student(
+    config: PipelineConfig,
+    inputs: dict[str, Path],
+    output_dir: Path,
+    *,
+    tracking_run_id: str | None = None,
+    eval_every: int | None = None,
+    callbacks: list | None = None,
+    run_name: str = "distill",
+    train_data: ray.data.Dataset | None = None,
+    placement_group_file: Path | None = None,
+) -> dict[str, Any]:
     """Distill on Ray Train workers into ``output_dir``; returns metrics.json.
 
     ``eval_every`` adds student metrics on the eval split (``eval.<metric>``) every that many
@@ -79,11 +89,17 @@ def train_student(config: PipelineConfig, inputs: dict[str, Path], output_dir: P
     loop_config = {
         # A pruned student starts from the weights the score stage cut out of the teacher.
         "score_dir": str(inputs["score"]) if "score" in inputs else None,
-        "config": config, "output_dir": str(output_dir), "k": plan.k, "d_teacher": plan.teacher_hidden,
+        "config": config,
+        "output_dir": str(output_dir),
+        "k": plan.k,
+        "d_teacher": plan.teacher_hidden,
         "pairs": [list(pair) for pair in plan.layer_pairs],
-        "pad_token_id": tokenized["pad_token_id"], "verbalizer_ids": tokenized["verbalizer_ids"],
-        "tracking_uri": tracking_uri(config) if tracking_run_id else None, "run_id": tracking_run_id,
-        "eval_every": eval_every, "eval_dir": str(inputs["tokenize"] / "eval"),
+        "pad_token_id": tokenized["pad_token_id"],
+        "verbalizer_ids": tokenized["verbalizer_ids"],
+        "tracking_uri": tracking_uri(config) if tracking_run_id else None,
+        "run_id": tracking_run_id,
+        "eval_every": eval_every,
+        "eval_dir": str(inputs["tokenize"] / "eval"),
         "placement_group_file": str(placement_group_file) if placement_group_file else None,
         "progress_bars": progress_bars_wanted(),
     }
@@ -94,26 +110,47 @@ def train_student(config: PipelineConfig, inputs: dict[str, Path], output_dir: P
         units = {layer: info["units"][str(layer)] for layer in plan.teacher_layer_indices}
         # A sweep over a given cache (targets.path) has no score stage: the cache's order is the selection.
         selected = json.loads((inputs["score"] / "selected.json").read_text())["layers"] if "score" in inputs else None
-        loop_config["cache"] = {"units": units, "top_k": info["top_k_logits"], "temperatures": info["temperatures"],
-                                "positions": _stored_positions(config, info, selected, plan.k, units)}
+        loop_config["cache"] = {
+            "units": units,
+            "top_k": info["top_k_logits"],
+            "temperatures": info["temperatures"],
+            "positions": _stored_positions(config, info, selected, plan.k, units),
+        }
         if config.task.kind == "generation" and config.loss.temperature not in info["temperatures"]:
-            log.warning("distill: loss.temperature %s is not one of the cache's exact temperatures %s: the teacher's "
-                        "rest-mass normalizer is approximated", config.loss.temperature, info["temperatures"])
+            log.warning(
+                "distill: loss.temperature %s is not one of the cache's exact temperatures %s: the teacher's "
+                "rest-mass normalizer is approximated",
+                config.loss.temperature,
+                info["temperatures"],
+            )
         unit_columns = [units_column(layer) for layer in units] if config.loss.uses_features else []
         columns = [*ROW_SCHEMA.names, *unit_columns, *_cache_logit_columns(config.task.kind)]
-        train = ray.data.read_parquet(str(inputs["targets"] / "train"), columns=columns) if train_data is None else train_data
+        train = (
+            ray.data.read_parquet(str(inputs["targets"] / "train"), columns=columns)
+            if train_data is None
+            else train_data
+        )
     else:
         selected = json.loads((inputs["score"] / "selected.json").read_text())
         loop_config["selected"] = {int(layer): entry["indices"] for layer, entry in selected["layers"].items()}
         train = ray.data.read_parquet(str(inputs["tokenize"] / "train")) if train_data is None else train_data
-    run_workers("distill", config, _distill_worker, loop_config=loop_config, datasets={"train": train},
-                run_name=run_name, storage=output_dir / "ray", max_failures=config.training.max_failures,
-                callbacks=callbacks)
+    run_workers(
+        "distill",
+        config,
+        _distill_worker,
+        loop_config=loop_config,
+        datasets={"train": train},
+        run_name=run_name,
+        storage=output_dir / "ray",
+        max_failures=config.training.max_failures,
+        callbacks=callbacks,
+    )
     return json.loads((output_dir / "metrics.json").read_text())
 
 
-def _stored_positions(config: PipelineConfig, info: dict[str, Any], selected: dict[str, Any] | None, k: int,
-                      units: dict[int, int]) -> dict[int, list[int]] | None:
+def _stored_positions(
+    config: PipelineConfig, info: dict[str, Any], selected: dict[str, Any] | None, k: int, units: dict[int, int]
+) -> dict[int, list[int]] | None:
     """Which stored cache units a step reads, per layer, in the order the loss pairs them; None:
     the first k (the cache was built for this selection).
 
@@ -130,8 +167,10 @@ def _stored_positions(config: PipelineConfig, info: dict[str, Any], selected: di
     if all(info["unit_order"][str(layer)][:k] == wanted[layer] for layer in units):
         return None
     if not info["full_width"]:
-        raise ConfigError(f"distill: the teacher-target cache stores other units than selection "
-                          f"'{config.selection.method}' picks, and not all of them (targets.full_width)")
+        raise ConfigError(
+            f"distill: the teacher-target cache stores other units than selection "
+            f"'{config.selection.method}' picks, and not all of them (targets.full_width)"
+        )
     return {layer: inverse[layer][wanted[layer]].tolist() for layer in units}
 
 
@@ -161,22 +200,32 @@ def _endless_batches(shard, batch_size: int, skip: int) -> Iterator[dict[str, np
             if seen > skip:
                 yield rows
         if seen == seen_before:  # another pass would yield nothing either: fail, do not spin
-            raise ValueError(f"distill: this worker's data shard holds fewer than one batch of {batch_size} rows; "
-                             "use more training rows, a smaller training.batch_size or fewer workers")
+            raise ValueError(
+                f"distill: this worker's data shard holds fewer than one batch of {batch_size} rows; "
+                "use more training rows, a smaller training.batch_size or fewer workers"
+            )
 
 
 def _build(loop_config: dict[str, Any]):
     config: PipelineConfig = loop_config["config"]
     device = distributed.device()
     pairs = [LayerPair(teacher, student) for teacher, student in loop_config["pairs"]]
-    settings = ObjectiveSettings(task=config.task.kind, k=loop_config["k"],
-                                 **config.loss.model_dump(exclude={"feature"}), feature=config.loss.feature)
+    settings = ObjectiveSettings(
+        task=config.task.kind,
+        k=loop_config["k"],
+        **config.loss.model_dump(exclude={"feature"}),
+        feature=config.loss.feature,
+    )
     torch.manual_seed(config.training.seed)
     student = build_student(config, loop_config["score_dir"])
     projectors = {}
     if config.loss.feature == "projector":
-        projectors = {f"{p.teacher_layer}-{p.student_layer}":
-                      LinearProjector(student.config.hidden_size, loop_config["d_teacher"]) for p in pairs}
+        projectors = {
+            f"{p.teacher_layer}-{p.student_layer}": LinearProjector(
+                student.config.hidden_size, loop_config["d_teacher"]
+            )
+            for p in pairs
+        }
     verbalizer_ids = loop_config["verbalizer_ids"]
     verbalizer_ids = torch.tensor(verbalizer_ids) if verbalizer_ids else None
     module = StudentWithObjective(student, settings, pairs, verbalizer_ids, projectors).to(device)
@@ -190,13 +239,25 @@ def _teacher_outputs(loop_config: dict[str, Any], config: PipelineConfig, pairs:
     whole_hidden = config.loss.feature in WHOLE_HIDDEN_FEATURES
     cache = loop_config.get("cache")
     if cache is not None:
-        positions = ({layer: torch.tensor(order) for layer, order in cache["positions"].items()}
-                     if cache["positions"] is not None else None)
+        positions = (
+            {layer: torch.tensor(order) for layer, order in cache["positions"].items()}
+            if cache["positions"] is not None
+            else None
+        )
         # Without a feature loss (kd) no cached unit is read: decoding them would be wasted work.
         units = cache["units"] if config.loss.uses_features else {}
-        return lambda rows, batch: cached_teacher_outputs(rows, batch, config.task.kind, units, loop_config["k"],
-                                                          positions, cache["top_k"], device, cache["temperatures"],
-                                                          config.loss.temperature)
+        return lambda rows, batch: cached_teacher_outputs(
+            rows,
+            batch,
+            config.task.kind,
+            units,
+            loop_config["k"],
+            positions,
+            cache["top_k"],
+            device,
+            cache["temperatures"],
+            config.loss.temperature,
+        )
     teacher = distributed.shard_model(load_teacher(config).to(device), trainable=False)
     selected = {layer: torch.tensor(indices, device=device) for layer, indices in loop_config["selected"].items()}
     layers = sorted({pair.teacher_layer for pair in pairs})
@@ -211,8 +272,9 @@ def _distill_worker(loop_config: dict[str, Any]) -> None:
     config, device, pairs, module, projectors = _build(loop_config)
     output_dir = Path(loop_config["output_dir"])
     checkpoints = output_dir / "checkpoints"
-    optimizer = torch.optim.AdamW(module.parameters(), lr=config.training.learning_rate,
-                                  weight_decay=config.training.weight_decay)
+    optimizer = torch.optim.AdamW(
+        module.parameters(), lr=config.training.learning_rate, weight_decay=config.training.weight_decay
+    )
     start_step = 0
     latest = distributed.latest_checkpoint(checkpoints)
     if latest is not None:
@@ -223,7 +285,11 @@ def _distill_worker(loop_config: dict[str, Any]) -> None:
     evaluator = StudentEvaluator(loop_config, config, device) if loop_config["eval_every"] else None
     per_rank_batch = max(1, config.training.batch_size // distributed.world_size())
     batches = _endless_batches(ray.train.get_dataset_shard("train"), per_rank_batch, skip=start_step)
-    logger = WorkerMetricLogger(loop_config["tracking_uri"], loop_config["run_id"]) if distributed.is_main_process() else None
+    logger = (
+        WorkerMetricLogger(loop_config["tracking_uri"], loop_config["run_id"])
+        if distributed.is_main_process()
+        else None
+    )
     progress = _progress_bar(start_step, config.training.steps) if loop_config["progress_bars"] else None
     mixed_precision = distributed.autocast(config.training.precision, device)  # checked once, entered every step
 
@@ -254,8 +320,10 @@ def _distill_worker(loop_config: dict[str, Any]) -> None:
         evaluate_now = evaluator is not None and (done % loop_config["eval_every"] == 0 or last)
         if log_now or evaluate_now:
             metrics = {f"train.{name}": float(value.detach()) for name, value in parts.items()}
-            metrics |= {"train.tokens_per_second": tokens / max(step_seconds, 1e-9),
-                        "train.learning_rate": learning_rate_at(step, config)}
+            metrics |= {
+                "train.tokens_per_second": tokens / max(step_seconds, 1e-9),
+                "train.learning_rate": learning_rate_at(step, config),
+            }
             if evaluate_now:
                 metrics |= evaluator(module)
             if logger is not None:
@@ -263,9 +331,12 @@ def _distill_worker(loop_config: dict[str, Any]) -> None:
                 if progress is None:  # no terminal to draw a bar on: one line per logged step instead
                     # To the process's own stdout: Ray Train's patched print would also log the line
                     # when stdout is wrapped, and the driver would show it twice.
-                    print(f"distill step {done}/{config.training.steps}: " + ", ".join(
-                        f"{name.removeprefix('train.')} {value:.4g}" for name, value in metrics.items()),
-                        file=sys.__stdout__, flush=True)
+                    print(
+                        f"distill step {done}/{config.training.steps}: "
+                        + ", ".join(f"{name.removeprefix('train.')} {value:.4g}" for name, value in metrics.items()),
+                        file=sys.__stdout__,
+                        flush=True,
+                    )
             if evaluate_now:  # only Tune reads reports; each one is a barrier across the workers
                 ray.train.report({"step": done, **metrics})
         if done % config.training.checkpoint_every == 0 or last:
@@ -274,15 +345,17 @@ def _distill_worker(loop_config: dict[str, Any]) -> None:
                 distributed.prune_checkpoints(checkpoints, KEEP_CHECKPOINTS)
         faults.maybe_kill_worker(done, distributed.rank(), output_dir)
 
-    _save_student(config, module, projectors, output_dir, tokens, step_seconds, parts, start_step,
-                  loop_config["score_dir"])
+    _save_student(
+        config, module, projectors, output_dir, tokens, step_seconds, parts, start_step, loop_config["score_dir"]
+    )
 
 
 def _refuse_non_finite(parts: dict[str, torch.Tensor], step: int) -> None:
     for name, value in parts.items():
         if not torch.isfinite(value).all():
-            raise FloatingPointError(f"non-finite {name} loss ({float(value)}) at step {step}; "
-                                     "the last good checkpoint is kept")
+            raise FloatingPointError(
+                f"non-finite {name} loss ({float(value)}) at step {step}; the last good checkpoint is kept"
+            )
 
 
 def _progress_bar(start: int, total: int):
@@ -295,21 +368,35 @@ def _progress_bar(start: int, total: int):
     return bar
 
 
-def _save_student(config, module, projectors, output_dir: Path, tokens: int, seconds: float, parts, start_step: int,
-                  score_dir: str | None) -> None:
+def _save_student(
+    config,
+    module,
+    projectors,
+    output_dir: Path,
+    tokens: int,
+    seconds: float,
+    parts,
+    start_step: int,
+    score_dir: str | None,
+) -> None:
     """Rank 0 writes the student in Hugging Face format (a fresh CPU copy loaded with the
     gathered weights, so the saved model knows nothing of FSDP)."""
     state = distributed.full_model_state_dict(module)
     if not distributed.is_main_process():
         return
     student = build_student(config, score_dir)
-    student.load_state_dict({key.removeprefix("student."): value for key, value in state.items()
-                             if key.startswith("student.")})
+    student.load_state_dict(
+        {key.removeprefix("student."): value for key, value in state.items() if key.startswith("student.")}
+    )
     student.save_pretrained(output_dir / "student", safe_serialization=True)
     load_pipeline_tokenizer(config).save_pretrained(output_dir / "student")
     extra = sum(projector.extra_parameters for projector in projectors.values())
     metrics = {name: float(value.detach()) for name, value in parts.items()}
-    metrics |= {"steps": config.training.steps, "resumed_from_step": start_step,
-                "tokens_per_second": tokens / max(seconds, 1e-9), "student_parameters": parameter_count(student),
-                "extra_trainable_parameters": extra}
+    metrics |= {
+        "steps": config.training.steps,
+        "resumed_from_step": start_step,
+        "tokens_per_second": tokens / max(seconds, 1e-9),
+        "student_parameters": parameter_count(student),
+        "extra_trainable_parameters": extra,
+    }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

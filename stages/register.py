@@ -25,9 +25,9 @@ from typing import Any
 
 import mlflow
 
-from flexkd.config import PipelineConfig, stable_hash
-from flexkd.models import DEMO_TEACHER_GGUF
-from flexkd.registry import hf_subdir, log_student
+from flexkd.config.schema import PipelineConfig, stable_hash
+from flexkd.models.loading import DEMO_TEACHER_GGUF
+from flexkd.tracking.model_registry import hf_subdir, log_student
 
 
 def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> dict[str, Any]:
@@ -40,9 +40,12 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
     # Tags given at registration, so no version is ever visible without its lineage.
     version = mlflow.register_model(logged.model_uri, model_name, tags=lineage_tags(config, importance_run, metrics))
 
-    registered = {"model_name": model_name, "version": int(version.version),
-                  "model_uri": f"models:/{model_name}/{version.version}",
-                  "hf_subdir": hf_subdir(logged.flavors)}
+    registered = {
+        "model_name": model_name,
+        "version": int(version.version),
+        "model_uri": f"models:/{model_name}/{version.version}",
+        "hf_subdir": hf_subdir(logged.flavors),
+    }
     (output_dir / "registered.json").write_text(json.dumps(registered, indent=2))
     mlflow.set_tag("flexkd.registered_model", registered["model_uri"])
     return registered

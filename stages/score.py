@@ -48,16 +48,20 @@ import torch
 from safetensors.torch import save_file
 
 from flexkd import distributed
-from flexkd.config import PipelineConfig
-from flexkd.data import collate_batch
-from flexkd.importance import finalize_importance, hidden_state_gradients, unit_importance_sum
-from flexkd.layers import forward_with_hidden_states
-from flexkd.objective import summed_task_loss
-from flexkd.plots import plot_importance
-from flexkd.ray_jobs import run_workers
-from flexkd.pruning import hidden_units_by_importance, kept_layer_indices, prune_llama, pruned_student_layer_map
-from flexkd.pruning_scores import PruningScoreCollector
-from flexkd.resolve import (
+from flexkd.cluster.train_workers import run_workers
+from flexkd.config.schema import PipelineConfig
+from flexkd.data.rows import collate_batch
+from flexkd.method.importance import finalize_importance, hidden_state_gradients, unit_importance_sum
+from flexkd.method.layers import forward_with_hidden_states
+from flexkd.method.objective import summed_task_loss
+from flexkd.method.selection import (
+    activation_moments,
+    select_random_units,
+    select_top_k_units,
+    select_variance_units,
+    variance_from_moments,
+)
+from flexkd.models.plan import (
     PRUNED_STUDENT_DIR,
     PRUNING_SELECTION,
     load_pipeline_tokenizer,
@@ -65,13 +69,9 @@ from flexkd.resolve import (
     plan_models,
     prune_targets,
 )
-from flexkd.selection import (
-    activation_moments,
-    select_random_units,
-    select_top_k_units,
-    select_variance_units,
-    variance_from_moments,
-)
+from flexkd.prune.scores import PruningScoreCollector
+from flexkd.prune.student import hidden_units_by_importance, kept_layer_indices, prune_llama, pruned_student_layer_map
+from flexkd.tracking.plots import plot_importance
 
 log = logging.getLogger("flexkd")
 
@@ -84,20 +84,36 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
     tokenized = json.loads((inputs["tokenize"] / "manifest.json").read_text())
     raw_dir = output_dir / "raw"
     run_workers(
-        "score", config, _score_worker,
-        loop_config={"config": config, "layers": layers, "raw_dir": str(raw_dir), "output_dir": str(output_dir),
-                     "prune": prune, "pad_token_id": tokenized["outputs"]["pad_token_id"],
-                     "verbalizer_ids": tokenized["outputs"]["verbalizer_ids"]},
+        "score",
+        config,
+        _score_worker,
+        loop_config={
+            "config": config,
+            "layers": layers,
+            "raw_dir": str(raw_dir),
+            "output_dir": str(output_dir),
+            "prune": prune,
+            "pad_token_id": tokenized["outputs"]["pad_token_id"],
+            "verbalizer_ids": tokenized["outputs"]["verbalizer_ids"],
+        },
         datasets={"score": ray.data.read_parquet(str(inputs["tokenize"] / "score"))},
-        run_name="score", storage=output_dir / "ray",
+        run_name="score",
+        storage=output_dir / "ray",
     )
     sums = torch.load(raw_dir / "sums.pt", weights_only=True)
     hidden_units = None
     if prune:  # now the kept blocks, and so the layer pairs, are known
         plan = plan_models(config, output_dir)
         hidden_units = json.loads((output_dir / PRUNING_SELECTION).read_text())["hidden_units"]
-    selected = _select(config, plan.k, plan.teacher_hidden, sums, plan.teacher_layer_indices, hidden_units,
-                       data_fingerprint=tokenized["fingerprint"])
+    selected = _select(
+        config,
+        plan.k,
+        plan.teacher_hidden,
+        sums,
+        plan.teacher_layer_indices,
+        hidden_units,
+        data_fingerprint=tokenized["fingerprint"],
+    )
 
     importance_dir = output_dir / "importance"
     importance_dir.mkdir(exist_ok=True)
@@ -115,19 +131,34 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
     mlflow.log_artifact(str(output_dir / "selected.json"))
     mlflow.log_metrics({"examples": float(sums["examples"]), "k": float(plan.k)})
     mlflow.set_tag("flexkd.student.init", config.student.init)
-    outputs = {"examples": int(sums["examples"]), "k": plan.k, "layers": plan.teacher_layer_indices,
-               "selection": config.selection.method, "score": config.scoring.score,
-               "student_init": config.student.init}
+    outputs = {
+        "examples": int(sums["examples"]),
+        "k": plan.k,
+        "layers": plan.teacher_layer_indices,
+        "selection": config.selection.method,
+        "score": config.scoring.score,
+        "student_init": config.student.init,
+    }
     if prune:
         mlflow.log_artifacts(str(output_dir / PRUNING_SELECTION.parent), "pruning")
         kept = json.loads((output_dir / PRUNING_SELECTION).read_text())["kept_layers"]
-        outputs |= {"pruned_student_dir": str(output_dir / PRUNED_STUDENT_DIR), "kept_layers": kept,
-                    "layer_pairs": [list(pair) for pair in plan.layer_pairs]}
+        outputs |= {
+            "pruned_student_dir": str(output_dir / PRUNED_STUDENT_DIR),
+            "kept_layers": kept,
+            "layer_pairs": [list(pair) for pair in plan.layer_pairs],
+        }
     return outputs
 
 
-def _select(config: PipelineConfig, k: int, d_teacher: int, sums: dict, layers_mapped: list[int],
-            hidden_units: list[int] | None, data_fingerprint: str) -> dict:
+def _select(
+    config: PipelineConfig,
+    k: int,
+    d_teacher: int,
+    sums: dict,
+    layers_mapped: list[int],
+    hidden_units: list[int] | None,
+    data_fingerprint: str,
+) -> dict:
     """Ordered unit indices per mapped teacher layer, for the configured selection method."""
     layers = {}
     for layer in layers_mapped:
@@ -141,8 +172,13 @@ def _select(config: PipelineConfig, k: int, d_teacher: int, sums: dict, layers_m
         else:
             moments = sums["moments"][layer]
             indices = select_variance_units(variance_from_moments(*moments), k)
-        layers[str(layer)] = {"indices": indices.tolist(), "k": k, "method": method,
-                              "score": config.scoring.score, "d_teacher": d_teacher}
+        layers[str(layer)] = {
+            "indices": indices.tolist(),
+            "k": k,
+            "method": method,
+            "score": config.scoring.score,
+            "d_teacher": d_teacher,
+        }
     return {"layers": layers, "examples": int(sums["examples"]), "data_fingerprint": data_fingerprint}
 
 
@@ -159,9 +195,14 @@ def _score_worker(loop_config: dict[str, Any]) -> None:
 
     d_teacher = teacher.config.hidden_size
     importance = {layer: torch.zeros(d_teacher, dtype=torch.float32, device=device) for layer in layers}
-    moments = {layer: [torch.zeros(d_teacher, dtype=torch.float64, device=device),
-                       torch.zeros(d_teacher, dtype=torch.float64, device=device),
-                       torch.zeros((), dtype=torch.float64, device=device)] for layer in layers}
+    moments = {
+        layer: [
+            torch.zeros(d_teacher, dtype=torch.float64, device=device),
+            torch.zeros(d_teacher, dtype=torch.float64, device=device),
+            torch.zeros((), dtype=torch.float64, device=device),
+        ]
+        for layer in layers
+    }
     examples = torch.zeros((), dtype=torch.float64, device=device)
 
     shard = ray.train.get_dataset_shard("score")
@@ -185,9 +226,12 @@ def _score_worker(loop_config: dict[str, Any]) -> None:
             if weight == 0.0:
                 continue
             for layer, gradient in zip(layers, gradients):
-                importance[layer] += unit_importance_sum(gradient, hidden[layer].detach(), batch["attention_mask"],
-                                                         config.scoring.score)
-                for total, part in zip(moments[layer], activation_moments(hidden[layer].detach(), batch["attention_mask"])):
+                importance[layer] += unit_importance_sum(
+                    gradient, hidden[layer].detach(), batch["attention_mask"], config.scoring.score
+                )
+                for total, part in zip(
+                    moments[layer], activation_moments(hidden[layer].detach(), batch["attention_mask"])
+                ):
                     total += part.to(total.dtype)
             if collector is not None:
                 collector.accumulate(batch["attention_mask"])
@@ -199,10 +243,14 @@ def _score_worker(loop_config: dict[str, Any]) -> None:
     if distributed.is_main_process():
         raw_dir = Path(loop_config["raw_dir"])
         raw_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({"examples": int(examples.item()),
-                    "importance": {layer: value.cpu() for layer, value in importance.items()},
-                    "moments": {layer: [m.cpu() for m in parts] for layer, parts in moments.items()}},
-                   raw_dir / "sums.pt")
+        torch.save(
+            {
+                "examples": int(examples.item()),
+                "importance": {layer: value.cpu() for layer, value in importance.items()},
+                "moments": {layer: [m.cpu() for m in parts] for layer, parts in moments.items()},
+            },
+            raw_dir / "sums.pt",
+        )
         if collector is not None:
             if distributed.world_size() > 1:  # a sharded teacher holds 1/N of each weight: prune a whole one
                 del teacher
@@ -214,8 +262,9 @@ def _prune_student(config: PipelineConfig, teacher, scores: dict[str, torch.Tens
     """Choose what the student keeps, cut it out of ``teacher`` and write it with its scores."""
     teacher_config = teacher.config
     targets = prune_targets(config, teacher_config)
-    kept = kept_layer_indices(teacher_config.num_hidden_layers, targets.num_layers, targets.layer_selection,
-                              scores["block_change"])
+    kept = kept_layer_indices(
+        teacher_config.num_hidden_layers, targets.num_layers, targets.layer_selection, scores["block_change"]
+    )
     if config.layer_map == "source":
         pairs = pruned_student_layer_map(kept)
     else:
@@ -225,10 +274,13 @@ def _prune_student(config: PipelineConfig, teacher, scores: dict[str, torch.Tens
     # embedding (t = 0) is not a block output and has no row.
     blocks = sorted({teacher_layer - 1 for teacher_layer, _ in pairs if teacher_layer >= 1})
     if not blocks:
-        raise ValueError(f"layer_map {config.layer_map!r} maps only the embeddings; pruning ranks the residual "
-                         "units at block outputs")
-    hidden_units = hidden_units_by_importance({block: scores["residual"][block] for block in blocks},
-                                              targets.hidden_size)
+        raise ValueError(
+            f"layer_map {config.layer_map!r} maps only the embeddings; pruning ranks the residual "
+            "units at block outputs"
+        )
+    hidden_units = hidden_units_by_importance(
+        {block: scores["residual"][block] for block in blocks}, targets.hidden_size
+    )
     student = prune_llama(teacher, hidden_units, targets, scores)
     student.save_pretrained(output_dir / PRUNED_STUDENT_DIR, safe_serialization=True)
     load_pipeline_tokenizer(config).save_pretrained(output_dir / PRUNED_STUDENT_DIR)
@@ -236,9 +288,16 @@ def _prune_student(config: PipelineConfig, teacher, scores: dict[str, torch.Tens
     pruning_dir = output_dir / PRUNING_SELECTION.parent
     pruning_dir.mkdir(parents=True, exist_ok=True)
     save_file({name: value.contiguous() for name, value in scores.items()}, pruning_dir / "scores.safetensors")
-    selection = {"kept_layers": kept, "hidden_units": hidden_units.tolist(), "ranked_at_blocks": blocks,
-                 "layer_pairs": [list(pair) for pair in pairs], "layer_selection": targets.layer_selection,
-                 "targets": asdict(targets), "examples": int(scores["examples"]), "tokens": int(scores["tokens"])}
+    selection = {
+        "kept_layers": kept,
+        "hidden_units": hidden_units.tolist(),
+        "ranked_at_blocks": blocks,
+        "layer_pairs": [list(pair) for pair in pairs],
+        "layer_selection": targets.layer_selection,
+        "targets": asdict(targets),
+        "examples": int(scores["examples"]),
+        "tokens": int(scores["tokens"]),
+    }
     (output_dir / PRUNING_SELECTION).write_text(json.dumps(selection, indent=1))
 
 

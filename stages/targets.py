@@ -29,9 +29,9 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from flexkd.config import ConfigError, PipelineConfig, stable_hash
-from flexkd.data import ROW_SCHEMA, collate_batch
-from flexkd.teacher_targets import target_columns, units_column
+from flexkd.config.schema import ConfigError, PipelineConfig, stable_hash
+from flexkd.data.rows import ROW_SCHEMA, collate_batch
+from flexkd.data.teacher_targets import target_columns, units_column
 
 INFO_FILE = "targets.json"
 
@@ -39,15 +39,17 @@ INFO_FILE = "targets.json"
 def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> dict[str, Any]:
     import mlflow
 
-    from flexkd.resolve import load_pipeline_tokenizer, plan_models
+    from flexkd.models.plan import load_pipeline_tokenizer, plan_models
 
     plan = plan_models(config, inputs["score"] if config.student.init == "prune_from_teacher" else None)
     tokenized = json.loads((inputs["tokenize"] / "manifest.json").read_text())
     selected = json.loads((inputs["score"] / "selected.json").read_text())["layers"]
     k_max = config.targets.k_max or plan.k
     if k_max > plan.k:
-        raise ConfigError(f"targets.k_max = {k_max} exceeds the {plan.k} units the score stage selected "
-                          "(selection.k); raise selection.k")
+        raise ConfigError(
+            f"targets.k_max = {k_max} exceeds the {plan.k} units the score stage selected "
+            "(selection.k); raise selection.k"
+        )
     unit_order = {}
     for layer in plan.teacher_layer_indices:
         order = selected[str(layer)]["indices"][:k_max]
@@ -64,26 +66,43 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
     with _ordered_execution():  # cache rows in the order of the training rows
         rows = ray.data.read_parquet(str(inputs["tokenize"] / "train"))
         with_targets = rows.map_batches(
-            TeacherTargetWriter, batch_format="numpy", batch_size=config.targets.batch_size,
-            fn_constructor_kwargs={"config": config, "unit_order": unit_order, "top_k": top_k, "temperatures": temperatures,
-                                   "pad_token_id": tokenized["outputs"]["pad_token_id"],
-                                   "verbalizer_ids": tokenized["outputs"]["verbalizer_ids"]},
+            TeacherTargetWriter,
+            batch_format="numpy",
+            batch_size=config.targets.batch_size,
+            fn_constructor_kwargs={
+                "config": config,
+                "unit_order": unit_order,
+                "top_k": top_k,
+                "temperatures": temperatures,
+                "pad_token_id": tokenized["outputs"]["pad_token_id"],
+                "verbalizer_ids": tokenized["outputs"]["verbalizer_ids"],
+            },
             compute=ray.data.ActorPoolStrategy(size=resources.num_workers),
-            num_cpus=resources.cpus_per_worker, num_gpus=1 if resources.use_gpu else 0,
-            udf_modifying_row_count=False)
-        with_targets.write_parquet(str(train_dir), min_rows_per_file=config.data.shard_rows,
-                                   max_rows_per_file=config.data.shard_rows)
+            num_cpus=resources.cpus_per_worker,
+            num_gpus=1 if resources.use_gpu else 0,
+            udf_modifying_row_count=False,
+        )
+        with_targets.write_parquet(
+            str(train_dir), min_rows_per_file=config.data.shard_rows, max_rows_per_file=config.data.shard_rows
+        )
 
     shards = sorted(train_dir.glob("*.parquet"))
     written = sum(pq.ParquetFile(shard).metadata.num_rows for shard in shards)
     if written != tokenized["outputs"]["rows"]["train"]:
         raise RuntimeError(f"wrote {written} cache rows for {tokenized['outputs']['rows']['train']} training rows")
-    info = {"identity": cache_identity(config, tokenized["fingerprint"]),
-            "k_max": k_max, "full_width": config.targets.full_width, "top_k_logits": top_k, "temperatures": temperatures,
-            "task": config.task.kind, "layers": plan.teacher_layer_indices,
-            "units": {str(layer): len(order) for layer, order in unit_order.items()},
-            "unit_order": {str(layer): order for layer, order in unit_order.items()},
-            "rows": written, "bytes": sum(shard.stat().st_size for shard in shards)}
+    info = {
+        "identity": cache_identity(config, tokenized["fingerprint"]),
+        "k_max": k_max,
+        "full_width": config.targets.full_width,
+        "top_k_logits": top_k,
+        "temperatures": temperatures,
+        "task": config.task.kind,
+        "layers": plan.teacher_layer_indices,
+        "units": {str(layer): len(order) for layer, order in unit_order.items()},
+        "unit_order": {str(layer): order for layer, order in unit_order.items()},
+        "rows": written,
+        "bytes": sum(shard.stat().st_size for shard in shards),
+    }
     (output_dir / INFO_FILE).write_text(json.dumps(info, indent=1))
     mlflow.log_artifact(str(output_dir / INFO_FILE))
     mlflow.log_metrics({"rows": float(written), "megabytes": info["bytes"] / 2**20, "k_max": float(k_max)})
@@ -93,10 +112,17 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
 class TeacherTargetWriter:
     """A Ray Data actor: loads the teacher once, then turns batches of training rows into cache rows."""
 
-    def __init__(self, config: PipelineConfig, unit_order: dict[int, list[int]], top_k: int, temperatures: list[float],
-                 pad_token_id: int, verbalizer_ids: list[int] | None):
+    def __init__(
+        self,
+        config: PipelineConfig,
+        unit_order: dict[int, list[int]],
+        top_k: int,
+        temperatures: list[float],
+        pad_token_id: int,
+        verbalizer_ids: list[int] | None,
+    ):
         from flexkd import distributed
-        from flexkd.resolve import load_teacher
+        from flexkd.models.plan import load_teacher
 
         distributed.use_threads(config.resources.threads_per_worker)
         self.device = torch.device("cuda" if config.resources.use_gpu and torch.cuda.is_available() else "cpu")
@@ -110,12 +136,13 @@ class TeacherTargetWriter:
 
     @torch.no_grad()
     def __call__(self, rows: dict[str, np.ndarray]) -> pa.Table:
-        from flexkd.objective import forward_scored
+        from flexkd.method.objective import forward_scored
 
         batch = {key: value.to(self.device) for key, value in collate_batch(rows, self.pad_token_id).items()}
         logits, hidden = forward_scored(self.teacher, batch, self.task, list(self.unit_order))
-        columns = target_columns(logits, hidden, batch, self.unit_order, self.task, self.verbalizer_ids, self.top_k,
-                                 self.temperatures)
+        columns = target_columns(
+            logits, hidden, batch, self.unit_order, self.task, self.verbalizer_ids, self.top_k, self.temperatures
+        )
         passthrough = {name: list(rows[name]) for name in ROW_SCHEMA.names}
         return pa.Table.from_pydict(passthrough | columns, schema=self.schema)
 
@@ -125,8 +152,11 @@ def _cache_schema(layers: list[int], task: str) -> pa.Schema:
     if task == "classification":
         fields.append(("teacher_class_logits", pa.list_(pa.float32())))
     else:
-        fields += [("teacher_topk_logits", pa.list_(pa.float32())), ("teacher_topk_ids", pa.list_(pa.int32())),
-                   ("teacher_logsumexp", pa.list_(pa.float32()))]
+        fields += [
+            ("teacher_topk_logits", pa.list_(pa.float32())),
+            ("teacher_topk_ids", pa.list_(pa.int32())),
+            ("teacher_logsumexp", pa.list_(pa.float32())),
+        ]
     return pa.schema(list(ROW_SCHEMA) + [pa.field(name, kind) for name, kind in fields])
 
 
@@ -143,11 +173,12 @@ def _ordered_execution():
 def cache_identity(config: PipelineConfig, data_fingerprint: str) -> dict[str, Any]:
     """What a cache was made from; a reader's config must give the same."""
     teacher = config.teacher
-    return {"teacher": stable_hash(teacher.model_dump(mode="json")),
-            "teacher_name": teacher.name or teacher.path or f"{teacher.source} teacher",
-            "data": data_fingerprint,
-            "selection": {"method": config.selection.method, "score": config.scoring.score,
-                          "seed": config.selection.seed}}
+    return {
+        "teacher": stable_hash(teacher.model_dump(mode="json")),
+        "teacher_name": teacher.name or teacher.path or f"{teacher.source} teacher",
+        "data": data_fingerprint,
+        "selection": {"method": config.selection.method, "score": config.scoring.score, "seed": config.selection.seed},
+    }
 
 
 def read_cache_info(targets_dir: Path) -> dict[str, Any]:
@@ -157,8 +188,9 @@ def read_cache_info(targets_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def check_cache(config: PipelineConfig, targets_dir: Path, k: int, teacher_layers: list[int],
-                where: str = "targets") -> dict[str, Any]:
+def check_cache(
+    config: PipelineConfig, targets_dir: Path, k: int, teacher_layers: list[int], where: str = "targets"
+) -> dict[str, Any]:
     """Refuse, in one line, a cache this config cannot use; returns its targets.json.
 
     Checks that it was made for this teacher, this data (and tokenization), this selection (any
@@ -166,27 +198,37 @@ def check_cache(config: PipelineConfig, targets_dir: Path, k: int, teacher_layer
     that it holds every teacher layer the config maps, at least k units, and whole hidden states
     for the cka/projector baselines.
     """
-    from flexkd.runner import stage_fingerprint
+    from flexkd.pipeline.runner import stage_fingerprint
 
     info = read_cache_info(targets_dir)
     made, wanted = info["identity"], cache_identity(config, stage_fingerprint(config, "tokenize", {}))
     if made["teacher"] != wanted["teacher"]:
-        raise ConfigError(f"{where}: the cache at {targets_dir} was made for another teacher "
-                          f"({made['teacher_name']}, config {made['teacher'][:8]}), not this one "
-                          f"({wanted['teacher_name']}, config {wanted['teacher'][:8]})")
+        raise ConfigError(
+            f"{where}: the cache at {targets_dir} was made for another teacher "
+            f"({made['teacher_name']}, config {made['teacher'][:8]}), not this one "
+            f"({wanted['teacher_name']}, config {wanted['teacher'][:8]})"
+        )
     if made["data"] != wanted["data"]:
-        raise ConfigError(f"{where}: the cache at {targets_dir} was made for another data set or tokenization "
-                          f"(tokenize fingerprint {made['data']}, this config gives {wanted['data']})")
+        raise ConfigError(
+            f"{where}: the cache at {targets_dir} was made for another data set or tokenization "
+            f"(tokenize fingerprint {made['data']}, this config gives {wanted['data']})"
+        )
     if made["selection"] != wanted["selection"] and not info["full_width"]:  # a full-width cache holds every unit
-        raise ConfigError(f"{where}: the cache at {targets_dir} holds units selected with {made['selection']}, "
-                          f"this config selects with {wanted['selection']}")
+        raise ConfigError(
+            f"{where}: the cache at {targets_dir} holds units selected with {made['selection']}, "
+            f"this config selects with {wanted['selection']}"
+        )
     missing = sorted(set(teacher_layers) - set(info["layers"]))
     if missing:
-        raise ConfigError(f"{where}: the cache at {targets_dir} has teacher layers {info['layers']}, "
-                          f"not {missing} that layer_map {config.layer_map!r} needs")
+        raise ConfigError(
+            f"{where}: the cache at {targets_dir} has teacher layers {info['layers']}, "
+            f"not {missing} that layer_map {config.layer_map!r} needs"
+        )
     if k > info["k_max"]:
         raise ConfigError(f"{where}: selection.k = {k} exceeds k_max = {info['k_max']} of the cache at {targets_dir}")
     if config.loss.feature in ("cka", "projector") and not info["full_width"]:
-        raise ConfigError(f"{where}: loss.feature '{config.loss.feature}' needs whole teacher hidden states, "
-                          f"the cache at {targets_dir} is not full_width")
+        raise ConfigError(
+            f"{where}: loss.feature '{config.loss.feature}' needs whole teacher hidden states, "
+            f"the cache at {targets_dir} is not full_width"
+        )
     return info

@@ -45,13 +45,14 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 from ray.exceptions import RayTaskError
 
-from flexkd.config import DataConfig, DataSplit, PipelineConfig, TaskConfig
-from flexkd.data import ROW_SCHEMA, required_columns, tokenize_rows, verbalizer_token_ids
+from flexkd.config.schema import DataConfig, DataSplit, PipelineConfig, TaskConfig
+from flexkd.data.rows import ROW_SCHEMA, required_columns, tokenize_rows, verbalizer_token_ids
 from flexkd.errors import StageError
 
 SPLITS = ("train", "eval", "score")
-FORMATS = (".jsonl or .json (JSON lines), .tsv, .csv, .parquet, a folder of parquet files, "
-           "a datasets save_to_disk folder")
+FORMATS = (
+    ".jsonl or .json (JSON lines), .tsv, .csv, .parquet, a folder of parquet files, a datasets save_to_disk folder"
+)
 TOKENIZE_BATCH_ROWS = 256
 SAVED_DATASET_ROWS_PER_READ = 8192
 
@@ -66,12 +67,13 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
     stages need (``pad_token_id``, ``verbalizer_ids``)."""
     # Imported here, not at the top: Ray Data imports this module in every actor it starts, and
     # the model code behind flexkd.resolve costs seconds per process. Actors get the tokenizer.
-    from flexkd.resolve import load_pipeline_tokenizer
+    from flexkd.models.plan import load_pipeline_tokenizer
 
     tokenizer = load_pipeline_tokenizer(config)
     try:
-        verbalizer_ids = (verbalizer_token_ids(tokenizer, config.task.label_names)
-                          if config.task.kind == "classification" else None)
+        verbalizer_ids = (
+            verbalizer_token_ids(tokenizer, config.task.label_names) if config.task.kind == "classification" else None
+        )
     except ValueError as error:
         raise StageError(f"tokenize: {error}") from None
     sources = {"train": config.data.train, "eval": config.data.eval}
@@ -86,19 +88,29 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
             split_dir = output_dir / split
             shutil.rmtree(split_dir, ignore_errors=True)  # a crashed attempt may have left shards
             if split in split_datasets:
-                _tokenize_and_write(split, sources[split], split_datasets[split], tokenizer, tasks[split],
-                                    config.data, split_dir)
+                _tokenize_and_write(
+                    split, sources[split], split_datasets[split], tokenizer, tasks[split], config.data, split_dir
+                )
             else:
                 shutil.copytree(output_dir / "train", split_dir, copy_function=_link_or_copy)
             rows[split], tokens[split] = _count_rows_and_tokens(split_dir)
-    return {"rows": rows, "tokens": tokens, "verbalizer_ids": verbalizer_ids,
-            "pad_token_id": int(tokenizer.pad_token_id), "max_length": config.data.max_length}
+    return {
+        "rows": rows,
+        "tokens": tokens,
+        "verbalizer_ids": verbalizer_ids,
+        "pad_token_id": int(tokenizer.pad_token_id),
+        "max_length": config.data.max_length,
+    }
 
 
 def _split_task(task: TaskConfig, source: DataSplit) -> TaskConfig:
     """The task as this split sees it: a split may bring its own template and response column."""
-    return task.model_copy(update={"prompt_template": source.prompt_template or task.prompt_template,
-                                   "response_column": source.response_column or task.response_column})
+    return task.model_copy(
+        update={
+            "prompt_template": source.prompt_template or task.prompt_template,
+            "response_column": source.response_column or task.response_column,
+        }
+    )
 
 
 @contextmanager
@@ -158,8 +170,10 @@ def _batch_readers(path: str, where: str) -> list[tuple[BatchReader, int]]:
 
             # load_from_disk memory-maps the arrow files: the length costs no reading.
             total = len(datasets.load_from_disk(path))
-            return [(functools.partial(_saved_dataset_batches, path, start, start + SAVED_DATASET_ROWS_PER_READ), start)
-                    for start in range(0, total, SAVED_DATASET_ROWS_PER_READ)]
+            return [
+                (functools.partial(_saved_dataset_batches, path, start, start + SAVED_DATASET_ROWS_PER_READ), start)
+                for start in range(0, total, SAVED_DATASET_ROWS_PER_READ)
+            ]
         entries = filesystem.get_file_info(pyarrow.fs.FileSelector(location, recursive=True))
         files = sorted(entry.path for entry in entries if entry.path.endswith(".parquet"))
         if not files:
@@ -175,8 +189,11 @@ def _batch_readers(path: str, where: str) -> list[tuple[BatchReader, int]]:
         return [(functools.partial(_json_batches, filesystem, location), 0)]
     if suffix in (".tsv", ".csv"):
         # GLUE-style TSV is unquoted: a sentence may begin with '"' and must not open a quote.
-        options = (pyarrow.csv.ParseOptions(delimiter="\t", quote_char=False) if suffix == ".tsv"
-                   else pyarrow.csv.ParseOptions())
+        options = (
+            pyarrow.csv.ParseOptions(delimiter="\t", quote_char=False)
+            if suffix == ".tsv"
+            else pyarrow.csv.ParseOptions()
+        )
         return [(functools.partial(_csv_batches, filesystem, location, options), 0)]
     if suffix == ".parquet":
         return [(functools.partial(_parquet_batches, filesystem, location), 0)]
@@ -188,8 +205,9 @@ def _json_batches(filesystem: pyarrow.fs.FileSystem, path: str) -> Iterator[pa.R
         yield from pyarrow.json.open_json(stream)
 
 
-def _csv_batches(filesystem: pyarrow.fs.FileSystem, path: str,
-                 options: pyarrow.csv.ParseOptions) -> Iterator[pa.RecordBatch]:
+def _csv_batches(
+    filesystem: pyarrow.fs.FileSystem, path: str, options: pyarrow.csv.ParseOptions
+) -> Iterator[pa.RecordBatch]:
     with filesystem.open_input_stream(path) as stream:
         yield from pyarrow.csv.open_csv(stream, parse_options=options)
 
@@ -218,12 +236,17 @@ class _NumberedSource(Datasource):
     def estimate_inmemory_data_size(self) -> None:
         return None
 
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
-                       data_context: Any = None) -> list[ReadTask]:
-        return [ReadTask(functools.partial(_numbered_tables, read_batches, first_id),
-                         BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None),
-                         per_task_row_limit=per_task_row_limit)
-                for read_batches, first_id in self.pieces]
+    def get_read_tasks(
+        self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
+    ) -> list[ReadTask]:
+        return [
+            ReadTask(
+                functools.partial(_numbered_tables, read_batches, first_id),
+                BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None),
+                per_task_row_limit=per_task_row_limit,
+            )
+            for read_batches, first_id in self.pieces
+        ]
 
 
 def _numbered_tables(read_batches: BatchReader, first_id: int) -> Iterator[pa.Table]:
@@ -248,14 +271,25 @@ class _TokenizeRows:
         return pa.Table.from_pydict(rows, schema=ROW_SCHEMA)
 
 
-def _tokenize_and_write(split: str, source: DataSplit, dataset: ray.data.Dataset, tokenizer, task: TaskConfig,
-                        data: DataConfig, split_dir: Path) -> None:
+def _tokenize_and_write(
+    split: str,
+    source: DataSplit,
+    dataset: ray.data.Dataset,
+    tokenizer,
+    task: TaskConfig,
+    data: DataConfig,
+    split_dir: Path,
+) -> None:
     tokenized = dataset.map_batches(
-        _TokenizeRows, fn_constructor_kwargs={"tokenizer": tokenizer, "task": task, "max_length": data.max_length},
+        _TokenizeRows,
+        fn_constructor_kwargs={"tokenizer": tokenizer, "task": task, "max_length": data.max_length},
         batch_format="numpy",
-        batch_size=TOKENIZE_BATCH_ROWS, udf_modifying_row_count=False,
+        batch_size=TOKENIZE_BATCH_ROWS,
+        udf_modifying_row_count=False,
         # Half a CPU each: on a small machine the reader and the writer still get CPU.
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2), num_cpus=0.5)
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),
+        num_cpus=0.5,
+    )
     try:
         tokenized.write_parquet(str(split_dir), min_rows_per_file=data.shard_rows, max_rows_per_file=data.shard_rows)
     except Exception as error:  # e.g. a label outside the label set, raised in a tokenizer actor

@@ -27,8 +27,9 @@ def run_on_two_ranks(body: Callable[..., None], *args: Any) -> None:
 
 
 def _rank_main(local_rank: int, port: int, body: Callable[..., None], args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
-                      LOCAL_RANK=str(local_rank), WORLD_SIZE="2")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE="2"
+    )
     torch.set_num_threads(1)
     fd.init_process_group_from_env()
     body(*args)

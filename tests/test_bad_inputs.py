@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from flexkd.cli import main
-from flexkd.config import ConfigError, apply_overrides, load_config, parse_config
+from flexkd.config.schema import ConfigError, apply_overrides, load_config, parse_config
 from flexkd.errors import StageError
-from flexkd.runner import run_pipeline
-from flexkd.tracking import TrackingError
+from flexkd.pipeline.runner import run_pipeline
+from flexkd.tracking.runs import TrackingError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = REPO_ROOT / "pipelines"
@@ -28,8 +28,9 @@ PIPELINES = REPO_ROOT / "pipelines"
 
 def debug_config(root: Path, **overrides):
     raw = load_config(PIPELINES / "debug.yaml").model_dump(mode="json")
-    raw = apply_overrides(raw, {"artifact_root": str(root), "tracking.tracking_uri": f"sqlite:///{root}/mlflow.db",
-                                **overrides})
+    raw = apply_overrides(
+        raw, {"artifact_root": str(root), "tracking.tracking_uri": f"sqlite:///{root}/mlflow.db", **overrides}
+    )
     return parse_config(raw)
 
 
@@ -51,8 +52,15 @@ def test_a_missing_pipeline_file_is_one_line(tmp_path, capsys):
 
 
 def test_a_teacher_folder_that_does_not_exist_is_refused_before_any_stage(tmp_path):
-    config = debug_config(tmp_path, **{"teacher.source": "hf", "teacher.path": str(tmp_path / "no-teacher"),
-                                       "teacher.architecture": None, "teacher.tokenizer": None})
+    config = debug_config(
+        tmp_path,
+        **{
+            "teacher.source": "hf",
+            "teacher.path": str(tmp_path / "no-teacher"),
+            "teacher.architecture": None,
+            "teacher.tokenizer": None,
+        },
+    )
     with pytest.raises(ConfigError) as caught:
         run_pipeline(config)
     assert one_line(caught.value) == f"teacher.path: {tmp_path / 'no-teacher'} does not exist"
@@ -60,8 +68,10 @@ def test_a_teacher_folder_that_does_not_exist_is_refused_before_any_stage(tmp_pa
 
 
 def test_a_teacher_missing_from_the_registry_is_one_line(tmp_path):
-    config = debug_config(tmp_path, **{"teacher.source": "mlflow", "teacher.path": "models:/no-such-teacher/1",
-                                       "teacher.architecture": None})
+    config = debug_config(
+        tmp_path,
+        **{"teacher.source": "mlflow", "teacher.path": "models:/no-such-teacher/1", "teacher.architecture": None},
+    )
     with pytest.raises(ConfigError) as caught:
         run_pipeline(config)
     assert one_line(caught.value).startswith("teacher.path: models:/no-such-teacher/1")
@@ -76,7 +86,8 @@ def test_an_unreachable_tracking_server_is_refused_in_seconds_without_its_passwo
     assert time.monotonic() - started < 30  # MLflow's own retries take minutes
     assert one_line(caught.value) == (
         "tracking: cannot reach the MLflow tracking server at http://alice:***@127.0.0.1:9: Connection refused; "
-        "start it, or fix tracking.tracking_uri / MLFLOW_TRACKING_URI")
+        "start it, or fix tracking.tracking_uri / MLFLOW_TRACKING_URI"
+    )
     assert_nothing_done(tmp_path)
 
 
@@ -86,22 +97,30 @@ def test_an_unreachable_ray_address_is_refused_in_seconds(tmp_path):
     pipeline.write_text(debug_config(tmp_path).to_yaml())
     env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9"}
     started = time.monotonic()
-    run = subprocess.run([sys.executable, "-m", "flexkd.cli", "run", str(pipeline)], env=env,
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "flexkd.cli", "run", str(pipeline)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 1
     assert run.stderr.strip().splitlines()[-1] == (
         "flexkd: ray: cannot reach the Ray cluster at RAY_ADDRESS=127.0.0.1:9: Connection refused; "
-        "start it, or unset RAY_ADDRESS to run on a local Ray")
+        "start it, or unset RAY_ADDRESS to run on a local Ray"
+    )
     assert "Traceback" not in run.stderr
     assert time.monotonic() - started < 240  # imports included; Ray's own GCS retries take minutes
     assert_nothing_done(tmp_path)
 
 
-@pytest.mark.parametrize("rows, expected", [
-    ([], "the split is empty"),
-    ([{"sentence": "fine", "label": 1}, {"sentence": "odd", "label": 7}],
-     "example 1: task.label_column 'label': label 7 is not in the label set 0..1 / negative, positive"),
-], ids=["empty", "label-outside-the-label-set"])
+@pytest.mark.parametrize(
+    "rows, expected",
+    [
+        ([], "the split is empty"),
+        (
+            [{"sentence": "fine", "label": 1}, {"sentence": "odd", "label": 7}],
+            "example 1: task.label_column 'label': label 7 is not in the label set 0..1 / negative, positive",
+        ),
+    ],
+    ids=["empty", "label-outside-the-label-set"],
+)
 def test_a_bad_train_split_fails_tokenize_and_marks_nothing_done(tmp_path, local_ray, rows, expected):
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -118,8 +137,9 @@ def tiny_disk(tmp_path):
     """A 16 MiB tmpfs: a real file system that really fills up (ENOSPC from the kernel)."""
     mount_point = tmp_path / "disk"
     mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
@@ -153,7 +173,8 @@ def test_a_full_disk_under_the_mlflow_artifacts_is_one_line(tmp_path, tiny_disk,
 
 
 def test_a_full_disk_while_a_stage_writes_its_artifacts_is_one_line_and_marks_nothing_done(
-        tmp_path, tiny_disk, local_ray):
+    tmp_path, tiny_disk, local_ray
+):
     """artifact_root on a full tmpfs (the MLflow store and its artifacts stay on the real disk):
     tokenize cannot write its token shards."""
     import mlflow

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from flexkd.bench.common import mean_std
-from flexkd.bench.page import write_results_page
-from flexkd.bench.quality import METHODS, QualitySettings, method_config, summarize, verdict
+from benchmarks.common import mean_std
+from benchmarks.page import write_results_page
+from benchmarks.quality import METHODS, QualitySettings, method_config, summarize, verdict
 from flexkd.cli import build_parser
-from flexkd.runner import stage_fingerprint
+from flexkd.pipeline.runner import stage_fingerprint
 
 SETTINGS = QualitySettings.cpu()
 
@@ -36,8 +36,8 @@ def test_every_method_validates_and_shares_everything_but_its_loss_and_selection
 
 
 def test_the_gpu_setting_distills_in_bf16_and_the_cpu_setting_in_float32(shared_data, tmp_path):
-    from flexkd.bench.generation import GenerationSettings
-    from flexkd.bench.speed import SpeedSettings, generation_config
+    from benchmarks.generation import GenerationSettings
+    from benchmarks.speed import SpeedSettings, generation_config
 
     gpu = method_config(QualitySettings.gpu(), tmp_path / "teacher", tmp_path, "kd+flexkd", 0)
     assert (gpu.training.precision, _config("kd+flexkd").training.precision) == ("bf16", "float32")
@@ -50,22 +50,34 @@ def test_seeds_share_tokenize_score_and_targets_but_not_distill():
     one, two = _config("kd+flexkd", seed=0), _config("kd+flexkd", seed=1)
     fingerprints = {}
     for stage in ("tokenize", "score", "targets", "distill"):
-        inputs = {name: fingerprints[name] for name in ("tokenize", "score") if name in fingerprints and stage != "tokenize"}
+        inputs = {
+            name: fingerprints[name] for name in ("tokenize", "score") if name in fingerprints and stage != "tokenize"
+        }
         first, second = stage_fingerprint(one, stage, inputs), stage_fingerprint(two, stage, inputs)
         fingerprints[stage] = first
         assert (first == second) == (stage != "distill"), stage
 
 
 def test_selection_method_changes_the_score_stage():
-    assert stage_fingerprint(_config("kd+flexkd"), "score", {"tokenize": "x"}) != \
-        stage_fingerprint(_config("kd+random"), "score", {"tokenize": "x"})
+    assert stage_fingerprint(_config("kd+flexkd"), "score", {"tokenize": "x"}) != stage_fingerprint(
+        _config("kd+random"), "score", {"tokenize": "x"}
+    )
 
 
 def test_summary_and_verdict_follow_the_numbers():
-    runs = [{"method": method, "seed": seed, "accuracy": accuracy, "teacher_accuracy": 0.82,
-             "extra_trainable_parameters": 0, "distill_seconds": 1.0, "tokens_per_second": 1.0}
-            for method, values in {"kd": [0.70, 0.72, 0.74], "kd+flexkd": [0.75, 0.76, 0.77]}.items()
-            for seed, accuracy in enumerate(values)]
+    runs = [
+        {
+            "method": method,
+            "seed": seed,
+            "accuracy": accuracy,
+            "teacher_accuracy": 0.82,
+            "extra_trainable_parameters": 0,
+            "distill_seconds": 1.0,
+            "tokens_per_second": 1.0,
+        }
+        for method, values in {"kd": [0.70, 0.72, 0.74], "kd+flexkd": [0.75, 0.76, 0.77]}.items()
+        for seed, accuracy in enumerate(values)
+    ]
     summary = summarize(runs, ("kd", "kd+flexkd"))
     assert summary["table"]["kd"]["accuracy_mean"] == pytest.approx(72.0)
     assert summary["table"]["kd"]["accuracy_std"] == pytest.approx(2.0)
@@ -78,12 +90,12 @@ def test_summary_and_verdict_follow_the_numbers():
 
 
 def test_mean_std_is_the_sample_std():
-    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5))
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2**0.5))
     assert mean_std([5.0]) == (5.0, 0.0)
 
 
 def test_verbalizer_fit_learns_a_separable_task():
-    from flexkd.bench.teacher import _accuracy, _fit
+    from benchmarks.teacher import _accuracy, _fit
 
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(400, 16, generator=generator)
@@ -107,11 +119,13 @@ def test_bench_command_parses_and_the_page_lists_every_section(tmp_path):
 
 
 def test_a_quality_variant_is_kept_beside_the_main_table_and_its_options_belong_to_quality():
-    from flexkd.bench.cli import run_benchmark
-    from flexkd.bench.quality import results_name
-    from flexkd.config import ConfigError
+    from benchmarks.cli import run_benchmark
+    from benchmarks.quality import results_name
+    from flexkd.config.schema import ConfigError
 
-    args = build_parser().parse_args(["bench", "quality", "--layer-map", "last", "--score-rows", "872", "--label", "last"])
+    args = build_parser().parse_args(
+        ["bench", "quality", "--layer-map", "last", "--score-rows", "872", "--label", "last"]
+    )
     assert (args.layer_map, args.score_rows, args.label) == ("last", 872, "last")
     assert _config("kd+flexkd").selection.k is None
     fewer = method_config(replace(SETTINGS, k=96), Path("/tmp/t"), Path("/tmp/w"), "kd+flexkd", 0)
@@ -125,22 +139,34 @@ def test_a_quality_variant_is_kept_beside_the_main_table_and_its_options_belong_
 
 def test_adapted_teacher_is_an_untied_hf_folder_with_the_trained_rows(tmp_path):
     """A tiny random tied teacher goes through the real recipe: features, fit, untie, save, reload."""
-    from flexkd.bench.teacher import DONE_FILE, adapted_teacher
-    from flexkd.config import TaskConfig
-    from flexkd.models import TINY_TOKENIZER_DIR, build_random_model, load_model, load_tokenizer
+    from benchmarks.teacher import DONE_FILE, adapted_teacher
+    from flexkd.config.schema import TaskConfig
+    from flexkd.models.loading import TINY_TOKENIZER_DIR, build_random_model, load_model, load_tokenizer
 
     tokenizer = load_tokenizer(TINY_TOKENIZER_DIR)
     base = tmp_path / "base"
-    teacher = build_random_model({"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                                  "num_key_value_heads": 1, "intermediate_size": 64, "tie_word_embeddings": True},
-                                 vocab_size=len(tokenizer), seed=0, pad_token_id=tokenizer.pad_token_id)
+    teacher = build_random_model(
+        {
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "intermediate_size": 64,
+            "tie_word_embeddings": True,
+        },
+        vocab_size=len(tokenizer),
+        seed=0,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     teacher.save_pretrained(base)
     tokenizer.save_pretrained(base)
     data = tmp_path / "train.tsv"
-    data.write_text("sentence\tlabel\n" + "".join(f"{'great fun' if i % 2 else 'dull and bad'} {i}\t{i % 2}\n"
-                                                   for i in range(60)))
-    task = TaskConfig(kind="classification", prompt_template="Review: {sentence}\nSentiment:",
-                      label_names=["negative", "positive"])
+    data.write_text(
+        "sentence\tlabel\n" + "".join(f"{'great fun' if i % 2 else 'dull and bad'} {i}\t{i % 2}\n" for i in range(60))
+    )
+    task = TaskConfig(
+        kind="classification", prompt_template="Review: {sentence}\nSentiment:", label_names=["negative", "positive"]
+    )
     folder, record = adapted_teacher(base, data, 60, task, 32, tmp_path / "cache", top_layers=1, epochs=2)
     assert (folder / DONE_FILE).is_file() and record["train_rows"] == 60
     assert record["probe_train_accuracy"] > 0.9  # the two phrasings are trivially separable
@@ -150,13 +176,15 @@ def test_adapted_teacher_is_an_untied_hf_folder_with_the_trained_rows(tmp_path):
     assert torch.equal(adapted.model.embed_tokens.weight, original.model.embed_tokens.weight)
     assert torch.equal(adapted.model.layers[0].mlp.up_proj.weight, original.model.layers[0].mlp.up_proj.weight)
     kept_an_epoch = any(epoch["kept"] for epoch in record["epochs"])
-    top_changed = not torch.equal(adapted.model.layers[1].mlp.up_proj.weight, original.model.layers[1].mlp.up_proj.weight)
+    top_changed = not torch.equal(
+        adapted.model.layers[1].mlp.up_proj.weight, original.model.layers[1].mlp.up_proj.weight
+    )
     assert top_changed == kept_an_epoch  # the top block is trained only if an epoch was kept
     assert adapted_teacher(base, data, 60, task, 32, tmp_path / "cache", top_layers=1, epochs=2)[0] == folder  # cached
 
     # The record's held-out accuracy is the saved model's own, computed here with the whole model.
-    from flexkd.bench.teacher import _features, _forward, read_tsv
-    from flexkd.data import verbalizer_token_ids
+    from benchmarks.teacher import _features, _forward, read_tsv
+    from flexkd.data.rows import verbalizer_token_ids
 
     held_out = _forward(adapted, tokenizer, read_tsv(data, 60, "label")[54:], task, 32, first_trained=2)
     features, labels = _features(held_out)
@@ -165,14 +193,16 @@ def test_adapted_teacher_is_an_untied_hf_folder_with_the_trained_rows(tmp_path):
 
 
 def test_the_top_blocks_run_alone_reproduce_the_full_model(build_tiny_llama, tiny_tokenizer):
-    from flexkd.bench.teacher import _top_blocks_only
+    from benchmarks.teacher import _top_blocks_only
 
     model = build_tiny_llama(num_hidden_layers=3)
     batch = tiny_tokenizer(["a short one", "a somewhat longer sentence here"], return_tensors="pt", padding=True)
     with torch.no_grad():
         full = model.model(**batch, output_hidden_states=True)
         with _top_blocks_only(model, 1) as top:
-            alone = top(inputs_embeds=full.hidden_states[1], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+            alone = top(
+                inputs_embeds=full.hidden_states[1], attention_mask=batch["attention_mask"], use_cache=False
+            ).last_hidden_state
             with pytest.raises(ValueError, match="already runs its top blocks only"), _top_blocks_only(model, 1):
                 pass  # nested, it would run no block at all
     real = batch["attention_mask"].bool()
@@ -181,7 +211,7 @@ def test_the_top_blocks_run_alone_reproduce_the_full_model(build_tiny_llama, tin
 
 
 def test_a_full_width_cache_serves_another_selection_and_a_partial_one_refuses():
-    from flexkd.config import ConfigError
+    from flexkd.config.schema import ConfigError
     from flexkd.stages.distill import _stored_positions
 
     order = [5, 2, 7, 0, 1, 3, 4, 6]  # importance order of 8 teacher units, as the cache stored them
@@ -200,44 +230,71 @@ def test_a_full_width_cache_serves_another_selection_and_a_partial_one_refuses()
 
 
 def test_the_headline_methods_run_first_at_every_seed():
-    from flexkd.bench.quality import run_order
+    from benchmarks.quality import run_order
 
     order = run_order(tuple(METHODS), (0, 1))
-    assert order[:6] == [(0, "kd+flexkd"), (0, "kd+projector"), (0, "kd"), (1, "kd+flexkd"), (1, "kd+projector"), (1, "kd")]
+    assert order[:6] == [
+        (0, "kd+flexkd"),
+        (0, "kd+projector"),
+        (0, "kd"),
+        (1, "kd+flexkd"),
+        (1, "kd+projector"),
+        (1, "kd"),
+    ]
     assert sorted(order) == sorted((seed, method) for seed in (0, 1) for method in METHODS)
 
 
 def test_speed_page_puts_each_ratio_next_to_its_goal_and_the_profile_adds_up():
-    from flexkd.bench.speed import PHASES, SpeedSettings, ratios, speed_markdown
+    from benchmarks.speed import PHASES, SpeedSettings, ratios, speed_markdown
 
     profile = {phase: float(i + 1) for i, phase in enumerate(PHASES)}
-    measured = {"flexkd_feature": {"tokens_per_second": 90.0}, "plain_loop_feature": {"tokens_per_second": 100.0,
-                                                                                    "ms_per_step": profile},
-                "flexkd_logit_only": {"tokens_per_second": 96.0},
-                "plain_loop_logit_only": {"tokens_per_second": 110.0, "ms_per_step": profile}}
+    measured = {
+        "flexkd_feature": {"tokens_per_second": 90.0},
+        "plain_loop_feature": {"tokens_per_second": 100.0, "ms_per_step": profile},
+        "flexkd_logit_only": {"tokens_per_second": 96.0},
+        "plain_loop_logit_only": {"tokens_per_second": 110.0, "ms_per_step": profile},
+    }
     rows = {row["name"]: row for row in ratios(measured, SpeedSettings.cpu())}
     assert rows["flexkd_over_plain_loop"]["value"] == 0.9 and rows["flexkd_over_plain_loop"]["met"] is True
-    assert rows["feature_loss_slowdown"]["value"] == round(1 - 90 / 96, 3) and rows["feature_loss_slowdown"]["met"] is False
+    assert (
+        rows["feature_loss_slowdown"]["value"] == round(1 - 90 / 96, 3)
+        and rows["feature_loss_slowdown"]["met"] is False
+    )
     assert rows["feature_loss_slowdown_plain"]["value"] == round(1 - 100 / 110, 3)
-    page = speed_markdown({"measured": measured, "ratios": list(rows.values()), "command": "flexkd bench speed",
-                           "finished_at": "now", "wall_seconds": 60,
-                           "load": {"cpus": 2, "load1_mean": 1, "load1_min": 1, "load1_max": 1, "seconds": 60},
-                           "settings": vars(SpeedSettings.cpu()),
-                           "classification": {"train_rows": 10, "batch_size": 2},
-                           "machine": {"cpus": 2, "cpu_model": "x", "gpu": None, "torch": "t", "git_commit": "c"}})
+    page = speed_markdown(
+        {
+            "measured": measured,
+            "ratios": list(rows.values()),
+            "command": "flexkd bench speed",
+            "finished_at": "now",
+            "wall_seconds": 60,
+            "load": {"cpus": 2, "load1_mean": 1, "load1_min": 1, "load1_max": 1, "seconds": 60},
+            "settings": vars(SpeedSettings.cpu()),
+            "classification": {"train_rows": 10, "batch_size": 2},
+            "machine": {"cpus": 2, "cpu_model": "x", "gpu": None, "torch": "t", "git_commit": "c"},
+        }
+    )
     assert "| 0.900 | >= 0.9 | yes |" in page and "| teacher targets from the cache | 2.0 | 2.0 |" in page
 
 
 @pytest.mark.integration  # tokenize, score and targets of the debug pipeline on local Ray: about 1 min
 def test_the_plain_loop_trains_from_a_real_cache_and_its_phases_add_up_to_its_steps(tmp_path, local_ray):
-    from flexkd.bench.speed import PHASES, plain_loop
-    from flexkd.config import apply_overrides, load_config, parse_config
-    from flexkd.runner import run_pipeline
+    from benchmarks.speed import PHASES, plain_loop
+    from flexkd.config.schema import apply_overrides, load_config, parse_config
+    from flexkd.pipeline.runner import run_pipeline
 
     raw = load_config(Path(__file__).resolve().parent.parent / "pipelines" / "debug.yaml").model_dump(mode="json")
-    config = parse_config(apply_overrides(raw, {"artifact_root": str(tmp_path), "training.teacher": "cache",
-                                                "tracking.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
-                                                "training.steps": 6}))
+    config = parse_config(
+        apply_overrides(
+            raw,
+            {
+                "artifact_root": str(tmp_path),
+                "training.teacher": "cache",
+                "tracking.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+                "training.steps": 6,
+            },
+        )
+    )
     stages = run_pipeline(config, stages=("tokenize", "score", "targets")).stages
     measured = plain_loop(config, stages["targets"].directory, stages["tokenize"].directory, threads=1)
     assert measured["tokens"] > 0 and measured["tokens_per_second"] > 0
@@ -245,14 +302,16 @@ def test_the_plain_loop_trains_from_a_real_cache_and_its_phases_add_up_to_its_st
     step_ms = 1000 * measured["seconds"] / (config.training.steps - 1)
     # The phases tile the step; only the token count and the rounding (1 ms, 0.01 ms a phase) lie outside them.
     assert abs(sum(measured["ms_per_step"].values()) - step_ms) <= 0.05 * step_ms + 1.0
-    logit_only = parse_config(apply_overrides(config.model_dump(mode="json"), {"loss.gamma": 0.0, "loss.feature": "none"}))
+    logit_only = parse_config(
+        apply_overrides(config.model_dump(mode="json"), {"loss.gamma": 0.0, "loss.feature": "none"})
+    )
     assert plain_loop(logit_only, stages["targets"].directory, stages["tokenize"].directory, threads=1)["tokens"] > 0
 
 
 def test_method_names_become_metric_names_mlflow_accepts(tmp_path):
     import mlflow
 
-    from flexkd.bench.common import metric_name
+    from benchmarks.common import metric_name
 
     assert metric_name("accuracy.kd+flexkd") == "accuracy.kd_plus_flexkd"
     # Its own client and store: the module-level tracking URI and experiment belong to other tests.
@@ -264,9 +323,9 @@ def test_method_names_become_metric_names_mlflow_accepts(tmp_path):
 
 
 def test_generation_students_are_pruned_from_the_teacher_and_share_every_teacher_side_stage(tmp_path):
-    from flexkd.bench.generation import METHODS as GENERATION_METHODS
-    from flexkd.bench.generation import PIPELINE, GenerationSettings, pipeline_overrides
-    from flexkd.config import load_config
+    from benchmarks.generation import METHODS as GENERATION_METHODS
+    from benchmarks.generation import PIPELINE, GenerationSettings, pipeline_overrides
+    from flexkd.config.schema import load_config
 
     overrides = pipeline_overrides(GenerationSettings.cpu(), tmp_path, tmp_path / "eval.jsonl", 452)
     configs = {method: load_config(PIPELINE, overrides | extra) for method, extra in GENERATION_METHODS.items()}
@@ -283,40 +342,69 @@ def test_generation_students_are_pruned_from_the_teacher_and_share_every_teacher
 
 
 def test_generation_rouge_is_kept_apart_per_eval_set():
-    from flexkd.bench.generation import rouge_per_source
+    from benchmarks.generation import rouge_per_source
 
     scores = rouge_per_source(["the cat sat", "a b c d"], ["the cat sat", "x y"], ["samsum", "self_instruct"])
     assert scores == {"samsum": 100.0, "self_instruct": 0.0}
 
 
 def test_generation_page_counts_shared_stages_an_earlier_invocation_built():
-    from flexkd.bench.generation import _reused_sentence
+    from benchmarks.generation import _reused_sentence
 
-    shared = {"tokenize": {"seconds": 30, "reused": True}, "targets": {"seconds": 420, "reused": True},
-              "score": {"seconds": 90, "reused": False}}
+    shared = {
+        "tokenize": {"seconds": 30, "reused": True},
+        "targets": {"seconds": 420, "reused": True},
+        "score": {"seconds": 90, "reused": False},
+    }
     sentence = _reused_sentence(shared, wall_seconds=1800)
     assert "reused 7.5 min" in sentence and "about 38 min" in sentence
     assert "from scratch" not in _reused_sentence({"score": {"seconds": 90, "reused": False}}, 1800)
 
 
 def test_every_quality_variant_option_reaches_the_settings_and_a_variant_needs_a_label(monkeypatch, tmp_path):
-    from flexkd.bench import cli as bench_cli
-    from flexkd.bench import quality
-    from flexkd.config import ConfigError
+    from benchmarks import cli as bench_cli
+    from benchmarks import quality
+    from flexkd.config.schema import ConfigError
 
     captured = {}
-    monkeypatch.setattr(quality, "run_quality", lambda settings, work_dir, methods, label=None, tune=False:
-                        captured.update(settings=settings, methods=methods, label=label, tune=tune))
+    monkeypatch.setattr(
+        quality,
+        "run_quality",
+        lambda settings, work_dir, methods, label=None, tune=False: captured.update(
+            settings=settings, methods=methods, label=label, tune=tune
+        ),
+    )
     page = tmp_path / "RESULTS.md"
     page.write_text("page")
     monkeypatch.setattr(bench_cli, "write_results_page", lambda: page)
     monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
-    arguments = ["bench", "quality", "--methods", "kd+flexkd,kd+projector", "--layer-map", "last", "--score-rows", "872",
-                 "--k", "96", "--gamma", "3", "--learning-rate", "0.003", "--label", "everything"]
+    arguments = [
+        "bench",
+        "quality",
+        "--methods",
+        "kd+flexkd,kd+projector",
+        "--layer-map",
+        "last",
+        "--score-rows",
+        "872",
+        "--k",
+        "96",
+        "--gamma",
+        "3",
+        "--learning-rate",
+        "0.003",
+        "--label",
+        "everything",
+    ]
     bench_cli.run_benchmark(build_parser().parse_args(arguments))
     settings = captured["settings"]
-    assert (settings.layer_map, settings.score_rows, settings.k, settings.gamma, settings.learning_rate) == \
-        ("last", 872, 96, 3.0, 0.003)
+    assert (settings.layer_map, settings.score_rows, settings.k, settings.gamma, settings.learning_rate) == (
+        "last",
+        872,
+        96,
+        3.0,
+        0.003,
+    )
     assert captured["methods"] == ("kd+flexkd", "kd+projector") and captured["label"] == "everything"
     assert captured["tune"] is False
     with pytest.raises(ConfigError, match="--gamma makes a variant: name it with --label"):
@@ -329,7 +417,9 @@ def test_every_quality_variant_option_reaches_the_settings_and_a_variant_needs_a
     with pytest.raises(ConfigError, match="--tune is an option of 'flexkd bench quality' only"):
         bench_cli.run_benchmark(build_parser().parse_args(["bench", "speed", "--tune"]))
     with pytest.raises(ConfigError, match="--gamma is tuned per method under --tune"):
-        bench_cli.run_benchmark(build_parser().parse_args(["bench", "quality", "--tune", "--gamma", "3", "--label", "x"]))
+        bench_cli.run_benchmark(
+            build_parser().parse_args(["bench", "quality", "--tune", "--gamma", "3", "--label", "x"])
+        )
 
 
 def test_tuned_runs_use_each_methods_own_best_values(monkeypatch, tmp_path):
@@ -337,26 +427,47 @@ def test_tuned_runs_use_each_methods_own_best_values(monkeypatch, tmp_path):
     (method, seed) run gets that method's best values and nothing of another method's."""
     from types import SimpleNamespace
 
-    from flexkd import runner
-    from flexkd.bench import quality, quality_tuned
+    from benchmarks import quality, quality_tuned
+    from flexkd.pipeline import runner
 
-    best = {"kd+flexkd": {"training.learning_rate": 0.0005, "loss.gamma": 3.0, "layer_map": "last"},
-            "kd": {"training.learning_rate": 0.001, "loss.temperature": 4.0}}
-    monkeypatch.setattr(quality, "sst2_teacher", lambda settings, work_dir: (tmp_path / "teacher", {
-        "made_now": True, "seconds": 1.0}))
-    monkeypatch.setattr(quality_tuned, "tune_methods", lambda settings, teacher_dir, work_dir, methods: {
-        "seed": 3, "selection_rows": 872, "methods": {method: {"best": best[method]} for method in methods}})
+    best = {
+        "kd+flexkd": {"training.learning_rate": 0.0005, "loss.gamma": 3.0, "layer_map": "last"},
+        "kd": {"training.learning_rate": 0.001, "loss.temperature": 4.0},
+    }
+    monkeypatch.setattr(
+        quality, "sst2_teacher", lambda settings, work_dir: (tmp_path / "teacher", {"made_now": True, "seconds": 1.0})
+    )
+    monkeypatch.setattr(
+        quality_tuned,
+        "tune_methods",
+        lambda settings, teacher_dir, work_dir, methods: {
+            "seed": 3,
+            "selection_rows": 872,
+            "methods": {method: {"best": best[method]} for method in methods},
+        },
+    )
     seen = []
 
     def fake_run(config, stages):
         seen.append((config, stages))
-        record = lambda name, **outputs: SimpleNamespace(directory=tmp_path / name, seconds=1.0, cached=False,
-                                                         outputs=outputs)
+
+        def record(name, **outputs):
+            return SimpleNamespace(directory=tmp_path / name, seconds=1.0, cached=False, outputs=outputs)
+
         stage_records = {name: record(name) for name in ("tokenize", "score", "targets")}
-        stage_records["distill"] = record("distill", extra_trainable_parameters=0, student_parameters=1,
-                                          tokens_per_second=1.0, total=1.0, task=1.0, logit=0.0, feature=0.0)
-        stage_records["evaluate"] = record("evaluate", metrics={"student.accuracy": 0.6, "student.macro_f1": 0.6,
-                                                                "teacher.accuracy": 0.8})
+        stage_records["distill"] = record(
+            "distill",
+            extra_trainable_parameters=0,
+            student_parameters=1,
+            tokens_per_second=1.0,
+            total=1.0,
+            task=1.0,
+            logit=0.0,
+            feature=0.0,
+        )
+        stage_records["evaluate"] = record(
+            "evaluate", metrics={"student.accuracy": 0.6, "student.macro_f1": 0.6, "teacher.accuracy": 0.8}
+        )
         return SimpleNamespace(stages=stage_records, run_id="r", config=config)
 
     monkeypatch.setattr(runner, "run_pipeline", fake_run)
@@ -379,9 +490,9 @@ def test_tuned_runs_use_each_methods_own_best_values(monkeypatch, tmp_path):
 
 
 def test_each_method_is_tuned_over_the_same_learning_rates_and_as_many_trials(shared_data, tmp_path):
-    from flexkd.bench.quality import QualitySettings
-    from flexkd.bench.quality_tuned import search_space, selection_set, sweep_config
-    from flexkd.config import ConfigError
+    from benchmarks.quality import QualitySettings
+    from benchmarks.quality_tuned import search_space, selection_set, sweep_config
+    from flexkd.config.schema import ConfigError
 
     spaces = {method: search_space(method) for method in ("kd", "kd+projector", "kd+flexkd", "kd+cka")}
     trials = {method: math.prod(len(values) for values in space.values()) for method, space in spaces.items()}
@@ -399,7 +510,7 @@ def test_each_method_is_tuned_over_the_same_learning_rates_and_as_many_trials(sh
     dev = (shared_data / "sst2" / "dev.tsv").read_text().splitlines()
     test = set((shared_data / "sst2" / "test.tsv").read_text().splitlines()[1:])
     assert header == dev[0] and len(rows) == 872 and rows[0] == dev[1 + settings.score_rows]
-    assert not set(rows) & set(dev[1:1 + settings.score_rows])
+    assert not set(rows) & set(dev[1 : 1 + settings.score_rows])
     assert not set(rows) & test
     assert selection_set(settings.score_rows, tmp_path) == path  # the same file again
 
@@ -413,38 +524,65 @@ def test_each_method_is_tuned_over_the_same_learning_rates_and_as_many_trials(sh
 
 
 def test_the_tuned_page_shows_each_methods_grid_best_values_and_every_trial():
-    from flexkd.bench.quality_tuned import tuning_markdown
+    from benchmarks.quality_tuned import tuning_markdown
 
-    tuning = {"selection_set": "selection/dev-96-968.tsv", "selection_rows": 872, "seed": 0, "methods": {
-        "kd": {"search_space": {"training.learning_rate": [0.0005, 0.001], "loss.temperature": [1.0, 2.0]},
-               "trials": [{"params": {"training.learning_rate": 0.001, "loss.temperature": 2.0}, "accuracy": 66.5,
-                           "status": "completed"},
-                          {"params": {"training.learning_rate": 0.0005, "loss.temperature": 1.0}, "accuracy": None,
-                           "status": "error"}],
-               "completed": 1, "best": {"training.learning_rate": 0.001, "loss.temperature": 2.0},
-               "best_accuracy": 66.5, "sweep_run_id": "r", "seconds": 600.0}}}
+    tuning = {
+        "selection_set": "selection/dev-96-968.tsv",
+        "selection_rows": 872,
+        "seed": 0,
+        "methods": {
+            "kd": {
+                "search_space": {"training.learning_rate": [0.0005, 0.001], "loss.temperature": [1.0, 2.0]},
+                "trials": [
+                    {
+                        "params": {"training.learning_rate": 0.001, "loss.temperature": 2.0},
+                        "accuracy": 66.5,
+                        "status": "completed",
+                    },
+                    {
+                        "params": {"training.learning_rate": 0.0005, "loss.temperature": 1.0},
+                        "accuracy": None,
+                        "status": "error",
+                    },
+                ],
+                "completed": 1,
+                "best": {"training.learning_rate": 0.001, "loss.temperature": 2.0},
+                "best_accuracy": 66.5,
+                "sweep_run_id": "r",
+                "seconds": 600.0,
+            }
+        },
+    }
     text = "\n".join(tuning_markdown(tuning))
-    assert "| kd | training.learning_rate: 0.0005, 0.001; loss.temperature: 1.0, 2.0 | 1 of 2 | learning_rate 0.001, " \
-           "temperature 2.0 | 66.50 | 10.0 |" in text
+    assert (
+        "| kd | training.learning_rate: 0.0005, 0.001; loss.temperature: 1.0, 2.0 | 1 of 2 | learning_rate 0.001, "
+        "temperature 2.0 | 66.50 | 10.0 |" in text
+    )
     assert "learning_rate 0.0005, temperature 1.0 -> failed" in text and "872 dev.tsv sentences" in text
 
 
 def test_generation_page_shows_the_first_output_of_each_model_on_each_set(tmp_path):
     import json
 
-    from flexkd.bench.generation import _first_outputs_table, first_outputs, read_predictions
+    from benchmarks.generation import _first_outputs_table, first_outputs, read_predictions
 
     predictions = tmp_path / "predictions.jsonl"
-    rows = [{"example_id": 0, "reference": "a | b", "teacher": "t0", "student": "s0"},
-            {"example_id": 1, "reference": "r1", "teacher": "t1", "student": "s1"},
-            {"example_id": 2, "reference": "r2", "teacher": "t2", "student": "x " * 100}]
+    rows = [
+        {"example_id": 0, "reference": "a | b", "teacher": "t0", "student": "s0"},
+        {"example_id": 1, "reference": "r1", "teacher": "t1", "student": "s1"},
+        {"example_id": 2, "reference": "r2", "teacher": "t2", "student": "x " * 100},
+    ]
     predictions.write_text("".join(json.dumps(row) + "\n" for row in rows))
     sources = ["samsum", "self_instruct", "self_instruct"]
     first = first_outputs(read_predictions(predictions, sources), sources)
-    assert first == {"samsum": {"reference": "a | b", "teacher": "t0", "student": "s0"},
-                     "self_instruct": {"reference": "r1", "teacher": "t1", "student": "s1"}}
-    results = {"runs": [{"method": "kd", "seed": 0, "first_outputs": first}],
-               "pruned_start": {"first_outputs": {"samsum": "p0", "self_instruct": "p1"}}}
+    assert first == {
+        "samsum": {"reference": "a | b", "teacher": "t0", "student": "s0"},
+        "self_instruct": {"reference": "r1", "teacher": "t1", "student": "s1"},
+    }
+    results = {
+        "runs": [{"method": "kd", "seed": 0, "first_outputs": first}],
+        "pruned_start": {"first_outputs": {"samsum": "p0", "self_instruct": "p1"}},
+    }
     table = "\n".join(_first_outputs_table(results))
     assert "| reference | a \\| b | r1 |" in table and "| pruned, no distillation | p0 | p1 |" in table
     assert "| kd | s0 | s1 |" in table

@@ -28,16 +28,22 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from flexkd.config import TaskConfig, apply_overrides, load_config, parse_config
-from flexkd.data import ROW_SCHEMA, collate_batch, tokenize_rows, verbalizer_token_ids
-from flexkd.layers import forward_with_hidden_states
-from flexkd.losses import teacher_topk, topk_logit_distillation_loss
-from flexkd.models import TINY_TOKENIZER_DIR, build_random_model, load_tokenizer
-from flexkd.objective import LayerPair, ObjectiveSettings, cached_topk_logprobs, distillation_loss, forward_scored
-from flexkd.resolve import build_student, count_teacher_loads
-from flexkd.runner import run_pipeline
+from flexkd.config.schema import TaskConfig, apply_overrides, load_config, parse_config
+from flexkd.data.rows import ROW_SCHEMA, collate_batch, tokenize_rows, verbalizer_token_ids
+from flexkd.data.teacher_targets import cached_teacher_outputs, online_teacher_outputs, target_columns, units_column
+from flexkd.method.layers import forward_with_hidden_states
+from flexkd.method.losses import teacher_topk, topk_logit_distillation_loss
+from flexkd.method.objective import (
+    LayerPair,
+    ObjectiveSettings,
+    cached_topk_logprobs,
+    distillation_loss,
+    forward_scored,
+)
+from flexkd.models.loading import TINY_TOKENIZER_DIR, build_random_model, load_tokenizer
+from flexkd.models.plan import build_student, count_teacher_loads
+from flexkd.pipeline.runner import run_pipeline
 from flexkd.stages.targets import _cache_schema
-from flexkd.teacher_targets import cached_teacher_outputs, online_teacher_outputs, target_columns, units_column
 
 SAMPLES = TINY_TOKENIZER_DIR.parent / "samples"
 PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
@@ -46,17 +52,27 @@ K_MAX, TOP_K = 24, 32
 
 
 def _models(tokenizer):
-    teacher = build_random_model({**ARCH, "hidden_size": 64, "num_hidden_layers": 4, "intermediate_size": 128},
-                                 vocab_size=len(tokenizer), seed=0).eval().requires_grad_(False)
+    teacher = (
+        build_random_model(
+            {**ARCH, "hidden_size": 64, "num_hidden_layers": 4, "intermediate_size": 128},
+            vocab_size=len(tokenizer),
+            seed=0,
+        )
+        .eval()
+        .requires_grad_(False)
+    )
     teacher.lm_head.weight.mul_(30.0)  # peaked, as a trained teacher is: the top 32 tokens hold most of the mass
-    student = build_random_model({**ARCH, "hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 64},
-                                 vocab_size=len(tokenizer), seed=1)
+    student = build_random_model(
+        {**ARCH, "hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 64}, vocab_size=len(tokenizer), seed=1
+    )
     return teacher, student
 
 
 def _batch(kind: str, tokenizer):
     if kind == "classification":
-        task = TaskConfig(kind=kind, prompt_template="Review: {sentence}\nSentiment:", label_names=["negative", "positive"])
+        task = TaskConfig(
+            kind=kind, prompt_template="Review: {sentence}\nSentiment:", label_names=["negative", "positive"]
+        )
         source = SAMPLES / "sst2_train.jsonl"
     else:
         task = TaskConfig(kind=kind, prompt_template="Summarize: {dialogue}\nSummary:", response_column="summary")
@@ -72,7 +88,9 @@ def _cache_round_trip(tmp_path: Path, kind: str, rows, batch, teacher, layers, o
     with torch.no_grad():
         logits, hidden = forward_with_hidden_states(teacher, batch["input_ids"], batch["attention_mask"], layers)
     columns = target_columns(logits, hidden, batch, order, kind, verbalizers, TOP_K, temperatures)
-    table = pa.Table.from_pydict({name: rows[name] for name in ROW_SCHEMA.names} | columns, schema=_cache_schema(layers, kind))
+    table = pa.Table.from_pydict(
+        {name: rows[name] for name in ROW_SCHEMA.names} | columns, schema=_cache_schema(layers, kind)
+    )
     pq.write_table(table, tmp_path / "cache.parquet")
     read = pq.read_table(tmp_path / "cache.parquet").to_pydict()
     return {name: [np.asarray(value) for value in values] for name, values in read.items()}
@@ -91,18 +109,27 @@ def test_cached_loss_equals_online_loss(tmp_path, kind, k):
 
     online_logits, online_features = online_teacher_outputs(teacher, batch, kind, layers, selected, whole_hidden=False)
     cache_rows = _cache_round_trip(tmp_path, kind, rows, batch, teacher, layers, selected, verbalizers)
-    cached_logits, cached_features = cached_teacher_outputs(cache_rows, batch, kind, {l: K_MAX for l in layers}, k,
-                                                            None, TOP_K, torch.device("cpu"))
+    cached_logits, cached_features = cached_teacher_outputs(
+        cache_rows, batch, kind, dict.fromkeys(layers, K_MAX), k, None, TOP_K, torch.device("cpu")
+    )
     with torch.no_grad():
-        student_logits, student_hidden = forward_with_hidden_states(student, batch["input_ids"], batch["attention_mask"], [1, 2])
-    online = distillation_loss(settings, batch, student_logits, student_hidden, online_logits, online_features, pairs, verbalizers)
-    cached = distillation_loss(settings, batch, student_logits, student_hidden, cached_logits, cached_features, pairs, verbalizers)
+        student_logits, student_hidden = forward_with_hidden_states(
+            student, batch["input_ids"], batch["attention_mask"], [1, 2]
+        )
+    online = distillation_loss(
+        settings, batch, student_logits, student_hidden, online_logits, online_features, pairs, verbalizers
+    )
+    cached = distillation_loss(
+        settings, batch, student_logits, student_hidden, cached_logits, cached_features, pairs, verbalizers
+    )
 
     assert float(cached["task"]) == float(online["task"])
     assert abs(float(cached["feature"]) - float(online["feature"])) <= 2e-3
     for layer in layers:  # the features themselves: the first k selected units, to half precision
         valid = batch["attention_mask"].bool()
-        torch.testing.assert_close(cached_features[layer][valid], online_features[layer][..., :k][valid], rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(
+            cached_features[layer][valid], online_features[layer][..., :k][valid], rtol=1e-3, atol=1e-3
+        )
     if kind == "classification":
         assert abs(float(cached["logit"]) - float(online["logit"])) <= 1e-6
     else:
@@ -124,11 +151,15 @@ def test_logits_at_the_scored_positions_only_give_the_same_loss(kind):
     _, batch, verbalizers = _batch(kind, tokenizer)
     settings, pairs = ObjectiveSettings(task=kind, k=16), [LayerPair(4, 2)]
     with torch.no_grad():
-        full = [forward_with_hidden_states(model, batch["input_ids"], batch["attention_mask"], [layer])
-                for model, layer in ((student, 2), (teacher, 4))]
+        full = [
+            forward_with_hidden_states(model, batch["input_ids"], batch["attention_mask"], [layer])
+            for model, layer in ((student, 2), (teacher, 4))
+        ]
         scored = [forward_scored(model, batch, kind, [layer]) for model, layer in ((student, 2), (teacher, 4))]
-    parts = [distillation_loss(settings, batch, s_logits, s_hidden, t_logits, {4: t_hidden[4][..., :16]}, pairs, verbalizers)
-             for (s_logits, s_hidden), (t_logits, t_hidden) in (full, scored)]
+    parts = [
+        distillation_loss(settings, batch, s_logits, s_hidden, t_logits, {4: t_hidden[4][..., :16]}, pairs, verbalizers)
+        for (s_logits, s_hidden), (t_logits, t_hidden) in (full, scored)
+    ]
     assert scored[0][0].shape[0] < full[0][0].shape[0] * full[0][0].shape[1]  # fewer positions projected
     for name in ("task", "logit", "feature", "total"):
         assert abs(float(parts[0][name]) - float(parts[1][name])) <= 1e-5, name
@@ -152,10 +183,21 @@ def test_generation_logit_part_at_other_temperatures(tmp_path, temperature):
     tokenizer = load_tokenizer(TINY_TOKENIZER_DIR)
     teacher, student = _models(tokenizer)
     rows, batch, _ = _batch("generation", tokenizer)
-    cache_rows = _cache_round_trip(tmp_path, "generation", rows, batch, teacher, [4], {4: torch.arange(8)}, None,
-                                   temperatures=(1.0, 2.0))
-    cached, _ = cached_teacher_outputs(cache_rows, batch, "generation", {4: 8}, 8, None, TOP_K, torch.device("cpu"),
-                                       temperatures=(1.0, 2.0), temperature=temperature)
+    cache_rows = _cache_round_trip(
+        tmp_path, "generation", rows, batch, teacher, [4], {4: torch.arange(8)}, None, temperatures=(1.0, 2.0)
+    )
+    cached, _ = cached_teacher_outputs(
+        cache_rows,
+        batch,
+        "generation",
+        {4: 8},
+        8,
+        None,
+        TOP_K,
+        torch.device("cpu"),
+        temperatures=(1.0, 2.0),
+        temperature=temperature,
+    )
     with torch.no_grad():
         student_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -169,8 +211,10 @@ def test_generation_logit_part_at_other_temperatures(tmp_path, temperature):
     truncation = _tail_term(student_scores, teacher_scores, ids, temperature)
     assert abs(float(full) - float(exact_topk) - float(truncation)) <= 1e-5  # truncation, exactly
     normalizer_error = abs(float(from_cache) - float(exact_topk))  # the approximated normalizer, on top
-    print(f"tau={temperature}: full {float(full):.4f}, top-K {float(exact_topk):.4f}, cached {float(from_cache):.4f}, "
-          f"truncation {float(truncation):.4f}, normalizer error {normalizer_error:.2e}")
+    print(
+        f"tau={temperature}: full {float(full):.4f}, top-K {float(exact_topk):.4f}, cached {float(from_cache):.4f}, "
+        f"truncation {float(truncation):.4f}, normalizer error {normalizer_error:.2e}"
+    )
     assert normalizer_error <= (1e-5 if temperature == 2.0 else float(truncation))
 
 
@@ -189,8 +233,9 @@ def test_full_width_cache_gives_back_the_whole_hidden_state(tmp_path):
     selected = torch.tensor([7, 3, 50, 11])
     order = torch.cat([selected, torch.tensor([u for u in range(64) if u not in selected.tolist()])])
     cache_rows = _cache_round_trip(tmp_path, "classification", rows, batch, teacher, [4], {4: order}, verbalizers)
-    _, features = cached_teacher_outputs(cache_rows, batch, "classification", {4: 64}, 4,
-                                         {4: torch.argsort(order)}, TOP_K, torch.device("cpu"))
+    _, features = cached_teacher_outputs(
+        cache_rows, batch, "classification", {4: 64}, 4, {4: torch.argsort(order)}, TOP_K, torch.device("cpu")
+    )
     _, whole = online_teacher_outputs(teacher, batch, "classification", [4], {}, whole_hidden=True)
     valid = batch["attention_mask"].bool()
     torch.testing.assert_close(features[4][valid], whole[4][valid], rtol=1e-3, atol=1e-3)
@@ -198,8 +243,11 @@ def test_full_width_cache_gives_back_the_whole_hidden_state(tmp_path):
 
 def _debug(root: Path, **overrides):
     raw = load_config(PIPELINES / "debug.yaml").model_dump(mode="json")
-    return parse_config(apply_overrides(raw, {"artifact_root": str(root),
-                                              "tracking.tracking_uri": f"sqlite:///{root}/mlflow.db", **overrides}))
+    return parse_config(
+        apply_overrides(
+            raw, {"artifact_root": str(root), "tracking.tracking_uri": f"sqlite:///{root}/mlflow.db", **overrides}
+        )
+    )
 
 
 def _student_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -217,20 +265,27 @@ def test_cached_and_online_runs_reach_the_same_parameters(tmp_path, local_ray):
     assert count_teacher_loads(cache_config) == loads  # distill from the cache never loads the teacher
     assert cached.stages["distill"].fingerprint != online.stages["distill"].fingerprint
 
-    first, second = _student_weights(online.stages["distill"].directory), _student_weights(cached.stages["distill"].directory)
+    first, second = (
+        _student_weights(online.stages["distill"].directory),
+        _student_weights(cached.stages["distill"].directory),
+    )
     start = build_student(cache_config).state_dict()
     moved = max(float((first[name] - start[name]).abs().max()) for name in first if name in start)
     difference = max(float((first[name] - second[name]).abs().max()) for name in first)
-    print(f"online vs cached after {cache_config.training.steps} steps: max |delta| {difference:.2e}, "
-          f"weights moved up to {moved:.2e}")
+    print(
+        f"online vs cached after {cache_config.training.steps} steps: max |delta| {difference:.2e}, "
+        f"weights moved up to {moved:.2e}"
+    )
     assert moved > 0.01  # training did move the weights, so agreeing is not trivial
     assert difference <= 2e-3, f"max |online - cached| = {difference:.2e} (weights moved up to {moved:.2e})"
 
 
 def test_a_cache_row_whose_length_disagrees_with_the_batch_is_refused():
     batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])}
-    rows = {units_column(4): [np.zeros(3 * 2, np.float16), np.zeros(3 * 2, np.float16)],  # the second has 2 tokens
-            "teacher_class_logits": [np.zeros(2, np.float32)] * 2}
+    rows = {
+        units_column(4): [np.zeros(3 * 2, np.float16), np.zeros(3 * 2, np.float16)],  # the second has 2 tokens
+        "teacher_class_logits": [np.zeros(2, np.float32)] * 2,
+    }
     with pytest.raises(ValueError, match=r"layer 4: rows store \[6, 6\] values.*\[6, 4\]"):
         cached_teacher_outputs(rows, batch, "classification", {4: 2}, 2, None, 0, torch.device("cpu"))
     rows[units_column(4)][1] = np.arange(2 * 2, dtype=np.float16)

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from flexkd.config import ConfigError, load_config
-from flexkd.jobs import build_runtime_env, check_submittable, entrypoint, submission_id
-from flexkd.storage import StorageError, refuse_uri
+from flexkd.cluster.jobs import build_runtime_env, check_submittable, entrypoint, submission_id
+from flexkd.cluster.storage import StorageError, refuse_uri
+from flexkd.config.schema import ConfigError, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOCAL = REPO_ROOT / "clusters" / "local"
@@ -43,8 +43,14 @@ def _free_ports(count: int) -> list[int]:
 
 
 def _flexkd(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flexkd.cli", *args], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "flexkd.cli", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _last_line(result: subprocess.CompletedProcess) -> str:
@@ -52,6 +58,7 @@ def _last_line(result: subprocess.CompletedProcess) -> str:
 
 
 # ---- without a cluster -------------------------------------------------------------------------
+
 
 def test_submission_id_is_deterministic_and_follows_the_config(tmp_path):
     shared = {"artifact_root": str(tmp_path / "runs")}
@@ -85,8 +92,16 @@ def test_submit_refuses_storage_that_cannot_be_shared(tmp_path):
 
 def test_unreachable_address_fails_fast_with_one_line(tmp_path):
     started = time.monotonic()
-    result = _flexkd(dict(os.environ), "submit", str(DEBUG), "--address", "http://127.0.0.1:9",
-                     "--set", f"artifact_root={tmp_path}", "--wait")
+    result = _flexkd(
+        dict(os.environ),
+        "submit",
+        str(DEBUG),
+        "--address",
+        "http://127.0.0.1:9",
+        "--set",
+        f"artifact_root={tmp_path}",
+        "--wait",
+    )
     assert result.returncode == 1
     assert _last_line(result).startswith("flexkd: cannot reach a Ray cluster at http://127.0.0.1:9: ")
     assert "Traceback" not in result.stderr
@@ -94,6 +109,7 @@ def test_unreachable_address_fails_fast_with_one_line(tmp_path):
 
 
 # ---- against a two-node cluster ----------------------------------------------------------------
+
 
 @dataclass
 class LocalCluster:
@@ -112,12 +128,23 @@ def _script(name: str, env: dict[str, str], *args: str) -> None:
 def cluster():
     base = Path(tempfile.mkdtemp(prefix="fkd-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     ray_port, dashboard, client, head_agent, worker_agent = _free_ports(5)
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_AUTH_TOKEN_PATH")}
-    env.update(FLEXKD_CLUSTER_DIR=str(base / "nodes"), RAY_PORT=str(ray_port), DASHBOARD_PORT=str(dashboard),
-               CLIENT_PORT=str(client), HEAD_AGENT_PORT=str(head_agent), WORKER_AGENT_PORT=str(worker_agent),
-               NUM_CPUS="1", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_AUTH_TOKEN_PATH")
+    }
+    env.update(
+        FLEXKD_CLUSTER_DIR=str(base / "nodes"),
+        RAY_PORT=str(ray_port),
+        DASHBOARD_PORT=str(dashboard),
+        CLIENT_PORT=str(client),
+        HEAD_AGENT_PORT=str(head_agent),
+        WORKER_AGENT_PORT=str(worker_agent),
+        NUM_CPUS="1",
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=secrets.token_hex(32),
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    )
     try:
         _script("start-head.sh", env)
         _script("start-worker.sh", env, "worker1")
@@ -161,12 +188,21 @@ def test_submit_attaches_succeeds_and_never_runs_twice(cluster):
 @pytest.mark.slow
 def test_failed_job_ends_with_one_line_and_a_retry_is_a_new_attempt(cluster):
     # k above the student's width passes the schema (checked at submit) but not preflight (on the cluster).
-    submit = ["submit", str(DEBUG), "--address", cluster.address,
-              "--set", f"artifact_root={cluster.shared}/runs", "--set", "selection.k=1000"]
+    submit = [
+        "submit",
+        str(DEBUG),
+        "--address",
+        cluster.address,
+        "--set",
+        f"artifact_root={cluster.shared}/runs",
+        "--set",
+        "selection.k=1000",
+    ]
     failed = _flexkd(cluster.env, *submit, "--wait", timeout=JOB_TIMEOUT_S)
     assert failed.returncode == 1
-    match = re.fullmatch(r"flexkd: job (flexkd-debug-[0-9a-f]{16}) FAILED: config error: selection\.k = 1000 .*",
-                         _last_line(failed))
+    match = re.fullmatch(
+        r"flexkd: job (flexkd-debug-[0-9a-f]{16}) FAILED: config error: selection\.k = 1000 .*", _last_line(failed)
+    )
     assert match, failed.stderr[-2000:]
 
     retry = _flexkd(cluster.env, *submit)
@@ -174,7 +210,9 @@ def test_failed_job_ends_with_one_line_and_a_retry_is_a_new_attempt(cluster):
     assert f"submitted job {retry_id}" in retry.stdout
     stop = _flexkd(cluster.env, "stop", retry_id, "--address", cluster.address)
     # Usually stopped while it starts; it may also have failed on its own first.
-    assert stop.returncode == 0 and (f"stop requested for job {retry_id}" in stop.stdout or "already FAILED" in stop.stdout)
+    assert stop.returncode == 0 and (
+        f"stop requested for job {retry_id}" in stop.stdout or "already FAILED" in stop.stdout
+    )
     deadline = time.monotonic() + 120
     while (status := _flexkd(cluster.env, "status", retry_id, "--address", cluster.address)).returncode == 0:
         assert time.monotonic() < deadline, status.stdout
@@ -196,18 +234,34 @@ def test_node_local_artifact_root_is_refused(cluster):
     # A third node sees an empty tmpfs where the others see the shared directory: the same path,
     # different storage, as when artifact_root is a local disk on each machine of a real cluster.
     cluster.shared.mkdir(parents=True, exist_ok=True)
-    blind_env = {**cluster.env, "FLEXKD_CLUSTER_DIR": str(cluster.shared.parent / "blind"),
-                 "WORKER_AGENT_PORT": str(_free_ports(1)[0])}
+    blind_env = {
+        **cluster.env,
+        "FLEXKD_CLUSTER_DIR": str(cluster.shared.parent / "blind"),
+        "WORKER_AGENT_PORT": str(_free_ports(1)[0]),
+    }
     unshare = ["unshare", "--mount", "--propagation", "private"] + ([] if os.geteuid() == 0 else ["--map-root-user"])
     mount_then_start = 'mount -t tmpfs tmpfs "$0" && exec "$1" blind'
-    started = subprocess.run([*unshare, "sh", "-c", mount_then_start, str(cluster.shared), str(LOCAL / "start-worker.sh")],
-                             env=blind_env, capture_output=True, text=True, timeout=300)
+    started = subprocess.run(
+        [*unshare, "sh", "-c", mount_then_start, str(cluster.shared), str(LOCAL / "start-worker.sh")],
+        env=blind_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     try:
         assert started.returncode == 0, started.stdout + started.stderr
-        result = _flexkd({**cluster.env, "RAY_ADDRESS": cluster.gcs_address}, "run", str(DEBUG),
-                         "--set", f"artifact_root={cluster.shared}/runs", timeout=300)
+        result = _flexkd(
+            {**cluster.env, "RAY_ADDRESS": cluster.gcs_address},
+            "run",
+            str(DEBUG),
+            "--set",
+            f"artifact_root={cluster.shared}/runs",
+            timeout=300,
+        )
         assert result.returncode == 1
-        assert re.fullmatch(rf"flexkd: artifact_root {cluster.shared}/runs is node-local: 1 of 3 nodes cannot see it .*",
-                            _last_line(result)), result.stderr[-2000:]
+        assert re.fullmatch(
+            rf"flexkd: artifact_root {cluster.shared}/runs is node-local: 1 of 3 nodes cannot see it .*",
+            _last_line(result),
+        ), result.stderr[-2000:]
     finally:
         subprocess.run([str(LOCAL / "stop.sh")], env=blind_env, capture_output=True, timeout=120)

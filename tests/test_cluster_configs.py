@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from flexkd.cli import build_parser
-from flexkd.config import load_config
+from flexkd.config.schema import load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLUSTERS = REPO_ROOT / "clusters"
@@ -33,13 +33,20 @@ def _project_requirements() -> list[str]:
 
 
 def test_every_file_in_clusters_is_checked_here():
-    checked = {*_files("vm", "*.yaml"), *_files("kuberay", "*.yaml"), *_files("runtime_env", "*.yaml"),
-               *_files("local", "*.sh"), *_files("schedule", "*"), CLUSTERS / "README.md"}
+    checked = {
+        *_files("vm", "*.yaml"),
+        *_files("kuberay", "*.yaml"),
+        *_files("runtime_env", "*.yaml"),
+        *_files("local", "*.sh"),
+        *_files("schedule", "*"),
+        CLUSTERS / "README.md",
+    }
     assert {path for path in CLUSTERS.rglob("*") if path.is_file()} == checked
     assert len(_files("vm", "*.yaml")) >= 2 and len(_files("kuberay", "*.yaml")) >= 3
 
 
 # ---- clusters/vm: the Ray cluster launcher -----------------------------------------------------
+
 
 @pytest.mark.parametrize("path", _files("vm", "*.yaml"), ids=lambda path: path.name)
 def test_launcher_config_passes_rays_own_validation(path):
@@ -68,6 +75,7 @@ def test_aws_config_has_cpu_and_gpu_worker_types():
 
 # ---- clusters/kuberay: RayCluster and RayJob ---------------------------------------------------
 
+
 def _kuberay_documents() -> dict[str, dict]:
     documents = {}
     for path in _files("kuberay", "*.yaml"):
@@ -77,8 +85,10 @@ def _kuberay_documents() -> dict[str, dict]:
 
 
 def _pod_specs(cluster_spec: dict) -> list[dict]:
-    return [cluster_spec["headGroupSpec"]["template"]["spec"],
-            *(group["template"]["spec"] for group in cluster_spec["workerGroupSpecs"])]
+    return [
+        cluster_spec["headGroupSpec"]["template"]["spec"],
+        *(group["template"]["spec"] for group in cluster_spec["workerGroupSpecs"]),
+    ]
 
 
 def _check_ray_cluster_spec(spec: dict) -> None:
@@ -96,8 +106,11 @@ def _check_ray_cluster_spec(spec: dict) -> None:
         claims = {volume["name"]: volume.get("persistentVolumeClaim", {}).get("claimName") for volume in pod["volumes"]}
         mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
         assert claims[mounts[SHARED_MOUNT]] == "flexkd-shared"
-    gpu_groups = [group for group in groups
-                  if "nvidia.com/gpu" in group["template"]["spec"]["containers"][0]["resources"]["limits"]]
+    gpu_groups = [
+        group
+        for group in groups
+        if "nvidia.com/gpu" in group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    ]
     assert gpu_groups and len(gpu_groups) < len(groups), "want a CPU and a GPU worker group"
     assert all(group["template"]["spec"]["containers"][0]["image"].endswith("-gpu") for group in gpu_groups)
 
@@ -129,8 +142,11 @@ def test_rayjob_runs_a_valid_flexkd_pipeline_on_its_own_cluster():
     overrides = dict(pair.split("=", 1) for pair in args.set)
     config = load_config(REPO_ROOT / args.pipeline, {key: yaml.safe_load(value) for key, value in overrides.items()})
     assert config.artifact_root.startswith(SHARED_MOUNT) and config.resources.use_gpu
-    gpu_workers = sum(group["replicas"] for group in spec["rayClusterSpec"]["workerGroupSpecs"]
-                      if "nvidia.com/gpu" in group["template"]["spec"]["containers"][0]["resources"]["limits"])
+    gpu_workers = sum(
+        group["replicas"]
+        for group in spec["rayClusterSpec"]["workerGroupSpecs"]
+        if "nvidia.com/gpu" in group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    )
     assert config.resources.num_workers <= gpu_workers
 
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
@@ -140,6 +156,7 @@ def test_rayjob_runs_a_valid_flexkd_pipeline_on_its_own_cluster():
 
 
 # ---- clusters/runtime_env -----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("path", _files("runtime_env", "*.yaml"), ids=lambda path: path.name)
 def test_runtime_env_is_valid_and_installs_the_projects_requirements(path):
@@ -158,6 +175,7 @@ def test_cpu_runtime_env_takes_the_cpu_build_of_torch():
 
 # ---- clusters/schedule: flexkd watch from cron, systemd and Kubernetes ----------------------------
 
+
 def _check_watch_command(words: list[str]) -> None:
     """A `flexkd watch --once` of a shipped pipeline that has a watch section."""
     args = build_parser().parse_args(words)
@@ -168,13 +186,16 @@ def _check_watch_command(words: list[str]) -> None:
 
 
 def test_cron_line_polls_once_under_a_lock():
-    [line] = [line for line in (CLUSTERS / "schedule" / "crontab").read_text().splitlines()
-              if line.strip() and not line.startswith("#") and "=" not in line.split()[0]]
+    [line] = [
+        line
+        for line in (CLUSTERS / "schedule" / "crontab").read_text().splitlines()
+        if line.strip() and not line.startswith("#") and "=" not in line.split()[0]
+    ]
     fields = line.split(None, 5)
     assert len(fields) == 6 and all(re.fullmatch(r"[\d*/,-]+", field) for field in fields[:5])
     command = shlex.split(fields[5].split(">>")[0])
     assert "flock" in command and "-n" in command
-    _check_watch_command(command[command.index("watch"):])
+    _check_watch_command(command[command.index("watch") :])
 
 
 def test_systemd_timer_starts_a_oneshot_watch():
@@ -212,12 +233,13 @@ def test_kubernetes_cronjob_submits_each_release_to_the_raycluster():
 
 # ---- clusters/local and the README --------------------------------------------------------------
 
+
 @pytest.mark.parametrize("path", _files("local", "*.sh"), ids=lambda path: path.name)
 def test_local_scripts_parse(path):
     assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
     if path.name.startswith(("start-", "stop")):
         assert path.stat().st_mode & 0o111, f"{path.name} is not executable"
-        assert "source \"$(dirname \"$0\")/env.sh\"" in path.read_text()
+        assert 'source "$(dirname "$0")/env.sh"' in path.read_text()
 
 
 def test_readme_names_only_files_that_exist():

@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from flexkd.cli import main
-from flexkd.config import ConfigError, load_config, parse_config
-from flexkd.models import TINY_TOKENIZER_DIR, build_random_model, load_tokenizer
-from flexkd.resolve import plan_models, preflight
+from flexkd.config.schema import ConfigError, load_config, parse_config
+from flexkd.models.loading import TINY_TOKENIZER_DIR, build_random_model, load_tokenizer
+from flexkd.models.plan import plan_models, preflight
 
 PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 
@@ -96,9 +96,17 @@ def test_layer_out_of_range_is_refused(tmp_path):
 def test_tokenizer_mismatch_is_refused(tmp_path):
     tokenizer = load_tokenizer(TINY_TOKENIZER_DIR)
     tokenizer.add_tokens(["<an-extra-token>"])
-    student = build_random_model({"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-                                  "num_key_value_heads": 2, "intermediate_size": 64},
-                                 vocab_size=len(tokenizer), seed=0)
+    student = build_random_model(
+        {
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 64,
+        },
+        vocab_size=len(tokenizer),
+        seed=0,
+    )
     student.save_pretrained(tmp_path / "student")
     tokenizer.save_pretrained(tmp_path / "student")
     raw = debug_raw()

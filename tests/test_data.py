@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from flexkd.config import TaskConfig
-from flexkd.data import (
+from flexkd.config.schema import TaskConfig
+from flexkd.data.rows import (
     IGNORE_INDEX,
     _truncate_generation,
     collate_batch,
@@ -19,16 +19,23 @@ from flexkd.data import (
     verbalizer_token_ids,
 )
 
-SST2_TASK = TaskConfig(kind="classification", prompt_template="Review: {sentence}\nSentiment:",
-                       label_column="label", label_names=["negative", "positive"])
-SAMSUM_TASK = TaskConfig(kind="generation", prompt_template="Summarize the dialogue:\n{dialogue}\nSummary:",
-                         response_column="summary")
+SST2_TASK = TaskConfig(
+    kind="classification",
+    prompt_template="Review: {sentence}\nSentiment:",
+    label_column="label",
+    label_names=["negative", "positive"],
+)
+SAMSUM_TASK = TaskConfig(
+    kind="generation", prompt_template="Summarize the dialogue:\n{dialogue}\nSummary:", response_column="summary"
+)
 
 
 def test_verbalizers_are_the_first_token_after_a_space(tiny_tokenizer):
     ids = verbalizer_token_ids(tiny_tokenizer, ["negative", "positive"])
-    assert ids == [continuation_ids(tiny_tokenizer, [" negative"])[0][0],
-                   continuation_ids(tiny_tokenizer, [" positive"])[0][0]]
+    assert ids == [
+        continuation_ids(tiny_tokenizer, [" negative"])[0][0],
+        continuation_ids(tiny_tokenizer, [" positive"])[0][0],
+    ]
     assert tiny_tokenizer.decode(ids[1]).startswith(" p")
     # A name that already starts with whitespace is taken as is, not given a second space.
     assert verbalizer_token_ids(tiny_tokenizer, [" negative", " positive"]) == ids
@@ -41,8 +48,10 @@ def test_verbalizers_sharing_a_first_token_are_refused(tiny_tokenizer):
 
 
 def test_render_prompt_formats_columns_and_names_a_missing_one(tiny_tokenizer):
-    assert render_prompt("Review: {sentence}\nSentiment:", {"sentence": "great"}, tiny_tokenizer, False) \
+    assert (
+        render_prompt("Review: {sentence}\nSentiment:", {"sentence": "great"}, tiny_tokenizer, False)
         == "Review: great\nSentiment:"
+    )
     with pytest.raises(ValueError, match=r"task.prompt_template: no column 'text' in the row; columns are: sentence"):
         render_prompt("{text}", {"sentence": "great"}, tiny_tokenizer, False)
 
@@ -64,8 +73,11 @@ def test_required_columns_are_the_template_columns_and_the_target():
 
 
 def test_classification_rows_mask_everything_and_map_labels(tiny_tokenizer):
-    batch = {"sentence": np.array(["a gem", "a dud"], dtype=object), "label": ["positive", 0],
-             "example_id": np.array([7, 8])}
+    batch = {
+        "sentence": np.array(["a gem", "a dud"], dtype=object),
+        "label": ["positive", 0],
+        "example_id": np.array([7, 8]),
+    }
     rows = tokenize_rows(batch, tiny_tokenizer, SST2_TASK, max_length=64)
     assert rows["example_id"] == [7, 8]
     assert rows["class_label"] == [1, 0] and rows["reference"] == ["positive", "negative"]
@@ -92,8 +104,9 @@ def test_a_label_outside_the_label_set_is_one_line_naming_it(tiny_tokenizer, bad
 
 def test_a_null_value_is_refused(tiny_tokenizer):
     with pytest.raises(ValueError, match="example 4: column 'sentence' is empty"):
-        tokenize_rows({"sentence": ["ok", None], "label": [1, 1], "example_id": [3, 4]}, tiny_tokenizer, SST2_TASK,
-                      max_length=32)
+        tokenize_rows(
+            {"sentence": ["ok", None], "label": [1, 1], "example_id": [3, 4]}, tiny_tokenizer, SST2_TASK, max_length=32
+        )
 
 
 def test_an_empty_prompt_is_refused(tiny_tokenizer):
@@ -121,16 +134,19 @@ def test_generation_responses_after_a_chat_template_get_no_extra_space(tiny_toke
     assert tiny_tokenizer.decode(rows["input_ids"][0][prompt_length:-1]) == "A greets."
 
 
-@pytest.mark.parametrize(("prompt", "response", "max_length", "kept_prompt", "kept_response"), [
-    (10, 3, 8, 5, 3),   # short response: all of it survives, the prompt loses its start
-    (10, 20, 8, 4, 4),  # both long: the response keeps max_length // 2, cut at its end
-    (2, 20, 8, 2, 6),   # short prompt: untouched, the response fills the rest
-    (3, 3, 8, 3, 3),    # fits: nothing cut
-])
+@pytest.mark.parametrize(
+    ("prompt", "response", "max_length", "kept_prompt", "kept_response"),
+    [
+        (10, 3, 8, 5, 3),  # short response: all of it survives, the prompt loses its start
+        (10, 20, 8, 4, 4),  # both long: the response keeps max_length // 2, cut at its end
+        (2, 20, 8, 2, 6),  # short prompt: untouched, the response fills the rest
+        (3, 3, 8, 3, 3),  # fits: nothing cut
+    ],
+)
 def test_generation_truncation(prompt, response, max_length, kept_prompt, kept_response):
     prompt_ids, response_ids = list(range(100, 100 + prompt)), list(range(response))
     kept_p, kept_r = _truncate_generation(prompt_ids, response_ids, max_length)
-    assert kept_p == prompt_ids[len(prompt_ids) - kept_prompt:] and kept_r == response_ids[:kept_response]
+    assert kept_p == prompt_ids[len(prompt_ids) - kept_prompt :] and kept_r == response_ids[:kept_response]
 
 
 def test_truncated_generation_rows_fit_max_length(tiny_tokenizer):
@@ -148,8 +164,13 @@ def _ray_style(rows: list[list[int]]) -> np.ndarray:
 
 @pytest.mark.parametrize("as_column", [_ray_style, lambda rows: rows])
 def test_collate_pads_to_the_longest_row(as_column):
-    rows = {"input_ids": as_column([[5, 6, 7], [8]]), "labels": as_column([[-100, 6, 7], [-100]]),
-            "prompt_length": np.array([1, 1], dtype=np.int32), "class_label": [-1, -1], "example_id": [3, 4]}
+    rows = {
+        "input_ids": as_column([[5, 6, 7], [8]]),
+        "labels": as_column([[-100, 6, 7], [-100]]),
+        "prompt_length": np.array([1, 1], dtype=np.int32),
+        "class_label": [-1, -1],
+        "example_id": [3, 4],
+    }
     batch = collate_batch(rows, pad_token_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
@@ -159,8 +180,13 @@ def test_collate_pads_to_the_longest_row(as_column):
 
 
 def test_collate_accepts_equal_length_rows_as_a_2d_array():
-    rows = {"input_ids": np.array([[1, 2], [3, 4]], dtype=np.int32), "labels": np.full((2, 2), -100),
-            "prompt_length": [2, 2], "class_label": [0, 1], "example_id": [0, 1]}
+    rows = {
+        "input_ids": np.array([[1, 2], [3, 4]], dtype=np.int32),
+        "labels": np.full((2, 2), -100),
+        "prompt_length": [2, 2],
+        "class_label": [0, 1],
+        "example_id": [0, 1],
+    }
     batch = collate_batch(rows, pad_token_id=9)
     assert batch["input_ids"].shape == (2, 2) and batch["attention_mask"].all()
     assert batch["class_label"].tolist() == [0, 1]

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from gloo_ranks import run_on_two_ranks
 from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from flexkd import distributed as fd
-from gloo_ranks import run_on_two_ranks
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
@@ -80,10 +80,7 @@ def test_single_process_shard_is_noop_and_checkpoint_round_trips(tmp_path: Path)
     path = fd.save_checkpoint(tmp_path, model, optimizer, step=2, extra={"epoch": 0})
     assert path == tmp_path / "step_00000002"
     saved_params = {k: v.clone() for k, v in model.state_dict().items()}
-    saved_optim = {
-        name: {k: v.clone() for k, v in optimizer.state[p].items()}
-        for name, p in model.named_parameters()
-    }
+    saved_optim = {name: {k: v.clone() for k, v in optimizer.state[p].items()} for name, p in model.named_parameters()}
 
     # A step directory without meta.json is an interrupted save and must be ignored.
     (tmp_path / "step_00000009").mkdir()
@@ -162,8 +159,9 @@ def _two_rank_worker(out_dir: str) -> None:
     loaded = fd.full_model_state_dict(fresh)
     total = fd.all_reduce_sum_(torch.tensor([float(fd.rank() + 1)]))
     if fd.is_main_process():
-        torch.save({"path": str(path), "meta": meta, "saved": saved, "loaded": loaded,
-                    "total": total.item()}, out / "ckpt.pt")
+        torch.save(
+            {"path": str(path), "meta": meta, "saved": saved, "loaded": loaded, "total": total.item()}, out / "ckpt.pt"
+        )
     else:
         assert saved == {} and loaded == {}
 
@@ -184,9 +182,7 @@ def test_two_gloo_ranks_match_single_process_gradients(two_rank_run: Path) -> No
     expected = {name: p.grad for name, p in reference.named_parameters()}
     assert sharded.keys() == expected.keys()
     for name, grad in expected.items():
-        torch.testing.assert_close(
-            sharded[name], grad, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
-        )
+        torch.testing.assert_close(sharded[name], grad, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_two_rank_checkpoint_round_trip(two_rank_run: Path) -> None:
@@ -220,8 +216,7 @@ def _ray_train_loop(config: dict) -> None:
     path = fd.save_checkpoint(Path(config["checkpoint_dir"]), model, optimizer, step=3)
     # Mean over ranks, so the reported number does not depend on which rank reports it.
     first_last = fd.all_reduce_sum_(torch.tensor([losses[0], losses[-1]])) / fd.world_size()
-    metrics = {"first_loss": first_last[0].item(), "loss": first_last[1].item(),
-               "world_size": fd.world_size()}
+    metrics = {"first_loss": first_last[0].item(), "loss": first_last[1].item(), "world_size": fd.world_size()}
     # Ray Train V2 keeps in Result.metrics only what was reported with a checkpoint, taken
     # from rank 0; rank 0 alone hands over the (shared-filesystem) DCP directory.
     checkpoint = ray.train.Checkpoint.from_directory(path) if fd.is_main_process() else None

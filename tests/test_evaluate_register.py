@@ -12,30 +12,46 @@ import mlflow
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 from mlflow import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from flexkd.config import PipelineConfig, parse_config
-from flexkd.data import ROW_SCHEMA, verbalizer_token_ids
+from flexkd.config.schema import PipelineConfig, parse_config
+from flexkd.data.rows import ROW_SCHEMA, verbalizer_token_ids
 from flexkd.errors import StageError
-from flexkd.models import TINY_TOKENIZER_DIR, build_random_model, load_tokenizer, parameter_count
-from flexkd.registry import download_registered_student
-from flexkd.resolve import load_teacher
+from flexkd.evaluation.metrics import macro_f1
+from flexkd.models.loading import TINY_TOKENIZER_DIR, build_random_model, load_tokenizer, parameter_count
+from flexkd.models.plan import load_teacher
 from flexkd.stages import evaluate, register
-from flexkd.stages.evaluate import macro_f1
+from flexkd.tracking.model_registry import download_registered_student
 
-TEACHER_ARCHITECTURE = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                        "num_key_value_heads": 2, "intermediate_size": 128}
+TEACHER_ARCHITECTURE = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+}
 STUDENT_ARCHITECTURE = {**TEACHER_ARCHITECTURE, "hidden_size": 32, "intermediate_size": 64}
 LABEL_NAMES = ["negative", "positive"]
 # The first prompt is the shortest, so in its batch it is the one padded the most.
-REVIEWS = [("dull", 0), ("a wonderful, moving film", 1), ("I walked out after an hour", 0),
-           ("great cast, great script", 1), ("not worth the ticket price at all", 0), ("loved it", 1)]
-QUESTIONS = [("Sky?", "The sky is blue."), ("What do cats drink when they are thirsty?", "Cats drink water."),
-             ("Name a fruit.", "An apple is a fruit."), ("What is two plus two?", "Two plus two is four."),
-             ("Where do fish live?", "Fish live in water."), ("What melts in the sun?", "Ice melts in the sun.")]
+REVIEWS = [
+    ("dull", 0),
+    ("a wonderful, moving film", 1),
+    ("I walked out after an hour", 0),
+    ("great cast, great script", 1),
+    ("not worth the ticket price at all", 0),
+    ("loved it", 1),
+]
+QUESTIONS = [
+    ("Sky?", "The sky is blue."),
+    ("What do cats drink when they are thirsty?", "Cats drink water."),
+    ("Name a fruit.", "An apple is a fruit."),
+    ("What is two plus two?", "Two plus two is four."),
+    ("Where do fish live?", "Fish live in water."),
+    ("What melts in the sun?", "Ice melts in the sun."),
+]
 EVALUATION = {"batch_size": 4, "max_new_tokens": 5, "samples": 3}
 
 
@@ -66,35 +82,46 @@ def test_evaluate_names_the_workers_error(tmp_path, local_ray):
     _write_manifest(tmp_path / "tokenize", {"pad_token_id": 0, "verbalizer_ids": None})
     (tmp_path / "tokenize" / "eval").mkdir()
     with pytest.raises(StageError, match=r"^evaluate: FileNotFoundError: .*eval: no eval parquet shards$"):
-        evaluate.run(_config("generation"), {"tokenize": tmp_path / "tokenize", "distill": tmp_path / "distill"},
-                     tmp_path)
+        evaluate.run(
+            _config("generation"), {"tokenize": tmp_path / "tokenize", "distill": tmp_path / "distill"}, tmp_path
+        )
 
 
 def test_classification_is_evaluated_and_the_student_registered(tmp_path, local_ray, mlflow_store):
     config = _config("classification")
     tokenizer = load_tokenizer(TINY_TOKENIZER_DIR)
     verbalizer_ids = verbalizer_token_ids(tokenizer, LABEL_NAMES)
-    rows = [_row(index, tokenizer.encode(f"Review: {text}\nSentiment:", add_special_tokens=False), [], label,
-                 LABEL_NAMES[label]) for index, (text, label) in enumerate(REVIEWS)]
+    rows = [
+        _row(
+            index,
+            tokenizer.encode(f"Review: {text}\nSentiment:", add_special_tokens=False),
+            [],
+            label,
+            LABEL_NAMES[label],
+        )
+        for index, (text, label) in enumerate(REVIEWS)
+    ]
     student = _write_stage_inputs(tmp_path, tokenizer, rows, verbalizer_ids)
 
     evaluated, runs = _run_stages(config, tmp_path)
 
     metrics, samples = evaluated["metrics"], _predictions(tmp_path)
     assert evaluated["examples"] == len(REVIEWS) and evaluated["primary_metric"] == "accuracy"
-    assert set(metrics) == {f"{role}.{name}" for role in ("teacher", "student")
-                            for name in ("accuracy", "macro_f1", "parameters")}
+    assert set(metrics) == {
+        f"{role}.{name}" for role in ("teacher", "student") for name in ("accuracy", "macro_f1", "parameters")
+    }
     for role, model in {"teacher": load_teacher(config), "student": student}.items():
         # One unpadded example at a time: the batched, padded evaluation must agree.
         with torch.no_grad():
-            predicted = [int(model(torch.tensor([row["input_ids"]])).logits[0, -1, verbalizer_ids].argmax())
-                         for row in rows]
+            predicted = [
+                int(model(torch.tensor([row["input_ids"]])).logits[0, -1, verbalizer_ids].argmax()) for row in rows
+            ]
         actual = [row["class_label"] for row in rows]
         assert metrics[f"{role}.accuracy"] == pytest.approx(sum(p == a for p, a in zip(predicted, actual)) / len(rows))
         assert metrics[f"{role}.macro_f1"] == pytest.approx(macro_f1(predicted, actual))
         assert 0 <= metrics[f"{role}.macro_f1"] <= 1
         assert metrics[f"{role}.parameters"] == parameter_count(model)
-        assert [sample[role] for sample in samples] == [LABEL_NAMES[label] for label in predicted[:len(samples)]]
+        assert [sample[role] for sample in samples] == [LABEL_NAMES[label] for label in predicted[: len(samples)]]
     assert metrics["teacher.parameters"] > metrics["student.parameters"]
     _check_logged_and_registered(config, tmp_path, runs, evaluated, student)
 
@@ -103,8 +130,16 @@ def test_the_teachers_scores_are_kept_and_reused_for_the_next_student(tmp_path, 
     config = _config("classification")
     tokenizer = load_tokenizer(TINY_TOKENIZER_DIR)
     verbalizer_ids = verbalizer_token_ids(tokenizer, LABEL_NAMES)
-    rows = [_row(index, tokenizer.encode(f"Review: {text}\nSentiment:", add_special_tokens=False), [], label,
-                 LABEL_NAMES[label]) for index, (text, label) in enumerate(REVIEWS)]
+    rows = [
+        _row(
+            index,
+            tokenizer.encode(f"Review: {text}\nSentiment:", add_special_tokens=False),
+            [],
+            label,
+            LABEL_NAMES[label],
+        )
+        for index, (text, label) in enumerate(REVIEWS)
+    ]
     _write_stage_inputs(tmp_path, tokenizer, rows, verbalizer_ids)
     inputs = {"tokenize": tmp_path / "tokenize", "distill": tmp_path / "distill"}
     with mlflow.start_run(run_name="first"):
@@ -126,17 +161,25 @@ def test_the_teachers_scores_are_kept_and_reused_for_the_next_student(tmp_path, 
 def test_generation_is_evaluated_and_the_student_registered(tmp_path, local_ray, mlflow_store):
     config = _config("generation")
     tokenizer = load_tokenizer(TINY_TOKENIZER_DIR)
-    rows = [_row(index, tokenizer.encode(f"Question: {question}\nAnswer:", add_special_tokens=False),
-                 tokenizer.encode(" " + answer, add_special_tokens=False) + [tokenizer.eos_token_id], -1, answer)
-            for index, (question, answer) in enumerate(QUESTIONS)]
+    rows = [
+        _row(
+            index,
+            tokenizer.encode(f"Question: {question}\nAnswer:", add_special_tokens=False),
+            tokenizer.encode(" " + answer, add_special_tokens=False) + [tokenizer.eos_token_id],
+            -1,
+            answer,
+        )
+        for index, (question, answer) in enumerate(QUESTIONS)
+    ]
     student = _write_stage_inputs(tmp_path, tokenizer, rows, None)
 
     evaluated, runs = _run_stages(config, tmp_path)
 
     metrics = evaluated["metrics"]
     assert evaluated["examples"] == len(QUESTIONS) and evaluated["primary_metric"] == "rougeL"
-    assert set(metrics) == {f"{role}.{name}" for role in ("teacher", "student")
-                            for name in ("rougeL", "perplexity", "parameters")}
+    assert set(metrics) == {
+        f"{role}.{name}" for role in ("teacher", "student") for name in ("rougeL", "perplexity", "parameters")
+    }
     for role in ("teacher", "student"):
         assert 0 <= metrics[f"{role}.rougeL"] <= 100
         assert 1 < metrics[f"{role}.perplexity"] < math.inf
@@ -149,36 +192,53 @@ def test_generation_is_evaluated_and_the_student_registered(tmp_path, local_ray,
             summed_nll += torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum").item()
             tokens += int((targets != -100).sum())
         # Greedy decoding of the most left-padded prompt matches decoding it alone.
-        prompt = torch.tensor([rows[0]["input_ids"][:rows[0]["prompt_length"]]])
-        alone = student.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                 max_new_tokens=EVALUATION["max_new_tokens"], pad_token_id=tokenizer.pad_token_id)
+        prompt = torch.tensor([rows[0]["input_ids"][: rows[0]["prompt_length"]]])
+        alone = student.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            do_sample=False,
+            max_new_tokens=EVALUATION["max_new_tokens"],
+            pad_token_id=tokenizer.pad_token_id,
+        )
     assert metrics["student.perplexity"] == pytest.approx(math.exp(summed_nll / tokens), rel=1e-4)
     samples = _predictions(tmp_path)
-    assert samples[0]["student"] == tokenizer.decode(alone[0, prompt.shape[1]:], skip_special_tokens=True)
+    assert samples[0]["student"] == tokenizer.decode(alone[0, prompt.shape[1] :], skip_special_tokens=True)
     assert samples[0]["prompt"] == f"Question: {QUESTIONS[0][0]}\nAnswer:"
-    assert [sample["reference"] for sample in samples] == [answer for _, answer in QUESTIONS[:len(samples)]]
+    assert [sample["reference"] for sample in samples] == [answer for _, answer in QUESTIONS[: len(samples)]]
     _check_logged_and_registered(config, tmp_path, runs, evaluated, student)
 
 
 def _config(kind: str) -> PipelineConfig:
     task = {"kind": kind, "label_names": LABEL_NAMES} if kind == "classification" else {"kind": kind}
-    return parse_config({
-        "name": f"tiny-{kind}",
-        "teacher": {"source": "random", "tokenizer": str(TINY_TOKENIZER_DIR), "architecture": TEACHER_ARCHITECTURE,
-                    "version": "7"},
-        "student": {"architecture": STUDENT_ARCHITECTURE},
-        "data": {"train": {"path": "unused.jsonl"}, "eval": {"path": "unused.jsonl"}},
-        "task": task,
-        "evaluation": EVALUATION,
-    })
+    return parse_config(
+        {
+            "name": f"tiny-{kind}",
+            "teacher": {
+                "source": "random",
+                "tokenizer": str(TINY_TOKENIZER_DIR),
+                "architecture": TEACHER_ARCHITECTURE,
+                "version": "7",
+            },
+            "student": {"architecture": STUDENT_ARCHITECTURE},
+            "data": {"train": {"path": "unused.jsonl"}, "eval": {"path": "unused.jsonl"}},
+            "task": task,
+            "evaluation": EVALUATION,
+        }
+    )
 
 
-def _row(index: int, prompt_ids: list[int], response_ids: list[int], class_label: int,
-         reference: str) -> dict[str, Any]:
+def _row(
+    index: int, prompt_ids: list[int], response_ids: list[int], class_label: int, reference: str
+) -> dict[str, Any]:
     """One tokenized eval row in the tokenize stage's format (-100: not a target)."""
-    return {"example_id": index, "input_ids": prompt_ids + response_ids,
-            "labels": [-100] * len(prompt_ids) + response_ids, "prompt_length": len(prompt_ids),
-            "class_label": class_label, "reference": reference}
+    return {
+        "example_id": index,
+        "input_ids": prompt_ids + response_ids,
+        "labels": [-100] * len(prompt_ids) + response_ids,
+        "prompt_length": len(prompt_ids),
+        "class_label": class_label,
+        "reference": reference,
+    }
 
 
 def _write_stage_inputs(root: Path, tokenizer, rows: list[dict[str, Any]], verbalizer_ids: list[int] | None):
@@ -189,8 +249,9 @@ def _write_stage_inputs(root: Path, tokenizer, rows: list[dict[str, Any]], verba
     for shard, part in enumerate((rows[:half], rows[half:])):
         pq.write_table(pa.Table.from_pylist(part, schema=ROW_SCHEMA), eval_dir / f"part-{shard:05d}.parquet")
     _write_manifest(root / "tokenize", {"pad_token_id": tokenizer.pad_token_id, "verbalizer_ids": verbalizer_ids})
-    student = build_random_model(STUDENT_ARCHITECTURE, vocab_size=len(tokenizer), seed=1,
-                                 pad_token_id=tokenizer.pad_token_id)
+    student = build_random_model(
+        STUDENT_ARCHITECTURE, vocab_size=len(tokenizer), seed=1, pad_token_id=tokenizer.pad_token_id
+    )
     student.save_pretrained(root / "distill" / "student")
     tokenizer.save_pretrained(root / "distill" / "student")
     return student
@@ -208,8 +269,9 @@ def _run_stages(config: PipelineConfig, root: Path) -> tuple[dict[str, Any], dic
             _write_manifest(root / "score", {}, score_run.info.run_id)
         with mlflow.start_run(run_name="evaluate", nested=True) as evaluate_run:
             (root / "evaluate").mkdir()
-            evaluated = evaluate.run(config, {"tokenize": root / "tokenize", "distill": root / "distill"},
-                                     root / "evaluate")
+            evaluated = evaluate.run(
+                config, {"tokenize": root / "tokenize", "distill": root / "distill"}, root / "evaluate"
+            )
             _write_manifest(root / "evaluate", evaluated, evaluate_run.info.run_id)
         with mlflow.start_run(run_name="register", nested=True):
             (root / "register").mkdir()
@@ -223,8 +285,9 @@ def _predictions(root: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines]
 
 
-def _check_logged_and_registered(config: PipelineConfig, root: Path, runs: dict[str, str],
-                                 evaluated: dict[str, Any], student: torch.nn.Module) -> None:
+def _check_logged_and_registered(
+    config: PipelineConfig, root: Path, runs: dict[str, str], evaluated: dict[str, Any], student: torch.nn.Module
+) -> None:
     client = MlflowClient()
     logged = client.get_run(runs["evaluate"]).data.metrics
     assert logged == pytest.approx(evaluated["metrics"])
@@ -247,8 +310,9 @@ def _check_logged_and_registered(config: PipelineConfig, root: Path, runs: dict[
         assert torch.equal(expected, actual), key
     tokenizer = AutoTokenizer.from_pretrained(folder)
     prompt = tokenizer("Question: Sky?\nAnswer:", return_tensors="pt")
-    generated = downloaded.generate(**prompt, max_new_tokens=3, min_new_tokens=3, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id)
+    generated = downloaded.generate(
+        **prompt, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
     assert generated.shape == (1, prompt["input_ids"].shape[1] + 3)
     # The same version also serves as a pyfunc: prompts in, completions out.
     completions = mlflow.pyfunc.load_model(registered["model_uri"]).predict(["Question: Sky?\nAnswer:", "Hi"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flexkd.importance import (
+from flexkd.method.importance import (
     IMPORTANCE_SCORES,
     finalize_importance,
     hidden_state_gradients,
@@ -78,8 +78,9 @@ def test_masked_tokens_contribute_nothing(score):
     hidden[mask == 0] = float("nan")
     assert torch.equal(unit_importance_sum(grad, hidden, mask, score), reference)
     kept_only = unit_importance_sum(grad[:, :2], hidden[:, :2], torch.ones(2, 2), score)
-    torch.testing.assert_close(reference - kept_only, unit_importance_sum(grad[1:, 2:3], hidden[1:, 2:3],
-                                                                          torch.ones(1, 1), score))
+    torch.testing.assert_close(
+        reference - kept_only, unit_importance_sum(grad[1:, 2:3], hidden[1:, 2:3], torch.ones(1, 1), score)
+    )
 
 
 def test_sums_from_shards_finalize_to_the_same_importance():

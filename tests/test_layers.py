@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flexkd.layers import (
+from flexkd.method.layers import (
     forward_with_hidden_states,
     last_token_positions,
     resolve_layer_map,
@@ -53,8 +53,9 @@ def test_teacher_layers_needed_is_sorted_and_unique():
 
 
 def _batch(tiny_tokenizer):
-    return tiny_tokenizer(["a fine film", "one of the worst movies of the year , truly"], padding=True,
-                          return_tensors="pt")
+    return tiny_tokenizer(
+        ["a fine film", "one of the worst movies of the year , truly"], padding=True, return_tensors="pt"
+    )
 
 
 def test_causal_lm_hidden_states(build_tiny_llama, tiny_tokenizer):
@@ -93,7 +94,9 @@ def test_gradient_reaches_returned_hidden_states(build_tiny_llama, tiny_tokenize
 def test_no_grad_mode_is_respected(build_tiny_llama, tiny_tokenizer):
     batch = _batch(tiny_tokenizer)
     with torch.no_grad():
-        logits, hidden = forward_with_hidden_states(build_tiny_llama(), batch["input_ids"], batch["attention_mask"], [1])
+        logits, hidden = forward_with_hidden_states(
+            build_tiny_llama(), batch["input_ids"], batch["attention_mask"], [1]
+        )
     assert not logits.requires_grad and not hidden[1].requires_grad
 
 

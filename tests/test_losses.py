@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flexkd.losses import (
+from flexkd.method.losses import (
     LOGIT_LOSSES,
     LinearProjector,
     causal_lm_loss,
@@ -195,9 +195,13 @@ def test_logit_losses_match_float64_reference(kind, tau):
 
 def test_named_logit_losses_match_the_dispatcher():
     student, teacher = _logits(0), _logits(1)
-    named = {"forward_kl": forward_kl(student, teacher, 2.0), "reverse_kl": reverse_kl(student, teacher, 2.0),
-             "jsd": generalized_jsd(student, teacher, 2.0, beta=0.7), "skew_kl": skew_kl(student, teacher, 2.0, 0.3),
-             "tvd": total_variation(student, teacher, 2.0)}
+    named = {
+        "forward_kl": forward_kl(student, teacher, 2.0),
+        "reverse_kl": reverse_kl(student, teacher, 2.0),
+        "jsd": generalized_jsd(student, teacher, 2.0, beta=0.7),
+        "skew_kl": skew_kl(student, teacher, 2.0, 0.3),
+        "tvd": total_variation(student, teacher, 2.0),
+    }
     for kind, value in named.items():
         torch.testing.assert_close(value, logit_distillation_loss(kind, student, teacher, 2.0, 0.7, 0.3))
 
@@ -216,7 +220,7 @@ def test_logit_losses_are_zero_for_identical_logits_full_and_top_k(kind):
     assert logit_distillation_loss(kind, logits, logits.clone(), 2.0).item() == pytest.approx(0.0, abs=1e-6)
     for k in (3, 11):
         logprobs, ids = teacher_topk(logits, k, temperature=2.0)
-        assert topk_logit_distillation_loss(kind, logits, logprobs, ids, 2.0).item() == pytest.approx(0.0, abs=1e-5)
+        assert topk_logit_distillation_loss(kind, logits, logprobs, ids, 2.0).item() == pytest.approx(0.0, abs=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
@@ -285,8 +289,9 @@ def test_logit_loss_arguments_are_validated():
 def test_causal_lm_loss_shifts_and_ignores_masked_labels():
     logits = _features(2, 5, 7)
     labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 1, 2, 6, 0]])
-    expected_terms = [F.cross_entropy(logits[b, t - 1], labels[b, t]) for b in range(2) for t in range(1, 5)
-                      if labels[b, t] != -100]
+    expected_terms = [
+        F.cross_entropy(logits[b, t - 1], labels[b, t]) for b in range(2) for t in range(1, 5) if labels[b, t] != -100
+    ]
     torch.testing.assert_close(causal_lm_loss(logits, labels), torch.stack(expected_terms).mean())
     nothing_counted = causal_lm_loss(logits.requires_grad_(), torch.full((2, 5), -100))
     assert nothing_counted.item() == 0.0 and nothing_counted.requires_grad

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flexkd import models
-from flexkd.models import (
+from flexkd.models import loading as models
+from flexkd.models.loading import (
     TINY_TOKENIZER_DIR,
     build_random_model,
     fetch_demo_teacher,

@@ -17,10 +17,10 @@ import torch
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM
 
-from flexkd.config import ConfigError, apply_overrides, load_config, parse_config
+from flexkd.config.schema import ConfigError, apply_overrides, load_config, parse_config
 from flexkd.errors import StageError
-from flexkd.registry import download_registered_student
-from flexkd.runner import run_pipeline
+from flexkd.pipeline.runner import run_pipeline
+from flexkd.tracking.model_registry import download_registered_student
 
 PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 
@@ -28,8 +28,9 @@ PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 def debug_config(root: Path, **overrides):
     """The debug pipeline, its artifacts and MLflow store under ``root``."""
     raw = load_config(PIPELINES / "debug.yaml").model_dump(mode="json")
-    raw = apply_overrides(raw, {"artifact_root": str(root), "tracking.tracking_uri": f"sqlite:///{root}/mlflow.db",
-                                **overrides})
+    raw = apply_overrides(
+        raw, {"artifact_root": str(root), "tracking.tracking_uri": f"sqlite:///{root}/mlflow.db", **overrides}
+    )
     return parse_config(raw)
 
 
@@ -79,7 +80,12 @@ def test_debug_pipeline_end_to_end(tmp_path, local_ray):
     assert all(record.cached for record in again.stages.values())
     reweighted = run_pipeline(debug_config(tmp_path, **{"loss.gamma": 0.5, "training.precision": "bf16"}))
     assert {name: record.cached for name, record in reweighted.stages.items()} == {
-        "tokenize": True, "score": True, "distill": False, "evaluate": False, "register": False}
+        "tokenize": True,
+        "score": True,
+        "distill": False,
+        "evaluate": False,
+        "register": False,
+    }
     bf16_losses = client.get_metric_history(reweighted.stages["distill"].run_id, "train.total")
     assert [m.step for m in bf16_losses] == [4, 8, 12] and all(np.isfinite(m.value) for m in bf16_losses)
 
@@ -88,9 +94,14 @@ def test_debug_pipeline_end_to_end(tmp_path, local_ray):
 def test_two_scoring_workers_give_the_same_importance(tmp_path, local_ray):
     vectors = {}
     for workers in (1, 2):
-        config = debug_config(tmp_path / f"workers{workers}", **{
-            "resources.num_workers": workers, "resources.cpus_per_worker": 0.5,
-            "data.score": {"path": str(PIPELINES.parent / "flexkd/assets/samples/sst2_train.jsonl"), "limit": 40}})
+        config = debug_config(
+            tmp_path / f"workers{workers}",
+            **{
+                "resources.num_workers": workers,
+                "resources.cpus_per_worker": 0.5,
+                "data.score": {"path": str(PIPELINES.parent / "flexkd/assets/samples/sst2_train.jsonl"), "limit": 40},
+            },
+        )
         result = run_pipeline(config, stages=("tokenize", "score"))
         assert result.stages["score"].outputs["examples"] == 40
         vectors[workers] = np.load(result.stages["score"].directory / "importance" / "layer_4.npy")
@@ -118,8 +129,12 @@ def test_a_killed_run_resumes_from_finished_stages_and_the_last_checkpoint(tmp_p
     # The driver runs as its own process on the test's Ray, and is killed with SIGKILL once
     # distill has written its first checkpoint: no chance to clean up.
     env = {**os.environ, "RAY_ADDRESS": local_ray.get_runtime_context().gcs_address}
-    process = subprocess.Popen([sys.executable, "-m", "flexkd.cli", "run", str(pipeline_file)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flexkd.cli", "run", str(pipeline_file)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait_for("debug/distill/*/checkpoints/step_*/meta.json", tmp_path, process)
     finally:
@@ -153,8 +168,11 @@ def test_bad_k_is_refused_before_ray_starts_any_stage(tmp_path):
 def test_quickstart_student_loads_and_classifies(tmp_path, local_ray):
     """The README's quickstart with the real teacher; the registered student classifies."""
     raw = load_config(PIPELINES / "quickstart.yaml").model_dump(mode="json")
-    config = parse_config(apply_overrides(raw, {"artifact_root": str(tmp_path),
-                                                "tracking.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}))
+    config = parse_config(
+        apply_overrides(
+            raw, {"artifact_root": str(tmp_path), "tracking.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}
+        )
+    )
     result = run_pipeline(config)
     mlflow.set_tracking_uri(result.tracking_uri)
     folder = download_registered_student(result.stages["register"].outputs["model_uri"], tmp_path / "student")

@@ -6,8 +6,8 @@ import pytest
 from tokenizers import Tokenizer, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from flexkd.models import TINY_TOKENIZER_DIR, load_tokenizer
-from flexkd.preflight import TOKENIZER_PROBE, TokenizerMismatchError, check_same_tokenizer
+from flexkd.models.loading import TINY_TOKENIZER_DIR, load_tokenizer
+from flexkd.models.preflight import TOKENIZER_PROBE, TokenizerMismatchError, check_same_tokenizer
 
 
 def _tiny_with_backend(backend: Tokenizer) -> PreTrainedTokenizerFast:

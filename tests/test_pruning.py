@@ -12,27 +12,27 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from flexkd.config import TaskConfig
-from flexkd.data import collate_batch, tokenize_rows, verbalizer_token_ids
-from flexkd.importance import unit_importance_sum
-from flexkd.layers import forward_with_hidden_states
-from flexkd.losses import causal_lm_loss, correlation_loss
-from flexkd.models import fetch_demo_teacher, load_model, load_tokenizer
-from flexkd.objective import summed_task_loss
-from flexkd.pruning import (
-    PruneTargets,
-    hidden_units_by_importance,
-    kept_layer_indices,
-    prune_llama,
-    pruned_student_layer_map,
-)
-from flexkd.pruning_scores import (
+from flexkd.config.schema import TaskConfig
+from flexkd.data.rows import collate_batch, tokenize_rows, verbalizer_token_ids
+from flexkd.method.importance import unit_importance_sum
+from flexkd.method.layers import forward_with_hidden_states
+from flexkd.method.losses import causal_lm_loss, correlation_loss
+from flexkd.method.objective import summed_task_loss
+from flexkd.models.loading import fetch_demo_teacher, load_model, load_tokenizer
+from flexkd.prune.scores import (
     PruningScoreCollector,
     block_change_sum,
     collect_pruning_scores,
     kv_group_importance_sum,
     merge_pruning_scores,
     mlp_channel_importance_sum,
+)
+from flexkd.prune.student import (
+    PruneTargets,
+    hidden_units_by_importance,
+    kept_layer_indices,
+    prune_llama,
+    pruned_student_layer_map,
 )
 
 # model_type -> extra fields: tied embeddings, attention biases (qwen2), q/k norms (qwen3).
@@ -48,8 +48,9 @@ FAMILIES = {
 def _lm_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed next-token loss over valid tokens (a sum over examples, as scoring needs)."""
     targets = torch.where(batch["attention_mask"][:, 1:].bool(), batch["input_ids"][:, 1:], -100)
-    return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100,
-                                             reduction="sum")
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="sum"
+    )
 
 
 def _batch(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -198,8 +199,9 @@ def test_hidden_units_are_ordered_and_no_layer_dominates_by_scale():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_half_width_two_thirds_depth_student_loads_with_from_pretrained(family, teacher_and_scores,
-                                                                        tiny_tokenizer, tmp_path: Path):
+def test_half_width_two_thirds_depth_student_loads_with_from_pretrained(
+    family, teacher_and_scores, tiny_tokenizer, tmp_path: Path
+):
     teacher, scores = teacher_and_scores(family)
     units = hidden_units_by_importance(dict(enumerate(scores["residual"])), 32)
     for selection in ("uniform", "importance"):
@@ -224,8 +226,9 @@ def test_half_width_two_thirds_depth_student_loads_with_from_pretrained(family, 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_keeping_everything_reproduces_the_teacher_exactly(family, teacher_and_scores, tiny_tokenizer):
     teacher, scores = teacher_and_scores(family)
-    student = prune_llama(teacher, torch.arange(64), PruneTargets.from_model_config(teacher.config, "importance"),
-                          scores)
+    student = prune_llama(
+        teacher, torch.arange(64), PruneTargets.from_model_config(teacher.config, "importance"), scores
+    )
     batch = _batch(tiny_tokenizer, TEXTS)
     with torch.no_grad():
         assert torch.equal(student(**batch).logits, teacher(**batch).logits)
@@ -270,14 +273,23 @@ def test_pruned_student_keeps_the_pairing_and_the_important_parts(teacher_and_sc
     assert torch.equal(target.input_layernorm.weight, source.input_layernorm.weight[units])
 
 
-@pytest.mark.parametrize(("targets", "message"), [
-    (PruneTargets(65, 3, 64, 1), r"^student\.architecture\.hidden_size = 65 exceeds the teacher's 64$"),
-    (PruneTargets(32, 5, 64, 1), r"^student\.architecture\.num_hidden_layers = 5 exceeds the teacher's 4$"),
-    (PruneTargets(32, 3, 256, 1), r"^student\.architecture\.intermediate_size = 256 exceeds the teacher's 128$"),
-    (PruneTargets(32, 3, 64, 3), r"^student\.architecture\.num_key_value_heads = 3 exceeds the teacher's 2$"),
-    (PruneTargets(32, 3, 64, 1, num_attention_heads=4), r"^student\.architecture\.num_attention_heads = 4 must be "),
-    (PruneTargets(30, 3, 64, 2), r"^student\.architecture\.hidden_size = 30 is not a multiple of the 4 attention heads"),
-])
+@pytest.mark.parametrize(
+    ("targets", "message"),
+    [
+        (PruneTargets(65, 3, 64, 1), r"^student\.architecture\.hidden_size = 65 exceeds the teacher's 64$"),
+        (PruneTargets(32, 5, 64, 1), r"^student\.architecture\.num_hidden_layers = 5 exceeds the teacher's 4$"),
+        (PruneTargets(32, 3, 256, 1), r"^student\.architecture\.intermediate_size = 256 exceeds the teacher's 128$"),
+        (PruneTargets(32, 3, 64, 3), r"^student\.architecture\.num_key_value_heads = 3 exceeds the teacher's 2$"),
+        (
+            PruneTargets(32, 3, 64, 1, num_attention_heads=4),
+            r"^student\.architecture\.num_attention_heads = 4 must be ",
+        ),
+        (
+            PruneTargets(30, 3, 64, 2),
+            r"^student\.architecture\.hidden_size = 30 is not a multiple of the 4 attention heads",
+        ),
+    ],
+)
 def test_shapes_the_teacher_cannot_be_cut_to_are_refused_in_one_line(targets, message, build_tiny_llama):
     teacher = build_tiny_llama()
     with pytest.raises(ValueError, match=message) as error:
@@ -285,29 +297,40 @@ def test_shapes_the_teacher_cannot_be_cut_to_are_refused_in_one_line(targets, me
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize(("fields", "message"), [
-    ({"hidden_size": 0}, r"^student\.architecture\.hidden_size = 0 must be a positive integer$"),
-    ({"num_key_value_heads": 4, "num_attention_heads": 6},
-     r"^student\.architecture\.num_key_value_heads = 4 does not divide num_attention_heads = 6$"),
-    ({"layer_selection": "random"}, r"^student\.layer_selection = 'random' is not one of"),
-])
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"hidden_size": 0}, r"^student\.architecture\.hidden_size = 0 must be a positive integer$"),
+        (
+            {"num_key_value_heads": 4, "num_attention_heads": 6},
+            r"^student\.architecture\.num_key_value_heads = 4 does not divide num_attention_heads = 6$",
+        ),
+        ({"layer_selection": "random"}, r"^student\.layer_selection = 'random' is not one of"),
+    ],
+)
 def test_invalid_targets_are_refused_on_construction(fields, message):
     with pytest.raises(ValueError, match=message) as error:
-        PruneTargets(**{"hidden_size": 32, "num_layers": 3, "intermediate_size": 64, "num_key_value_heads": 2,
-                        **fields})
+        PruneTargets(
+            **{"hidden_size": 32, "num_layers": 3, "intermediate_size": 64, "num_key_value_heads": 2, **fields}
+        )
     assert "\n" not in str(error.value)
 
 
 def test_unsupported_architecture_and_bad_inputs_are_refused_in_one_line(build_tiny_llama):
-    with pytest.raises(ValueError, match=r"^pruning supports llama-family models \(llama, mistral, qwen2, qwen3\); "
-                                         r"got 'gpt2'$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^pruning supports llama-family models \(llama, mistral, qwen2, qwen3\); "
+        r"got 'gpt2'$",
+    ):
         PruneTargets(32, 3, 64, 1).validate_for(AutoConfig.for_model("gpt2"))
     teacher = build_tiny_llama()
     with pytest.raises(ValueError, match=r"^student\.architecture\.intermediate_size = 64 needs 'mlp' pruning scores"):
         prune_llama(teacher, torch.arange(32), PruneTargets(32, 3, 64, 2))
     with pytest.raises(ValueError, match=r"^hidden_units must be 32 distinct teacher units in 0\.\.63$"):
         prune_llama(teacher, torch.zeros(32, dtype=torch.long), PruneTargets(32, 3, 128, 2))
-    with pytest.raises(ValueError, match=r"^hidden_units has shape \(16,\); student\.architecture\.hidden_size = 32 needs"):
+    with pytest.raises(
+        ValueError, match=r"^hidden_units has shape \(16,\); student\.architecture\.hidden_size = 32 needs"
+    ):
         prune_llama(teacher, torch.arange(16), PruneTargets(32, 3, 128, 2))
 
 
@@ -321,8 +344,12 @@ MIN_PAIRED_CORRELATION = 0.10
 
 
 def _sst2_batch(tokenizer, path: Path, rows: int) -> dict[str, torch.Tensor]:
-    task = TaskConfig(kind="classification", prompt_template="Review: {sentence}\nSentiment:",
-                      text_column="sentence", label_names=["negative", "positive"])
+    task = TaskConfig(
+        kind="classification",
+        prompt_template="Review: {sentence}\nSentiment:",
+        text_column="sentence",
+        label_names=["negative", "positive"],
+    )
     with path.open(newline="") as handle:
         records = list(islice(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE), rows))
     columns = {"sentence": [r["sentence"].strip() for r in records], "label": [int(r["label"]) for r in records]}
@@ -353,7 +380,7 @@ def test_pruned_smollm2_correlates_with_the_teacher_at_paired_units(shared_data:
     last_layer_importance = torch.zeros(teacher.config.hidden_size)
     with PruningScoreCollector(teacher) as collector:
         for start in range(0, 32, 8):
-            batch = {key: value[start:start + 8] for key, value in scoring.items()}
+            batch = {key: value[start : start + 8] for key, value in scoring.items()}
             logits, hidden = forward_with_hidden_states(teacher, batch["input_ids"], batch["attention_mask"], [last])
             loss = summed_task_loss("classification", logits, batch, verbalizers)
             gradients = torch.autograd.grad(loss, [hidden[last]] + collector.activations())
@@ -362,15 +389,17 @@ def test_pruned_smollm2_correlates_with_the_teacher_at_paired_units(shared_data:
     scores = collector.state()
 
     with torch.no_grad():
-        _, teacher_hidden = forward_with_hidden_states(teacher, held_out["input_ids"], held_out["attention_mask"],
-                                                       [last])
+        _, teacher_hidden = forward_with_hidden_states(
+            teacher, held_out["input_ids"], held_out["attention_mask"], [last]
+        )
     targets = PruneTargets(384, 20, 1024, 2, layer_selection="importance")
 
     def paired_correlation(units: torch.Tensor) -> tuple[float, float, torch.nn.Module]:
         student = prune_llama(teacher, units, targets, scores)
         with torch.no_grad():
-            _, student_hidden = forward_with_hidden_states(student, held_out["input_ids"],
-                                                           held_out["attention_mask"], [20])
+            _, student_hidden = forward_with_hidden_states(
+                student, held_out["input_ids"], held_out["attention_mask"], [20]
+            )
         teacher_units = teacher_hidden[last][..., units]
         shuffled = teacher_units[..., torch.randperm(384, generator=torch.Generator().manual_seed(0))]
         paired = 1 - correlation_loss(student_hidden[20], teacher_units, held_out["attention_mask"]).item()
@@ -382,9 +411,11 @@ def test_pruned_smollm2_correlates_with_the_teacher_at_paired_units(shared_data:
     flexkd_paired, _, _ = paired_correlation(hidden_units_by_importance({last: last_layer_importance}, 384))
     teacher_ppl = _t0_perplexity(teacher, tokenizer, shared_data / "t0_mix" / "train.jsonl")
     student_ppl = _t0_perplexity(student, tokenizer, shared_data / "t0_mix" / "train.jsonl")
-    print(f"paired correlation {paired:.3f} (shuffled pairing {unpaired:.3f}, last-layer |grad| units "
-          f"{flexkd_paired:.3f}); t0_mix perplexity teacher {teacher_ppl:.1f}, untrained student {student_ppl:.4g}; "
-          f"{time.perf_counter() - started:.0f} s")
+    print(
+        f"paired correlation {paired:.3f} (shuffled pairing {unpaired:.3f}, last-layer |grad| units "
+        f"{flexkd_paired:.3f}); t0_mix perplexity teacher {teacher_ppl:.1f}, untrained student {student_ppl:.4g}; "
+        f"{time.perf_counter() - started:.0f} s"
+    )
     assert paired > MIN_PAIRED_CORRELATION
     assert paired > unpaired + 0.08
     assert paired > flexkd_paired + 0.05

@@ -12,18 +12,25 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from gloo_ranks import run_on_two_ranks
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from flexkd import distributed as fd
-from flexkd.layers import forward_with_hidden_states
-from flexkd.pruning_scores import SCORE_KEYS, PruningScoreCollector, collect_pruning_scores
-from gloo_ranks import run_on_two_ranks
+from flexkd.method.layers import forward_with_hidden_states
+from flexkd.prune.scores import SCORE_KEYS, PruningScoreCollector, collect_pruning_scores
 
 
 def _teacher() -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).requires_grad_(False).eval()
 
@@ -39,8 +46,9 @@ def _batch() -> dict[str, torch.Tensor]:
 
 def _lm_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     targets = torch.where(batch["attention_mask"][:, 1:].bool(), batch["input_ids"][:, 1:], -100)
-    return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100,
-                                             reduction="sum")
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="sum"
+    )
 
 
 def _scores_on_this_rank(out: str) -> None:

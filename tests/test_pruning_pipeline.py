@@ -15,16 +15,18 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from flexkd.cli import main
-from flexkd.config import ConfigError, parse_config
-from flexkd.pruning import kept_layer_indices
-from flexkd.resolve import build_student, load_teacher, plan_models
-from flexkd.runner import run_pipeline
+from flexkd.config.schema import ConfigError, parse_config
+from flexkd.models.plan import build_student, load_teacher, plan_models
+from flexkd.pipeline.runner import run_pipeline
+from flexkd.prune.student import kept_layer_indices
 
 PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 DEBUG = PIPELINES / "debug.yaml"
 # Half the debug teacher's width (64), half its depth (4 blocks), one of its two KV groups.
-PRUNED = {"init": "prune_from_teacher",
-          "architecture": {"hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 64, "num_key_value_heads": 1}}
+PRUNED = {
+    "init": "prune_from_teacher",
+    "architecture": {"hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 64, "num_key_value_heads": 1},
+}
 
 
 def pruned_debug_config(root: Path, **overrides):
@@ -34,8 +36,11 @@ def pruned_debug_config(root: Path, **overrides):
     raw.pop("layer_map")
     raw.pop("selection")
     # A copy: the overrides below write into the student section, and PRUNED is shared by every test.
-    raw |= {"student": copy.deepcopy(PRUNED), "artifact_root": str(root),
-            "tracking": {"tracking_uri": f"sqlite:///{root}/mlflow.db"}}
+    raw |= {
+        "student": copy.deepcopy(PRUNED),
+        "artifact_root": str(root),
+        "tracking": {"tracking_uri": f"sqlite:///{root}/mlflow.db"},
+    }
     for dotted, value in overrides.items():
         section = raw
         *parents, leaf = dotted.split(".")
@@ -50,8 +55,11 @@ def pruned_debug_config(root: Path, **overrides):
 
 def test_a_pruned_student_defaults_to_its_source_blocks_and_identity_pairing(tmp_path):
     config = pruned_debug_config(tmp_path)
-    assert (config.layer_map, config.selection.method, config.student.layer_selection) == ("source", "identity",
-                                                                                          "uniform")
+    assert (config.layer_map, config.selection.method, config.student.layer_selection) == (
+        "source",
+        "identity",
+        "uniform",
+    )
     plan = plan_models(config)
     # Uniform 4 -> 2 keeps teacher blocks 0 and 3: their outputs are hidden states 1 and 4.
     assert plan.layer_pairs == ((1, 1), (4, 2)) and plan.k == 32 and plan.student_hidden == 32
@@ -70,30 +78,49 @@ def _validate(capsys, *settings: str) -> tuple[int, str]:
 PRUNE = ("student.init=prune_from_teacher",)
 
 
-@pytest.mark.parametrize(("settings", "message"), [
-    ((*PRUNE, "student.architecture.hidden_size=96"),
-     "student.architecture.hidden_size = 96 exceeds the teacher's 64"),
-    ((*PRUNE, "student.architecture.num_hidden_layers=6"),
-     "student.architecture.num_hidden_layers = 6 exceeds the teacher's 4"),
-    ((*PRUNE, "student.architecture={hidden_size: 32, num_attention_heads: 3}"),
-     "student.architecture.num_attention_heads = 3 is not a multiple of the teacher's 2 query heads per key/value "
-     "head: heads are pruned as whole groups"),
-    ((*PRUNE, "student.architecture={hidden_size: 30, num_key_value_heads: 2}"),
-     "student.architecture.hidden_size = 30 is not a multiple of the 4 attention heads that num_key_value_heads = 2 "
-     "keeps (LlamaConfig requires it)"),
-    ((*PRUNE, "teacher.architecture.model_type=gpt2"),
-     "student.init 'prune_from_teacher': pruning supports llama-family models (llama, mistral, qwen2, qwen3); "
-     "got 'gpt2'"),
-    ((*PRUNE, "student.architecture.head_dim=8"),
-     f"{DEBUG}: student: student.architecture.head_dim: a pruned student keeps the teacher's; init "
-     "'prune_from_teacher' takes only hidden_size, num_hidden_layers, intermediate_size, num_attention_heads, "
-     "num_key_value_heads"),
-    (("student.layer_selection=importance",),
-     f"{DEBUG}: student: student.layer_selection 'importance' applies only to init 'prune_from_teacher'"),
-    (("layer_map=source",),
-     f"{DEBUG}: <top level>: layer_map 'source' (each student block with the teacher block it was cut from) needs "
-     "student.init 'prune_from_teacher'"),
-])
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            (*PRUNE, "student.architecture.hidden_size=96"),
+            "student.architecture.hidden_size = 96 exceeds the teacher's 64",
+        ),
+        (
+            (*PRUNE, "student.architecture.num_hidden_layers=6"),
+            "student.architecture.num_hidden_layers = 6 exceeds the teacher's 4",
+        ),
+        (
+            (*PRUNE, "student.architecture={hidden_size: 32, num_attention_heads: 3}"),
+            "student.architecture.num_attention_heads = 3 is not a multiple of the teacher's 2 query heads per key/value "
+            "head: heads are pruned as whole groups",
+        ),
+        (
+            (*PRUNE, "student.architecture={hidden_size: 30, num_key_value_heads: 2}"),
+            "student.architecture.hidden_size = 30 is not a multiple of the 4 attention heads that num_key_value_heads = 2 "
+            "keeps (LlamaConfig requires it)",
+        ),
+        (
+            (*PRUNE, "teacher.architecture.model_type=gpt2"),
+            "student.init 'prune_from_teacher': pruning supports llama-family models (llama, mistral, qwen2, qwen3); "
+            "got 'gpt2'",
+        ),
+        (
+            (*PRUNE, "student.architecture.head_dim=8"),
+            f"{DEBUG}: student: student.architecture.head_dim: a pruned student keeps the teacher's; init "
+            "'prune_from_teacher' takes only hidden_size, num_hidden_layers, intermediate_size, num_attention_heads, "
+            "num_key_value_heads",
+        ),
+        (
+            ("student.layer_selection=importance",),
+            f"{DEBUG}: student: student.layer_selection 'importance' applies only to init 'prune_from_teacher'",
+        ),
+        (
+            ("layer_map=source",),
+            f"{DEBUG}: <top level>: layer_map 'source' (each student block with the teacher block it was cut from) needs "
+            "student.init 'prune_from_teacher'",
+        ),
+    ],
+)
 def test_bad_pruning_targets_are_one_line_from_validate(capsys, settings, message):
     code, err = _validate(capsys, *settings)
     assert code == 2
@@ -145,15 +172,14 @@ def test_the_debug_pipeline_distills_a_student_pruned_from_the_teacher(tmp_path,
     assert torch.equal(pruned.get_input_embeddings().weight, teacher_embedding[:, units])
     group = int(scores["attention"][3].argmax())
     head_dim = teacher.config.head_dim
-    teacher_keys = teacher.model.layers[3].self_attn.k_proj.weight[group * head_dim:(group + 1) * head_dim]
+    teacher_keys = teacher.model.layers[3].self_attn.k_proj.weight[group * head_dim : (group + 1) * head_dim]
     assert torch.equal(pruned.model.layers[1].self_attn.k_proj.weight, teacher_keys[:, units])
     assert pruned.config.head_dim == head_dim == 16  # the teacher's, not 32 // 2
 
     # Distill started from those weights (a random start would be nowhere near them).
     distilled = AutoModelForCausalLM.from_pretrained(result.stages["distill"].outputs["student_dir"])
     assert not torch.equal(distilled.get_input_embeddings().weight, teacher_embedding[:, units])  # it trained
-    torch.testing.assert_close(distilled.get_input_embeddings().weight, teacher_embedding[:, units],
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(distilled.get_input_embeddings().weight, teacher_embedding[:, units], atol=1e-5, rtol=0)
     metrics = result.stages["evaluate"].outputs["metrics"]
     assert 0 <= metrics["student.accuracy"] <= 1
 
@@ -168,7 +194,9 @@ def test_the_debug_pipeline_distills_a_student_pruned_from_the_teacher(tmp_path,
         assert manifest["config"]["student"]["init"] == "prune_from_teacher"
         assert manifest["outputs"]["student_init"] == "prune_from_teacher"
     assert {item.path for item in client.list_artifacts(result.stages["score"].run_id, "pruning")} == {
-        "pruning/scores.safetensors", "pruning/selection.json"}
+        "pruning/scores.safetensors",
+        "pruning/selection.json",
+    }
 
 
 @pytest.mark.slow

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flexkd.importance import finalize_importance, hidden_state_gradients, unit_importance_sum
-from flexkd.layers import forward_with_hidden_states, last_token_positions
-from flexkd.models import (
+from flexkd.method.importance import finalize_importance, hidden_state_gradients, unit_importance_sum
+from flexkd.method.layers import forward_with_hidden_states, last_token_positions
+from flexkd.models.loading import (
     TINY_TOKENIZER_DIR,
     fetch_demo_teacher,
     load_model,
@@ -21,7 +21,7 @@ from flexkd.models import (
     model_dims,
     parameter_count,
 )
-from flexkd.preflight import TokenizerMismatchError, check_same_tokenizer
+from flexkd.models.preflight import TokenizerMismatchError, check_same_tokenizer
 
 pytestmark = pytest.mark.slow
 

@@ -23,10 +23,10 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
 from flexkd import distributed as fd
-from flexkd import faults
-from flexkd.config import apply_overrides, load_config, parse_config
+from flexkd.config.schema import apply_overrides, load_config, parse_config
 from flexkd.errors import StageError
-from flexkd.runner import read_manifest, run_pipeline, stage_fingerprint
+from flexkd.pipeline.runner import read_manifest, run_pipeline, stage_fingerprint
+from flexkd.testing import faults
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TESTS_DIR = REPO_ROOT / "tests"
@@ -37,8 +37,9 @@ TO_DISTILL = ("tokenize", "score", "distill")
 def debug_config(root: Path, **overrides):
     """The debug pipeline, its artifacts and MLflow store under ``root``."""
     raw = load_config(PIPELINES / "debug.yaml").model_dump(mode="json")
-    raw = apply_overrides(raw, {"artifact_root": str(root), "tracking.tracking_uri": f"sqlite:///{root}/mlflow.db",
-                                **overrides})
+    raw = apply_overrides(
+        raw, {"artifact_root": str(root), "tracking.tracking_uri": f"sqlite:///{root}/mlflow.db", **overrides}
+    )
     return parse_config(raw)
 
 
@@ -87,8 +88,10 @@ def test_meta_records_the_size_and_sha256_of_every_file(tmp_path):
     files = {path.relative_to(first).as_posix() for path in first.rglob("*") if path.name != fd.META_FILENAME}
     assert set(meta["files"]) == files and ".metadata" in files and any(name.endswith(".distcp") for name in files)
     shard = _a_shard(first)
-    assert meta["files"][shard.name] == {"size": shard.stat().st_size,
-                                         "sha256": hashlib.sha256(shard.read_bytes()).hexdigest()}
+    assert meta["files"][shard.name] == {
+        "size": shard.stat().st_size,
+        "sha256": hashlib.sha256(shard.read_bytes()).hexdigest(),
+    }
 
 
 def test_a_truncated_newest_checkpoint_is_skipped_with_a_warning_naming_it(tmp_path, caplog):
@@ -190,7 +193,7 @@ def test_the_fault_hook_is_off_by_default_and_checks_its_input(tmp_path, monkeyp
 
 def test_the_fault_kills_the_process_once(tmp_path):
     """SIGKILL the first time; the marker makes the second process (the restart) run on."""
-    call = f"from flexkd import faults; faults.maybe_kill_worker(5, 1, {str(tmp_path)!r}); print('survived')"
+    call = f"from flexkd.testing import faults; faults.maybe_kill_worker(5, 1, {str(tmp_path)!r}); print('survived')"
     env = {**os.environ, faults.KILL_WORKER_AT_STEP_ENV: "5", faults.KILL_WORKER_RANK_ENV: "1"}
     first = subprocess.run([sys.executable, "-c", call], env=env, capture_output=True, text=True, timeout=120)
     assert first.returncode == -9 and "survived" not in first.stdout
@@ -236,13 +239,16 @@ def _fit_on_ray(out: str, max_failures: int) -> str | None:
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
-        _resumable_loop, train_loop_config={"out": out, "RAY_TRAIN_WORKER": True},
+        _resumable_loop,
+        train_loop_config={"out": out, "RAY_TRAIN_WORKER": True},
         scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(name="fault", storage_path=str(Path(out) / "ray"),
-                             failure_config=FailureConfig(max_failures=max_failures)))
+        run_config=RunConfig(
+            name="fault", storage_path=str(Path(out) / "ray"), failure_config=FailureConfig(max_failures=max_failures)
+        ),
+    )
     try:
         result = trainer.fit()
-    except Exception as error:  # noqa: BLE001 - the test reads the message
+    except Exception as error:
         return str(error)
     return None if result.error is None else str(result.error)
 
@@ -258,8 +264,11 @@ def test_a_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(tmp_p
 
     out = tmp_path / "faulty"
     out.mkdir()
-    env_vars = {faults.KILL_WORKER_AT_STEP_ENV: str(KILL_AT), faults.KILL_WORKER_RANK_ENV: "0",
-                "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(TESTS_DIR)])}
+    env_vars = {
+        faults.KILL_WORKER_AT_STEP_ENV: str(KILL_AT),
+        faults.KILL_WORKER_RANK_ENV: "0",
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(TESTS_DIR)]),
+    }
     fit = local_ray.remote(num_cpus=0, max_retries=0)(_fit_on_ray)
     error = local_ray.get(fit.options(runtime_env={"env_vars": env_vars}).remote(str(out), 1))
 
@@ -297,8 +306,15 @@ def test_a_non_finite_loss_stops_the_run_keeps_the_checkpoint_and_fails_the_mlfl
     """Resumed at step 6 with an absurd learning rate, step 7's update overflows the weights and
     step 8's loss is not finite."""
     root, upstream, good = six_steps
-    config = debug_config(root, **{"training.steps": 12, "training.checkpoint_every": 6, "training.log_every": 2,
-                                   "training.learning_rate": 1e38})
+    config = debug_config(
+        root,
+        **{
+            "training.steps": 12,
+            "training.checkpoint_every": 6,
+            "training.log_every": 2,
+            "training.learning_rate": 1e38,
+        },
+    )
     directory = distill_dir(config, upstream)
     kept = _resume_from(good, directory)
 
@@ -306,8 +322,11 @@ def test_a_non_finite_loss_stops_the_run_keeps_the_checkpoint_and_fails_the_mlfl
         run_pipeline(config, stages=TO_DISTILL)
     message = str(caught.value)
     assert "\n" not in message
-    assert re.fullmatch(r"distill: (FloatingPointError: )?non-finite (task|logit|feature|total) loss \((nan|inf|-inf)\) at step 8; "
-                        r"the last good checkpoint is kept", message), message
+    assert re.fullmatch(
+        r"distill: (FloatingPointError: )?non-finite (task|logit|feature|total) loss \((nan|inf|-inf)\) at step 8; "
+        r"the last good checkpoint is kept",
+        message,
+    ), message
 
     assert read_manifest(directory) is None and not (directory / "manifest.json").exists()
     assert fd.latest_checkpoint(directory / "checkpoints") == kept  # intact, and still the newest
@@ -321,8 +340,9 @@ def test_a_non_finite_loss_stops_the_run_keeps_the_checkpoint_and_fails_the_mlfl
 @pytest.mark.integration  # with its six_steps fixture: about 2.5 min for the three
 def test_a_corrupt_newest_checkpoint_is_passed_over_and_the_previous_one_resumed(six_steps):
     root, upstream, good = six_steps
-    config = debug_config(root, **{"training.steps": 12, "training.checkpoint_every": 6, "training.log_every": 6,
-                                   "training.seed": 1})
+    config = debug_config(
+        root, **{"training.steps": 12, "training.checkpoint_every": 6, "training.log_every": 6, "training.seed": 1}
+    )
     directory = distill_dir(config, upstream)
     _resume_from(good, directory)
     corrupt = directory / "checkpoints" / "step_00000009"
@@ -339,8 +359,9 @@ def test_a_corrupt_newest_checkpoint_is_passed_over_and_the_previous_one_resumed
 @pytest.mark.integration  # with its six_steps fixture: about 2.5 min for the three
 def test_distill_refuses_to_resume_when_every_checkpoint_is_corrupt(six_steps):
     root, upstream, good = six_steps
-    config = debug_config(root, **{"training.steps": 12, "training.checkpoint_every": 6, "training.log_every": 6,
-                                   "training.seed": 2})
+    config = debug_config(
+        root, **{"training.steps": 12, "training.checkpoint_every": 6, "training.log_every": 6, "training.seed": 2}
+    )
     directory = distill_dir(config, upstream)
     corrupt = _resume_from(good, directory)
     shard = _a_shard(corrupt)
@@ -355,7 +376,9 @@ def test_distill_refuses_to_resume_when_every_checkpoint_is_corrupt(six_steps):
     assert re.fullmatch(
         rf"distill: (flexkd\.distributed\.)?(CorruptCheckpointError: )?no intact checkpoint in {re.escape(str(corrupt.parent))}: "
         rf"checkpoint {re.escape(str(corrupt))}: {re.escape(shard.name)} has 100 bytes, expected {size} \(truncated\?\); "
-        r"delete the checkpoints directory to start this stage over", message), message
+        r"delete the checkpoints directory to start this stage over",
+        message,
+    ), message
     assert read_manifest(directory) is None
     assert corrupt.is_dir()  # nothing deleted: the user decides
     stage_run, pipeline_run = runs_of_stage_dir(config.tracking.tracking_uri, directory)
@@ -375,8 +398,12 @@ def test_distill_survives_a_killed_worker_and_matches_a_run_without_it(tmp_path,
     """Rank 0 of distill is SIGKILLed after step 8 (checkpoint at 6); with max_failures 1 the
     worker group restarts, resumes from step 6 and finishes. Final loss parts agree with an
     undisturbed run to rtol 1e-4 (same batches, same state: they agree to float rounding)."""
-    overrides = {"training.steps": 12, "training.checkpoint_every": 6, "training.log_every": 4,
-                 "training.max_failures": 1}
+    overrides = {
+        "training.steps": 12,
+        "training.checkpoint_every": 6,
+        "training.log_every": 4,
+        "training.max_failures": 1,
+    }
     clean = debug_config(tmp_path / "clean", **overrides)
     clean_result = run_pipeline(clean, stages=TO_DISTILL)
 
@@ -389,8 +416,13 @@ def test_distill_survives_a_killed_worker_and_matches_a_run_without_it(tmp_path,
     pipeline_file.write_text(faulty.to_yaml())
     gcs_port = local_ray.get_runtime_context().gcs_address.rsplit(":", 1)[1]
     env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}", faults.KILL_WORKER_AT_STEP_ENV: "8"}
-    run = subprocess.run([sys.executable, "-m", "flexkd.cli", "run", str(pipeline_file), "--stages", ",".join(TO_DISTILL)],
-                         env=env, capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        [sys.executable, "-m", "flexkd.cli", "run", str(pipeline_file), "--stages", ",".join(TO_DISTILL)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
 
     directory = distill_dir(faulty, clean_result)

@@ -4,6 +4,7 @@ no secrets in what is logged."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import ipaddress
 import json
 import os
@@ -15,23 +16,27 @@ import pytest
 import torch
 import yaml
 
-from flexkd import runner
 from flexkd.cli import main
-from flexkd.config import ConfigError, apply_overrides, load_config, parse_config
-from flexkd.data import template_columns
-from flexkd.models import load_model
-from flexkd.resolve import load_pipeline_tokenizer, load_teacher, teacher_model_config
-from flexkd.tracking import public_config, redact_value, ui_command
+from flexkd.config.schema import ConfigError, apply_overrides, load_config, parse_config
+from flexkd.data.rows import template_columns
+from flexkd.models.loading import load_model
+from flexkd.models.plan import load_pipeline_tokenizer, load_teacher, teacher_model_config
+from flexkd.pipeline import runner
+from flexkd.tracking.runs import public_config, redact_value, ui_command
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = REPO_ROOT / "pipelines"
-PACKAGE_FILES = sorted([*(REPO_ROOT / "flexkd").glob("*.py"), *(REPO_ROOT / "stages").glob("*.py")])
+# flexkd/stages is a link to stages/: each file once, under its real path.
+PACKAGE_FILES = sorted(
+    {path.resolve() for folder in ("flexkd", "stages", "benchmarks") for path in (REPO_ROOT / folder).rglob("*.py")}
+)
 
 
 def debug_config(root: Path, **overrides):
     raw = load_config(PIPELINES / "debug.yaml").model_dump(mode="json")
-    raw = apply_overrides(raw, {"artifact_root": str(root), "tracking.tracking_uri": f"sqlite:///{root}/mlflow.db",
-                                **overrides})
+    raw = apply_overrides(
+        raw, {"artifact_root": str(root), "tracking.tracking_uri": f"sqlite:///{root}/mlflow.db", **overrides}
+    )
     return parse_config(raw)
 
 
@@ -42,7 +47,7 @@ import json, os, sys
 from pathlib import Path
 import psutil
 import ray  # imported first, as in any program that uses flexkd: the switch must still work
-from flexkd.runner import ensure_ray
+from flexkd.pipeline.runner import ensure_ray
 from ray._private.authentication.authentication_utils import is_token_auth_enabled
 
 ensure_ray()
@@ -82,12 +87,22 @@ def test_a_local_ray_listens_on_loopback_only_with_token_auth(tmp_path):
     """Starts Ray the way `flexkd run` does, in its own process (the session's Ray is left alone),
     and lists every listening socket of every process of that Ray. Loopback servers are open to
     every local user, so the token must be on and its file private."""
-    env = {name: value for name, value in os.environ.items()
-           if name not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
-                           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name
+        not in (
+            "RAY_ADDRESS",
+            "RAY_AUTH_MODE",
+            "RAY_AUTH_TOKEN",
+            "RAY_AUTH_TOKEN_PATH",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
+        )
+    }
     env["HOME"] = str(tmp_path)  # Ray writes a fresh token to ~/.ray/auth_token, with the umask's mode
-    run = subprocess.run([sys.executable, "-c", _LIST_LISTENING_SOCKETS], env=env, capture_output=True,
-                         text=True, timeout=400)
+    run = subprocess.run(
+        [sys.executable, "-c", _LIST_LISTENING_SOCKETS], env=env, capture_output=True, text=True, timeout=400
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     found = json.loads(run.stdout.strip().splitlines()[-1])
     names = {name for _, _, name in found["sockets"]}
@@ -100,10 +115,16 @@ def test_a_local_ray_listens_on_loopback_only_with_token_auth(tmp_path):
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ  # the switch did not leak into this process
 
 
-@pytest.mark.parametrize("address, expected", [
-    ("127.0.0.1:6379", ("127.0.0.1", 6379)), ("ray://10.0.0.5:10001", ("10.0.0.5", 10001)),
-    ("[::1]:6379", ("::1", 6379)), ("auto", None), ("local", None),
-])
+@pytest.mark.parametrize(
+    "address, expected",
+    [
+        ("127.0.0.1:6379", ("127.0.0.1", 6379)),
+        ("ray://10.0.0.5:10001", ("10.0.0.5", 10001)),
+        ("[::1]:6379", ("::1", 6379)),
+        ("auto", None),
+        ("local", None),
+    ],
+)
 def test_ray_addresses_are_parsed_for_the_reachability_check(address, expected):
     assert runner._ray_host_port(address) == expected
 
@@ -127,8 +148,11 @@ def test_the_mlflow_ui_command_binds_to_loopback():
 
 def _calls(path: Path, attribute: str) -> list[ast.Call]:
     tree = ast.parse(path.read_text(), filename=str(path))
-    return [node for node in ast.walk(tree)
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == attribute]
+    return [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == attribute
+    ]
 
 
 def _keyword_is_true(call: ast.Call, name: str) -> bool:
@@ -136,36 +160,58 @@ def _keyword_is_true(call: ast.Call, name: str) -> bool:
 
 
 def test_every_torch_load_in_the_package_is_weights_only():
-    loads = [(path, call) for path in PACKAGE_FILES for call in _calls(path, "load")
-             if isinstance(call.func.value, ast.Name) and call.func.value.id == "torch"]
+    loads = [
+        (path, call)
+        for path in PACKAGE_FILES
+        for call in _calls(path, "load")
+        if isinstance(call.func.value, ast.Name) and call.func.value.id == "torch"
+    ]
     assert loads, "no torch.load found: the scan is broken"
-    unsafe = [f"{path.relative_to(REPO_ROOT)}:{call.lineno}" for path, call in loads
-              if not _keyword_is_true(call, "weights_only")]
+    unsafe = [
+        f"{path.relative_to(REPO_ROOT)}:{call.lineno}"
+        for path, call in loads
+        if not _keyword_is_true(call, "weights_only")
+    ]
     assert unsafe == []
-    pickles = [str(path.relative_to(REPO_ROOT)) for path in PACKAGE_FILES
-               if _calls(path, "loads") + _calls(path, "load") and "import pickle" in path.read_text()]
+    pickles = [
+        str(path.relative_to(REPO_ROOT))
+        for path in PACKAGE_FILES
+        if _calls(path, "loads") + _calls(path, "load") and "import pickle" in path.read_text()
+    ]
     assert pickles == []
 
 
-_MODEL_LOADS = [(path, call) for path in PACKAGE_FILES for call in _calls(path, "from_pretrained")
-                if isinstance(call.func.value, ast.Name) and call.func.value.id.startswith("AutoModel")
-                or isinstance(call.func.value, ast.Name) and call.func.value.id == "auto_class"]
+_MODEL_LOADS = [
+    (path, call)
+    for path in PACKAGE_FILES
+    for call in _calls(path, "from_pretrained")
+    if isinstance(call.func.value, ast.Name)
+    and call.func.value.id.startswith("AutoModel")
+    or isinstance(call.func.value, ast.Name)
+    and call.func.value.id == "auto_class"
+]
 
 
-@pytest.mark.parametrize("path, call", [
-    pytest.param(path, call, id=f"{path.name}:{call.lineno}")
-    for path, call in _MODEL_LOADS])
+@pytest.mark.parametrize(
+    "path, call", [pytest.param(path, call, id=f"{path.name}:{call.lineno}") for path, call in _MODEL_LOADS]
+)
 def test_every_model_load_asks_for_safetensors(path, call):
     """Either use_safetensors=True at the call, or models.load_model's own options dict."""
-    in_load_model = path.name == "models.py" and "options" in ast.unparse(call)
+    in_load_model = path.name == "loading.py" and "options" in ast.unparse(call)
     assert _keyword_is_true(call, "use_safetensors") or in_load_model, ast.unparse(call)
 
 
 def test_load_model_refuses_a_pickled_checkpoint_without_opening_it(tmp_path):
     from transformers import LlamaConfig
 
-    LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=1).save_pretrained(tmp_path)
+    LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    ).save_pretrained(tmp_path)
     marker = tmp_path / "unpickled"
 
     class OpensAFileWhenUnpickled:
@@ -181,17 +227,26 @@ def test_load_model_refuses_a_pickled_checkpoint_without_opening_it(tmp_path):
 def _custom_code_teacher(folder: Path) -> Path:
     """A model folder whose config needs code shipped with it; importing that code leaves a mark."""
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "custom-llama",
-                                                    "auto_map": {"AutoConfig": "configuration_custom.CustomConfig"}}))
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "custom-llama", "auto_map": {"AutoConfig": "configuration_custom.CustomConfig"}})
+    )
     (folder / "configuration_custom.py").write_text(
-        f"from pathlib import Path\nPath({str(folder.parent / 'code-ran')!r}).touch()\n")
+        f"from pathlib import Path\nPath({str(folder.parent / 'code-ran')!r}).touch()\n"
+    )
     return folder
 
 
 def test_trust_remote_code_is_off_unless_the_config_sets_it(tmp_path):
     teacher = _custom_code_teacher(tmp_path / "teacher")
-    config = debug_config(tmp_path, **{"teacher.source": "hf", "teacher.path": str(teacher),
-                                       "teacher.architecture": None, "teacher.tokenizer": None})
+    config = debug_config(
+        tmp_path,
+        **{
+            "teacher.source": "hf",
+            "teacher.path": str(teacher),
+            "teacher.architecture": None,
+            "teacher.tokenizer": None,
+        },
+    )
     assert config.teacher.trust_remote_code is False
     with pytest.raises(ValueError, match="trust_remote_code=True"):
         teacher_model_config(config)
@@ -208,6 +263,7 @@ def test_trust_remote_code_reaches_every_loader(tmp_path, monkeypatch):
         def fake(*args, **kwargs):
             seen.append((kind, kwargs.get("trust_remote_code")))
             raise RuntimeError("recorded")
+
         return classmethod(lambda cls, *args, **kwargs: fake(*args, **kwargs))
 
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", record("config"))
@@ -215,9 +271,16 @@ def test_trust_remote_code_reaches_every_loader(tmp_path, monkeypatch):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", record("model"))
     (tmp_path / "teacher").mkdir()
     for trusted in (False, True):
-        config = debug_config(tmp_path, **{"teacher.source": "hf", "teacher.path": str(tmp_path / "teacher"),
-                                           "teacher.architecture": None, "teacher.tokenizer": None,
-                                           "teacher.trust_remote_code": trusted})
+        config = debug_config(
+            tmp_path,
+            **{
+                "teacher.source": "hf",
+                "teacher.path": str(tmp_path / "teacher"),
+                "teacher.architecture": None,
+                "teacher.tokenizer": None,
+                "teacher.trust_remote_code": trusted,
+            },
+        )
         for load in (teacher_model_config, load_pipeline_tokenizer, load_teacher):
             with pytest.raises(RuntimeError, match="recorded"):
                 load(config)
@@ -242,15 +305,15 @@ def test_a_python_tag_in_a_pipeline_file_is_refused_not_run(tmp_path):
 
 def test_a_python_tag_in_set_is_not_run(tmp_path):
     marker = tmp_path / "code-ran"
-    try:
+    with contextlib.suppress(yaml.YAMLError):  # refused, if with a traceback (see the test below)
         main(["validate", str(PIPELINES / "debug.yaml"), "--set", "loss.gamma=" + _RUNS_CODE.format(marker=marker)])
-    except yaml.YAMLError:
-        pass  # refused, if with a traceback (see the test below)
     assert not marker.exists()
 
 
 def test_a_python_tag_in_set_is_a_one_line_config_error(tmp_path, capsys):
-    assert main(["validate", str(PIPELINES / "debug.yaml"), "--set", "loss.gamma=" + _RUNS_CODE.format(marker="x")]) == 2
+    assert (
+        main(["validate", str(PIPELINES / "debug.yaml"), "--set", "loss.gamma=" + _RUNS_CODE.format(marker="x")]) == 2
+    )
     assert capsys.readouterr().err.count("\n") == 1
 
 
@@ -265,8 +328,12 @@ def test_a_prompt_template_cannot_reach_attributes():
 
 # --------------------------------------------------------------------------- secrets
 
-SECRETS = {"HF_TOKEN": "hf_secret_VALUE_4a1b", "MLFLOW_TRACKING_PASSWORD": "mlflow_secret_VALUE_5c2d",
-           "AWS_SECRET_ACCESS_KEY": "aws_secret_VALUE_6e3f", "WANDB_API_KEY": "wandb_secret_VALUE_7a4b"}
+SECRETS = {
+    "HF_TOKEN": "hf_secret_VALUE_4a1b",
+    "MLFLOW_TRACKING_PASSWORD": "mlflow_secret_VALUE_5c2d",
+    "AWS_SECRET_ACCESS_KEY": "aws_secret_VALUE_6e3f",
+    "WANDB_API_KEY": "wandb_secret_VALUE_7a4b",
+}
 
 
 def files_containing(root: Path, needles: list[str]) -> list[str]:
@@ -291,7 +358,8 @@ def test_redaction_masks_passwords_tokens_and_signed_urls():
 
 
 def test_no_secret_from_the_environment_or_the_config_reaches_params_artifacts_or_manifests(
-        tmp_path, local_ray, monkeypatch):
+    tmp_path, local_ray, monkeypatch
+):
     """A tracking URI with a password in the config, and tokens in the environment. The pipeline
     really logs to a local store (the runner's URI lookups are pointed at it), so params,
     config.yaml and the manifest are written and then searched byte by byte."""

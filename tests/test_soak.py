@@ -25,8 +25,8 @@ import mlflow
 import psutil
 import pytest
 
-from flexkd.config import apply_overrides, load_config, parse_config
-from flexkd.runner import run_pipeline
+from flexkd.config.schema import apply_overrides, load_config, parse_config
+from flexkd.pipeline.runner import run_pipeline
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 RUNS = 5
@@ -37,8 +37,9 @@ SECRETS = {"HF_TOKEN": "hf_soak_secret_8b5c", "AWS_SECRET_ACCESS_KEY": "aws_soak
 
 def debug_config(root: Path, **overrides):
     raw = load_config(PIPELINES / "debug.yaml").model_dump(mode="json")
-    raw = apply_overrides(raw, {"artifact_root": str(root), "tracking.tracking_uri": f"sqlite:///{root}/mlflow.db",
-                                **overrides})
+    raw = apply_overrides(
+        raw, {"artifact_root": str(root), "tracking.tracking_uri": f"sqlite:///{root}/mlflow.db", **overrides}
+    )
     return parse_config(raw)
 
 
@@ -54,8 +55,10 @@ def test_five_pipelines_in_one_process_leak_no_memory_files_or_runs(tmp_path, lo
         monkeypatch.setenv(name, value)
     usage = []
     for run in range(RUNS):
-        config = debug_config(tmp_path, **{"training.seed": run, "training.steps": 8, "training.log_every": 4,
-                                           "training.checkpoint_every": 8})
+        config = debug_config(
+            tmp_path,
+            **{"training.seed": run, "training.steps": 8, "training.log_every": 4, "training.checkpoint_every": 8},
+        )
         result = run_pipeline(config)
         ran = {name for name, record in result.stages.items() if not record.cached}
         assert {"distill", "evaluate", "register"} <= ran, ran

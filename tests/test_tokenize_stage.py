@@ -14,17 +14,24 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from flexkd.config import PipelineConfig, parse_config
-from flexkd.data import IGNORE_INDEX
+from flexkd.config.schema import PipelineConfig, parse_config
+from flexkd.data.rows import IGNORE_INDEX
 from flexkd.errors import StageError
-from flexkd.models import TINY_TOKENIZER_DIR, load_tokenizer
+from flexkd.models.loading import TINY_TOKENIZER_DIR, load_tokenizer
 from flexkd.stages import tokenize as tokenize_stage
 
 SAMPLES = Path(__file__).resolve().parents[1] / "flexkd" / "assets" / "samples"
-SST2_TASK = {"kind": "classification", "prompt_template": "Review: {sentence}\nSentiment:",
-             "label_column": "label", "label_names": ["negative", "positive"]}
-SAMSUM_TASK = {"kind": "generation", "prompt_template": "Summarize the dialogue:\n{dialogue}\nSummary:",
-               "response_column": "summary"}
+SST2_TASK = {
+    "kind": "classification",
+    "prompt_template": "Review: {sentence}\nSentiment:",
+    "label_column": "label",
+    "label_names": ["negative", "positive"],
+}
+SAMSUM_TASK = {
+    "kind": "generation",
+    "prompt_template": "Summarize the dialogue:\n{dialogue}\nSummary:",
+    "response_column": "summary",
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -41,19 +48,33 @@ def tokenizer():
     return load_tokenizer(TINY_TOKENIZER_DIR)
 
 
-def make_config(task: dict[str, Any], train: Path | dict, eval_: Path | dict, score: Path | dict | None = None,
-                **data: Any) -> PipelineConfig:
+def make_config(
+    task: dict[str, Any], train: Path | dict, eval_: Path | dict, score: Path | dict | None = None, **data: Any
+) -> PipelineConfig:
     """A pipeline over the tiny tokenizer; a split is a path, or a DataSplit mapping."""
-    splits = {name: {"path": str(split)} if isinstance(split, Path) else {**split, "path": str(split["path"])}
-              for name, split in {"train": train, "eval": eval_, "score": score}.items() if split is not None}
-    return parse_config({
-        "name": "tokenize-test",
-        "teacher": {"source": "random", "tokenizer": str(TINY_TOKENIZER_DIR),
-                    "architecture": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                                     "num_key_value_heads": 2, "intermediate_size": 128}},
-        "data": {**splits, "max_length": 96, "shard_rows": 256, **data},
-        "task": task,
-    })
+    splits = {
+        name: {"path": str(split)} if isinstance(split, Path) else {**split, "path": str(split["path"])}
+        for name, split in {"train": train, "eval": eval_, "score": score}.items()
+        if split is not None
+    }
+    return parse_config(
+        {
+            "name": "tokenize-test",
+            "teacher": {
+                "source": "random",
+                "tokenizer": str(TINY_TOKENIZER_DIR),
+                "architecture": {
+                    "hidden_size": 64,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 4,
+                    "num_key_value_heads": 2,
+                    "intermediate_size": 128,
+                },
+            },
+            "data": {**splits, "max_length": 96, "shard_rows": 256, **data},
+            "task": task,
+        }
+    )
 
 
 def read_split(directory: Path) -> dict[str, list]:
@@ -75,8 +96,9 @@ def test_sst2_from_jsonl_tsv_and_a_saved_dataset(tmp_path, tokenizer):
     tsv_lines = [f"{row['sentence']}\t{row['label']}\n" for row in test_rows]
     (tmp_path / "test.tsv").write_text("sentence\tlabel\n" + "".join(tsv_lines))
     names = ["negative", "positive"]
-    datasets.Dataset.from_list([{"sentence": r["sentence"], "label": names[r["label"]]} for r in test_rows]
-                               ).save_to_disk(tmp_path / "saved")
+    datasets.Dataset.from_list(
+        [{"sentence": r["sentence"], "label": names[r["label"]]} for r in test_rows]
+    ).save_to_disk(tmp_path / "saved")
     config = make_config(SST2_TASK, SAMPLES / "sst2_train.jsonl", tmp_path / "test.tsv", score=tmp_path / "saved")
     outputs = tokenize_stage.run(config, {}, tmp_path / "out")
 
@@ -106,7 +128,7 @@ def test_samsum_masks_prompts_numbers_across_files_and_reruns_identically(tmp_pa
     parquet_dir = tmp_path / "eval_parquet"  # four-row files: the limit and the ids span files
     parquet_dir.mkdir()
     for part, start in enumerate(range(0, 20, 4)):
-        pq.write_table(pa.Table.from_pylist(source[start:start + 4]), parquet_dir / f"part-{part:02d}.parquet")
+        pq.write_table(pa.Table.from_pylist(source[start : start + 4]), parquet_dir / f"part-{part:02d}.parquet")
     # The eval split brings its own prompt template, as an instruction-tuned pipeline's does.
     eval_split = {"path": parquet_dir, "limit": 10, "prompt_template": "Dialogue:\n{dialogue}\nTL;DR:"}
     config = make_config(SAMSUM_TASK, SAMPLES / "samsum.jsonl", eval_split, max_length=128)
@@ -126,7 +148,7 @@ def test_samsum_masks_prompts_numbers_across_files_and_reruns_identically(tmp_pa
     evaluation = read_split(tmp_path / "first" / "eval")
     assert evaluation["example_id"] == list(range(10))
     assert evaluation["reference"] == [row["summary"] for row in source[:10]]
-    first_prompt = evaluation["input_ids"][0][:evaluation["prompt_length"][0]]
+    first_prompt = evaluation["input_ids"][0][: evaluation["prompt_length"][0]]
     assert tokenizer.decode(first_prompt) == f"Dialogue:\n{source[0]['dialogue']}\nTL;DR:"
 
     second = tokenize_stage.run(config, {}, tmp_path / "second")
@@ -147,8 +169,9 @@ def test_a_missing_column_names_the_split_and_the_columns(tmp_path):
     pq.write_table(pa.table({"text": ["fine"], "label": [1]}), tmp_path / "eval.parquet")
     config = make_config(SST2_TASK, SAMPLES / "sst2_train.jsonl", tmp_path / "eval.parquet")
     message = _one_line_error(config, tmp_path / "out")
-    assert message == (f"tokenize: data.eval ({tmp_path / 'eval.parquet'}): "
-                       "missing column 'sentence'; columns are: text, label")
+    assert message == (
+        f"tokenize: data.eval ({tmp_path / 'eval.parquet'}): missing column 'sentence'; columns are: text, label"
+    )
     assert not (tmp_path / "out" / "train").exists()  # checked before any split was tokenized
 
 
@@ -171,8 +194,11 @@ def test_a_missing_file_is_refused(tmp_path):
 
 
 def test_a_label_outside_the_label_set_raised_in_a_worker_is_one_line(tmp_path):
-    (tmp_path / "bad.jsonl").write_text("".join(json.dumps({"sentence": f"s{i}", "label": 7 if i == 40 else 1}) + "\n"
-                                                for i in range(60)))
+    (tmp_path / "bad.jsonl").write_text(
+        "".join(json.dumps({"sentence": f"s{i}", "label": 7 if i == 40 else 1}) + "\n" for i in range(60))
+    )
     message = _one_line_error(make_config(SST2_TASK, tmp_path / "bad.jsonl", SAMPLES / "sst2_test.jsonl"), tmp_path)
-    assert message == (f"tokenize: data.train ({tmp_path / 'bad.jsonl'}): example 40: task.label_column 'label': "
-                       "label 7 is not in the label set 0..1 / negative, positive")
+    assert message == (
+        f"tokenize: data.train ({tmp_path / 'bad.jsonl'}): example 40: task.label_column 'label': "
+        "label 7 is not in the label set 0..1 / negative, positive"
+    )

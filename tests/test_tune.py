@@ -17,25 +17,39 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from flexkd.cli import main
-from flexkd.config import ConfigError, apply_overrides, load_config, parse_config
-from flexkd.resolve import count_teacher_loads
-from flexkd.runner import stage_fingerprint
+from flexkd.config.schema import ConfigError, apply_overrides, load_config, parse_config
+from flexkd.models.plan import count_teacher_loads
+from flexkd.pipeline.runner import stage_fingerprint
 from flexkd.stages.targets import INFO_FILE, cache_identity
-from flexkd.tune import plan_sweep, run_sweep
+from flexkd.sweep.tune import plan_sweep, run_sweep
 
 PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
-SPACE = {"selection.k": {"grid": [8, 16]}, "layer_map": {"grid": ["last", "uniform"]},
-         "loss.gamma": {"loguniform": [0.3, 3.0]}}
+SPACE = {
+    "selection.k": {"grid": [8, 16]},
+    "layer_map": {"grid": ["last", "uniform"]},
+    "loss.gamma": {"loguniform": [0.3, 3.0]},
+}
 
 
 def sweep_file(root: Path, space=None, **overrides) -> Path:
     """The debug pipeline with a tune section, written (absolute paths) under ``root``."""
     raw = load_config(PIPELINES / "debug.yaml").model_dump(mode="json")
-    raw = apply_overrides(raw, {
-        "artifact_root": str(root), "tracking.tracking_uri": f"sqlite:///{root}/mlflow.db",
-        "resources.cpus_per_worker": 0.5,  # two trials at once on 2 CPUs, one CPU left for Ray Data
-        "tune": {"search_space": space or SPACE, "num_samples": 1, "eval_every": 4, "max_concurrent_trials": 2,
-                 "asha": {"grace_period": 4, "reduction_factor": 2}}, **overrides})
+    raw = apply_overrides(
+        raw,
+        {
+            "artifact_root": str(root),
+            "tracking.tracking_uri": f"sqlite:///{root}/mlflow.db",
+            "resources.cpus_per_worker": 0.5,  # two trials at once on 2 CPUs, one CPU left for Ray Data
+            "tune": {
+                "search_space": space or SPACE,
+                "num_samples": 1,
+                "eval_every": 4,
+                "max_concurrent_trials": 2,
+                "asha": {"grace_period": 4, "reduction_factor": 2},
+            },
+            **overrides,
+        },
+    )
     path = root / "sweep.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -72,19 +86,32 @@ def _foreign_cache(root: Path, config, **changes) -> Path:
     other = parse_config(apply_overrides(config.model_dump(mode="json"), changes))
     directory = root / "foreign_cache"
     directory.mkdir()
-    info = {"identity": cache_identity(other, stage_fingerprint(other, "tokenize", {})), "k_max": 32,
-            "full_width": False, "top_k_logits": 32, "temperatures": [1.0, 2.0], "layers": [2, 4],
-            "units": {"2": 32, "4": 32}, "unit_order": {}, "rows": 0, "bytes": 0}
+    info = {
+        "identity": cache_identity(other, stage_fingerprint(other, "tokenize", {})),
+        "k_max": 32,
+        "full_width": False,
+        "top_k_logits": 32,
+        "temperatures": [1.0, 2.0],
+        "layers": [2, 4],
+        "units": {"2": 32, "4": 32},
+        "unit_order": {},
+        "rows": 0,
+        "bytes": 0,
+    }
     (directory / INFO_FILE).write_text(json.dumps(info))
     return directory
 
 
-@pytest.mark.parametrize("changes, expected", [({"teacher.seed": 1}, "another teacher"),
-                                               ({"data.train.limit": 64}, "another data set")])
+@pytest.mark.parametrize(
+    "changes, expected", [({"teacher.seed": 1}, "another teacher"), ({"data.train.limit": 64}, "another data set")]
+)
 def test_a_cache_made_for_another_teacher_or_data_set_is_refused(tmp_path, changes, expected):
     config = load_config(sweep_file(tmp_path, {"loss.gamma": {"grid": [0.5, 1.0]}}))
-    path = sweep_file(tmp_path, {"loss.gamma": {"grid": [0.5, 1.0]}},
-                      **{"training.teacher": "cache", "targets.path": str(_foreign_cache(tmp_path, config, **changes))})
+    path = sweep_file(
+        tmp_path,
+        {"loss.gamma": {"grid": [0.5, 1.0]}},
+        **{"training.teacher": "cache", "targets.path": str(_foreign_cache(tmp_path, config, **changes))},
+    )
     message = refusal(path)
     assert message.startswith("targets.path") and expected in message, message
 
@@ -96,7 +123,7 @@ def test_unknown_metric_is_refused(tmp_path):
 
 def test_plan_caches_the_largest_k_and_every_mapped_layer(tmp_path):
     plan = plan_sweep(load_config(sweep_file(tmp_path)))
-    prepare, = plan.prepare.values()
+    (prepare,) = plan.prepare.values()
     assert plan.k_max == 16 and prepare["selection"]["k"] == 16 and prepare["targets"]["k_max"] == 16
     # "last" maps teacher layer 4; "uniform" maps teacher layers 2 and 4 (a 2-block student on 4 blocks)
     assert sorted({teacher for teacher, _ in prepare["layer_map"]}) == [2, 4]
@@ -135,8 +162,9 @@ def test_four_trial_sweep_runs_from_the_cache_and_resumes(tmp_path, local_ray):
     again = run_sweep(load_config(path), path)  # the same sweep: restored, nothing new runs
     assert again.parent_run_id == result.parent_run_id
     assert {row["trial_id"] for row in again.trials} == {row["trial_id"] for row in result.trials}
-    assert len(client.search_runs([parent.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{result.parent_run_id}'")) == 4
+    assert (
+        len(client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")) == 4
+    )
     assert again.teacher_loads_in_trials == 0
 
 
@@ -145,8 +173,12 @@ def test_an_interrupted_sweep_resumes(tmp_path, local_ray):
     """The driver is killed once a trial has checkpointed; the same command finishes the sweep."""
     path = sweep_file(tmp_path, **{"training.steps": 24, "training.checkpoint_every": 4})
     env = {**os.environ, "RAY_ADDRESS": local_ray.get_runtime_context().gcs_address}
-    process = subprocess.Popen([sys.executable, "-m", "flexkd.cli", "tune", str(path)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flexkd.cli", "tune", str(path)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 900
         while not list(tmp_path.glob("debug/tune/*/distill/*/checkpoints/step_*/meta.json")):

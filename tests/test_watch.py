@@ -6,6 +6,7 @@ The registry-only tests (claims, version selection, promotion, errors) need no R
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -23,14 +24,14 @@ import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
+from test_cluster import cluster  # noqa: F401 - the two-node cluster fixture, for the --address test
 
 from flexkd.cli import main
-from test_cluster import cluster  # noqa: F401 - the two-node cluster fixture, for the --address test
-from flexkd.config import ConfigError, apply_overrides, load_config
-from flexkd.models import TINY_TOKENIZER_DIR, build_random_model, load_tokenizer
-from flexkd.registry import log_student
-from flexkd.selection import selection_overlap, selection_rank_correlation
-from flexkd.watch import (
+from flexkd.config.schema import ConfigError, apply_overrides, load_config
+from flexkd.method.selection import selection_rank_correlation
+from flexkd.models.loading import TINY_TOKENIZER_DIR, build_random_model, load_tokenizer
+from flexkd.tracking.model_registry import log_student
+from flexkd.watch.watcher import (
     ProgressTags,
     VersionError,
     VersionReport,
@@ -57,10 +58,16 @@ def store_uri(root: Path) -> str:
 def watched_pipeline(root: Path, watch: dict | None = None, **overrides) -> Path:
     """The debug pipeline watching every version of ``tiny-teacher``, everything under ``root``."""
     raw = load_config(PIPELINES / "debug.yaml").model_dump(mode="json")
-    raw = apply_overrides(raw, {
-        "artifact_root": str(root), "tracking.tracking_uri": store_uri(root),
-        "teacher": {"source": "mlflow", "path": f"models:/{TEACHER}"},
-        "watch": {"claim_settle_s": 0.2, **(watch or {})}, **overrides})
+    raw = apply_overrides(
+        raw,
+        {
+            "artifact_root": str(root),
+            "tracking.tracking_uri": store_uri(root),
+            "teacher": {"source": "mlflow", "path": f"models:/{TEACHER}"},
+            "watch": {"claim_settle_s": 0.2, **(watch or {})},
+            **overrides,
+        },
+    )
     path = root / "pipeline.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -75,8 +82,12 @@ def register_teacher(root: Path, seed: int) -> str:
     model and registered as the next version of ``tiny-teacher``; returns the version."""
     tokenizer = load_tokenizer(TINY_TOKENIZER_DIR)
     architecture = load_config(PIPELINES / "debug.yaml").teacher.architecture
-    model = build_random_model({"model_type": "llama", **architecture}, vocab_size=len(tokenizer), seed=seed,
-                               pad_token_id=tokenizer.pad_token_id)
+    model = build_random_model(
+        {"model_type": "llama", **architecture},
+        vocab_size=len(tokenizer),
+        seed=seed,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     folder = root / f"teacher-seed{seed}"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -84,8 +95,11 @@ def register_teacher(root: Path, seed: int) -> str:
     mlflow.set_registry_uri(store_uri(root))
     try:
         experiment = mlflow.get_experiment_by_name("teachers")
-        experiment_id = experiment.experiment_id if experiment else mlflow.create_experiment(
-            "teachers", artifact_location=(root / "teacher-artifacts").as_uri())
+        experiment_id = (
+            experiment.experiment_id
+            if experiment
+            else mlflow.create_experiment("teachers", artifact_location=(root / "teacher-artifacts").as_uri())
+        )
         with mlflow.start_run(experiment_id=experiment_id):
             logged = log_student(folder, max_new_tokens=8)
         return str(mlflow.register_model(logged.model_uri, TEACHER).version)
@@ -95,10 +109,8 @@ def register_teacher(root: Path, seed: int) -> str:
 
 def dummy_version(client: MlflowClient, root: Path, name: str, tags: dict[str, str] | None = None) -> str:
     """A registered version with no model behind it: enough for the registry-only tests."""
-    try:
+    with contextlib.suppress(mlflow.exceptions.MlflowException):
         client.create_registered_model(name)
-    except mlflow.exceptions.MlflowException:
-        pass
     (root / "empty").mkdir(exist_ok=True)
     return str(client.create_model_version(name, source=str(root / "empty"), tags=tags or {}).version)
 
@@ -118,6 +130,7 @@ def one_line_err(captured) -> str:
 
 # ---- pure parts --------------------------------------------------------------------------------
 
+
 def test_rank_correlation_of_selections_matches_spearman_over_the_union():
     stats = pytest.importorskip("scipy.stats")
     same = torch.tensor([5, 1, 9, 3])
@@ -134,8 +147,13 @@ def test_rank_correlation_of_selections_matches_spearman_over_the_union():
 
 
 def test_importance_drift_is_per_shared_layer_and_skips_a_resized_teacher():
-    before = {"layers": {"2": {"indices": [0, 1, 2], "d_teacher": 8}, "4": {"indices": [3, 4, 5], "d_teacher": 8},
-                         "6": {"indices": [1], "d_teacher": 8}}}
+    before = {
+        "layers": {
+            "2": {"indices": [0, 1, 2], "d_teacher": 8},
+            "4": {"indices": [3, 4, 5], "d_teacher": 8},
+            "6": {"indices": [1], "d_teacher": 8},
+        }
+    }
     after = {"layers": {"2": {"indices": [2, 1, 0], "d_teacher": 8}, "4": {"indices": [3, 6, 7], "d_teacher": 16}}}
     drift = importance_drift(before, after)
     assert list(drift) == ["2"]
@@ -159,10 +177,10 @@ def test_next_action_follows_the_progress_tags():
     assert action() == "run"
     assert action(status="queued") == "run"
     assert action(status="done") == action(status="failed") == "skip"
-    assert action(status="running", heartbeat=fresh, attempts="1") == "skip"   # another watcher is on it
+    assert action(status="running", heartbeat=fresh, attempts="1") == "skip"  # another watcher is on it
     assert action(status="queued", claim="h:1/x", heartbeat=fresh) == "skip"  # being claimed right now
-    assert action(status="running", heartbeat=stale, attempts="1") == "run"    # its watcher died: retry
-    assert action(status="running", heartbeat=stale, attempts="2") == "fail"   # the bound
+    assert action(status="running", heartbeat=stale, attempts="1") == "run"  # its watcher died: retry
+    assert action(status="running", heartbeat=stale, attempts="2") == "fail"  # the bound
     assert action(status="running", heartbeat=fresh, attempts="1", job_id="flexkd-debug-x") == "follow"
 
 
@@ -180,6 +198,7 @@ def test_watch_section_needs_a_registered_teacher_and_a_sane_heartbeat(tmp_path)
 
 
 # ---- the registry, no Ray ------------------------------------------------------------------------
+
 
 def test_versions_are_chosen_by_alias_or_tags(tmp_path):
     client = client_for(tmp_path)
@@ -220,8 +239,12 @@ def test_two_watchers_racing_for_a_version_do_not_both_win(tmp_path, left_behind
     client = client_for(tmp_path)
     version = dummy_version(client, tmp_path, TEACHER)
     if left_behind:  # the tags exist, so both claims update them: the settle-and-re-read decides
-        for key, value in {KEYS.status: "running", KEYS.attempts: "1", KEYS.claim: "dead-host:9/0",
-                           KEYS.heartbeat: timestamp(time.time() - 3600)}.items():
+        for key, value in {
+            KEYS.status: "running",
+            KEYS.attempts: "1",
+            KEYS.claim: "dead-host:9/0",
+            KEYS.heartbeat: timestamp(time.time() - 3600),
+        }.items():
             client.set_model_version_tag(TEACHER, version, key, value)
     pipeline = watched_pipeline(tmp_path, watch={"claim_settle_s": 1.0})
     watchers = [Watcher(pipeline), Watcher(pipeline)]
@@ -263,31 +286,47 @@ def test_the_champion_alias_moves_only_to_a_better_student(tmp_path):
     better, champion = promote(0.6)
     assert champion == "3" and better.decision == "promoted over champion v1"
     tags = client.get_model_version(STUDENT, "3").tags
-    assert (tags["flexkd.promotion.candidate"], tags["flexkd.promotion.champion"],
-            tags["flexkd.promotion.champion_version"]) == ("0.6", "0.5", "1")
+    assert (
+        tags["flexkd.promotion.candidate"],
+        tags["flexkd.promotion.champion"],
+        tags["flexkd.promotion.champion_version"],
+    ) == ("0.6", "0.5", "1")
     assert client.get_model_version(STUDENT, "2").tags["flexkd.promotion.decision"].startswith("kept")
 
     unknown = Watcher(watched_pipeline(tmp_path, watch={"metric": "student.bleu"}))
     with pytest.raises(VersionError) as caught:
         unknown.promote(client, client.get_model_version(STUDENT, "3"), VersionReport("3", "done"))
-    assert str(caught.value) == (f"watch.metric: 'student.bleu' is not among {STUDENT} v3's metrics "
-                                 "(student.accuracy)")
+    assert str(caught.value) == (f"watch.metric: 'student.bleu' is not among {STUDENT} v3's metrics (student.accuracy)")
     assert str(client.get_model_version_by_alias(STUDENT, "champion").version) == "3"
 
 
 def test_the_summary_shows_each_version_the_decision_and_the_drift(tmp_path):
     watcher = Watcher(watched_pipeline(tmp_path))
-    table = summary(watcher, [
-        VersionReport("1", "failed", 3, "gave up after 3 attempt(s)"),
-        VersionReport("2", "done", 1, student=f"models:/{STUDENT}/4", candidate=0.71875, champion=0.6875,
-                      decision="promoted over champion v3", drift_against="1",
-                      drift={"2": (0.5, 0.25), "4": (1 / 3, -0.125)})]).splitlines()
+    table = summary(
+        watcher,
+        [
+            VersionReport("1", "failed", 3, "gave up after 3 attempt(s)"),
+            VersionReport(
+                "2",
+                "done",
+                1,
+                student=f"models:/{STUDENT}/4",
+                candidate=0.71875,
+                champion=0.6875,
+                decision="promoted over champion v3",
+                drift_against="1",
+                drift={"2": (0.5, 0.25), "4": (1 / 3, -0.125)},
+            ),
+        ],
+    ).splitlines()
     assert table[0] == f"watch debug: teacher {TEACHER} (every version) in {store_uri(tmp_path)}"
     assert table[2].startswith("| teacher version | status | attempts | student | student.accuracy | champion |")
     assert table[4] == "| 1 | failed | 3 |  |  |  |  |  | gave up after 3 attempt(s) |"
-    assert table[5] == (f"| 2 | done | 1 | models:/{STUDENT}/4 | 0.7188 | 0.6875 | promoted over champion v3 "
-                        "| vs v1: layer 2: 0.50 / 0.25; layer 4: 0.33 / -0.12 |  |")
-    assert summary(watcher, [])[-len("no teacher version to serve"):] == "no teacher version to serve"
+    assert table[5] == (
+        f"| 2 | done | 1 | models:/{STUDENT}/4 | 0.7188 | 0.6875 | promoted over champion v3 "
+        "| vs v1: layer 2: 0.50 / 0.25; layer 4: 0.33 / -0.12 |  |"
+    )
+    assert summary(watcher, [])[-len("no teacher version to serve") :] == "no teacher version to serve"
 
 
 def test_an_unreachable_registry_is_one_line(tmp_path, capsys):
@@ -295,24 +334,33 @@ def test_an_unreachable_registry_is_one_line(tmp_path, capsys):
     started = time.monotonic()
     assert main(["watch", str(pipeline), "--once"]) == 1
     assert time.monotonic() - started < 30
-    assert one_line_err(capsys) == ("flexkd: tracking: cannot reach the MLflow tracking server at "
-                                    "http://alice:***@127.0.0.1:9: Connection refused; start it, or fix "
-                                    "tracking.tracking_uri / MLFLOW_TRACKING_URI")
+    assert one_line_err(capsys) == (
+        "flexkd: tracking: cannot reach the MLflow tracking server at "
+        "http://alice:***@127.0.0.1:9: Connection refused; start it, or fix "
+        "tracking.tracking_uri / MLFLOW_TRACKING_URI"
+    )
 
 
 def test_a_teacher_that_is_not_registered_is_one_line(tmp_path, capsys):
     pipeline = watched_pipeline(tmp_path, **{"teacher.path": "models:/no-such-teacher"})
     assert main(["watch", str(pipeline), "--once"]) == 1
-    assert one_line_err(capsys) == (f"flexkd: watch: teacher model 'no-such-teacher' is not registered in "
-                                    f"{store_uri(tmp_path)}")
+    assert one_line_err(capsys) == (
+        f"flexkd: watch: teacher model 'no-such-teacher' is not registered in {store_uri(tmp_path)}"
+    )
 
 
 # ---- end to end, through a real local Ray ----------------------------------------------------
 
+
 def _selected(client: MlflowClient, student) -> dict:
     run_id = student.tags["flexkd.importance_run"]
-    return json.loads(Path(mlflow.artifacts.download_artifacts(
-        run_id=run_id, artifact_path="selected.json", tracking_uri=client.tracking_uri)).read_text())
+    return json.loads(
+        Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path="selected.json", tracking_uri=client.tracking_uri
+            )
+        ).read_text()
+    )
 
 
 def _pipeline_run(client: MlflowClient, student):
@@ -320,13 +368,17 @@ def _pipeline_run(client: MlflowClient, student):
 
 
 # The debug pipeline, smaller still: each release costs a whole pipeline run through Ray.
-SMALL = {"data.train.limit": 64, "data.eval.limit": 16, "training.steps": 8, "training.log_every": 4,
-         "training.checkpoint_every": 4}
+SMALL = {
+    "data.train.limit": 64,
+    "data.eval.limit": 16,
+    "training.steps": 8,
+    "training.log_every": 4,
+    "training.checkpoint_every": 4,
+}
 
 
 @pytest.mark.slow  # two full pipeline runs, ~3 min on a quiet 2-core machine: `make test-slow`
-def test_each_release_gets_one_student_the_better_is_champion_and_a_broken_one_is_one_line(
-        tmp_path, local_ray, capfd):
+def test_each_release_gets_one_student_the_better_is_champion_and_a_broken_one_is_one_line(tmp_path, local_ray, capfd):
     pipeline, client = watched_pipeline(tmp_path, **SMALL), client_for(tmp_path)
     register_teacher(tmp_path, seed=1)
     register_teacher(tmp_path, seed=2)  # a release whose files are gone
@@ -385,16 +437,21 @@ def _wait_for(pattern: str, root: Path, process: subprocess.Popen, timeout: floa
 @pytest.mark.slow  # two partial pipeline runs, ~5 min on the shared 2-core machine
 def test_a_watcher_killed_midway_is_retried_once_and_then_left_alone(tmp_path, local_ray):
     watch = {"heartbeat_s": 0.5, "stale_after_s": 3.0}
-    pipeline = watched_pipeline(tmp_path, watch=watch, **{
-        "training.steps": 60, "training.checkpoint_every": 10, "training.log_every": 10})
+    pipeline = watched_pipeline(
+        tmp_path, watch=watch, **{"training.steps": 60, "training.checkpoint_every": 10, "training.log_every": 10}
+    )
     client = client_for(tmp_path)
     register_teacher(tmp_path, seed=1)
 
     # The watcher runs as its own process on the test's Ray and is killed with SIGKILL once
     # distill has written a checkpoint: it cannot mark anything.
     env = {**os.environ, "RAY_ADDRESS": local_ray.get_runtime_context().gcs_address}
-    process = subprocess.Popen([sys.executable, "-m", "flexkd.cli", "watch", str(pipeline), "--once"], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flexkd.cli", "watch", str(pipeline), "--once"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait_for("debug/distill/*/checkpoints/step_*/meta.json", tmp_path, process)
     finally:
@@ -421,17 +478,32 @@ def test_a_watcher_killed_midway_is_retried_once_and_then_left_alone(tmp_path, l
 
 # ---- with --address: each release is a Ray job on a real two-node cluster ------------------------
 
+
 @pytest.mark.slow
-def test_with_an_address_each_release_is_a_ray_job_that_a_later_poll_finishes(cluster):
+def test_with_an_address_each_release_is_a_ray_job_that_a_later_poll_finishes(cluster):  # noqa: F811 - the fixture imported above
     from test_cluster import DEBUG, JOB_TIMEOUT_S, _flexkd
 
     root = cluster.shared / "watch"  # artifact_root and the SQLite registry, on the nodes' shared storage
     root.mkdir(parents=True)
     register_teacher(root, seed=1)
     client = client_for(root)
-    watch = ["watch", str(DEBUG), "--once", "--address", cluster.address, "--set", f"artifact_root={root}",
-             "--set", "teacher.source=mlflow", "--set", f"teacher.path=models:/{TEACHER}",
-             "--set", "teacher.architecture=null", "--set", "watch={claim_settle_s: 0.2}"]
+    watch = [
+        "watch",
+        str(DEBUG),
+        "--once",
+        "--address",
+        cluster.address,
+        "--set",
+        f"artifact_root={root}",
+        "--set",
+        "teacher.source=mlflow",
+        "--set",
+        f"teacher.path=models:/{TEACHER}",
+        "--set",
+        "teacher.architecture=null",
+        "--set",
+        "watch={claim_settle_s: 0.2}",
+    ]
     first = _flexkd(cluster.env, *watch)
     assert first.returncode == 0, first.stderr[-3000:]
     tags = client.get_model_version(TEACHER, "1").tags

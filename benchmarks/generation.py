@@ -1,0 +1,482 @@
+"""``flexkd bench generation``: instruction following and summarization, ROUGE-L of teacher and
+students, through the real pipeline.
+
+    teacher   SmolLM2-135M-Instruct as is (the demo teacher)
+    student   cut out of the teacher (``student.init: prune_from_teacher``): hidden 384 (the 384
+              residual units of highest task importance), MLP 1024, 2 of 3 key/value groups, and
+              the blocks that change the hidden state most (``layer_selection: importance``)
+    train     prompts and completions of the T0 mixture (/work/shared/data/t0_mix), chat template
+    eval      SAMSum (200 dialogues) and Self-Instruct (252 user-oriented tasks) in one eval split
+              (benchmarks/results keeps which row is which); greedy decoding, ROUGE-L F1 x100 per
+              set, computed from the evaluate stage's own predictions of every row
+    methods   kd, kd+projector, kd+flexkd on the final hidden states (layer_map last; cached
+              teacher targets, full width), the same steps, learning rate, data and seed for all.
+              kd+flexkd is Flex-KD's correlation loss between each of the student's 384 units and
+              the teacher unit it was cut from (the pruned student's ``selection: identity``).
+              Which teacher units those are was decided by the pruning (|grad x activation|
+              summed over every block), not by Flex-KD's ranking at the mapped layer, and with
+              k = 384 = the student's width nothing further is selected.
+    baseline  the pruned student before any distillation, scored by the same evaluation code
+
+Writes benchmarks/results/generation.{json,md,png} and logs them to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    DEFAULT_WORK_DIR,
+    REPO,
+    RESULTS,
+    SHARED_DATA,
+    LoadMonitor,
+    command_line,
+    load_sentence,
+    machine,
+    mean_std,
+    stage_seconds,
+    write_results,
+)
+
+log = logging.getLogger("flexkd")
+
+PIPELINE = REPO / "pipelines" / "instruct_samsum.yaml"
+METHODS: dict[str, dict[str, Any]] = {
+    "kd": {"loss.gamma": 0.0, "loss.feature": "none"},
+    "kd+projector": {"loss.feature": "projector"},
+    "kd+flexkd": {"loss.feature": "correlation"},
+}
+PRUNED_START = "pruned, no distillation"
+EVAL_SETS = ("samsum", "self_instruct")
+SHARED_STAGES = ("tokenize", "score", "targets")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    train_rows: int
+    score_rows: int
+    steps: int
+    batch_size: int
+    max_length: int
+    max_new_tokens: int
+    num_layers: int
+    seeds: tuple[int, ...]
+    # A pruned student starts from the teacher's weights: a small step size keeps what it inherits.
+    learning_rate: float = 2e-4
+    layer_selection: str = "importance"
+    use_gpu: bool = False
+    precision: str = "float32"  # training.precision
+    cpus_per_worker: float = 1  # the other CPU stays free for Ray Data
+    threads_per_worker: int = 1  # see QualitySettings: one thread is faster on an oversubscribed machine
+
+    @classmethod
+    def cpu(cls) -> GenerationSettings:
+        # Sized for 60 minutes on 2 cores, where the shared stages take about 10 minutes (the
+        # full-width cache over 800 rows: 7), a distill step of the 16-block student about 3 s
+        # (measured), and greedy decoding of the 452 eval prompts is paid by five models.
+        return cls(
+            train_rows=800,
+            score_rows=64,
+            steps=120,
+            batch_size=8,
+            max_length=256,
+            max_new_tokens=64,
+            num_layers=16,
+            seeds=(0,),
+        )
+
+    @classmethod
+    def gpu(cls) -> GenerationSettings:
+        return cls(
+            train_rows=7668,
+            score_rows=1024,
+            steps=3000,
+            batch_size=32,
+            max_length=512,
+            max_new_tokens=128,
+            num_layers=16,
+            seeds=(0, 1, 2),
+            use_gpu=True,
+            precision="bf16",
+            cpus_per_worker=4,
+            threads_per_worker=4,
+        )
+
+    def with_overrides(self, **values: Any) -> GenerationSettings:
+        return replace(self, **{key: value for key, value in values.items() if value is not None})
+
+
+def tracking_uri(work_dir: Path) -> str:
+    return f"sqlite:///{work_dir / 'mlflow.db'}"
+
+
+def write_eval_set(work_dir: Path) -> tuple[Path, list[str]]:
+    """SAMSum and Self-Instruct as one jsonl of prompt / response, and the source of each row."""
+    rows = [
+        {"prompt": f"Summarize this dialogue.\n{row['dialogue']}", "response": row["summary"], "source": "samsum"}
+        for row in map(json.loads, (SHARED_DATA / "samsum" / "samsum.jsonl").read_text().splitlines())
+    ]
+    for line in (SHARED_DATA / "self_instruct" / "user_oriented_instructions.jsonl").read_text().splitlines():
+        task = json.loads(line)
+        instance = task["instances"][0]
+        prompt = task["instruction"] + (f"\n\n{instance['input']}" if instance["input"].strip() else "")
+        rows.append({"prompt": prompt, "response": instance["output"], "source": "self_instruct"})
+    path = work_dir / "generation_eval.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path, [row["source"] for row in rows]
+
+
+def pipeline_overrides(settings: GenerationSettings, work_dir: Path, eval_path: Path, eval_rows: int) -> dict[str, Any]:
+    t0 = str(SHARED_DATA / "t0_mix" / "train.jsonl")
+    return {
+        "name": "bench-generation" + ("-gpu" if settings.use_gpu else ""),
+        "artifact_root": str(work_dir / "runs"),
+        "tracking.tracking_uri": tracking_uri(work_dir),
+        "tracking.experiment": "flexkd-bench-generation",
+        "student.init": "prune_from_teacher",
+        "student.layer_selection": settings.layer_selection,
+        "student.architecture": {
+            "hidden_size": 384,
+            "num_hidden_layers": settings.num_layers,
+            "num_attention_heads": 6,
+            "num_key_value_heads": 2,
+            "intermediate_size": 1024,
+        },
+        "data.train": {
+            "path": t0,
+            "limit": settings.train_rows,
+            "prompt_template": "{prompt}",
+            "response_column": "completion",
+        },
+        "data.score": {
+            "path": t0,
+            "limit": settings.score_rows,
+            "prompt_template": "{prompt}",
+            "response_column": "completion",
+        },
+        "data.eval": {"path": str(eval_path), "prompt_template": "{prompt}", "response_column": "response"},
+        "data.max_length": settings.max_length,
+        # The paper's default pairing (final hidden states) rather than the pruned student's every
+        # block with its source: it keeps the full-width cache one layer deep (16 would take gigabytes).
+        "layer_map": "last",
+        "training.steps": settings.steps,
+        "training.batch_size": settings.batch_size,
+        "training.learning_rate": settings.learning_rate,
+        "training.warmup_steps": 25,
+        "training.log_every": 25,
+        "training.checkpoint_every": settings.steps,
+        "training.teacher": "cache",
+        "training.precision": settings.precision,
+        "targets.full_width": True,
+        "targets.batch_size": 8,
+        "targets.temperatures": [1.0],
+        "evaluation": {"batch_size": 16, "max_new_tokens": settings.max_new_tokens, "samples": eval_rows},
+        "resources.num_workers": 1,
+        "resources.cpus_per_worker": settings.cpus_per_worker,
+        "resources.use_gpu": settings.use_gpu,
+        "resources.threads_per_worker": settings.threads_per_worker,
+    }
+
+
+def run_generation(
+    settings: GenerationSettings,
+    work_dir: Path = DEFAULT_WORK_DIR,
+    methods: tuple[str, ...] = tuple(METHODS),
+    results_dir: Path = RESULTS,
+) -> dict[str, Any]:
+    from flexkd.config.schema import load_config
+    from flexkd.pipeline.runner import run_pipeline
+
+    command, started = command_line(), time.time()
+    eval_path, sources = write_eval_set(work_dir)
+    runs = []
+    pruned_start: dict[str, Any] = {}
+    shared: dict[str, dict[str, Any]] = {}
+    with LoadMonitor() as load:
+        for seed in settings.seeds:
+            for method in methods:
+                overrides = pipeline_overrides(settings, work_dir, eval_path, len(sources)) | METHODS[method]
+                config = load_config(PIPELINE, overrides | {"student.seed": seed, "training.seed": seed})
+                result = run_pipeline(config, stages=("tokenize", "score", "targets", "distill", "evaluate"))
+                if not pruned_start:
+                    pruned_start = evaluate_pruned_start(
+                        config,
+                        Path(result.stages["tokenize"].directory),
+                        Path(result.stages["score"].directory),
+                        sources,
+                    )
+                    # Every method reuses these by fingerprint; an earlier invocation may have built them.
+                    shared = {
+                        stage: {"seconds": stage_seconds(result.stages[stage]), "reused": result.stages[stage].cached}
+                        for stage in SHARED_STAGES
+                    }
+                distill, evaluate = result.stages["distill"], result.stages["evaluate"]
+                predictions = read_predictions(evaluate.directory / "predictions.jsonl", sources)
+                scores = rouge_by_source(predictions, sources)
+                runs.append(
+                    {
+                        "method": method,
+                        "seed": seed,
+                        "rougeL": scores,
+                        "rougeL_all": {
+                            role: evaluate.outputs["metrics"][f"{role}.rougeL"] for role in ("teacher", "student")
+                        },
+                        "perplexity": {
+                            role: evaluate.outputs["metrics"][f"{role}.perplexity"] for role in ("teacher", "student")
+                        },
+                        "extra_trainable_parameters": distill.outputs["extra_trainable_parameters"],
+                        "student_parameters": distill.outputs["student_parameters"],
+                        "distill_seconds": round(distill.seconds, 1),
+                        "evaluate_seconds": round(evaluate.seconds, 1),
+                        "pipeline_run_id": result.run_id,
+                        "first_outputs": first_outputs(predictions, sources),
+                    }
+                )
+                (work_dir / "generation.partial.json").write_text(json.dumps(runs, indent=1))
+    results = {
+        "benchmark": "generation",
+        "command": command,
+        "machine": machine(),
+        "load": load.summary(),
+        "settings": asdict(settings),
+        "pipeline": str(PIPELINE.relative_to(REPO)),
+        "methods": METHODS,
+        "student_init": "prune_from_teacher",
+        "pruned_start": pruned_start,
+        "runs": runs,
+        "shared_stage_seconds": shared,
+        "wall_seconds": round(time.time() - started, 1),
+        "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    results["table"] = table(runs, pruned_start)
+    results["headline"] = {
+        f"rougeL.{name}.{role}": row[role]
+        for name, row in results["table"].items()
+        for role in ("samsum", "self_instruct")
+    }
+    plot = plot_generation(results, results_dir / "generation.png")
+    write_results("generation", results, generation_markdown(results), plot, tracking_uri(work_dir), results_dir)
+    return results
+
+
+def evaluate_pruned_start(config, tokenize_dir: Path, score_dir: Path, sources: list[str]) -> dict[str, Any]:
+    """The pruned student as the score stage wrote it, before any distillation, scored by the
+    evaluate stage's own code on every eval row: what distillation has to improve on."""
+    import torch
+
+    from flexkd.evaluation.metrics import generate_and_score, read_eval_rows
+    from flexkd.models.loading import load_model, parameter_count
+    from flexkd.models.plan import PRUNED_STUDENT_DIR, load_pipeline_tokenizer
+
+    started = time.time()
+    pad_token_id = json.loads((tokenize_dir / "manifest.json").read_text())["outputs"]["pad_token_id"]
+    table_rows = read_eval_rows(tokenize_dir / "eval")
+    device = torch.device("cuda" if config.resources.use_gpu and torch.cuda.is_available() else "cpu")
+    model = load_model(score_dir / PRUNED_STUDENT_DIR).eval().to(device)
+    # No progress bar: the evaluate stage's is Ray's, which in the driver keeps redrawing after it ends.
+    log.info("bench generation: greedy decoding of %d eval rows by the pruned start", table_rows.num_rows)
+    with torch.no_grad():
+        scores, outputs = generate_and_score(
+            model, table_rows, config, load_pipeline_tokenizer(config), pad_token_id, device
+        )
+    row_sources = [sources[i] for i in table_rows.column("example_id").to_pylist()]
+    by_source = rouge_per_source(table_rows.column("reference").to_pylist(), outputs, row_sources)
+    return {
+        "rougeL": by_source,
+        "rougeL_all": scores["rougeL"],
+        "perplexity": scores["perplexity"],
+        "parameters": parameter_count(model),
+        "seconds": round(time.time() - started, 1),
+        "first_outputs": {source: outputs[row_sources.index(source)] for source in EVAL_SETS},
+    }
+
+
+def read_predictions(predictions_file: Path, sources: list[str]) -> list[dict[str, Any]]:
+    """The evaluate stage's predictions, one per eval row (``sources`` names each row's eval set)."""
+    rows = [json.loads(line) for line in predictions_file.read_text().splitlines()]
+    if len(rows) != len(sources):
+        raise ValueError(f"{predictions_file}: {len(rows)} predictions for {len(sources)} eval rows")
+    return rows
+
+
+def first_outputs(rows: list[dict[str, Any]], sources: list[str]) -> dict[str, dict[str, str]]:
+    """The first prediction of each eval set: reference, teacher and student, to read beside the scores."""
+    first = {}
+    for row in rows:
+        source = sources[row["example_id"]]
+        first.setdefault(source, {key: row[key] for key in ("reference", "teacher", "student")})
+    return first
+
+
+def rouge_per_source(references: list[str], outputs: list[str], row_sources: list[str]) -> dict[str, float]:
+    """ROUGE-L F1 x100 of ``outputs`` per eval set."""
+    from rouge_score.rouge_scorer import RougeScorer
+
+    scorer = RougeScorer(["rougeL"], use_stemmer=True)
+    scores = {}
+    for source in EVAL_SETS:
+        values = [
+            scorer.score(reference, output)["rougeL"].fmeasure
+            for reference, output, row_source in zip(references, outputs, row_sources)
+            if row_source == source
+        ]
+        scores[source] = round(100 * sum(values) / len(values), 2)
+    return scores
+
+
+def rouge_by_source(rows: list[dict[str, Any]], sources: list[str]) -> dict[str, dict[str, float]]:
+    """ROUGE-L F1 x100 per eval set, for teacher and student, from the evaluate stage's predictions."""
+    references, row_sources = [row["reference"] for row in rows], [sources[row["example_id"]] for row in rows]
+    return {
+        role: rouge_per_source(references, [row[role] for row in rows], row_sources) for role in ("teacher", "student")
+    }
+
+
+def table(runs: list[dict[str, Any]], pruned_start: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    rows: dict[str, dict[str, Any]] = {}
+    teacher = runs[0]["rougeL"]["teacher"] if runs else {}
+    rows["teacher"] = {
+        **teacher,
+        "seeds": 1,
+        "extra_trainable_parameters": 0,
+        "parameters": None,
+        "perplexity": runs[0]["perplexity"]["teacher"] if runs else None,
+    }
+    if pruned_start:
+        rows[PRUNED_START] = {
+            **pruned_start["rougeL"],
+            "seeds": 1,
+            "extra_trainable_parameters": 0,
+            "parameters": pruned_start["parameters"],
+            "perplexity": pruned_start["perplexity"],
+        }
+    for method in dict.fromkeys(run["method"] for run in runs):
+        mine = [run for run in runs if run["method"] == method]
+        rows[method] = {
+            source: round(mean_std([run["rougeL"]["student"][source] for run in mine])[0], 2) for source in EVAL_SETS
+        }
+        rows[method] |= {
+            f"{source}_std": round(mean_std([run["rougeL"]["student"][source] for run in mine])[1], 2)
+            for source in EVAL_SETS
+        }
+        rows[method] |= {
+            "seeds": len(mine),
+            "extra_trainable_parameters": mine[0]["extra_trainable_parameters"],
+            "parameters": mine[0]["student_parameters"],
+            "perplexity": mean_std([run["perplexity"]["student"] for run in mine])[0],
+        }
+    return rows
+
+
+def generation_markdown(results: dict[str, Any]) -> str:
+    settings, load = results["settings"], results["load"]
+    lines = [
+        "## Generation: SAMSum and Self-Instruct ROUGE-L",
+        "",
+        f"Command: `{results['command']}` (finished {results['finished_at']}, wall time {results['wall_seconds'] / 60:.1f} min"
+        f"{_reused_sentence(results.get('shared_stage_seconds') or {}, results['wall_seconds'])})",
+        "",
+        f"Machine: {results['machine']['cpus']} CPUs ({results['machine']['cpu_model']}), GPU: {results['machine']['gpu']}, "
+        f"commit {results['machine']['git_commit']}.",
+        f"{load_sentence(load).capitalize()}.",
+        "",
+        f"Teacher SmolLM2-135M-Instruct as is (576 wide, 30 blocks). Students **cut out of the teacher** "
+        f"(`student.init: prune_from_teacher`): hidden 384, {settings['num_layers']} blocks "
+        f"(layer_selection {settings['layer_selection']}), MLP 1024, 6 heads / 2 KV groups; pruning scored on "
+        f"{settings['score_rows']} T0 rows. Feature losses on the final hidden states (layer_map last); kd+flexkd "
+        "is the correlation loss between each student unit and the teacher unit it was cut from (units chosen by "
+        "the pruning's importance summed over all blocks; k = 384, the student's width, so no further selection), "
+        "kd+projector learns a 384 -> 576 map. "
+        f"Distilled on {settings['train_rows']} T0-mixture prompt/completion pairs (chat template, max length "
+        f"{settings['max_length']}), {settings['steps']} steps of batch {settings['batch_size']}, lr "
+        f"{settings['learning_rate']}, teacher-target cache; seeds {list(settings['seeds'])}. Greedy decoding, "
+        f"at most {settings['max_new_tokens']} new tokens; ROUGE-L F1 x100.",
+        "",
+        "| model | ROUGE-L SAMSum (200) | ROUGE-L Self-Instruct (252) | perplexity of the references | seeds | "
+        "extra trainable params |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in results["table"].items():
+        lines.append(
+            f"| {name} | {row['samsum']:.2f} | {row['self_instruct']:.2f} | {row['perplexity']:.4g} | "
+            f"{row['seeds']} | {row['extra_trainable_parameters']:,} |"
+        )
+    lines += ["", "![generation](results/generation.png)", ""]
+    lines += _first_outputs_table(results)
+    return "\n".join(lines)
+
+
+def _first_outputs_table(results: dict[str, Any], width: int = 90) -> list[str]:
+    """The first greedy output of every model on each eval set, cut to ``width`` characters."""
+    runs = [run for run in results["runs"] if run.get("first_outputs") and run["seed"] == results["runs"][0]["seed"]]
+    if not runs:
+        return []
+
+    def cell(text: str) -> str:
+        text = " ".join(text.split())
+        return (text[:width] + "..." if len(text) > width else text).replace("|", "\\|")
+
+    lines = [
+        f"First output on each set, seed {runs[0]['seed']} (greedy; read beside the scores):",
+        "",
+        "| model | " + " | ".join(EVAL_SETS) + " |",
+        "|---|" + "---|" * len(EVAL_SETS),
+    ]
+    first = runs[0]["first_outputs"]
+    lines.append("| reference | " + " | ".join(cell(first[s]["reference"]) for s in EVAL_SETS) + " |")
+    lines.append("| teacher | " + " | ".join(cell(first[s]["teacher"]) for s in EVAL_SETS) + " |")
+    pruned = (results.get("pruned_start") or {}).get("first_outputs")
+    if pruned:
+        lines.append(f"| {PRUNED_START} | " + " | ".join(cell(pruned[s]) for s in EVAL_SETS) + " |")
+    lines += [
+        f"| {run['method']} | " + " | ".join(cell(run["first_outputs"][s]["student"]) for s in EVAL_SETS) + " |"
+        for run in runs
+    ]
+    return [*lines, ""]
+
+
+def _reused_sentence(shared: dict[str, dict[str, Any]], wall_seconds: float) -> str:
+    built = "; ".join(
+        f"{stage} {entry['seconds']:.0f} s" + (" (reused)" if entry["reused"] else "")
+        for stage, entry in shared.items()
+    )
+    if not built:
+        return ""
+    reused = sum(entry["seconds"] for entry in shared.values() if entry["reused"])
+    sentence = f"; shared stages, run once for every method: {built}"
+    if reused:
+        sentence += (
+            f"; it reused {reused / 60:.1f} min of them from an earlier invocation, so a run from scratch "
+            f"takes about {(wall_seconds + reused) / 60:.0f} min"
+        )
+    return sentence
+
+
+def plot_generation(results: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(results["table"])
+    figure, axis = plt.subplots(figsize=(7, 4))
+    width = 0.38
+    for offset, source in zip((-width / 2, width / 2), EVAL_SETS):
+        axis.bar(
+            [i + offset for i in range(len(names))], [results["table"][n][source] for n in names], width, label=source
+        )
+    axis.set_xticks(range(len(names)), names)
+    axis.set_ylabel("ROUGE-L F1 x100")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

@@ -1,0 +1,553 @@
+"""``flexkd bench quality``: the paper's SST-2 comparison, through the real pipeline.
+
+    teacher   SmolLM2-135M-Instruct with its verbalizer rows trained on SST-2 (benchmarks.teacher),
+              saved once as a plain Hugging Face folder that ``teacher.path`` points at
+    student   the teacher's tokenizer, hidden 192 (3x narrower), 4 layers, random init
+    methods   ft, kd, kd+projector, kd+cka, kd+random, kd+variance, kd+flexkd: the same steps,
+              learning rate, data order, loss weights and seeds for all; they differ only in the
+              loss.feature / selection.method they set (METHODS)
+    pipeline  pipelines/sst2.yaml with overrides, run by flexkd.runner.run_pipeline: tokenize,
+              score and targets (the teacher-target cache, full width) run once per selection
+              method and are reused by fingerprint by every seed and method; each (method, seed)
+              runs only distill and evaluate. Seeds set student.seed and training.seed.
+
+Writes benchmarks/results/quality.{json,md,png}, or quality-<label>.* for a variant (another layer map,
+scoring set, k, loss weight or learning rate, applied alike to every method it runs), and logs them
+to MLflow (experiment flexkd-bench).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    DEFAULT_WORK_DIR,
+    REPO,
+    RESULTS,
+    SHARED_DATA,
+    LoadMonitor,
+    command_line,
+    load_sentence,
+    machine,
+    mean_std,
+    stage_seconds,
+    write_results,
+)
+
+log = logging.getLogger("flexkd")
+
+PIPELINE = REPO / "pipelines" / "sst2.yaml"
+SHARED_STAGES = ("tokenize", "score", "targets")
+# Touch <work dir>/quality.stop to end after the current run and write the results of the runs done.
+STOP_FILE = "quality.stop"
+RUN_STAGES = (*SHARED_STAGES, "distill", "evaluate")
+
+# What each method sets on top of the common config; everything else is the same for all.
+METHODS: dict[str, dict[str, Any]] = {
+    "ft": {"loss.beta": 0.0, "loss.gamma": 0.0, "loss.feature": "none"},
+    "kd": {"loss.gamma": 0.0, "loss.feature": "none"},
+    "kd+projector": {"loss.feature": "projector"},
+    "kd+cka": {"loss.feature": "cka"},
+    "kd+random": {"loss.feature": "correlation", "selection.method": "random"},
+    "kd+variance": {"loss.feature": "correlation", "selection.method": "variance"},
+    "kd+flexkd": {"loss.feature": "correlation", "selection.method": "importance"},
+}
+KEY_METHODS = ("kd+flexkd", "kd+projector", "kd")
+COMPARISONS = (
+    ("kd+flexkd", "kd+projector"),
+    ("kd+flexkd", "kd"),
+    ("kd+flexkd", "kd+random"),
+    ("kd+flexkd", "kd+variance"),
+    ("kd+flexkd", "kd+cka"),
+    ("kd", "ft"),
+)
+
+
+@dataclass(frozen=True)
+class QualitySettings:
+    """The sizes of one benchmark run; ``cpu()`` fits 60 minutes on 2 cores, ``gpu()`` is the larger one."""
+
+    train_rows: int
+    score_rows: int
+    teacher_rows: int
+    steps: int
+    batch_size: int
+    seeds: tuple[int, ...]
+    learning_rate: float = 1e-3
+    warmup_steps: int = 25
+    gamma: float = 1.0
+    beta: float = 1.0
+    temperature: float = 2.0
+    layer_map: str = "uniform"
+    k: int | None = None  # selected teacher units per mapped layer; None: the student's hidden size
+    use_gpu: bool = False
+    precision: str = "float32"  # training.precision
+    # One CPU reserved (the other stays free for Ray Data's read tasks) and one torch thread: on a
+    # machine where other jobs keep more runnable threads than cores, two threads per process were
+    # measured 5-10x slower than one (each step waits at a barrier for a descheduled thread).
+    cpus_per_worker: float = 1
+    threads_per_worker: int = 1
+
+    @classmethod
+    def cpu(cls) -> QualitySettings:
+        # Sized for 2 cores shared with other jobs (measured: the teacher forward ran at about 2
+        # sentences/s under a load average of 15-30): every teacher pass (adaptation, targets,
+        # scoring, the teacher's test accuracy) is the cost that dominates.
+        return cls(
+            train_rows=1000,
+            score_rows=96,
+            teacher_rows=3000,
+            steps=150,
+            batch_size=32,
+            seeds=(0, 1, 2),
+            warmup_steps=10,
+        )
+
+    @classmethod
+    def gpu(cls) -> QualitySettings:
+        return cls(
+            train_rows=60614,
+            score_rows=2048,
+            teacher_rows=20000,
+            steps=4000,
+            batch_size=64,
+            seeds=(0, 1, 2, 3, 4),
+            use_gpu=True,
+            precision="bf16",
+            cpus_per_worker=4,
+            threads_per_worker=4,
+        )
+
+
+def pipeline_overrides(settings: QualitySettings, teacher_dir: Path, work_dir: Path) -> dict[str, Any]:
+    """pipelines/sst2.yaml made into the benchmark's common config (before method and seed)."""
+    return {
+        "name": "bench-quality" + ("-gpu" if settings.use_gpu else ""),
+        "artifact_root": str(work_dir / "runs"),
+        "tracking.tracking_uri": tracking_uri(work_dir),
+        "tracking.experiment": "flexkd-bench-quality",
+        "teacher": {"source": "hf", "path": str(teacher_dir), "name": "SmolLM2-135M-Instruct+sst2-verbalizer"},
+        # The adapted teacher is untied (its verbalizer rows changed); the student keeps SmolLM2's tied
+        # embeddings, as it would with the original teacher.
+        "student.architecture.tie_word_embeddings": True,
+        "data.train.path": str(SHARED_DATA / "sst2" / "train.tsv"),
+        "data.train.limit": settings.train_rows,
+        "data.eval.path": str(SHARED_DATA / "sst2" / "test.tsv"),
+        "data.score.path": str(SHARED_DATA / "sst2" / "dev.tsv"),
+        "data.score.limit": settings.score_rows,
+        "layer_map": settings.layer_map,
+        "selection.k": settings.k,
+        "loss.alpha": 1.0,
+        "loss.beta": settings.beta,
+        "loss.gamma": settings.gamma,
+        "loss.temperature": settings.temperature,
+        "training.steps": settings.steps,
+        "training.batch_size": settings.batch_size,
+        "training.learning_rate": settings.learning_rate,
+        "training.warmup_steps": settings.warmup_steps,
+        "training.precision": settings.precision,
+        "training.log_every": 50,
+        "training.checkpoint_every": settings.steps,
+        "training.teacher": "cache",
+        "targets.full_width": True,
+        "targets.batch_size": 32,
+        "evaluation.batch_size": 64,
+        "evaluation.samples": 20,
+        "resources.num_workers": 1,
+        "resources.cpus_per_worker": settings.cpus_per_worker,
+        "resources.use_gpu": settings.use_gpu,
+        "resources.threads_per_worker": settings.threads_per_worker,
+    }
+
+
+def tracking_uri(work_dir: Path) -> str:
+    return f"sqlite:///{work_dir / 'mlflow.db'}"
+
+
+def method_config(
+    settings: QualitySettings,
+    teacher_dir: Path,
+    work_dir: Path,
+    method: str,
+    seed: int,
+    cache_dir: Path | None = None,
+    extra: dict[str, Any] | None = None,
+):
+    """The pipeline of one (method, seed). ``cache_dir``: the full-width teacher-target cache that
+    a method selecting other units than importance reads instead of building its own; ``extra``:
+    further overrides (the speed benchmark's)."""
+    from flexkd.config.schema import load_config
+
+    overrides = pipeline_overrides(settings, teacher_dir, work_dir) | METHODS[method]
+    if cache_dir is not None and METHODS[method].get("selection.method", "importance") != "importance":
+        overrides["targets.path"] = str(cache_dir)
+    overrides |= {"student.seed": seed, "training.seed": seed} | (extra or {})
+    return load_config(PIPELINE, overrides)
+
+
+def sst2_teacher(settings: QualitySettings, work_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """The SST-2-adapted teacher's folder (made on first use) and its adaptation record."""
+    from benchmarks.teacher import adapted_teacher
+    from flexkd.config.schema import load_config
+    from flexkd.models.plan import teacher_location
+
+    base = load_config(PIPELINE)
+    teacher_base, _ = teacher_location(base)
+    return adapted_teacher(
+        Path(teacher_base),
+        SHARED_DATA / "sst2" / "train.tsv",
+        settings.teacher_rows,
+        base.task,
+        base.data.max_length,
+        work_dir / "teachers",
+    )
+
+
+def results_name(label: str | None) -> str:
+    """``quality``, or ``quality-<label>`` for a variant (an investigation run) kept beside it."""
+    if label is None:
+        return "quality"
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", label):
+        from flexkd.config.schema import ConfigError
+
+        raise ConfigError(f"--label {label!r}: use lower-case letters, digits and '-' (it names results files)")
+    return f"quality-{label}"
+
+
+def run_quality(
+    settings: QualitySettings,
+    work_dir: Path = DEFAULT_WORK_DIR,
+    methods: tuple[str, ...] = tuple(METHODS),
+    results_dir: Path = RESULTS,
+    label: str | None = None,
+    tune: bool = False,
+) -> dict[str, Any]:
+    """Every (method, seed) of ``settings``; writes ``results_dir/<results_name(label)>.{json,md,png}``.
+    ``tune``: each method first finds its own values on held-out rows (benchmarks.quality_tuned)."""
+    from benchmarks.quality_tuned import tune_methods
+    from flexkd.pipeline.runner import run_pipeline
+
+    name = results_name(label)
+    if tune and label is None:
+        from flexkd.config.schema import ConfigError
+
+        raise ConfigError("--tune makes a variant: name it with --label NAME")
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    command = command_line()
+    started = time.time()
+    with LoadMonitor() as load:
+        teacher_dir, teacher_record = sst2_teacher(settings, work_dir)
+        runs: list[dict[str, Any]] = []
+        shared_seconds: dict[str, float] = {}
+        score_dirs: dict[str, Path] = {}
+        reused_seconds = 0.0 if teacher_record.get("made_now") else teacher_record["seconds"]
+        # One teacher pass for every method: the importance selection's full-width cache.
+        prepared = run_pipeline(
+            method_config(settings, teacher_dir, work_dir, "kd+flexkd", settings.seeds[0]), stages=SHARED_STAGES
+        )
+        cache_dir = Path(prepared.stages["targets"].directory)
+        for stage in SHARED_STAGES:
+            key = stage if stage == "tokenize" else f"{stage}/{prepared.config.selection.method}"
+            shared_seconds[key] = stage_seconds(prepared.stages[stage])
+            if prepared.stages[stage].cached:  # built by an earlier invocation
+                reused_seconds += shared_seconds[key]
+        tuning = tune_methods(settings, teacher_dir, work_dir, methods) if tune else None
+        best = {method: sweep["best"] for method, sweep in tuning["methods"].items()} if tuning else {}
+        stop_file = work_dir / STOP_FILE
+        stop_file.unlink(missing_ok=True)
+        for seed, method in run_order(methods, settings.seeds):
+            if stop_file.exists():
+                log.warning("bench quality: %s found, stopping after %d runs", stop_file, len(runs))
+                break
+            config = method_config(settings, teacher_dir, work_dir, method, seed, cache_dir, best.get(method))
+            result = run_pipeline(config, stages=RUN_STAGES)
+            # The importance selection described is kd+flexkd's (kd and the projector score at their own,
+            # possibly tuned, layer maps too, and run after it).
+            if method == "kd+flexkd" or config.selection.method not in score_dirs:
+                score_dirs[config.selection.method] = Path(result.stages["score"].directory)
+            for stage in SHARED_STAGES:
+                key = stage if stage == "tokenize" else f"{stage}/{config.selection.method}"
+                if key not in shared_seconds and not (stage == "targets" and config.targets.path):
+                    shared_seconds[key] = stage_seconds(result.stages[stage])
+                    if result.stages[stage].cached:  # built by an earlier invocation
+                        reused_seconds += shared_seconds[key]
+            distill, evaluate = result.stages["distill"], result.stages["evaluate"]
+            metrics = evaluate.outputs["metrics"]
+            runs.append(
+                {
+                    "method": method,
+                    "seed": seed,
+                    "accuracy": metrics["student.accuracy"],
+                    "macro_f1": metrics["student.macro_f1"],
+                    "teacher_accuracy": metrics["teacher.accuracy"],
+                    "extra_trainable_parameters": distill.outputs["extra_trainable_parameters"],
+                    "student_parameters": distill.outputs["student_parameters"],
+                    "tokens_per_second": distill.outputs["tokens_per_second"],
+                    "distill_seconds": round(distill.seconds, 1),
+                    "evaluate_seconds": round(evaluate.seconds, 1),
+                    "final_losses": {k: distill.outputs[k] for k in ("total", "task", "logit", "feature")},
+                    "pipeline_run_id": result.run_id,
+                    "distill_dir": str(distill.directory),
+                }
+            )
+            log.info("bench quality: %s seed %d: accuracy %.4f", method, seed, metrics["student.accuracy"])
+            (work_dir / "quality.partial.json").write_text(json.dumps(runs, indent=1))
+    results = {
+        "benchmark": name,
+        "label": label,
+        "command": command,
+        "machine": machine(),
+        "load": load.summary(),
+        "settings": asdict(settings),
+        "pipeline": str(PIPELINE.relative_to(REPO)),
+        "common_overrides": pipeline_overrides(settings, Path("<adapted teacher>"), Path("<work dir>")),
+        "methods": METHODS,
+        "tuning": tuning,
+        "teacher": teacher_record | {"folder": str(teacher_dir)},
+        "shared_stage_seconds": shared_seconds,
+        "runs": runs,
+        "wall_seconds": round(time.time() - started, 1),
+        "reused_seconds": round(reused_seconds, 1),
+        "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    results["selection_diagnostics"] = selection_diagnostics(score_dirs)
+    results |= summarize(runs, methods)
+    plot = plot_quality(results, results_dir / f"{name}.png")
+    write_results(name, results, quality_markdown(results), plot, tracking_uri(work_dir), results_dir)
+    return results
+
+
+def run_order(methods: tuple[str, ...], seeds: tuple[int, ...]) -> list[tuple[int, str]]:
+    """The headline comparison first (kd+flexkd, kd+projector, kd at every seed, seed-major), then
+    the other methods, seed-major: a benchmark ended early (STOP_FILE) on a slow machine still
+    answers the main question with a seed spread."""
+    key = [m for m in KEY_METHODS if m in methods]
+    rest = [m for m in methods if m not in key]
+    return [(seed, m) for seed in seeds for m in key] + [(seed, m) for seed in seeds for m in rest]
+
+
+def summarize(runs: list[dict[str, Any]], methods: tuple[str, ...]) -> dict[str, Any]:
+    """Per method: mean and std over seeds; per comparison: the difference of means, the paired
+    (same seed) differences, and whether the difference exceeds the seed spread."""
+    table = {}
+    for method in methods:
+        mine = [run for run in runs if run["method"] == method]
+        if not mine:
+            continue
+        mean, std = mean_std([100 * run["accuracy"] for run in mine])
+        table[method] = {
+            "accuracy_mean": round(mean, 2),
+            "accuracy_std": round(std, 2),
+            "seeds": len(mine),
+            "per_seed": {run["seed"]: round(100 * run["accuracy"], 2) for run in mine},
+            "extra_trainable_parameters": mine[0]["extra_trainable_parameters"],
+            "distill_seconds_mean": round(mean_std([run["distill_seconds"] for run in mine])[0], 1),
+            "tokens_per_second_mean": round(mean_std([run["tokens_per_second"] for run in mine])[0], 1),
+        }
+    comparisons = []
+    for a, b in COMPARISONS:
+        if a not in table or b not in table:
+            continue
+        seeds = sorted(set(table[a]["per_seed"]) & set(table[b]["per_seed"]))
+        paired = [table[a]["per_seed"][s] - table[b]["per_seed"][s] for s in seeds]
+        paired_mean, paired_std = mean_std(paired) if paired else (float("nan"), float("nan"))
+        difference = table[a]["accuracy_mean"] - table[b]["accuracy_mean"]
+        spread = max(table[a]["accuracy_std"], table[b]["accuracy_std"])
+        comparisons.append(
+            {
+                "a": a,
+                "b": b,
+                "difference": round(difference, 2),
+                "seed_spread": round(spread, 2),
+                "exceeds_seed_spread": abs(difference) > spread,
+                "paired_difference_mean": round(paired_mean, 2),
+                "paired_difference_std": round(paired_std, 2),
+                "a_wins_seeds": sum(d > 0 for d in paired),
+                "seeds": len(paired),
+            }
+        )
+    teacher = [run["teacher_accuracy"] for run in runs]
+    headline = {f"accuracy.{m}": v["accuracy_mean"] for m, v in table.items()}
+    if teacher:
+        headline["accuracy.teacher"] = round(100 * teacher[0], 2)
+    return {"table": table, "comparisons": comparisons, "headline": headline}
+
+
+def selection_diagnostics(score_dirs: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """Per mapped teacher layer: how concentrated the importance is (the share of the summed
+    importance that the selected units hold, against k / d for a flat score) and how many of the
+    importance-selected units the variance and random selections also pick."""
+    import numpy as np
+
+    if "importance" not in score_dirs:
+        return {}
+    selected = {
+        method: json.loads((directory / "selected.json").read_text())["layers"]
+        for method, directory in score_dirs.items()
+    }
+    diagnostics = {}
+    for layer, entry in selected["importance"].items():
+        importance = np.load(score_dirs["importance"] / "importance" / f"layer_{layer}.npy")
+        chosen = set(entry["indices"])
+        row = {
+            "k": entry["k"],
+            "d_teacher": entry["d_teacher"],
+            "importance_share_of_top_k": round(float(importance[entry["indices"]].sum() / importance.sum()), 3),
+            "flat_share": round(entry["k"] / entry["d_teacher"], 3),
+        }
+        for method in ("variance", "random"):
+            if layer in selected.get(method, {}):  # absent where that selection ran at another layer map
+                row[f"overlap_with_{method}"] = round(
+                    len(chosen & set(selected[method][layer]["indices"])) / entry["k"], 3
+                )
+        diagnostics[layer] = row
+    return diagnostics
+
+
+def verdict(comparison: dict[str, Any]) -> str:
+    a, b, diff = comparison["a"], comparison["b"], comparison["difference"]
+    word = "beats" if diff > 0 else ("ties" if diff == 0 else "trails")
+    spread = (
+        "more than" if comparison["exceeds_seed_spread"] else "within"
+    ) + f" the seed spread of {comparison['seed_spread']:.2f}"
+    return (
+        f"**{a} {word} {b}** by {diff:+.2f} points ({spread}); paired by seed {comparison['paired_difference_mean']:+.2f} "
+        f"± {comparison['paired_difference_std']:.2f}, {a} ahead on {comparison['a_wins_seeds']} of {comparison['seeds']} seeds"
+    )
+
+
+def _epochs_sentence(teacher: dict[str, Any]) -> str:
+    epochs = teacher.get("epochs") or []
+    kept = next((e["epoch"] for e in epochs if e["kept"]), 0)
+    held_out = ", ".join(f"{100 * e['held_out_accuracy']:.1f}%" for e in epochs)
+    return f"{len(epochs)} epochs, held-out accuracy after each {held_out}; kept " + (
+        f"epoch {kept}" if kept else "the rows alone (no epoch beat them)"
+    )
+
+
+def quality_markdown(results: dict[str, Any]) -> str:
+    settings, teacher, load = results["settings"], results["teacher"], results["load"]
+    from flexkd.method.layers import resolve_layer_map
+
+    name, label = results.get("benchmark", "quality"), results.get("label")
+    lines = [
+        "## Quality: SST-2 classification" + (f", variant `{label}`" if label else ""),
+        "",
+        f"Command: `{results['command']}` (finished {results['finished_at']}, wall time {results['wall_seconds'] / 60:.1f} min; "
+        f"it reused {results['reused_seconds'] / 60:.1f} min of teacher adaptation and shared stages built by an earlier "
+        f"invocation, so a run from scratch takes about {(results['wall_seconds'] + results['reused_seconds']) / 60:.0f} min)",
+        "",
+        f"Machine: {results['machine']['cpus']} CPUs ({results['machine']['cpu_model']}), GPU: {results['machine']['gpu']}, "
+        f"torch {results['machine']['torch']}, commit {results['machine']['git_commit']}"
+        f"{' (uncommitted changes)' if results['machine']['git_dirty'] else ''}.",
+        f"{load_sentence(load).capitalize()}.",
+        "",
+        f"Teacher: SmolLM2-135M-Instruct, adapted on {teacher['train_rows']} SST-2 training sentences "
+        f"(flexkd/bench/teacher.py): the verbalizer rows of lm_head fitted on frozen final features (L2 {teacher['l2']}), "
+        f"then the top {teacher['top_layers']} blocks, the final norm and those rows fine-tuned together "
+        f"({_epochs_sentence(teacher)}); **test accuracy {results['headline'].get('accuracy.teacher', float('nan')):.2f}%** "
+        f"(evaluate stage, 872 sentences). On the held-out tenth ({teacher['held_out_rows']} sentences): zero-shot "
+        f"{100 * teacher['zero_shot_held_out_accuracy']:.2f}%, rows alone {100 * teacher['probe_held_out_accuracy'][str(teacher['l2'])]:.2f}%, "
+        f"kept {100 * teacher['held_out_accuracy']:.2f}% (that tenth also picked L2 and the epoch, so these lean high).",
+        "",
+        f"Student: teacher's tokenizer, hidden 192, 4 layers, random init. {settings['train_rows']} training sentences, "
+        f"{settings['steps']} steps of batch {settings['batch_size']}, AdamW lr {settings['learning_rate']} "
+        f"(warmup {settings['warmup_steps']}, cosine), loss = task + {settings['beta']} x KL(T={settings['temperature']}) "
+        f"+ {settings['gamma']} x feature loss summed over the {settings['layer_map']} layer map "
+        f"(teacher block -> student block: {', '.join(f'{t}->{s}' for t, s in resolve_layer_map(settings['layer_map'], 30, 4))}), "
+        "identical for every method; importance scored on "
+        f"{settings['score_rows']} dev sentences at those teacher layers; the selections keep "
+        f"{settings.get('k') or 192} of the teacher's 576 units per layer. Distill precision "
+        f"{settings.get('precision', 'float32')}. Seeds {list(settings['seeds'])} "
+        "(student init and projector init); the data order is the same for all runs. Accuracy on test.tsv (872 sentences).",
+        "",
+    ]
+    if results.get("tuning"):
+        from benchmarks.quality_tuned import tuning_markdown
+
+        lines += tuning_markdown(results["tuning"])
+    lines += [
+        "| method | accuracy % (mean ± std) | per seed | extra trainable params | distill s / run |",
+        "|---|---|---|---|---|",
+    ]
+    for method, row in results["table"].items():
+        per_seed = ", ".join(f"{v:.2f}" for v in row["per_seed"].values())
+        lines.append(
+            f"| {method} | {row['accuracy_mean']:.2f} ± {row['accuracy_std']:.2f} (n={row['seeds']}) | {per_seed} | "
+            f"{row['extra_trainable_parameters']:,} | {row['distill_seconds_mean']:.0f} |"
+        )
+    lines += ["", f"![{name}](results/{name}.png)", ""]
+    if results["comparisons"]:
+        lines += ["Comparisons (difference of means, in accuracy points):", ""]
+        lines += [f"- {verdict(c)}." for c in results["comparisons"]]
+    else:
+        lines.append("No two of the compared methods ran in this invocation: read it against the main table.")
+    diagnostics = results.get("selection_diagnostics") or {}
+    if diagnostics:
+        lines += [
+            "",
+            "Selected teacher units (k of d per mapped layer): the share of the summed importance the top-k "
+            "hold (a flat score gives k/d), and the fraction of them the variance and random selections also pick:",
+            "",
+            "| teacher layer | importance share of top-k | k/d | overlap with variance | overlap with random |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {layer} | {row['importance_share_of_top_k']:.3f} | {row['flat_share']:.3f} | "
+            f"{_share(row.get('overlap_with_variance'))} | {_share(row.get('overlap_with_random'))} |"
+            for layer, row in diagnostics.items()
+        ]
+    shared = ", ".join(f"{k} {v:.0f} s" for k, v in results["shared_stage_seconds"].items())
+    lines += [
+        "",
+        f"Shared stages (each run once, then reused by fingerprint by every method and seed; their own "
+        f"run times, possibly from an earlier invocation): {shared}. Teacher adaptation: {teacher['seconds']:.0f} s.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _share(value: float | None) -> str:
+    """A fraction for the diagnostics table; a dash where that selection did not run."""
+    return "-" if value is None else f"{value:.3f}"
+
+
+def plot_quality(results: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    methods = list(results["table"])
+    means = [results["table"][m]["accuracy_mean"] for m in methods]
+    stds = [results["table"][m]["accuracy_std"] for m in methods]
+    figure, axis = plt.subplots(figsize=(8, 4))
+    axis.bar(methods, means, yerr=stds, capsize=4, color="#9ab")
+    for index, method in enumerate(methods):
+        seeds = list(results["table"][method]["per_seed"].values())
+        axis.scatter([index] * len(seeds), seeds, color="k", s=10, zorder=3)
+    teacher = results["headline"].get("accuracy.teacher")
+    if teacher:
+        axis.axhline(teacher, color="tab:red", linestyle="--", label=f"teacher {teacher:.1f}")
+        axis.legend(loc="lower right")
+    low = min(min(seeds) for seeds in (list(r["per_seed"].values()) for r in results["table"].values()))
+    axis.set_ylim(max(0, low - 3), max([*means, teacher or 0]) + 3)
+    axis.set_ylabel("SST-2 test accuracy (%)")
+    seeds = sorted({row["seeds"] for row in results["table"].values()})
+    axis.set_title(f"Student d=192, 4 layers; mean ± std over seeds (n = {', '.join(map(str, seeds))}), dots: seeds")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def with_overrides(settings: QualitySettings, **values: Any) -> QualitySettings:
+    return replace(settings, **{key: value for key, value in values.items() if value is not None})

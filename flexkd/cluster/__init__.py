@@ -1,0 +1,1 @@
+"""Where a pipeline runs: a local Ray, a Ray cluster through the Jobs API, shared storage."""

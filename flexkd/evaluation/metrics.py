@@ -1,0 +1,146 @@
+"""Task metrics of a model on eval rows: accuracy and macro-F1 of the verbalizer scores at the last
+prompt token (classification); ROUGE-L of greedy continuations and the perplexity of the reference
+responses (generation). The evaluate stage and the periodic evaluation inside distill both use them."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from ray.experimental.tqdm_ray import tqdm
+from rouge_score.rouge_scorer import RougeScorer
+
+from flexkd.config.schema import PipelineConfig
+from flexkd.data.rows import collate_batch
+from flexkd.method.objective import class_logits, scored_positions
+
+# The row columns that collate_batch turns into tensors; `reference` stays text.
+TOKEN_COLUMNS = ("example_id", "input_ids", "labels", "prompt_length", "class_label")
+
+
+def read_eval_rows(eval_dir: Path) -> pa.Table:
+    """All eval rows, shard by shard in file-name order (the eval split is small)."""
+    shards = sorted(eval_dir.glob("*.parquet"))
+    if not shards:
+        raise FileNotFoundError(f"{eval_dir}: no eval parquet shards")
+    table = pa.concat_tables([pq.read_table(shard) for shard in shards])
+    if table.num_rows == 0:
+        raise ValueError(f"{eval_dir}: the eval split has no rows")
+    return table
+
+
+@torch.no_grad()
+def classify(
+    model,
+    table: pa.Table,
+    config: PipelineConfig,
+    pad_token_id: int,
+    verbalizer_ids: list[int],
+    device: torch.device,
+    progress_label: str | None = None,
+) -> tuple[dict[str, float], list[str]]:
+    """Accuracy and macro-F1 of the argmax verbalizer score, and the predicted label names.
+    ``progress_label``: the progress bar's label; None draws no bar."""
+    verbalizers = torch.tensor(verbalizer_ids, device=device)
+    predicted: list[int] = []
+    for chunk in _batches(table, config.evaluation.batch_size, progress_label):
+        batch = _collate(chunk, pad_token_id, device)
+        # Only the last prompt token's logits are read: projecting every position onto the
+        # vocabulary would be most of the forward's cost.
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            logits_to_keep=scored_positions("classification", batch),
+        ).logits
+        predicted += class_logits(logits, batch["attention_mask"], verbalizers).argmax(dim=-1).tolist()
+    actual = table.column("class_label").to_pylist()
+    scores = {"accuracy": float(np.mean(np.equal(predicted, actual))), "macro_f1": macro_f1(predicted, actual)}
+    return scores, [config.task.label_names[label] for label in predicted]
+
+
+@torch.no_grad()
+def generate_and_score(
+    model,
+    table: pa.Table,
+    config: PipelineConfig,
+    tokenizer,
+    pad_token_id: int,
+    device: torch.device,
+    progress_label: str | None = None,
+) -> tuple[dict[str, float], list[str]]:
+    """ROUGE-L of greedy continuations and response perplexity, and the continuations."""
+    continuations: list[str] = []
+    summed_nll, response_tokens = 0.0, 0
+    for chunk in _batches(table, config.evaluation.batch_size, progress_label):
+        generated = greedy_continuations(model, chunk, pad_token_id, config.evaluation.max_new_tokens, device)
+        continuations += tokenizer.batch_decode(generated, skip_special_tokens=True)
+        batch = _collate(chunk, pad_token_id, device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # Position t predicts token t + 1; labels are -100 on the prompt and on padding.
+        targets = batch["labels"][:, 1:]
+        summed_nll += F.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="sum"
+        ).item()
+        response_tokens += int((targets != -100).sum())
+
+    scorer = RougeScorer(["rougeL"], use_stemmer=True)
+    references = table.column("reference").to_pylist()
+    rouge = [scorer.score(reference, text)["rougeL"].fmeasure for reference, text in zip(references, continuations)]
+    # Corpus perplexity: the mean NLL over all response tokens, not a mean of per-example values.
+    perplexity = math.exp(summed_nll / response_tokens) if response_tokens else float("nan")
+    return {"rougeL": 100.0 * float(np.mean(rouge)), "perplexity": perplexity}, continuations
+
+
+def greedy_continuations(
+    model, chunk: pa.Table, pad_token_id: int, max_new_tokens: int, device: torch.device
+) -> torch.Tensor:
+    """Greedy new tokens after each row's prompt, [B, <= max_new_tokens] (pad after an early stop)."""
+    prompts = [
+        ids[:length]
+        for ids, length in zip(chunk.column("input_ids").to_pylist(), chunk.column("prompt_length").to_pylist())
+    ]
+    width = max(len(prompt) for prompt in prompts)
+    # generate appends after the last column, so every prompt must end there: pad on the left.
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, width - len(prompt) :] = 1
+    generated = model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad_token_id,
+    )
+    return generated[:, width:]
+
+
+def macro_f1(predicted: Sequence[int], actual: Sequence[int]) -> float:
+    """Unweighted mean over classes of F1 = 2TP / (2TP + FP + FN), over the classes that occur in
+    either sequence (as scikit-learn's ``f1_score(average="macro")``)."""
+    predicted, actual = np.asarray(predicted), np.asarray(actual)
+    scores = []
+    for label in np.union1d(predicted, actual):
+        true_positives = np.sum((predicted == label) & (actual == label))
+        errors = np.sum((predicted == label) != (actual == label))  # false positives + false negatives
+        scores.append(2 * true_positives / (2 * true_positives + errors))
+    return float(np.mean(scores))
+
+
+def _batches(table: pa.Table, batch_size: int, progress_label: str | None):
+    # Ray's tqdm: a plain tqdm bar in a Ray task reaches the driver as garbled log lines.
+    starts = range(0, table.num_rows, batch_size)
+    for start in starts if progress_label is None else tqdm(starts, total=len(starts), desc=progress_label):
+        yield table.slice(start, batch_size)
+
+
+def _collate(chunk: pa.Table, pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    batch = collate_batch(chunk.select(TOKEN_COLUMNS).to_pydict(), pad_token_id)
+    return {name: batch[name].to(device) for name in ("input_ids", "attention_mask", "labels")}

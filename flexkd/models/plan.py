@@ -1,0 +1,303 @@
+"""From a validated config to concrete models: where the teacher lives, the shapes of both
+models, the layer pairs and k. Everything here needs only model *configs*, never weights, so a
+bad k or layer index is refused in a second, before any stage starts.
+
+A pruned student (``student.init: prune_from_teacher``) is the exception that proves the rule:
+its shape is known from the configs, but its weights, and with ``student.layer_selection:
+importance`` the teacher blocks it keeps, come from the score stage, which writes them to
+``<score>/pruned_student/`` and ``<score>/pruning/selection.json``. Every later stage reads them
+from there (``score_dir`` below), so the teacher is pruned once, not once per worker."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+
+from flexkd.config.schema import ConfigError, PipelineConfig
+from flexkd.method.layers import resolve_layer_map
+from flexkd.method.selection import resolve_k
+from flexkd.models.loading import build_random_model, fetch_demo_teacher, load_model, load_tokenizer
+from flexkd.models.preflight import TokenizerMismatchError, check_same_tokenizer
+from flexkd.prune.scores import check_supported_architecture
+from flexkd.prune.student import PruneTargets, kept_layer_indices, pruned_model_config, pruned_student_layer_map
+
+log = logging.getLogger("flexkd")
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """The shapes a pipeline works with, derived from the config and the model configs."""
+
+    teacher_hidden: int
+    teacher_layers: int
+    student_hidden: int
+    student_layers: int
+    # None only for layer_map 'source' with student.layer_selection 'importance' before the score
+    # stage has chosen the teacher blocks (plan_models without score_dir).
+    layer_pairs: tuple[tuple[int, int], ...] | None
+    k: int
+
+    @property
+    def teacher_layer_indices(self) -> list[int]:
+        if self.layer_pairs is None:
+            raise ConfigError(
+                "layer_map 'source' with student.layer_selection 'importance': the layer pairs are "
+                "the teacher blocks the score stage keeps, not known before it ran"
+            )
+        return sorted({teacher for teacher, _ in self.layer_pairs})
+
+
+PRUNED_STUDENT_DIR = "pruned_student"
+PRUNING_SELECTION = Path("pruning") / "selection.json"
+
+
+def teacher_location(config: PipelineConfig) -> tuple[str | None, str | None]:
+    """The teacher's folder and GGUF file name (both None for a random teacher)."""
+    teacher = config.teacher
+    if teacher.source == "demo":
+        return str(fetch_demo_teacher()), None
+    if teacher.source == "mlflow":
+        # A registered model (models:/name/version) is downloaded once into the artifact root.
+        from flexkd.tracking.model_registry import download_registered_student
+
+        destination = Path(config.artifact_root) / "teachers" / teacher.path.replace(":/", "_").replace("/", "_")
+        marker = destination / "hf_folder.txt"
+        if not marker.is_file():
+            from mlflow.exceptions import MlflowException
+
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                folder = download_registered_student(teacher.path, destination)
+            except (MlflowException, FileNotFoundError) as error:
+                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise ConfigError(f"teacher.path: {teacher.path}: {reason}") from None
+            marker.write_text(str(folder))
+        return marker.read_text(), None
+    return teacher.path, teacher.gguf_file
+
+
+def load_pipeline_tokenizer(config: PipelineConfig):
+    """The tokenizer every stage uses: the teacher's (the student must share it)."""
+    path, gguf_file = teacher_location(config)
+    tokenizer_path = config.teacher.tokenizer or path
+    return load_tokenizer(
+        tokenizer_path,
+        gguf_file=None if config.teacher.tokenizer else gguf_file,
+        trust_remote_code=config.teacher.trust_remote_code,
+    )
+
+
+def teacher_model_config(config: PipelineConfig) -> PretrainedConfig:
+    teacher = config.teacher
+    if teacher.source == "random":
+        fields = dict(teacher.architecture or {})
+        return AutoConfig.for_model(fields.pop("model_type", "llama"), **fields)
+    path, gguf_file = teacher_location(config)
+    if not Path(path).exists():
+        raise ConfigError(f"teacher.path: {path} does not exist")
+    return AutoConfig.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=teacher.trust_remote_code)
+
+
+def prune_targets(config: PipelineConfig, teacher: PretrainedConfig) -> PruneTargets:
+    """A pruned student's shape: the sizes in student.architecture, the teacher's for the others.
+
+    Heads go in whole key/value groups: given only ``num_attention_heads``, the groups follow
+    from the teacher's query heads per group. Raises ConfigError naming the field.
+    """
+    try:
+        check_supported_architecture(teacher)
+    except ValueError as error:
+        raise ConfigError(f"student.init 'prune_from_teacher': {error}") from None
+    sizes = config.student.architecture
+    per_group = teacher.num_attention_heads // teacher.num_key_value_heads
+    heads, groups = sizes.get("num_attention_heads"), sizes.get("num_key_value_heads")
+    if groups is None and isinstance(heads, int) and not isinstance(heads, bool):
+        if heads % per_group:
+            raise ConfigError(
+                f"student.architecture.num_attention_heads = {heads} is not a multiple of the teacher's "
+                f"{per_group} query heads per key/value head: heads are pruned as whole groups"
+            )
+        groups = heads // per_group
+    try:
+        targets = PruneTargets(
+            hidden_size=sizes.get("hidden_size", teacher.hidden_size),
+            num_layers=sizes.get("num_hidden_layers", teacher.num_hidden_layers),
+            intermediate_size=sizes.get("intermediate_size", teacher.intermediate_size),
+            num_key_value_heads=teacher.num_key_value_heads if groups is None else groups,
+            layer_selection=config.student.layer_selection,
+            num_attention_heads=heads,
+        )
+        targets.validate_for(teacher)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return targets
+
+
+def student_model_config(config: PipelineConfig) -> PretrainedConfig:
+    """A random student is the teacher's architecture with the student's overrides applied; a
+    pruned one the teacher's cut to the target sizes, keeping the teacher's head_dim."""
+    if config.student.init == "pretrained":
+        return AutoConfig.from_pretrained(config.student.path)
+    if config.student.init == "prune_from_teacher":
+        teacher = teacher_model_config(config)
+        targets = prune_targets(config, teacher)
+        # Which blocks are kept changes only per-block fields (layer_types), not the shape.
+        return pruned_model_config(teacher, targets, kept_layer_indices(teacher.num_hidden_layers, targets.num_layers))
+    fields = teacher_model_config(config).to_dict()
+    fields.update(config.student.architecture)
+    fields.pop("quantization_config", None)
+    overrides = config.student.architecture
+    if "head_dim" not in overrides and ({"hidden_size", "num_attention_heads"} & overrides.keys()):
+        # The teacher's head_dim belongs to the teacher's width; a narrower student derives its own.
+        fields["head_dim"] = fields["hidden_size"] // fields["num_attention_heads"]
+    return AutoConfig.for_model(fields.pop("model_type", "llama"), **fields)
+
+
+def plan_models(config: PipelineConfig, score_dir: Path | None = None) -> ModelPlan:
+    """Resolve shapes, layer pairs and k; raises ConfigError naming the field at fault.
+
+    ``score_dir``: the score stage's output, which holds the teacher blocks a pruned student
+    keeps (needed for layer_map 'source' with student.layer_selection 'importance').
+    """
+    teacher, student = teacher_model_config(config), student_model_config(config)
+    if config.layer_map == "source":
+        kept = kept_teacher_blocks(config, teacher.num_hidden_layers, student.num_hidden_layers, score_dir)
+        pairs = None if kept is None else pruned_student_layer_map(kept)
+    else:
+        try:
+            pairs = resolve_layer_map(config.layer_map, teacher.num_hidden_layers, student.num_hidden_layers)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    try:
+        k = resolve_k(config.selection.k, student.hidden_size, teacher.hidden_size)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return ModelPlan(
+        teacher_hidden=teacher.hidden_size,
+        teacher_layers=teacher.num_hidden_layers,
+        student_hidden=student.hidden_size,
+        student_layers=student.num_hidden_layers,
+        layer_pairs=None if pairs is None else tuple(pairs),
+        k=k,
+    )
+
+
+def kept_teacher_blocks(
+    config: PipelineConfig, teacher_layers: int, student_layers: int, score_dir: Path | None
+) -> list[int] | None:
+    """The teacher blocks (0-based) a pruned student keeps: as the score stage chose them, else
+    the uniform spread; None when they depend on block-change scores not collected yet."""
+    if score_dir is not None:
+        selection = Path(score_dir) / PRUNING_SELECTION
+        if not selection.is_file():
+            raise ConfigError(f"student.init 'prune_from_teacher': {selection} is missing; rerun the score stage")
+        return json.loads(selection.read_text())["kept_layers"]
+    if config.student.layer_selection == "uniform":
+        return kept_layer_indices(teacher_layers, student_layers)
+    return None
+
+
+def preflight(config: PipelineConfig) -> ModelPlan:
+    """Everything that can be refused before any stage runs: shapes, k, layer map, tokenizers.
+
+    A random student is built on the teacher's tokenizer; a pretrained one brings its own,
+    which must match exactly, since logit KD and token-aligned feature KD compare token by token.
+    """
+    plan = plan_models(config)
+    if config.student.init == "pretrained":
+        try:
+            check_same_tokenizer(load_pipeline_tokenizer(config), load_tokenizer(config.student.path))
+        except TokenizerMismatchError as error:
+            raise ConfigError(f"student.path: {error}") from None
+    return plan
+
+
+TEACHER_LOADS_FILE = "teacher_loads.log"
+
+
+def teacher_loads_log(config: PipelineConfig) -> Path:
+    """Where :func:`load_teacher` appends one line per load: the sweep asserts that its trials
+    add none, and anyone can see what the teacher cost."""
+    return Path(config.artifact_root) / config.name / TEACHER_LOADS_FILE
+
+
+def count_teacher_loads(config: PipelineConfig) -> int:
+    log_file = teacher_loads_log(config)
+    return len(log_file.read_text().splitlines()) if log_file.is_file() else 0
+
+
+def load_teacher(config: PipelineConfig) -> PreTrainedModel:
+    """The frozen teacher, in eval mode. Every call is counted in :func:`teacher_loads_log`."""
+    teacher = config.teacher
+    log.info("loading teacher (%s)", teacher.name or teacher.path or teacher.source)
+    log_file = teacher_loads_log(config)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("a") as file:  # one short append per load: atomic for concurrent writers
+        file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid={os.getpid()} host={socket.gethostname()}\n")
+    if teacher.source == "random":
+        tokenizer = load_pipeline_tokenizer(config)
+        model = build_random_model(
+            dict(teacher.architecture or {}),
+            vocab_size=len(tokenizer),
+            seed=teacher.seed,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    else:
+        path, gguf_file = teacher_location(config)
+        model = load_model(path, gguf_file=gguf_file, trust_remote_code=teacher.trust_remote_code)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def build_student(config: PipelineConfig, score_dir: Path | str | None = None) -> PreTrainedModel:
+    """The student before distillation: seeded random weights, a pretrained folder, or the
+    teacher pruned by the score stage whose output is ``score_dir``."""
+    if config.student.init == "pretrained":
+        return load_model(config.student.path).train()
+    if config.student.init == "prune_from_teacher":
+        if score_dir is None:
+            raise ValueError(
+                "student.init 'prune_from_teacher': the pruned weights are the score stage's; pass its directory"
+            )
+        return load_model(Path(score_dir) / PRUNED_STUDENT_DIR).train()
+    student_config = student_model_config(config)
+    fields = {
+        key: value
+        for key, value in student_config.to_dict().items()
+        if key in config.student.architecture or key in _ARCHITECTURE_FIELDS
+    }
+    fields["model_type"] = student_config.model_type
+    tokenizer = load_pipeline_tokenizer(config)
+    with torch.random.fork_rng():
+        model = build_random_model(
+            fields, vocab_size=len(tokenizer), seed=config.student.seed, pad_token_id=tokenizer.pad_token_id
+        )
+    return model.train()
+
+
+# The fields that define a decoder's shape; a random student inherits these from the teacher
+# unless the config overrides them (vocabulary comes from the shared tokenizer).
+_ARCHITECTURE_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "head_dim",
+    "hidden_act",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_parameters",
+    "tie_word_embeddings",
+    "max_position_embeddings",
+    "attention_bias",
+    "mlp_bias",
+)

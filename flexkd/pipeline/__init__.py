@@ -1,0 +1,1 @@
+"""The pipeline runner and the list of stages it chains."""

@@ -1,0 +1,1 @@
+"""Importance-guided student initialization: a smaller Llama cut from the teacher."""
