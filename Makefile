@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install quickstart test test-integration test-slow test-all clean
+.PHONY: install quickstart lint test test-integration test-slow test-all clean
 
 install: $(VENV)/.installed
 
@@ -19,6 +19,12 @@ $(VENV)/.installed: pyproject.toml
 
 quickstart: install
 	$(BIN)/flexkd run pipelines/quickstart.yaml
+
+# Lint, format and the import layers (pyproject.toml [tool.ruff], [tool.importlinter]).
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 test: install
 	$(BIN)/python -m pytest

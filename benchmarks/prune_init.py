@@ -138,8 +138,9 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/flexkd-prune-init"))
     args = parser.parse_args()
 
+    from flexkd.cluster.local import ensure_ray
     from flexkd.config.schema import apply_overrides, parse_config
-    from flexkd.pipeline.runner import ensure_ray, run_pipeline
+    from flexkd.pipeline.runner import run_pipeline
 
     started = time.time()
     shutil.rmtree(args.work_dir, ignore_errors=True)  # every run measures from scratch

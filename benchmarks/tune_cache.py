@@ -84,8 +84,9 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/flexkd-tune-cache"))
     args = parser.parse_args()
 
+    from flexkd.cluster.local import ensure_ray
     from flexkd.config.schema import load_config
-    from flexkd.pipeline.runner import ensure_ray, run_pipeline
+    from flexkd.pipeline.runner import run_pipeline
 
     shutil.rmtree(args.work_dir, ignore_errors=True)  # every run measures from scratch
     args.work_dir.mkdir(parents=True)

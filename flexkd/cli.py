@@ -42,22 +42,23 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def _stage_list(text: str | None) -> tuple[str, ...]:
-    from flexkd.pipeline.runner import STAGES
+    from flexkd.pipeline.stages import STAGE_NAMES
 
     if not text:
         return ()
     names = tuple(name.strip() for name in text.split(",") if name.strip())
-    unknown = [name for name in names if name not in STAGES]
+    unknown = [name for name in names if name not in STAGE_NAMES]
     if unknown:
-        raise ConfigError(f"unknown stage {unknown[0]!r}; stages are: {', '.join(STAGES)}")
+        raise ConfigError(f"unknown stage {unknown[0]!r}; stages are: {', '.join(STAGE_NAMES)}")
     return names
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flexkd.pipeline.runner import STAGES, run_pipeline, summary_table
+    from flexkd.pipeline.runner import run_pipeline, summary_table
+    from flexkd.pipeline.stages import STAGE_NAMES
 
     config = load_config(args.pipeline, _overrides(args.set))
-    result = run_pipeline(config, stages=_stage_list(args.stages) or STAGES, force=_stage_list(args.force))
+    result = run_pipeline(config, stages=_stage_list(args.stages) or STAGE_NAMES, force=_stage_list(args.force))
     print(summary_table(result))
     return 0
 

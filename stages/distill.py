@@ -33,9 +33,11 @@ from itertools import count
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import ray
 import torch
+from ray.experimental.tqdm_ray import tqdm
 
 from flexkd import distributed
 from flexkd.cluster.train_workers import progress_bars_wanted, run_workers
@@ -47,6 +49,7 @@ from flexkd.method.losses import LinearProjector
 from flexkd.method.objective import LayerPair, ObjectiveSettings, StudentWithObjective
 from flexkd.models.loading import parameter_count
 from flexkd.models.plan import build_student, load_pipeline_tokenizer, load_teacher, plan_models
+from flexkd.stages.targets import check_cache
 from flexkd.testing import faults
 from flexkd.tracking.runs import WorkerMetricLogger, tracking_uri
 
@@ -57,7 +60,6 @@ WHOLE_HIDDEN_FEATURES = ("cka", "projector")  # the selection-free baselines com
 
 
 def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> dict[str, Any]:
-    import mlflow
 
     metrics = train_student(config, inputs, output_dir, tracking_run_id=mlflow.active_run().info.run_id)
     mlflow.log_metrics({f"final.{key}": value for key, value in metrics.items() if isinstance(value, (int, float))})
@@ -104,9 +106,8 @@ def train_student(
         "progress_bars": progress_bars_wanted(),
     }
     if config.training.teacher == "cache":
-        from flexkd.stages.targets import check_cache
-
-        info = check_cache(config, inputs["targets"], plan.k, plan.teacher_layer_indices, where="distill")
+        data_fingerprint = json.loads((inputs["tokenize"] / "manifest.json").read_text())["fingerprint"]
+        info = check_cache(config, inputs["targets"], plan.k, plan.teacher_layer_indices, data_fingerprint, "distill")
         units = {layer: info["units"][str(layer)] for layer in plan.teacher_layer_indices}
         # A sweep over a given cache (targets.path) has no score stage: the cache's order is the selection.
         selected = json.loads((inputs["score"] / "selected.json").read_text())["layers"] if "score" in inputs else None
@@ -361,7 +362,6 @@ def _refuse_non_finite(parts: dict[str, torch.Tensor], step: int) -> None:
 def _progress_bar(start: int, total: int):
     if not distributed.is_main_process():
         return None
-    from ray.experimental.tqdm_ray import tqdm
 
     bar = tqdm(total=total, desc="distill")
     bar.update(start)  # a resumed run starts part-way

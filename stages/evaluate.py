@@ -25,6 +25,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import ray
 import torch
 
@@ -41,7 +42,6 @@ TEACHER_SCORES_DIR = "teacher_scores"
 
 
 def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> dict[str, Any]:
-    import mlflow  # here, not at the top: the Ray worker imports this module and needs no MLflow
 
     tokenized = json.loads((inputs["tokenize"] / "manifest.json").read_text())["outputs"]
     resources = config.resources

@@ -42,6 +42,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import ray
 import torch
@@ -123,8 +124,6 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
         np.save(importance_dir / f"layer_{layer}.npy", importance[layer].astype(np.float32))
     (output_dir / "selected.json").write_text(json.dumps(selected, indent=2))
     plot_importance(importance, plan.k, output_dir / "importance.png")
-
-    import mlflow
 
     mlflow.log_artifacts(str(importance_dir), "importance")
     mlflow.log_artifact(str(output_dir / "importance.png"))

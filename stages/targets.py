@@ -23,23 +23,24 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import torch
 
+from flexkd import distributed
 from flexkd.config.schema import ConfigError, PipelineConfig, stable_hash
 from flexkd.data.rows import ROW_SCHEMA, collate_batch
 from flexkd.data.teacher_targets import target_columns, units_column
+from flexkd.method.objective import forward_scored
+from flexkd.models.plan import load_pipeline_tokenizer, load_teacher, plan_models
 
 INFO_FILE = "targets.json"
 
 
 def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> dict[str, Any]:
-    import mlflow
-
-    from flexkd.models.plan import load_pipeline_tokenizer, plan_models
 
     plan = plan_models(config, inputs["score"] if config.student.init == "prune_from_teacher" else None)
     tokenized = json.loads((inputs["tokenize"] / "manifest.json").read_text())
@@ -121,8 +122,6 @@ class TeacherTargetWriter:
         pad_token_id: int,
         verbalizer_ids: list[int] | None,
     ):
-        from flexkd import distributed
-        from flexkd.models.plan import load_teacher
 
         distributed.use_threads(config.resources.threads_per_worker)
         self.device = torch.device("cuda" if config.resources.use_gpu and torch.cuda.is_available() else "cpu")
@@ -136,7 +135,6 @@ class TeacherTargetWriter:
 
     @torch.no_grad()
     def __call__(self, rows: dict[str, np.ndarray]) -> pa.Table:
-        from flexkd.method.objective import forward_scored
 
         batch = {key: value.to(self.device) for key, value in collate_batch(rows, self.pad_token_id).items()}
         logits, hidden = forward_scored(self.teacher, batch, self.task, list(self.unit_order))
@@ -189,7 +187,12 @@ def read_cache_info(targets_dir: Path) -> dict[str, Any]:
 
 
 def check_cache(
-    config: PipelineConfig, targets_dir: Path, k: int, teacher_layers: list[int], where: str = "targets"
+    config: PipelineConfig,
+    targets_dir: Path,
+    k: int,
+    teacher_layers: list[int],
+    data_fingerprint: str,
+    where: str = "targets",
 ) -> dict[str, Any]:
     """Refuse, in one line, a cache this config cannot use; returns its targets.json.
 
@@ -198,10 +201,8 @@ def check_cache(
     that it holds every teacher layer the config maps, at least k units, and whole hidden states
     for the cka/projector baselines.
     """
-    from flexkd.pipeline.runner import stage_fingerprint
-
     info = read_cache_info(targets_dir)
-    made, wanted = info["identity"], cache_identity(config, stage_fingerprint(config, "tokenize", {}))
+    made, wanted = info["identity"], cache_identity(config, data_fingerprint)
     if made["teacher"] != wanted["teacher"]:
         raise ConfigError(
             f"{where}: the cache at {targets_dir} was made for another teacher "

@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -48,6 +49,7 @@ from ray.exceptions import RayTaskError
 from flexkd.config.schema import DataConfig, DataSplit, PipelineConfig, TaskConfig
 from flexkd.data.rows import ROW_SCHEMA, required_columns, tokenize_rows, verbalizer_token_ids
 from flexkd.errors import StageError
+from flexkd.models.plan import load_pipeline_tokenizer
 
 SPLITS = ("train", "eval", "score")
 FORMATS = (
@@ -67,7 +69,6 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
     stages need (``pad_token_id``, ``verbalizer_ids``)."""
     # Imported here, not at the top: Ray Data imports this module in every actor it starts, and
     # the model code behind flexkd.resolve costs seconds per process. Actors get the tokenizer.
-    from flexkd.models.plan import load_pipeline_tokenizer
 
     tokenizer = load_pipeline_tokenizer(config)
     try:
@@ -166,8 +167,6 @@ def _batch_readers(path: str, where: str) -> list[tuple[BatchReader, int]]:
         if "dataset_dict.json" in names:
             raise StageError(f"{where}: a datasets DatasetDict; point the path at one of its split folders")
         if names & {"dataset_info.json", "state.json"}:
-            import datasets  # slow to import, and only this format needs it
-
             # load_from_disk memory-maps the arrow files: the length costs no reading.
             total = len(datasets.load_from_disk(path))
             return [
@@ -218,7 +217,6 @@ def _parquet_batches(filesystem: pyarrow.fs.FileSystem, path: str) -> Iterator[p
 
 
 def _saved_dataset_batches(path: str, start: int, stop: int) -> Iterator[pa.RecordBatch]:
-    import datasets
 
     yield from datasets.load_from_disk(path).with_format("arrow")[start:stop].to_batches()
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray.scripts.scripts import start
 
 from flexkd.cli import build_parser
 from flexkd.config.schema import load_config
@@ -247,3 +248,22 @@ def test_readme_names_only_files_that_exist():
     named = set(re.findall(r"(?<![\w/])(clusters/[\w./-]+\.(?:yaml|sh|md))", text))
     assert named, "the README should point at the files it explains"
     assert [name for name in sorted(named) if not (REPO_ROOT / name).is_file()] == []
+
+
+def _local_defaults() -> dict[str, int]:
+    """The ports clusters/local/env.sh uses when nothing overrides them."""
+    pattern = re.compile(r"^(\w+_PORT)=\$\{\1:-(\d+)\}", re.MULTILINE)
+    return {name: int(port) for name, port in pattern.findall((CLUSTERS / "local" / "env.sh").read_text())}
+
+
+def test_local_cluster_default_ports_stay_out_of_rays_own_ranges():
+    """`ray start` refuses a port inside its worker-port range (10002-19999 by default), the
+    failure the documented local cluster once hit; the defaults are read from the installed Ray."""
+
+    options = {option.name: option.default for option in start.params}
+    worker_ports = range(options["min_worker_port"], options["max_worker_port"] + 1)
+    defaults = _local_defaults()
+    assert {"RAY_PORT", "DASHBOARD_PORT", "CLIENT_PORT", "HEAD_AGENT_PORT", "WORKER_AGENT_PORT"} <= set(defaults)
+    ray_ports = {name: port for name, port in defaults.items() if name != "MLFLOW_PORT"}
+    assert [name for name, port in ray_ports.items() if port in worker_ports] == []
+    assert len(set(defaults.values())) == len(defaults), defaults  # no two services on one port

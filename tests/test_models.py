@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flexkd.method.layers import model_dims
 from flexkd.models import loading as models
 from flexkd.models.loading import (
     TINY_TOKENIZER_DIR,
@@ -14,7 +15,6 @@ from flexkd.models.loading import (
     fetch_demo_teacher,
     load_model,
     load_tokenizer,
-    model_dims,
     parameter_count,
 )
 

@@ -12,13 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from flexkd.method.importance import finalize_importance, hidden_state_gradients, unit_importance_sum
-from flexkd.method.layers import forward_with_hidden_states, last_token_positions
+from flexkd.method.layers import forward_with_hidden_states, last_token_positions, model_dims
 from flexkd.models.loading import (
     TINY_TOKENIZER_DIR,
     fetch_demo_teacher,
     load_model,
     load_tokenizer,
-    model_dims,
     parameter_count,
 )
 from flexkd.models.preflight import TokenizerMismatchError, check_same_tokenizer

@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from flexkd.cli import main
+from flexkd.cluster import local
 from flexkd.config.schema import ConfigError, apply_overrides, load_config, parse_config
 from flexkd.data.rows import template_columns
 from flexkd.models.loading import load_model
@@ -47,7 +48,7 @@ import json, os, sys
 from pathlib import Path
 import psutil
 import ray  # imported first, as in any program that uses flexkd: the switch must still work
-from flexkd.pipeline.runner import ensure_ray
+from flexkd.cluster.local import ensure_ray
 from ray._private.authentication.authentication_utils import is_token_auth_enabled
 
 ensure_ray()
@@ -126,14 +127,14 @@ def test_a_local_ray_listens_on_loopback_only_with_token_auth(tmp_path):
     ],
 )
 def test_ray_addresses_are_parsed_for_the_reachability_check(address, expected):
-    assert runner._ray_host_port(address) == expected
+    assert local._ray_host_port(address) == expected
 
 
 def test_the_loopback_switch_is_restored_after_use():
     from ray._private import ray_constants
 
     before = (ray_constants.ENABLE_RAY_CLUSTER, os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"))
-    with runner._loopback_only(True):
+    with local._loopback_only(True):
         assert ray_constants.ENABLE_RAY_CLUSTER is False
         assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
     assert (ray_constants.ENABLE_RAY_CLUSTER, os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")) == before

@@ -3,7 +3,7 @@
 FLEXKD_CLUSTER_DIR=${FLEXKD_CLUSTER_DIR:-/tmp/flexkd-cluster}   # pid files, logs, each node's Ray temp dir
 RAY_PORT=${RAY_PORT:-6390}                  # the head's GCS: workers join 127.0.0.1:$RAY_PORT
 DASHBOARD_PORT=${DASHBOARD_PORT:-8266}      # dashboard and Jobs API: flexkd submit --address http://127.0.0.1:$DASHBOARD_PORT
-CLIENT_PORT=${CLIENT_PORT:-10002}           # Ray Client server (flexkd does not use it, but it must not collide)
+CLIENT_PORT=${CLIENT_PORT:-10001}           # Ray Client server (flexkd does not use it); Ray's default, below the worker ports
 HEAD_AGENT_PORT=${HEAD_AGENT_PORT:-52366}   # on one machine each node's dashboard agent needs its own port
 WORKER_AGENT_PORT=${WORKER_AGENT_PORT:-52367}
 NUM_CPUS=${NUM_CPUS:-1}                     # per node; the debug pipeline needs 2 in total

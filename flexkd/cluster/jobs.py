@@ -30,7 +30,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import aiohttp
 import yaml
+from ray.exceptions import AuthenticationError
+from ray.job_submission import JobSubmissionClient
 
 from flexkd.cluster.storage import refuse_uri
 from flexkd.config.schema import ConfigError, PipelineConfig
@@ -68,8 +71,6 @@ def submission_id(config: PipelineConfig) -> str:
 
 def connect(address: str):
     """A JobSubmissionClient for the dashboard at ``address``, or JobError within seconds."""
-    from ray.exceptions import AuthenticationError
-    from ray.job_submission import JobSubmissionClient
 
     address = address if "://" in address else f"http://{address}"
     url = urlparse(address)
@@ -176,7 +177,6 @@ def latest_attempt(client, base_id: str):
 
 def follow(client, job_id: str) -> int:
     """Stream the job's logs until it ends; 0 if it SUCCEEDED, else JobError with its cause."""
-    import aiohttp
 
     try:
         asyncio.run(_stream_logs(client, job_id))

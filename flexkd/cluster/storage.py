@@ -16,6 +16,9 @@ import secrets
 import time
 from pathlib import Path
 
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
 from flexkd.errors import StageError
 
 log = logging.getLogger("flexkd")
@@ -50,7 +53,6 @@ def check_artifact_root(artifact_root: str) -> None:
     node reads, at the same path, the file this driver just wrote. It does not prove the nodes
     can write there, nor that nodes joining later will see it.
     """
-    import ray
 
     refuse_uri(artifact_root)
     nodes = [node for node in ray.nodes() if node["Alive"]]
@@ -76,8 +78,6 @@ def check_artifact_root(artifact_root: str) -> None:
 
 
 def _read_probe_on_each_node(nodes: list[dict], probe: str) -> list[str | None]:
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     # num_cpus=0: the check must run even when the pipeline's workers already hold every CPU.
     read = ray.remote(num_cpus=0, max_retries=0)(_read_probe)

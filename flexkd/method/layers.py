@@ -14,9 +14,15 @@ from typing import Literal
 import torch
 from transformers import PreTrainedModel
 
-from flexkd.models.loading import model_dims
-
 LayerMapPreset = Literal["last", "uniform"]
+
+
+def model_dims(model: PreTrainedModel) -> tuple[int, int]:
+    """(hidden_size, num_hidden_layers) of a model, read from its (text) config."""
+    config = model.config
+    if not hasattr(config, "hidden_size") or not hasattr(config, "num_hidden_layers"):
+        config = config.get_text_config()  # multimodal configs nest the language model's fields
+    return config.hidden_size, config.num_hidden_layers
 
 
 def resolve_layer_map(

@@ -253,14 +253,6 @@ def parameter_count(model: torch.nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-def model_dims(model: PreTrainedModel) -> tuple[int, int]:
-    """(hidden_size, num_hidden_layers) of a model, read from its (text) config."""
-    config = model.config
-    if not hasattr(config, "hidden_size") or not hasattr(config, "num_hidden_layers"):
-        config = config.get_text_config()  # multimodal configs nest the language model's fields
-    return config.hidden_size, config.num_hidden_layers
-
-
 def _auto_class(kind: str, num_labels: int | None) -> type:
     if kind not in _AUTO_CLASSES:
         raise ValueError(f"kind = {kind!r}: expected one of {sorted(_AUTO_CLASSES)}")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from mlflow.exceptions import MlflowException
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from flexkd.config.schema import ConfigError, PipelineConfig
@@ -28,6 +29,7 @@ from flexkd.models.loading import build_random_model, fetch_demo_teacher, load_m
 from flexkd.models.preflight import TokenizerMismatchError, check_same_tokenizer
 from flexkd.prune.scores import check_supported_architecture
 from flexkd.prune.student import PruneTargets, kept_layer_indices, pruned_model_config, pruned_student_layer_map
+from flexkd.tracking.model_registry import download_registered_student
 
 log = logging.getLogger("flexkd")
 
@@ -66,13 +68,10 @@ def teacher_location(config: PipelineConfig) -> tuple[str | None, str | None]:
         return str(fetch_demo_teacher()), None
     if teacher.source == "mlflow":
         # A registered model (models:/name/version) is downloaded once into the artifact root.
-        from flexkd.tracking.model_registry import download_registered_student
 
         destination = Path(config.artifact_root) / "teachers" / teacher.path.replace(":/", "_").replace("/", "_")
         marker = destination / "hf_folder.txt"
         if not marker.is_file():
-            from mlflow.exceptions import MlflowException
-
             marker.parent.mkdir(parents=True, exist_ok=True)
             try:
                 folder = download_registered_student(teacher.path, destination)

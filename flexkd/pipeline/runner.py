@@ -1,67 +1,37 @@
 """The pipeline runner: chains the stages, skips what is already done, tracks it all in MLflow.
 
 Each stage writes into its own directory ``<artifact_root>/<pipeline>/<stage>/<fingerprint>/``.
-The fingerprint hashes the config sections the stage reads and the fingerprints of its inputs,
-so a changed loss weight reruns distill onwards but reuses tokenize and score. A stage is done
-when its ``manifest.json`` says so; the manifest is written last, atomically, so a crash never
-leaves a stage that looks done.
-
-The ``targets`` stage (the teacher's outputs, kept so distill never loads the teacher) belongs to
-a pipeline only with ``training.teacher: cache``; distill then reads it instead of the teacher.
+The fingerprint hashes the config sections the stage reads, the content of the files it reads
+and the fingerprints of its inputs, so a changed loss weight reruns distill onwards but reuses
+tokenize and score, and a data file fixed in place reruns everything. A stage is done when its
+``manifest.json`` says so; the manifest is written last, atomically, so a crash never leaves a
+stage that looks done. What each stage reads is data: the list in flexkd/pipeline/stages.py.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
 import shutil
-import socket
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import mlflow
 
 from flexkd import __version__
+from flexkd.cluster.local import ensure_ray
 from flexkd.cluster.storage import check_artifact_root
 from flexkd.config.schema import PipelineConfig, stable_hash
 from flexkd.errors import StageError
 from flexkd.models.plan import preflight
-from flexkd.testing import faults
+from flexkd.pipeline.content import content_fingerprints
+from flexkd.pipeline.stages import SPECS, STAGE_NAMES, STAGES
 from flexkd.tracking.runs import log_config, public_config, tracking_uri, ui_command, use_experiment
 
 log = logging.getLogger("flexkd")
-
-STAGES = ("tokenize", "score", "targets", "distill", "evaluate", "register")
-
-# What each stage reads: upstream stages, and the config sections that change its output.
-STAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "tokenize": (),
-    "score": ("tokenize",),
-    "targets": ("tokenize", "score"),
-    "distill": ("tokenize", "score"),  # and targets, with training.teacher: cache (stage_inputs)
-    "evaluate": ("tokenize", "distill"),
-    "register": ("score", "distill", "evaluate"),
-}
-STAGE_CONFIG: dict[str, tuple[str, ...]] = {
-    "tokenize": ("teacher", "data", "task"),
-    "score": ("teacher", "student", "scoring", "selection", "layer_map"),
-    "targets": ("teacher", "targets"),
-    "distill": ("student", "loss", "training"),
-    "evaluate": ("evaluation",),
-    "register": ("name", "tracking"),
-}
-# Fields inside those sections that a stage's output does not depend on. Scoring reads the
-# student's shape (k, layer pairs), never its seed, so the seeds of a comparison share one
-# scoring pass and one teacher-target cache.
-STAGE_IGNORES: dict[str, dict[str, set[str]]] = {"score": {"student": {"seed"}}}
 
 
 @dataclass
@@ -84,187 +54,76 @@ class PipelineResult:
 
 
 def pipeline_stages(config: PipelineConfig) -> tuple[str, ...]:
-    """The stages this config runs: targets only when distill reads the teacher from the cache."""
-    return tuple(stage for stage in STAGES if stage != "targets" or config.training.teacher == "cache")
+    """The stages this config runs, in order (targets only when distill reads the teacher cache)."""
+    return tuple(spec.name for spec in STAGES if spec.enabled(config))
 
 
 def stage_inputs(config: PipelineConfig, stage: str) -> tuple[str, ...]:
-    if stage == "targets" and config.targets.path:  # a cache built elsewhere needs nothing here
+    """The upstream stages ``stage`` reads for this config; none for an output given elsewhere."""
+    spec = SPECS[stage]
+    if spec.given(config):
         return ()
-    if stage == "distill" and config.training.teacher == "cache":
-        return (*STAGE_INPUTS[stage], "targets")
-    return STAGE_INPUTS[stage]
+    return tuple(name for name in spec.inputs if SPECS[name].enabled(config))
 
 
 def stage_fingerprint(config: PipelineConfig, stage: str, input_fingerprints: dict[str, str]) -> str:
-    sections = config.model_dump(mode="json", include=set(STAGE_CONFIG[stage]), exclude=STAGE_IGNORES.get(stage))
-    return stable_hash({"stage": stage, "flexkd": __version__, "config": sections, "inputs": input_fingerprints})
-
-
-def read_manifest(directory: Path) -> dict[str, Any] | None:
-    path = directory / "manifest.json"
-    if not path.is_file():
-        return None
-    manifest = json.loads(path.read_text())
-    return manifest if manifest.get("done") else None
-
-
-def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
-    temporary = directory / "manifest.json.tmp"
-    temporary.write_text(json.dumps(manifest, indent=2, default=str))
-    os.replace(temporary, directory / "manifest.json")
-
-
-RAY_CONNECT_TIMEOUT_S = 5.0
-# Ray's switch for local-only clusters on macOS and Windows: while it is "0", Ray takes the
-# loopback address as this node's IP instead of the address of the default route.
-_RAY_LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-def ensure_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (as a Ray job does), else start Ray on this machine.
-
-    A Ray started here listens on the loopback interface only: GCS, raylet, object manager,
-    workers, dashboard, dashboard agent and runtime-env agent (see :func:`_loopback_only`), with
-    Ray's token authentication left on (its default for a local cluster). The one listener
-    beyond loopback is PyTorch's, not Ray's: the rendezvous store of a Ray Train stage (see
-    docs/FAILURES.md). An unreachable
-    RAY_ADDRESS is refused within seconds, in one line. FLEXKD_FAULT_* variables
-    (flexkd.faults) are forwarded to the job's workers.
-    """
-    import ray
-    import ray.data
-
-    if ray.is_initialized():
-        return
-    if not sys.stdout.isatty():
-        # Into a log file (CI, a Ray job, `| tee`) Ray Data's bars become a block of lines every
-        # 10 s per dataset; the stages log their own start, end and step lines instead.
-        ray.data.DataContext.get_current().enable_progress_bars = False
-    runtime_env = _forwarded_runtime_env()
-    address = os.environ.get("RAY_ADDRESS", "").strip()
-    if address:
-        _check_ray_reachable(address)
-        # Ray rewrites a loopback address to this machine's external IP before connecting,
-        # which misses a cluster that, like ours, listens on loopback only.
-        with _loopback_only(_is_loopback(address)):
-            ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
-        return
-    start_local_ray(log_to_driver=True, runtime_env=runtime_env)
-
-
-def start_local_ray(**options: Any) -> None:
-    """Start a new Ray on this machine that listens on 127.0.0.1 only (``options`` go to
-    ``ray.init``), even if ``ray start`` left another one running here."""
-    import ray
-
-    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
-        log.warning("RAY_AUTH_MODE=disabled: the local Ray accepts unauthenticated clients on 127.0.0.1")
-    options = {"dashboard_host": "127.0.0.1", **options}
-    with _loopback_only(True):
-        ray.init(address="local", _node_ip_address="127.0.0.1", **options)
-    _restrict_token_file()
-
-
-def _restrict_token_file() -> None:
-    """Make Ray's auth token file readable by its owner only.
-
-    Ray writes a new token with the process umask (usually world-readable). On a shared machine
-    the loopback servers are reachable by every local user, and the token is then all that
-    keeps them out.
-    """
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
-    try:
-        status = path.stat()
-        if status.st_uid == os.getuid() and status.st_mode & 0o077:
-            path.chmod(0o600)
-    except FileNotFoundError:  # the token comes from RAY_AUTH_TOKEN, or auth is off
-        return
-    except OSError as error:
-        log.warning("could not make %s private: %s", path, error)
-
-
-@contextmanager
-def _loopback_only(enabled: bool) -> Iterator[None]:
-    """Make Ray take 127.0.0.1 as this node's IP while it starts or connects.
-
-    On Linux, ray.init replaces a loopback ``_node_ip_address`` (and a loopback address to
-    connect to) with the IP of the default route, and every Ray server then binds to all
-    interfaces. Ray keeps loopback only where local clusters are the rule (macOS, Windows),
-    under RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0; with it, each server binds to the node IP, here
-    127.0.0.1. The environment variable reaches the processes Ray starts now; Ray reads it into
-    ``ray_constants.ENABLE_RAY_CLUSTER`` at import, so that constant is set for this process.
-    Both are restored afterwards, so a later connection to a real cluster is unaffected.
-    tests/test_safety.py lists every listening socket of such a Ray and fails if any is not
-    on loopback, which is what would catch a Ray upgrade that drops this switch.
-    """
-    if not enabled:
-        yield
-        return
-    from ray._private import ray_constants
-
-    previous_env = os.environ.get(_RAY_LOCAL_ONLY_ENV)
-    previous_constant = ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[_RAY_LOCAL_ONLY_ENV] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = previous_constant
-        if previous_env is None:
-            os.environ.pop(_RAY_LOCAL_ONLY_ENV, None)
-        else:
-            os.environ[_RAY_LOCAL_ONLY_ENV] = previous_env
-
-
-def _ray_host_port(address: str) -> tuple[str, int] | None:
-    """Host and port of ``host:port``, ``[v6]:port`` or ``ray://host:port``; None for auto/local."""
-    if address in ("auto", "local"):
-        return None
-    parts = urlsplit(address if "://" in address else f"//{address}")
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    if not parts.hostname or port is None:
-        raise StageError(f"ray: RAY_ADDRESS={address}: expected host:port (or ray://host:port)")
-    return parts.hostname, port
-
-
-def _is_loopback(address: str) -> bool:
-    host_port = _ray_host_port(address)
-    return host_port is not None and (
-        host_port[0] == "localhost" or host_port[0].startswith("127.") or host_port[0] == "::1"
+    """The stage's config sections, the content of the files it reads, and its inputs' fingerprints."""
+    spec = SPECS[stage]
+    exclude = {section: set(fields) for section, fields in spec.ignored_fields.items()} or None
+    sections = config.model_dump(mode="json", include=set(spec.config_sections), exclude=exclude)
+    files = content_fingerprints({name: _config_value(config, name) for name in spec.files}, config.artifact_root)
+    return stable_hash(
+        {"stage": stage, "flexkd": __version__, "config": sections, "files": files, "inputs": input_fingerprints}
     )
 
 
-def _check_ray_reachable(address: str) -> None:
-    """Ray retries an unreachable GCS for a minute or more; one TCP connect answers in seconds."""
-    host_port = _ray_host_port(address)
-    if host_port is None:
-        return
-    try:
-        socket.create_connection(host_port, timeout=RAY_CONNECT_TIMEOUT_S).close()
-    except OSError as error:
-        reason = error.strerror or str(error) or type(error).__name__
-        raise StageError(
-            f"ray: cannot reach the Ray cluster at RAY_ADDRESS={address}: {reason}; "
-            "start it, or unset RAY_ADDRESS to run on a local Ray"
-        ) from None
+def planned_fingerprint(config: PipelineConfig, stage: str) -> str:
+    """The fingerprint ``stage`` has under this config, computed without running anything."""
+    spec = SPECS[stage]
+    if spec.given(config):
+        return _given_fingerprint(Path(spec.given(config)))
+    inputs = {name: planned_fingerprint(config, name) for name in stage_inputs(config, stage)}
+    return stage_fingerprint(config, stage, inputs)
 
 
-def _forwarded_runtime_env() -> dict[str, Any] | None:
-    """The job runtime_env that carries FLEXKD_FAULT_* to the workers; None when there are none,
-    or when this driver is itself a Ray job (its runtime_env already sets them, and setting the
-    same variables twice is a conflict Ray refuses)."""
-    env_vars = faults.runtime_env_vars()
-    if not env_vars or "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+def _config_value(config: PipelineConfig, dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+def read_manifest(directory: Path) -> dict[str, Any] | None:
+    """The stage's manifest if it says done; None if it is missing, unfinished or unreadable
+    (a manifest cut short by a crash or a full disk means the stage reruns, with a warning)."""
+    path = directory / "manifest.json"
+    if not path.is_file():
         return None
-    return {"env_vars": env_vars}
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        log.warning("%s does not parse (%s); the stage runs again", path, error)
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("done") else None
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    """Write, fsync, rename, fsync the folder: a crash leaves the old manifest or the new one."""
+    temporary = directory / "manifest.json.tmp"
+    with temporary.open("w") as handle:
+        handle.write(json.dumps(manifest, indent=2, default=str))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, directory / "manifest.json")
+    folder = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def run_pipeline(
-    config: PipelineConfig, stages: tuple[str, ...] = STAGES, force: tuple[str, ...] = ()
+    config: PipelineConfig, stages: tuple[str, ...] = STAGE_NAMES, force: tuple[str, ...] = ()
 ) -> PipelineResult:
     """Run ``stages`` in order; stages already done (same fingerprint) are skipped unless forced."""
     preflight(config)  # refuse a bad k, layer map, model path or tokenizer before any work starts
@@ -301,8 +160,8 @@ def _inputs(stage: str, result: PipelineResult) -> tuple[dict[str, Path], dict[s
 
 
 def _locate_done(config: PipelineConfig, stage: str, result: PipelineResult, pipeline_dir: Path) -> StageRecord:
-    if stage == "targets" and config.targets.path:
-        return _given_targets(config)
+    if SPECS[stage].given(config):
+        return _given(config, stage)
     for name in stage_inputs(config, stage):
         if name not in result.stages:
             result.stages[name] = _locate_done(config, name, result, pipeline_dir)
@@ -315,26 +174,33 @@ def _locate_done(config: PipelineConfig, stage: str, result: PipelineResult, pip
     return StageRecord(stage, directory, fingerprint, manifest["outputs"], 0.0, True, manifest.get("mlflow_run_id"))
 
 
-def _given_targets(config: PipelineConfig) -> StageRecord:
-    """A teacher-target cache built elsewhere (targets.path), once it proves it fits this config."""
-    from flexkd.models.plan import plan_models
-    from flexkd.stages.targets import check_cache
-
-    plan = plan_models(config)
-    directory = Path(config.targets.path)
-    check_cache(config, directory, plan.k, plan.teacher_layer_indices, where="targets.path")
+def _given(config: PipelineConfig, stage: str) -> StageRecord:
+    """A stage output built elsewhere (e.g. targets.path); its stage checks it fits when it reads it."""
+    directory = Path(SPECS[stage].given(config))
     manifest = read_manifest(directory) or {}
-    fingerprint = manifest.get("fingerprint") or stable_hash(json.loads((directory / "targets.json").read_text()))
     return StageRecord(
-        "targets", directory, fingerprint, manifest.get("outputs", {}), 0.0, True, manifest.get("mlflow_run_id")
+        stage,
+        directory,
+        _given_fingerprint(directory),
+        manifest.get("outputs", {}),
+        0.0,
+        True,
+        manifest.get("mlflow_run_id"),
+    )
+
+
+def _given_fingerprint(directory: Path) -> str:
+    manifest = read_manifest(directory) or {}
+    return manifest.get("fingerprint") or stable_hash(
+        content_fingerprints({"given": str(directory)}, str(directory.parent))
     )
 
 
 def _run_stage(
     config: PipelineConfig, stage: str, result: PipelineResult, pipeline_dir: Path, force: bool
 ) -> StageRecord:
-    if stage == "targets" and config.targets.path:
-        return _given_targets(config)
+    if SPECS[stage].given(config):
+        return _given(config, stage)
     inputs, fingerprints = _inputs(stage, result)
     fingerprint = stage_fingerprint(config, stage, fingerprints)
     directory = pipeline_dir / stage / fingerprint
@@ -349,13 +215,12 @@ def _run_stage(
         # distill "resume" at its last step and redo nothing.
         shutil.rmtree(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    module = importlib.import_module(f"flexkd.stages.{stage}")
     log.info("%s: running -> %s", stage, directory)
     started = time.time()
     with mlflow.start_run(run_name=stage, nested=True) as run:
         mlflow.set_tags({"flexkd.stage": stage, "flexkd.fingerprint": fingerprint, "flexkd.directory": str(directory)})
         try:
-            outputs = module.run(config, inputs, directory)
+            outputs = SPECS[stage].run(config, inputs, directory)
         except StageError:
             raise
         except Exception as error:  # name the stage; the traceback stays in the MLflow run's log

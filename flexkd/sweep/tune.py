@@ -29,9 +29,18 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import ray
 import yaml
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray._raylet import PlacementGroupID
 from ray.tune import Callback
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
+from flexkd.cluster.local import ensure_ray
 from flexkd.config.schema import (
     ConfigError,
     PipelineConfig,
@@ -44,7 +53,11 @@ from flexkd.config.schema import (
 from flexkd.errors import StageError
 from flexkd.evaluation.periodic import EVAL_METRICS
 from flexkd.models.plan import count_teacher_loads, plan_models
-from flexkd.stages.distill import WHOLE_HIDDEN_FEATURES
+from flexkd.pipeline.runner import planned_fingerprint, run_pipeline
+from flexkd.stages.distill import WHOLE_HIDDEN_FEATURES, train_student
+from flexkd.stages.targets import check_cache
+from flexkd.sweep.report import trial_rows, write_report
+from flexkd.tracking.runs import flatten, log_config, tracking_uri, use_experiment
 
 log = logging.getLogger("flexkd")
 
@@ -137,8 +150,6 @@ def plan_sweep(config: PipelineConfig, teacher: str = "cache") -> SweepPlan:
         prepare[_cache_key(values)] = apply_overrides(prepare_base, values)
 
     if config.targets.path and teacher == "cache":  # a given cache must fit every trial: checked now
-        from flexkd.stages.targets import check_cache
-
         for (path, value), trial in corners.items():
             trial_plan = plan_models(trial)
             check_cache(
@@ -146,6 +157,7 @@ def plan_sweep(config: PipelineConfig, teacher: str = "cache") -> SweepPlan:
                 Path(config.targets.path),
                 trial_plan.k,
                 trial_plan.teacher_layer_indices,
+                planned_fingerprint(trial, "tokenize"),
                 where=f"targets.path (tune.search_space.{path} = {json.loads(value)!r})",
             )
     eval_every = sweep.eval_every or config.training.log_every
@@ -172,12 +184,6 @@ def plan_sweep(config: PipelineConfig, teacher: str = "cache") -> SweepPlan:
 
 def run_sweep(config: PipelineConfig, pipeline_file: Path, teacher: str = "cache") -> SweepResult:
     """Prepare the shared stages, run (or resume) the sweep, write the best pipeline and the report."""
-    import ray
-    from ray import tune
-
-    from flexkd.pipeline.runner import ensure_ray
-    from flexkd.sweep.report import trial_rows, write_report
-    from flexkd.tracking.runs import log_config, tracking_uri, use_experiment
 
     plan = plan_sweep(config, teacher)
     ensure_ray()
@@ -313,10 +319,6 @@ class _TrialContext:
 
 def _run_trial(params: dict[str, Any], context: _TrialContext) -> None:
     """One Tune trial: a distill run on Ray Train with this trial's values, its reports forwarded to Tune."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from flexkd.stages.distill import train_student
 
     trial_id = tune.get_context().get_trial_id()
     config = parse_config(apply_overrides(context.trial_base, params), source=f"trial {trial_id}")
@@ -350,9 +352,6 @@ class MlflowTrialRuns(Callback):
         return {**self.__dict__, "_runs": {}}
 
     def _run_id(self, trial) -> str:
-        from mlflow.tracking import MlflowClient
-
-        from flexkd.tracking.runs import flatten
 
         if trial.trial_id in self._runs:
             return self._runs[trial.trial_id]
@@ -380,8 +379,6 @@ class MlflowTrialRuns(Callback):
         self._run_id(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        from mlflow.entities import Metric
-        from mlflow.tracking import MlflowClient
 
         now, step = int(time.time() * 1000), int(result.get("step", 0))
         metrics = [
@@ -392,7 +389,6 @@ class MlflowTrialRuns(Callback):
         MlflowClient(self.uri).log_batch(self._run_id(trial), metrics=metrics)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        from mlflow.tracking import MlflowClient
 
         steps = int((trial.last_result or {}).get("step", 0))
         client = MlflowClient(self.uri)
@@ -401,7 +397,6 @@ class MlflowTrialRuns(Callback):
         client.set_terminated(run_id, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        from mlflow.tracking import MlflowClient
 
         client = MlflowClient(self.uri)
         client.set_tag(self._run_id(trial), "flexkd.status", "error")
@@ -427,8 +422,6 @@ class FreeStoppedTrials(Callback):
         self._free(trial)
 
     def _free(self, trial) -> None:
-        from ray._raylet import PlacementGroupID
-        from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
         record = Path(self.trials_dir) / trial.trial_id / PLACEMENT_GROUP_FILE
         if not record.is_file():
@@ -441,7 +434,6 @@ class FreeStoppedTrials(Callback):
 
 def _prepare(config: PipelineConfig, teacher: str) -> dict[str, str]:
     """Run (or reuse) the stages the trials read; returns their directories."""
-    from flexkd.pipeline.runner import run_pipeline
 
     stages = (
         ("tokenize", "score")
@@ -476,7 +468,6 @@ def _cached_temperatures(config: PipelineConfig) -> list[float]:
 
 
 def _tune_space(space: dict[str, SearchDimension]) -> dict[str, Any]:
-    from ray import tune
 
     converted = {}
     for path, dimension in space.items():
@@ -492,7 +483,6 @@ def _tune_space(space: dict[str, SearchDimension]) -> dict[str, Any]:
 
 
 def _scheduler(config: PipelineConfig, plan: SweepPlan):
-    from ray.tune.schedulers import ASHAScheduler
 
     asha = config.tune.asha
     if asha is None:

@@ -10,7 +10,7 @@ directory: a marker file is created (atomically, O_EXCL) before the kill, and th
 worker finds it and runs on. The marker stays in the stage directory as the record of the fault.
 
 Set the variables in the environment of the process that runs ``flexkd run``:
-:func:`flexkd.runner.ensure_ray` forwards them to the Ray job (:func:`runtime_env_vars`), so the
+:func:`flexkd.cluster.local.ensure_ray` forwards them to the Ray job (:func:`runtime_env_vars`), so the
 workers see them also when the driver joins an existing Ray. Under ``flexkd submit`` put them in
 the job's runtime_env ``env_vars`` instead.
 """

@@ -51,14 +51,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import torch
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from flexkd.cluster import jobs
 from flexkd.config.schema import WATCHED_TEACHER, ConfigError, PipelineConfig, load_config
 from flexkd.errors import StageError
 from flexkd.method.selection import selection_overlap, selection_rank_correlation
+from flexkd.pipeline.runner import run_pipeline
 from flexkd.tracking.runs import check_tracking_server, redact_value, tracking_uri
 
 log = logging.getLogger("flexkd.watch")
@@ -307,7 +310,6 @@ class Watcher:
         return load_config(self.pipeline, {**self.overrides, **pinned_overrides(self.teacher, version)})
 
     def run_here(self, client: MlflowClient, version: str, attempts: int) -> VersionReport:
-        from flexkd.pipeline.runner import run_pipeline
 
         try:
             config = self.pinned_config(version)
@@ -330,7 +332,6 @@ class Watcher:
     # ---- a Ray cluster ---------------------------------------------------------------------
 
     def submit(self, client: MlflowClient, version: str, attempts: int) -> VersionReport:
-        from flexkd.cluster import jobs
 
         config = self.pinned_config(version)
         pairs = self.set_pairs + [
@@ -358,7 +359,6 @@ class Watcher:
         if self.cluster is None:  # cannot ask: trust the heartbeat that polls of the job refresh
             age = heartbeat_age(tags, self.keys, time.time())
             return VersionReport(version, RUNNING, attempts, f"job {job_id} (heartbeat {age:.0f} s ago)")
-        from flexkd.cluster import jobs
 
         try:
             info = jobs.connect(self.cluster.address).get_job_info(job_id)
@@ -489,7 +489,6 @@ class Watcher:
         )
 
     def selected_units(self, run_id: str) -> dict[str, Any]:
-        import mlflow
 
         with tempfile.TemporaryDirectory() as folder:
             path = mlflow.artifacts.download_artifacts(

@@ -1,0 +1,101 @@
+"""The pipeline's stages as data: what each one reads, which config feeds its fingerprint, and
+the function that runs it. The runner knows nothing stage-specific beyond this list.
+
+A stage is a function ``run(config, inputs, output_dir) -> outputs`` in its own file under
+``stages/``, where ``inputs`` maps each upstream stage to its artifact directory and ``outputs``
+(JSON-able) is recorded in the stage's ``manifest.json``. Adding a stage is that file, one entry
+here and one test (docs/extending.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flexkd.config.schema import PipelineConfig
+from flexkd.stages import distill, evaluate, register, score, targets, tokenize
+
+StageRun = Callable[[PipelineConfig, dict[str, Path], Path], dict[str, Any]]
+
+
+def _always(config: PipelineConfig) -> bool:
+    return True
+
+
+def _nowhere(config: PipelineConfig) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of the pipeline.
+
+    name             its folder under ``<artifact_root>/<pipeline>/`` and its MLflow run name
+    run              the stage function
+    inputs           upstream stages whose directories it reads; one that a config leaves out
+                     (``enabled`` false) is not an input for that config
+    config_sections  the config sections its output depends on (they feed its fingerprint)
+    ignored_fields   fields inside those sections its output does not depend on
+    files            the config fields naming files or folders it is the first to read; their
+                     *content* feeds its fingerprint, so a file changed in place reruns it and,
+                     through the input fingerprints, every stage after it
+    enabled          whether a config runs this stage at all
+    given            a directory that holds this stage's output already, built elsewhere (then
+                     the stage does not run and has no inputs); None to build it here
+    """
+
+    name: str
+    run: StageRun
+    inputs: tuple[str, ...] = ()
+    config_sections: tuple[str, ...] = ()
+    ignored_fields: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    files: tuple[str, ...] = ()
+    enabled: Callable[[PipelineConfig], bool] = _always
+    given: Callable[[PipelineConfig], str | None] = _nowhere
+
+
+def _reads_teacher_cache(config: PipelineConfig) -> bool:
+    return config.training.teacher == "cache"
+
+
+TEACHER_FILES = ("teacher.path", "teacher.tokenizer")
+
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec(
+        "tokenize",
+        tokenize.run,
+        config_sections=("teacher", "data", "task"),
+        files=(*TEACHER_FILES, "data.train.path", "data.eval.path", "data.score.path"),
+    ),
+    StageSpec(
+        "score",
+        score.run,
+        inputs=("tokenize",),
+        config_sections=("teacher", "student", "scoring", "selection", "layer_map"),
+        # Scoring reads the student's shape (k, layer pairs), never its seed, so the seeds of a
+        # comparison share one scoring pass and one teacher-target cache.
+        ignored_fields={"student": frozenset({"seed"})},
+        files=(*TEACHER_FILES, "student.path"),
+    ),
+    StageSpec(
+        "targets",
+        targets.run,
+        inputs=("tokenize", "score"),
+        config_sections=("teacher", "targets"),
+        enabled=_reads_teacher_cache,
+        given=lambda config: config.targets.path,
+    ),
+    StageSpec(
+        "distill",
+        distill.run,
+        inputs=("tokenize", "score", "targets"),
+        config_sections=("student", "loss", "training"),
+    ),
+    StageSpec("evaluate", evaluate.run, inputs=("tokenize", "distill"), config_sections=("evaluation",)),
+    StageSpec("register", register.run, inputs=("score", "distill", "evaluate"), config_sections=("name", "tracking")),
+)
+
+STAGE_NAMES: tuple[str, ...] = tuple(spec.name for spec in STAGES)
+SPECS: dict[str, StageSpec] = {spec.name: spec for spec in STAGES}

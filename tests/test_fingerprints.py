@@ -1,0 +1,101 @@
+"""Stage fingerprints cover what the inputs *are*, and manifests are written atomically."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from flexkd.config.schema import apply_overrides, load_config, parse_config
+from flexkd.pipeline.runner import pipeline_stages, planned_fingerprint, read_manifest, run_pipeline, write_manifest
+from flexkd.pipeline.stages import STAGES
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = REPO_ROOT / "flexkd" / "assets" / "samples"
+
+
+def _debug_config(root: Path, train: Path):
+    raw = load_config(REPO_ROOT / "pipelines" / "debug.yaml").model_dump(mode="json")
+    overrides = {
+        "artifact_root": str(root / "runs"),
+        "tracking.tracking_uri": f"sqlite:///{root}/mlflow.db",
+        "data.train": {"path": str(train), "limit": 128},
+    }
+    return parse_config(apply_overrides(raw, overrides))
+
+
+def _copy_train(root: Path) -> Path:
+    train = root / "train.jsonl"
+    shutil.copy(SAMPLES / "sst2_train.jsonl", train)
+    return train
+
+
+def _edit_first_row(train: Path) -> None:
+    """Change one sentence of the file in place, keeping its path (and here its size)."""
+    lines = train.read_text().splitlines()
+    row = json.loads(lines[0])
+    row["sentence"] = row["sentence"][::-1]
+    lines[0] = json.dumps(row)
+    train.write_text("\n".join(lines) + "\n")
+
+
+def test_a_data_file_changed_in_place_changes_every_stage_fingerprint(tmp_path):
+    train = _copy_train(tmp_path)
+    config = _debug_config(tmp_path, train)
+    before = {stage: planned_fingerprint(config, stage) for stage in pipeline_stages(config)}
+    _edit_first_row(train)
+    after = {stage: planned_fingerprint(config, stage) for stage in pipeline_stages(config)}
+    assert all(before[stage] != after[stage] for stage in before), (before, after)
+
+
+def test_a_touched_but_unchanged_file_keeps_its_fingerprint_and_is_hashed_again(tmp_path):
+    train = _copy_train(tmp_path)
+    config = _debug_config(tmp_path, train)
+    before = planned_fingerprint(config, "tokenize")
+    stat = train.stat()
+    os.utime(train, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert planned_fingerprint(config, "tokenize") == before
+    cache = json.loads((tmp_path / "runs" / ".content-hashes.json").read_text())
+    assert sum(str(train.resolve()) in key for key in cache) == 2  # one entry per (size, mtime) seen
+
+
+def test_every_stage_file_field_names_a_config_field(tmp_path):
+    config = _debug_config(tmp_path, _copy_train(tmp_path))
+    for spec in STAGES:
+        for dotted in spec.files:
+            section, *rest = dotted.split(".")
+            assert hasattr(config, section), dotted
+            value = getattr(config, section)
+            for part in rest[:-1]:
+                value = getattr(value, part)
+            assert value is None or hasattr(value, rest[-1]), dotted
+
+
+def test_the_fixed_file_reruns_tokenize_and_a_rerun_of_the_same_file_reuses_it(tmp_path, local_ray):
+    train = _copy_train(tmp_path)
+    config = _debug_config(tmp_path, train)
+    first = run_pipeline(config, stages=("tokenize",)).stages["tokenize"]
+    again = run_pipeline(config, stages=("tokenize",)).stages["tokenize"]
+    _edit_first_row(train)
+    fixed = run_pipeline(config, stages=("tokenize",)).stages["tokenize"]
+    assert not first.cached and again.cached and again.directory == first.directory
+    assert not fixed.cached and fixed.directory != first.directory
+
+
+def test_a_truncated_manifest_means_not_done_with_a_warning_naming_it(tmp_path, caplog):
+    write_manifest(tmp_path, {"stage": "score", "done": True, "outputs": {}})
+    assert read_manifest(tmp_path)["done"]
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(manifest.read_text()[:20])
+    with caplog.at_level(logging.WARNING, logger="flexkd"):
+        assert read_manifest(tmp_path) is None
+    assert str(manifest) in caplog.text and "runs again" in caplog.text
+
+
+def test_write_manifest_replaces_the_old_one_whole_and_leaves_no_temporary(tmp_path):
+    write_manifest(tmp_path, {"done": True, "outputs": {"n": 1}})
+    write_manifest(tmp_path, {"done": True, "outputs": {"n": 2}})
+    assert read_manifest(tmp_path)["outputs"] == {"n": 2}
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["manifest.json"]
