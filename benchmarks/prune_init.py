@@ -227,7 +227,7 @@ def report(results: dict) -> str:
         f"| {name} | " + " | ".join(f"{value:.4g}" for value in parts.values()) + " |"
         for name, parts in results["final_train_losses"].items()
     )
-    return f"""# Student initialization: pruned from the teacher vs random, SAMSum
+    return f"""## Student initialization: pruned from the teacher vs random, SAMSum
 
 `{results["command"]}`
 

@@ -34,7 +34,7 @@ from benchmarks.common import SHARED_DATA
 log = logging.getLogger("flexkd")
 
 # The same learning rates and 8 trials for every method. gamma and the layer map are the knobs the
-# main table's variants (README, "Measured numbers") found to matter; they were chosen after those
+# main table's variants (benchmarks/RESULTS.md) found to matter; they were chosen after those
 # variants had run on test.tsv, which the page says.
 LEARNING_RATES = (5e-4, 1e-3)
 FEATURE_KNOBS = {"loss.gamma": [1.0, 3.0], "layer_map": ["uniform", "last"]}

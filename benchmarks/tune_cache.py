@@ -131,7 +131,7 @@ def main() -> None:
 
 def report(results: dict) -> str:
     online, cache, setup = results["online"], results["cache"], results["setup"]
-    return f"""# Sweep wall time: teacher-target cache vs online teacher
+    return f"""## Sweep wall time: teacher-target cache vs online teacher
 
 `python benchmarks/tune_cache.py --steps {setup["steps_per_trial"]}` (one run, both sweeps), {setup["machine"]}.
 

@@ -1,4 +1,4 @@
-"""Task-gradient importance of teacher hidden units (Flex-KD, DESIGN.md section 2.2).
+"""Task-gradient importance of teacher hidden units (Flex-KD, docs/DESIGN.md section 1.1).
 
 The paper's score for layer l and unit j is
 ``I_l[j] = (1/N) * sum_x sum_t |dL_task(x) / dh_{l,t,j}|``.

@@ -1,4 +1,4 @@
-"""Distillation and task losses as plain tensor functions (DESIGN.md sections 2.4, 2.5, 2.7).
+"""Distillation and task losses as plain tensor functions (docs/DESIGN.md sections 1.3 and 1.4).
 
 Everything is computed in float32, or float64 when given float64. Teacher
 tensors are used as given: produce them under ``torch.no_grad()``.

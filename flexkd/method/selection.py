@@ -1,4 +1,4 @@
-"""Choosing which teacher units to distil (DESIGN.md sections 2.3 and 2.7).
+"""Choosing which teacher units to distil (docs/DESIGN.md section 1.2).
 
 A selection is an ordered LongTensor [k]: student unit i is paired with
 teacher unit ``indices[i]``. Orders are chosen so that the selection for a
