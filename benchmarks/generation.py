@@ -9,7 +9,7 @@ students, through the real pipeline.
     eval      SAMSum (200 dialogues) and Self-Instruct (252 user-oriented tasks) in one eval split
               (benchmarks/results keeps which row is which); greedy decoding, ROUGE-L F1 x100 per
               set, computed from the evaluate stage's own predictions of every row
-    methods   kd, kd+projector, kd+flexkd on the final hidden states (layer_map last; cached
+    methods   kd, kd+projector, kd+projector_std, kd+flexkd on the final hidden states (layer_map last; cached
               teacher targets, full width), the same steps, learning rate, data and seed for all.
               kd+flexkd is Flex-KD's correlation loss between each of the student's 384 units and
               the teacher unit it was cut from (the pruned student's ``selection: identity``).
@@ -49,7 +49,9 @@ log = logging.getLogger("flexkd")
 PIPELINE = REPO / "pipelines" / "instruct_samsum.yaml"
 METHODS: dict[str, dict[str, Any]] = {
     "kd": {"loss.gamma": 0.0, "loss.feature": "none"},
-    "kd+projector": {"loss.feature": "projector"},
+    "kd+projector": {"loss.feature": "projector"},  # the paper's: MSE on the raw teacher features
+    # MSE on per-unit standardized teacher features: "kd+projector" in results recorded before it had its own name.
+    "kd+projector_std": {"loss.feature": "projector_std"},
     "kd+flexkd": {"loss.feature": "correlation"},
 }
 PRUNED_START = "pruned, no distillation"
@@ -393,7 +395,8 @@ def generation_markdown(results: dict[str, Any]) -> str:
         f"{settings['score_rows']} T0 rows. Feature losses on the final hidden states (layer_map last); kd+flexkd "
         "is the correlation loss between each student unit and the teacher unit it was cut from (units chosen by "
         "the pruning's importance summed over all blocks; k = 384, the student's width, so no further selection), "
-        "kd+projector learns a 384 -> 576 map. "
+        "kd+projector and kd+projector_std learn a 384 -> 576 map, regressing the raw and the per-unit "
+        "standardized teacher features. "
         f"Distilled on {settings['train_rows']} T0-mixture prompt/completion pairs (chat template, max length "
         f"{settings['max_length']}), {settings['steps']} steps of batch {settings['batch_size']}, lr "
         f"{settings['learning_rate']}, teacher-target cache; seeds {list(settings['seeds'])}. Greedy decoding, "

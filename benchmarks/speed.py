@@ -196,14 +196,7 @@ def plain_loop(config, targets_dir: Path, tokenize_dir: Path, threads: int) -> d
     from flexkd.data.rows import collate_batch
     from flexkd.data.teacher_targets import cached_teacher_outputs
     from flexkd.distributed import autocast
-    from flexkd.method.losses import LinearProjector
-    from flexkd.method.objective import (
-        LayerPair,
-        ObjectiveSettings,
-        StudentWithObjective,
-        distillation_loss,
-        forward_scored,
-    )
+    from flexkd.method.objective import LayerPair, distillation_loss, forward_scored, objective_module
     from flexkd.models.plan import build_student, plan_models
     from flexkd.stages.distill import learning_rate_at
     from flexkd.stages.targets import read_cache_info
@@ -217,21 +210,11 @@ def plain_loop(config, targets_dir: Path, tokenize_dir: Path, threads: int) -> d
         units = {layer: info["units"][str(layer)] for layer in plan.teacher_layer_indices}
         device = torch.device("cuda" if config.resources.use_gpu and torch.cuda.is_available() else "cpu")
         pairs = [LayerPair(t, s) for t, s in plan.layer_pairs]
-        settings = ObjectiveSettings(
-            task=config.task.kind, k=plan.k, **config.loss.model_dump(exclude={"feature"}), feature=config.loss.feature
-        )
+        settings = config.loss.objective_settings(config.task.kind, plan.k)
         torch.manual_seed(config.training.seed)
         student = build_student(config)
-        projectors = (
-            {
-                f"{p.teacher_layer}-{p.student_layer}": LinearProjector(plan.student_hidden, plan.teacher_hidden)
-                for p in pairs
-            }
-            if config.loss.feature == "projector"
-            else {}
-        )
         verbalizers = torch.tensor(tokenized["verbalizer_ids"])
-        module = StudentWithObjective(student, settings, pairs, verbalizers, projectors).to(device)
+        module = objective_module(student, settings, pairs, verbalizers, plan.teacher_hidden).to(device)
         optimizer = torch.optim.AdamW(
             module.parameters(), lr=config.training.learning_rate, weight_decay=config.training.weight_decay
         )
@@ -288,7 +271,7 @@ def plain_loop(config, targets_dir: Path, tokenize_dir: Path, threads: int) -> d
                 logits, hidden = forward_scored(module.student, batch, settings.task, module.student_layers)
                 mark = lap("student forward", mark, step)
             parts = distillation_loss(
-                settings, batch, logits, hidden, *teacher, pairs, module.verbalizer_ids, dict(module.projectors)
+                settings, batch, logits, hidden, *teacher, pairs, module.verbalizer_ids, dict(module.feature_modules)
             )
             mark = lap("loss (task, logit, feature)", mark, step)
             parts["total"].backward()

@@ -17,6 +17,7 @@ from flexkd.method.losses import (
     logit_distillation_loss,
     mse_feature_loss,
     projector_mse_loss,
+    standardized_projector_mse_loss,
     topk_logit_distillation_loss,
 )
 from flexkd.method.selection import resolve_k, select_random_units, select_top_k_units, select_variance_units
@@ -36,6 +37,7 @@ __all__ = [
     "select_random_units",
     "select_top_k_units",
     "select_variance_units",
+    "standardized_projector_mse_loss",
     "topk_logit_distillation_loss",
     "unit_importance_sum",
 ]

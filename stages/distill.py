@@ -29,6 +29,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,7 @@ from flexkd.config.schema import ConfigError, PipelineConfig
 from flexkd.data.rows import ROW_SCHEMA, collate_batch
 from flexkd.data.teacher_targets import cached_teacher_outputs, online_teacher_outputs, units_column
 from flexkd.evaluation.periodic import StudentEvaluator
-from flexkd.method.losses import LinearProjector
-from flexkd.method.objective import LayerPair, ObjectiveSettings, StudentWithObjective
+from flexkd.method.objective import LayerPair, ObjectiveSettings, StudentWithObjective, objective_module
 from flexkd.models.loading import parameter_count
 from flexkd.models.plan import build_student, load_pipeline_tokenizer, load_teacher, plan_models
 from flexkd.stages.targets import check_cache
@@ -56,7 +56,42 @@ from flexkd.tracking.runs import WorkerMetricLogger, tracking_uri
 log = logging.getLogger("flexkd")
 
 KEEP_CHECKPOINTS = 2
-WHOLE_HIDDEN_FEATURES = ("cka", "projector")  # the selection-free baselines compare whole hidden states
+
+
+@dataclass(frozen=True)
+class CachedTargets:
+    """How a step reads its teacher side from the teacher-target cache (training.teacher 'cache')."""
+
+    units: dict[int, int]  # teacher layer -> units the cache stores per token
+    top_k: int  # generation: teacher logits stored per response position
+    temperatures: list[float]  # those of the stored log-normalizers
+    positions: dict[int, list[int]] | None  # see _stored_positions
+
+
+@dataclass(frozen=True)
+class DistillLoop:
+    """Everything the worker loop needs, made on the driver; Ray Train hands it to every worker.
+
+    ``settings`` carries the feature loss itself (not its name), so a worker never looks a loss up
+    in its own process's registry.
+    """
+
+    config: PipelineConfig
+    settings: ObjectiveSettings
+    pairs: list[LayerPair]
+    d_teacher: int
+    output_dir: Path
+    score_dir: Path | None  # a pruned student starts from the weights the score stage cut out of the teacher
+    eval_dir: Path
+    pad_token_id: int
+    verbalizer_ids: list[int] | None
+    tracking_uri: str | None
+    run_id: str | None
+    eval_every: int | None
+    placement_group_file: Path | None
+    progress_bars: bool
+    cache: CachedTargets | None  # training.teacher 'cache'
+    selected: dict[int, list[int]] | None  # training.teacher 'online': teacher layer -> selected unit indices
 
 
 def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> dict[str, Any]:
@@ -88,35 +123,19 @@ def train_student(
     """
     plan = plan_models(config, inputs.get("score") if config.student.init == "prune_from_teacher" else None)
     tokenized = json.loads((inputs["tokenize"] / "manifest.json").read_text())["outputs"]
-    loop_config = {
-        # A pruned student starts from the weights the score stage cut out of the teacher.
-        "score_dir": str(inputs["score"]) if "score" in inputs else None,
-        "config": config,
-        "output_dir": str(output_dir),
-        "k": plan.k,
-        "d_teacher": plan.teacher_hidden,
-        "pairs": [list(pair) for pair in plan.layer_pairs],
-        "pad_token_id": tokenized["pad_token_id"],
-        "verbalizer_ids": tokenized["verbalizer_ids"],
-        "tracking_uri": tracking_uri(config) if tracking_run_id else None,
-        "run_id": tracking_run_id,
-        "eval_every": eval_every,
-        "eval_dir": str(inputs["tokenize"] / "eval"),
-        "placement_group_file": str(placement_group_file) if placement_group_file else None,
-        "progress_bars": progress_bars_wanted(),
-    }
+    cache, selected_units = None, None
     if config.training.teacher == "cache":
         data_fingerprint = json.loads((inputs["tokenize"] / "manifest.json").read_text())["fingerprint"]
         info = check_cache(config, inputs["targets"], plan.k, plan.teacher_layer_indices, data_fingerprint, "distill")
         units = {layer: info["units"][str(layer)] for layer in plan.teacher_layer_indices}
         # A sweep over a given cache (targets.path) has no score stage: the cache's order is the selection.
         selected = json.loads((inputs["score"] / "selected.json").read_text())["layers"] if "score" in inputs else None
-        loop_config["cache"] = {
-            "units": units,
-            "top_k": info["top_k_logits"],
-            "temperatures": info["temperatures"],
-            "positions": _stored_positions(config, info, selected, plan.k, units),
-        }
+        cache = CachedTargets(
+            units=units,
+            top_k=info["top_k_logits"],
+            temperatures=info["temperatures"],
+            positions=_stored_positions(config, info, selected, plan.k, units),
+        )
         if config.task.kind == "generation" and config.loss.temperature not in info["temperatures"]:
             log.warning(
                 "distill: loss.temperature %s is not one of the cache's exact temperatures %s: the teacher's "
@@ -133,13 +152,32 @@ def train_student(
         )
     else:
         selected = json.loads((inputs["score"] / "selected.json").read_text())
-        loop_config["selected"] = {int(layer): entry["indices"] for layer, entry in selected["layers"].items()}
+        selected_units = {int(layer): entry["indices"] for layer, entry in selected["layers"].items()}
         train = ray.data.read_parquet(str(inputs["tokenize"] / "train")) if train_data is None else train_data
+    loop = DistillLoop(
+        config=config,
+        settings=config.loss.objective_settings(config.task.kind, plan.k),
+        pairs=[LayerPair(teacher, student) for teacher, student in plan.layer_pairs],
+        d_teacher=plan.teacher_hidden,
+        output_dir=output_dir,
+        score_dir=inputs.get("score"),
+        eval_dir=inputs["tokenize"] / "eval",
+        pad_token_id=tokenized["pad_token_id"],
+        verbalizer_ids=tokenized["verbalizer_ids"],
+        tracking_uri=tracking_uri(config) if tracking_run_id else None,
+        run_id=tracking_run_id,
+        eval_every=eval_every,
+        placement_group_file=placement_group_file,
+        progress_bars=progress_bars_wanted(),
+        cache=cache,
+        selected=selected_units,
+    )
     run_workers(
         "distill",
         config,
         _distill_worker,
-        loop_config=loop_config,
+        # Ray Train wants a dict; its one entry is the typed loop.
+        loop_config={"loop": loop},
         datasets={"train": train},
         run_name=run_name,
         storage=output_dir / "ray",
@@ -160,7 +198,7 @@ def _stored_positions(
     this selection's units wherever the cache stored them, so one teacher pass serves all.
     """
     inverse = {layer: np.argsort(info["unit_order"][str(layer)]) for layer in units}
-    if config.loss.feature in WHOLE_HIDDEN_FEATURES:
+    if config.loss.reads_whole_hidden:
         return {layer: order.tolist() for layer, order in inverse.items()}
     if selected is None:
         return None
@@ -207,72 +245,56 @@ def _endless_batches(shard, batch_size: int, skip: int) -> Iterator[dict[str, np
             )
 
 
-def _build(loop_config: dict[str, Any]):
-    config: PipelineConfig = loop_config["config"]
-    device = distributed.device()
-    pairs = [LayerPair(teacher, student) for teacher, student in loop_config["pairs"]]
-    settings = ObjectiveSettings(
-        task=config.task.kind,
-        k=loop_config["k"],
-        **config.loss.model_dump(exclude={"feature"}),
-        feature=config.loss.feature,
-    )
-    torch.manual_seed(config.training.seed)
-    student = build_student(config, loop_config["score_dir"])
-    projectors = {}
-    if config.loss.feature == "projector":
-        projectors = {
-            f"{p.teacher_layer}-{p.student_layer}": LinearProjector(
-                student.config.hidden_size, loop_config["d_teacher"]
-            )
-            for p in pairs
-        }
-    verbalizer_ids = loop_config["verbalizer_ids"]
-    verbalizer_ids = torch.tensor(verbalizer_ids) if verbalizer_ids else None
-    module = StudentWithObjective(student, settings, pairs, verbalizer_ids, projectors).to(device)
-    module = distributed.shard_model(module, trainable=True)
-    return config, device, pairs, module, projectors
+def _build(loop: DistillLoop) -> torch.nn.Module:
+    """The student with its objective, on this worker's device, sharded."""
+    torch.manual_seed(loop.config.training.seed)
+    student = build_student(loop.config, loop.score_dir)
+    verbalizer_ids = torch.tensor(loop.verbalizer_ids) if loop.verbalizer_ids else None
+    module = objective_module(student, loop.settings, loop.pairs, verbalizer_ids, loop.d_teacher)
+    return distributed.shard_model(module.to(distributed.device()), trainable=True)
 
 
-def _teacher_outputs(loop_config: dict[str, Any], config: PipelineConfig, pairs: list[LayerPair], device):
+def _teacher_outputs(loop: DistillLoop, device: torch.device):
     """The step's teacher side, ``(rows, batch) -> (teacher logits, teacher features)``: read from
     the cache, or computed by a teacher loaded (and sharded) here."""
-    whole_hidden = config.loss.feature in WHOLE_HIDDEN_FEATURES
-    cache = loop_config.get("cache")
+    config, cache = loop.config, loop.cache
     if cache is not None:
         positions = (
-            {layer: torch.tensor(order) for layer, order in cache["positions"].items()}
-            if cache["positions"] is not None
+            {layer: torch.tensor(order) for layer, order in cache.positions.items()}
+            if cache.positions is not None
             else None
         )
         # Without a feature loss (kd) no cached unit is read: decoding them would be wasted work.
-        units = cache["units"] if config.loss.uses_features else {}
+        units = cache.units if config.loss.uses_features else {}
         return lambda rows, batch: cached_teacher_outputs(
             rows,
             batch,
             config.task.kind,
             units,
-            loop_config["k"],
+            loop.settings.k,
             positions,
-            cache["top_k"],
+            cache.top_k,
             device,
-            cache["temperatures"],
+            cache.temperatures,
             config.loss.temperature,
         )
     teacher = distributed.shard_model(load_teacher(config).to(device), trainable=False)
-    selected = {layer: torch.tensor(indices, device=device) for layer, indices in loop_config["selected"].items()}
-    layers = sorted({pair.teacher_layer for pair in pairs})
+    selected = {layer: torch.tensor(indices, device=device) for layer, indices in loop.selected.items()}
+    layers = sorted({pair.teacher_layer for pair in loop.pairs})
+    whole_hidden = loop.settings.feature is not None and loop.settings.feature.whole_hidden
     return lambda rows, batch: online_teacher_outputs(teacher, batch, config.task.kind, layers, selected, whole_hidden)
 
 
-def _distill_worker(loop_config: dict[str, Any]) -> None:
-    distributed.use_threads(loop_config["config"].resources.threads_per_worker)
+def _distill_worker(loop_config: dict[str, DistillLoop]) -> None:
+    loop = loop_config["loop"]
+    config = loop.config
+    distributed.use_threads(config.resources.threads_per_worker)
+    device = distributed.device()
     placement_group = ray.util.get_current_placement_group()
-    if loop_config["placement_group_file"] and placement_group and distributed.is_main_process():
-        Path(loop_config["placement_group_file"]).write_text(placement_group.id.hex())
-    config, device, pairs, module, projectors = _build(loop_config)
-    output_dir = Path(loop_config["output_dir"])
-    checkpoints = output_dir / "checkpoints"
+    if loop.placement_group_file and placement_group and distributed.is_main_process():
+        loop.placement_group_file.write_text(placement_group.id.hex())
+    module = _build(loop)
+    checkpoints = loop.output_dir / "checkpoints"
     optimizer = torch.optim.AdamW(
         module.parameters(), lr=config.training.learning_rate, weight_decay=config.training.weight_decay
     )
@@ -282,16 +304,16 @@ def _distill_worker(loop_config: dict[str, Any]) -> None:
         start_step = distributed.load_checkpoint(latest, module, optimizer)["step"]
 
     need_teacher = config.loss.uses_teacher
-    teacher_outputs = _teacher_outputs(loop_config, config, pairs, device) if need_teacher else None
-    evaluator = StudentEvaluator(loop_config, config, device) if loop_config["eval_every"] else None
-    per_rank_batch = max(1, config.training.batch_size // distributed.world_size())
-    batches = _endless_batches(ray.train.get_dataset_shard("train"), per_rank_batch, skip=start_step)
-    logger = (
-        WorkerMetricLogger(loop_config["tracking_uri"], loop_config["run_id"])
-        if distributed.is_main_process()
+    teacher_outputs = _teacher_outputs(loop, device) if need_teacher else None
+    evaluator = (
+        StudentEvaluator(config, device, loop.eval_dir, loop.pad_token_id, loop.verbalizer_ids, loop.score_dir)
+        if loop.eval_every
         else None
     )
-    progress = _progress_bar(start_step, config.training.steps) if loop_config["progress_bars"] else None
+    per_rank_batch = max(1, config.training.batch_size // distributed.world_size())
+    batches = _endless_batches(ray.train.get_dataset_shard("train"), per_rank_batch, skip=start_step)
+    logger = WorkerMetricLogger(loop.tracking_uri, loop.run_id) if distributed.is_main_process() else None
+    progress = _progress_bar(start_step, config.training.steps) if loop.progress_bars else None
     mixed_precision = distributed.autocast(config.training.precision, device)  # checked once, entered every step
 
     # Throughput is the steady state: every step but this run's first (which waits for Ray Data's
@@ -300,7 +322,7 @@ def _distill_worker(loop_config: dict[str, Any]) -> None:
     for step in range(start_step, config.training.steps):
         step_started = time.perf_counter()
         rows = next(batches)
-        batch = {key: value.to(device) for key, value in collate_batch(rows, loop_config["pad_token_id"]).items()}
+        batch = {key: value.to(device) for key, value in collate_batch(rows, loop.pad_token_id).items()}
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, config)
         with mixed_precision:
@@ -318,7 +340,7 @@ def _distill_worker(loop_config: dict[str, Any]) -> None:
             progress.update(1)
         last = done == config.training.steps
         log_now = done % config.training.log_every == 0 or last
-        evaluate_now = evaluator is not None and (done % loop_config["eval_every"] == 0 or last)
+        evaluate_now = evaluator is not None and (done % loop.eval_every == 0 or last)
         if log_now or evaluate_now:
             metrics = {f"train.{name}": float(value.detach()) for name, value in parts.items()}
             metrics |= {
@@ -344,11 +366,9 @@ def _distill_worker(loop_config: dict[str, Any]) -> None:
             distributed.save_checkpoint(checkpoints, module, optimizer, done)
             if distributed.is_main_process():
                 distributed.prune_checkpoints(checkpoints, KEEP_CHECKPOINTS)
-        faults.maybe_kill_worker(done, distributed.rank(), output_dir)
+        faults.maybe_kill_worker(done, distributed.rank(), loop.output_dir)
 
-    _save_student(
-        config, module, projectors, output_dir, tokens, step_seconds, parts, start_step, loop_config["score_dir"]
-    )
+    _save_student(loop, module, tokens, step_seconds, parts, start_step)
 
 
 def _refuse_non_finite(parts: dict[str, torch.Tensor], step: int) -> None:
@@ -369,34 +389,31 @@ def _progress_bar(start: int, total: int):
 
 
 def _save_student(
-    config,
-    module,
-    projectors,
-    output_dir: Path,
+    loop: DistillLoop,
+    module: StudentWithObjective,
     tokens: int,
     seconds: float,
-    parts,
+    parts: dict[str, torch.Tensor],
     start_step: int,
-    score_dir: str | None,
 ) -> None:
     """Rank 0 writes the student in Hugging Face format (a fresh CPU copy loaded with the
     gathered weights, so the saved model knows nothing of FSDP)."""
+    config, output_dir = loop.config, loop.output_dir
     state = distributed.full_model_state_dict(module)
     if not distributed.is_main_process():
         return
-    student = build_student(config, score_dir)
+    student = build_student(config, loop.score_dir)
     student.load_state_dict(
         {key.removeprefix("student."): value for key, value in state.items() if key.startswith("student.")}
     )
     student.save_pretrained(output_dir / "student", safe_serialization=True)
     load_pipeline_tokenizer(config).save_pretrained(output_dir / "student")
-    extra = sum(projector.extra_parameters for projector in projectors.values())
     metrics = {name: float(value.detach()) for name, value in parts.items()}
     metrics |= {
         "steps": config.training.steps,
         "resumed_from_step": start_step,
         "tokens_per_second": tokens / max(seconds, 1e-9),
         "student_parameters": parameter_count(student),
-        "extra_trainable_parameters": extra,
+        "extra_trainable_parameters": module.extra_trainable_parameters,
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -199,7 +199,7 @@ def check_cache(
     Checks that it was made for this teacher, this data (and tokenization), this selection (any
     selection, if it stores every unit: distill then reads the selected ones wherever they are), and
     that it holds every teacher layer the config maps, at least k units, and whole hidden states
-    for the cka/projector baselines.
+    for a loss that reads them (cka, the projectors).
     """
     info = read_cache_info(targets_dir)
     made, wanted = info["identity"], cache_identity(config, data_fingerprint)
@@ -227,7 +227,7 @@ def check_cache(
         )
     if k > info["k_max"]:
         raise ConfigError(f"{where}: selection.k = {k} exceeds k_max = {info['k_max']} of the cache at {targets_dir}")
-    if config.loss.feature in ("cka", "projector") and not info["full_width"]:
+    if config.loss.reads_whole_hidden and not info["full_width"]:
         raise ConfigError(
             f"{where}: loss.feature '{config.loss.feature}' needs whole teacher hidden states, "
             f"the cache at {targets_dir} is not full_width"

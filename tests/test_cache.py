@@ -28,18 +28,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from flexkd.config.schema import TaskConfig, apply_overrides, load_config, parse_config
+from flexkd.config.schema import LossConfig, TaskConfig, apply_overrides, load_config, parse_config
 from flexkd.data.rows import ROW_SCHEMA, collate_batch, tokenize_rows, verbalizer_token_ids
 from flexkd.data.teacher_targets import cached_teacher_outputs, online_teacher_outputs, target_columns, units_column
 from flexkd.method.layers import forward_with_hidden_states
 from flexkd.method.losses import teacher_topk, topk_logit_distillation_loss
-from flexkd.method.objective import (
-    LayerPair,
-    ObjectiveSettings,
-    cached_topk_logprobs,
-    distillation_loss,
-    forward_scored,
-)
+from flexkd.method.objective import LayerPair, cached_topk_logprobs, distillation_loss, forward_scored
 from flexkd.models.loading import TINY_TOKENIZER_DIR, build_random_model, load_tokenizer
 from flexkd.models.plan import build_student, count_teacher_loads
 from flexkd.pipeline.runner import run_pipeline
@@ -105,7 +99,7 @@ def test_cached_loss_equals_online_loss(tmp_path, kind, k):
     pairs = [LayerPair(2, 1), LayerPair(4, 2)]
     layers = [2, 4]
     selected = {layer: torch.randperm(64, generator=torch.Generator().manual_seed(layer))[:K_MAX] for layer in layers}
-    settings = ObjectiveSettings(task=kind, k=k, temperature=1.0)
+    settings = LossConfig(temperature=1.0).objective_settings(kind, k)
 
     online_logits, online_features = online_teacher_outputs(teacher, batch, kind, layers, selected, whole_hidden=False)
     cache_rows = _cache_round_trip(tmp_path, kind, rows, batch, teacher, layers, selected, verbalizers)
@@ -149,7 +143,7 @@ def test_logits_at_the_scored_positions_only_give_the_same_loss(kind):
     tokenizer = load_tokenizer(TINY_TOKENIZER_DIR)
     teacher, student = _models(tokenizer)
     _, batch, verbalizers = _batch(kind, tokenizer)
-    settings, pairs = ObjectiveSettings(task=kind, k=16), [LayerPair(4, 2)]
+    settings, pairs = LossConfig().objective_settings(kind, 16), [LayerPair(4, 2)]
     with torch.no_grad():
         full = [
             forward_with_hidden_states(model, batch["input_ids"], batch["attention_mask"], [layer])
@@ -203,7 +197,7 @@ def test_generation_logit_part_at_other_temperatures(tmp_path, temperature):
         teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     targets = batch["labels"][:, 1:] != -100
     student_scores, teacher_scores = student_logits[:, :-1][targets], teacher_logits[:, :-1][targets]
-    settings = ObjectiveSettings(task="generation", alpha=0, gamma=0, temperature=temperature)
+    settings = LossConfig(alpha=0, gamma=0, temperature=temperature).objective_settings("generation", 0)
     from_cache = distillation_loss(settings, batch, student_logits, {}, cached, {}, [])["logit"]
     log_probs, ids = teacher_topk(teacher_scores, TOP_K, temperature=temperature)
     exact_topk = topk_logit_distillation_loss("forward_kl", student_scores, log_probs, ids, temperature=temperature)

@@ -19,6 +19,7 @@ from flexkd.method.losses import (
     projector_mse_loss,
     reverse_kl,
     skew_kl,
+    standardized_projector_mse_loss,
     teacher_topk,
     topk_logit_distillation_loss,
     total_variation,
@@ -137,8 +138,25 @@ def test_cka_loss_value_and_gradient_are_finite_for_constant_features():
     assert loss.item() == pytest.approx(1.0) and torch.isfinite(grad).all()
 
 
-def test_projector_counts_its_parameters_and_its_loss_decreases_when_fitting_a_linear_relation():
-    assert LinearProjector(576, 960).extra_parameters == 576 * 960 + 960
+def test_projector_loss_is_zero_for_the_map_that_made_the_teacher_and_mse_on_raw_features():
+    student, mask = _features(3, 6, 5), _padding_mask()
+    projector = LinearProjector(5, 7)
+    with torch.no_grad():
+        teacher = projector(student)  # teacher features = W s + b, and the projector is that map
+    teacher[~mask] = 1e6  # padding must not count
+    assert projector_mse_loss(projector, student, teacher, mask).item() == pytest.approx(0.0, abs=1e-12)
+
+    rescaled = 3.0 * teacher + 5.0
+    with torch.no_grad():
+        by_hand = (projector(student)[mask] - rescaled[mask]).square().mean()
+    assert projector_mse_loss(projector, student, rescaled, mask).item() == pytest.approx(by_hand.item(), rel=1e-6)
+    assert by_hand.item() > 1.0  # raw features: rescaling the teacher moves the loss away from 0
+    # The standardized variant cannot see a per-unit affine change of the teacher.
+    standardized = [standardized_projector_mse_loss(projector, student, t, mask).item() for t in (teacher, rescaled)]
+    assert standardized[0] == pytest.approx(standardized[1], rel=1e-4)
+
+
+def test_standardized_projector_loss_decreases_when_fitting_a_linear_relation():
     torch.manual_seed(0)
     student, mask = _features(4, 6, 5), torch.ones(4, 6, dtype=torch.bool)
     teacher = student @ _features(5, 7, seed=1) + 10.0
@@ -146,15 +164,15 @@ def test_projector_counts_its_parameters_and_its_loss_decreases_when_fitting_a_l
     mask[:, -1] = False
     projector = LinearProjector(5, 7)
     optimizer = torch.optim.Adam(projector.parameters(), lr=0.05)
-    initial = projector_mse_loss(projector, student, teacher, mask).item()
+    initial = standardized_projector_mse_loss(projector, student, teacher, mask).item()
     for _ in range(100):
         optimizer.zero_grad()
-        loss = projector_mse_loss(projector, student, teacher, mask)
+        loss = standardized_projector_mse_loss(projector, student, teacher, mask)
         loss.backward()
         optimizer.step()
     assert loss.item() < 0.05 * initial
     teacher.requires_grad_()
-    projector_mse_loss(projector, student, teacher, mask).backward()
+    standardized_projector_mse_loss(projector, student, teacher, mask).backward()
     assert teacher.grad is None
 
 

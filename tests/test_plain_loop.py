@@ -16,10 +16,10 @@ from flexkd import (
     select_top_k_units,
     unit_importance_sum,
 )
-from flexkd.config.schema import TaskConfig
+from flexkd.config.schema import LossConfig, TaskConfig
 from flexkd.data.rows import collate_batch, tokenize_rows, verbalizer_token_ids
 from flexkd.method.layers import forward_with_hidden_states, resolve_layer_map
-from flexkd.method.objective import LayerPair, ObjectiveSettings, distillation_loss, summed_task_loss
+from flexkd.method.objective import LayerPair, distillation_loss, summed_task_loss
 from flexkd.models.loading import TINY_TOKENIZER_DIR, build_random_model, load_tokenizer
 
 SAMPLE = TINY_TOKENIZER_DIR.parent / "samples" / "sst2_train.jsonl"
@@ -75,7 +75,7 @@ def test_plain_loop_distills_task_and_selected_subspace():
             teacher, data["input_ids"], data["attention_mask"], [teacher_layer]
         )
     teacher_selected = {teacher_layer: teacher_hidden[teacher_layer][..., units]}
-    settings = ObjectiveSettings(task="classification", k=32, feature="correlation")
+    settings = LossConfig(feature="correlation").objective_settings("classification", 32)
     pairs = [LayerPair(teacher_layer, student_layer)]
 
     def measure() -> tuple[float, float]:
@@ -114,8 +114,7 @@ def test_plain_loop_distills_task_and_selected_subspace():
 def test_bf16_autocast_runs_the_student_in_bf16_and_the_losses_in_float32():
     """training.precision bf16: the model forward under autocast, the loss on its outputs in float32."""
     from flexkd.distributed import autocast
-    from flexkd.method.losses import LinearProjector
-    from flexkd.method.objective import StudentWithObjective, forward_scored
+    from flexkd.method.objective import forward_scored, objective_module
 
     tokenizer, verbalizers, data = _sst2_sample(16)
     student = _student(tokenizer)
@@ -125,9 +124,8 @@ def test_bf16_autocast_runs_the_student_in_bf16_and_the_losses_in_float32():
     pairs = [LayerPair(3, 2)]
     cpu = torch.device("cpu")
     for feature in ("correlation", "projector"):
-        settings = ObjectiveSettings(task="classification", k=32 if feature == "correlation" else 48, feature=feature)
-        projectors = {"3-2": LinearProjector(32, 48)} if feature == "projector" else {}
-        module = StudentWithObjective(student, settings, pairs, verbalizers, projectors)
+        settings = LossConfig(feature=feature).objective_settings("classification", 32)
+        module = objective_module(student, settings, pairs, verbalizers, d_teacher=48)
         features = teacher_features if feature == "projector" else {3: teacher_features[3][..., :32]}
         with torch.no_grad(), autocast("bf16", cpu):
             logits, hidden = forward_scored(student, data, "classification", [2])
@@ -135,7 +133,7 @@ def test_bf16_autocast_runs_the_student_in_bf16_and_the_losses_in_float32():
         assert logits.dtype == torch.bfloat16  # the residual stream, so the hidden states, stay float32
         # The loss of exactly those bf16 outputs, computed outside autocast (in float32).
         expected = distillation_loss(
-            settings, data, logits, hidden, teacher_logits, features, pairs, verbalizers, dict(module.projectors)
+            settings, data, logits, hidden, teacher_logits, features, pairs, verbalizers, dict(module.feature_modules)
         )
         for name, value in parts.items():
             assert value.dtype == torch.float32, name

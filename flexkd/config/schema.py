@@ -14,14 +14,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from flexkd.method.importance import IMPORTANCE_SCORES
-from flexkd.method.losses import FEATURE_LOSSES, LOGIT_LOSSES
+from flexkd.method.losses import LOGIT_LOSSES
+from flexkd.method.objective import ObjectiveSettings
+from flexkd.method.registry import FEATURE_LOSSES, NO_FEATURE_LOSS, FeatureLoss, reads_whole_hidden
 
 Score = Literal[IMPORTANCE_SCORES]  # type: ignore[valid-type]
 LogitLoss = Literal[LOGIT_LOSSES]  # type: ignore[valid-type]
-FeatureLoss = Literal[FEATURE_LOSSES]  # type: ignore[valid-type]
 LayerMap = Literal["last", "uniform", "source"] | list[Annotated[list[int], Field(min_length=2, max_length=2)]]
 
 
@@ -164,12 +165,36 @@ class LossConfig(_Section):
     logit: LogitLoss = "forward_kl"
     jsd_beta: float = Field(0.5, ge=0, le=1)
     skew_alpha: float = Field(0.1, ge=0, le=1)
-    feature: FeatureLoss | Literal["none"] = "correlation"
+    feature: str = Field(
+        "correlation", description="a registered feature loss (flexkd.method.registry.FEATURE_LOSSES), or 'none'"
+    )
+
+    @field_validator("feature")
+    @classmethod
+    def _registered_feature_loss(cls, name: str) -> str:
+        # Checked against the registry when the config is read, so a loss registered at run time counts.
+        if name != NO_FEATURE_LOSS and name not in FEATURE_LOSSES:
+            raise ValueError(f"{name!r} is not a registered feature loss: one of {[*FEATURE_LOSSES, NO_FEATURE_LOSS]}")
+        return name
 
     @property
     def uses_features(self) -> bool:
         """Whether a step reads the teacher's hidden units."""
-        return self.gamma > 0 and self.feature != "none"
+        return self.gamma > 0 and self.feature != NO_FEATURE_LOSS
+
+    @property
+    def reads_whole_hidden(self) -> bool:
+        """Whether the feature loss compares whole teacher hidden states rather than the selected units."""
+        return reads_whole_hidden(self.feature)
+
+    @property
+    def feature_loss(self) -> FeatureLoss | None:
+        """The registered feature loss, None for 'none'."""
+        return None if self.feature == NO_FEATURE_LOSS else FEATURE_LOSSES[self.feature]
+
+    def objective_settings(self, task: str, k: int) -> ObjectiveSettings:
+        """The objective these weights and losses give for ``task``, with k distilled units per layer pair."""
+        return ObjectiveSettings(task=task, k=k, **self.model_dump(exclude={"feature"}), feature=self.feature_loss)
 
     @property
     def uses_teacher(self) -> bool:
@@ -220,7 +245,8 @@ class TargetsConfig(_Section):
         "default: selection.k (a sweep: the largest selection.k it tries)",
     )
     full_width: bool = Field(
-        False, description="store every teacher unit (selected first), which the cka and projector baselines read"
+        False,
+        description="store every teacher unit (selected first), which the whole-hidden losses (cka, projectors) read",
     )
     temperatures: list[Annotated[float, Field(gt=0)]] = Field(
         [1.0, 2.0],
@@ -426,7 +452,7 @@ class PipelineConfig(_Section):
         k, k_max = self.selection.k, self.targets.k_max
         if k is not None and k_max is not None and k > k_max:
             raise ValueError(f"selection.k = {k} exceeds targets.k_max = {k_max}, the units the cache stores")
-        if self.loss.feature in ("cka", "projector") and not self.targets.full_width:
+        if self.loss.reads_whole_hidden and not self.targets.full_width:
             raise ValueError(
                 f"loss.feature '{self.loss.feature}' reads whole teacher hidden states: "
                 "with training.teacher 'cache' set targets.full_width: true"

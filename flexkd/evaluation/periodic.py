@@ -6,7 +6,6 @@ evaluation cheap next to the steps it interrupts."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -23,17 +22,24 @@ EVAL_METRICS = {"classification": ("accuracy", "macro_f1"), "generation": ("roug
 class StudentEvaluator:
     """The student's metrics on the eval split (those of the evaluate stage), the same on every rank."""
 
-    def __init__(self, loop_config: dict[str, Any], config: PipelineConfig, device: torch.device):
-
-        self.config, self.device = config, device
-        self.score_dir = loop_config.get("score_dir")
-        self.rows = read_eval_rows(Path(loop_config["eval_dir"]))
+    def __init__(
+        self,
+        config: PipelineConfig,
+        device: torch.device,
+        eval_dir: Path,
+        pad_token_id: int,
+        verbalizer_ids: list[int] | None,
+        score_dir: Path | None,
+    ):
+        """eval_dir: the tokenize stage's eval rows; score_dir: where a pruned student's starting weights are."""
+        self.config, self.device, self.score_dir = config, device, score_dir
+        self.rows = read_eval_rows(eval_dir)
         size = config.evaluation.batch_size
         self.batches = [
-            collate_batch(self.rows.slice(start, size).select(TOKEN_COLUMNS).to_pydict(), loop_config["pad_token_id"])
+            collate_batch(self.rows.slice(start, size).select(TOKEN_COLUMNS).to_pydict(), pad_token_id)
             for start in range(0, self.rows.num_rows, size)
         ]
-        self.pad_token_id, self.verbalizer_ids = loop_config["pad_token_id"], loop_config["verbalizer_ids"]
+        self.pad_token_id, self.verbalizer_ids = pad_token_id, verbalizer_ids
         self.tokenizer = load_pipeline_tokenizer(config) if config.task.kind == "generation" else None
         self.names = EVAL_METRICS[config.task.kind]
 
@@ -68,7 +74,7 @@ class StudentEvaluator:
         return {"accuracy": accuracy, "macro_f1": macro_f1(predicted, actual)}
 
 
-def _plain_student(config: PipelineConfig, module: torch.nn.Module, score_dir: str | None):
+def _plain_student(config: PipelineConfig, module: torch.nn.Module, score_dir: Path | None):
     """The student as a plain model on rank 0 (None elsewhere). One rank: the trained module
     itself. Several: a copy with the gathered weights, since a sharded student can only run
     inside the root module's forward. Collective."""

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-FEATURE_LOSSES = ("correlation", "mse", "cka", "projector")
 LOGIT_LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
 
 
@@ -94,13 +93,30 @@ class LinearProjector(torch.nn.Module):
     def forward(self, student: Tensor) -> Tensor:
         return self.linear(student)
 
-    @property
-    def extra_parameters(self) -> int:
-        """Parameters the projector adds to the student: d_s * d_t + d_t."""
-        return sum(parameter.numel() for parameter in self.parameters())
+
+def _projected_squared_error(projector: torch.nn.Module, student: Tensor, teacher: Tensor) -> Tensor:
+    """[M, d_s] student rows, [M, d_t] targets -> [] mean squared error of the projected rows (0 if M == 0)."""
+    projected = projector(student.to(next(projector.parameters()).dtype)).to(teacher.dtype)
+    squared_error = (projected - teacher).square()
+    return squared_error.sum() / max(squared_error.numel(), 1)
 
 
-def projector_mse_loss(
+def projector_mse_loss(projector: torch.nn.Module, student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
+    """The paper's projector baseline: MSE between projected student features and the raw, detached
+    teacher features, mean over valid tokens and teacher units.
+
+    Args:
+        projector: maps [M, d_s] -> [M, d_t], e.g. :class:`LinearProjector`.
+        student: [B, T, d_s]; teacher: [B, T, d_t]; mask: [B, T], 1 = valid token.
+
+    Returns:
+        [] loss; 0 (attached to the graph) if no token is valid.
+    """
+    s, t = _valid_tokens(student, teacher.detach(), mask, same_width=False)
+    return _projected_squared_error(projector, s, t)
+
+
+def standardized_projector_mse_loss(
     projector: torch.nn.Module, student: Tensor, teacher: Tensor, mask: Tensor, eps: float = 1e-6
 ) -> Tensor:
     """MSE between projected student features and per-unit standardized, detached teacher features.
@@ -117,9 +133,7 @@ def projector_mse_loss(
     """
     s, t = _valid_tokens(student, teacher.detach(), mask, same_width=False)
     t = (t - t.mean(dim=0)) / torch.sqrt(t.var(dim=0, unbiased=False) + eps)
-    projected = projector(s.to(next(projector.parameters()).dtype)).to(t.dtype)
-    squared_error = (projected - t).square()
-    return squared_error.sum() / max(squared_error.numel(), 1)
+    return _projected_squared_error(projector, s, t)
 
 
 def _safe_log_probs(log_probs: Tensor) -> Tensor:

@@ -20,29 +20,31 @@ from flexkd.method.layers import last_token_positions
 from flexkd.method.losses import (
     causal_lm_loss,
     classification_loss,
-    correlation_loss,
-    linear_cka_loss,
     logit_distillation_loss,
-    mse_feature_loss,
-    projector_mse_loss,
     topk_logit_distillation_loss,
 )
+from flexkd.method.registry import FeatureLoss
 
 
 @dataclass(frozen=True)
 class ObjectiveSettings:
-    """The weights and choices of the objective (mirrors the config's ``loss`` section)."""
+    """The weights and choices of the objective. The pipeline builds them from its config's ``loss``
+    section (``LossConfig.objective_settings``), which holds the defaults.
+
+    logit: one of :data:`flexkd.method.losses.LOGIT_LOSSES`; feature: the feature loss itself
+    (:data:`flexkd.method.registry.FEATURE_LOSSES`), None for none; k: distilled units per layer pair.
+    """
 
     task: Literal["classification", "generation"]
-    alpha: float = 1.0
-    beta: float = 1.0
-    gamma: float = 1.0
-    temperature: float = 2.0
-    logit: str = "forward_kl"
-    jsd_beta: float = 0.5
-    skew_alpha: float = 0.1
-    feature: str = "correlation"
-    k: int = 0
+    alpha: float
+    beta: float
+    gamma: float
+    temperature: float
+    logit: str
+    jsd_beta: float
+    skew_alpha: float
+    feature: FeatureLoss | None
+    k: int
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,11 @@ class LayerPair:
 
     teacher_layer: int
     student_layer: int
+
+    @property
+    def key(self) -> str:
+        """``"<teacher>-<student>"``: the name of this pair's trained feature module."""
+        return f"{self.teacher_layer}-{self.student_layer}"
 
 
 @dataclass(frozen=True)
@@ -158,35 +165,6 @@ def forward_scored(
     return outputs.logits, {layer: outputs.hidden_states[layer] for layer in layers}
 
 
-def feature_loss(
-    kind: str,
-    student_hidden: Tensor,
-    teacher_hidden: Tensor,
-    attention_mask: Tensor,
-    k: int,
-    projector: torch.nn.Module | None = None,
-) -> Tensor:
-    """One mapped pair's feature loss.
-
-    Args:
-        student_hidden: [B, T, d_S]. Unit i of the student is paired with column i of teacher_hidden.
-        teacher_hidden: [B, T, k'] the teacher's selected units in importance order (k' >= k),
-            or its whole hidden state for the selection-free baselines (cka, projector).
-        attention_mask: [B, T].
-    """
-    if kind == "correlation":
-        return correlation_loss(student_hidden[..., :k], teacher_hidden[..., :k], attention_mask)
-    if kind == "mse":
-        return mse_feature_loss(student_hidden[..., :k], teacher_hidden[..., :k], attention_mask)
-    if kind == "cka":
-        return linear_cka_loss(student_hidden, teacher_hidden, attention_mask)
-    if kind == "projector":
-        if projector is None:
-            raise ValueError("loss.feature 'projector' needs a LinearProjector per layer pair")
-        return projector_mse_loss(projector, student_hidden, teacher_hidden, attention_mask)
-    raise ValueError(f"unknown loss.feature {kind!r}")
-
-
 def distillation_loss(
     settings: ObjectiveSettings,
     batch: dict[str, Tensor],
@@ -196,7 +174,7 @@ def distillation_loss(
     teacher_features: dict[int, Tensor],
     pairs: list[LayerPair],
     verbalizer_ids: Tensor | None = None,
-    projectors: dict[str, torch.nn.Module] | None = None,
+    feature_modules: dict[str, torch.nn.Module] | None = None,
 ) -> dict[str, Tensor]:
     """All loss parts for one batch.
 
@@ -207,8 +185,9 @@ def distillation_loss(
         teacher_logits: as student_logits; or the same targets read from a cache (:class:`CachedTeacherLogits`,
             whose generation part is compared on K + 1 bins by ``topk_logit_distillation_loss``);
             or None when beta == 0.
-        teacher_features: teacher layer -> [B, T, k'] selected units (or [B, T, d_T], see feature_loss).
-        projectors: ``"<teacher>-<student>"`` -> LinearProjector, for the projector baseline.
+        teacher_features: teacher layer -> [B, T, k'] selected units in importance order (k' >= k), or
+            [B, T, d_T] the whole hidden state for a loss that reads it (``FeatureLoss.whole_hidden``).
+        feature_modules: ``LayerPair.key`` -> the module the feature loss trains for that pair, if any.
     Returns: ``task``, ``logit``, ``feature`` and the weighted ``total``, each a scalar.
     """
     zero = student_logits.new_zeros((), dtype=torch.promote_types(student_logits.dtype, torch.float32))
@@ -250,16 +229,14 @@ def distillation_loss(
             )
 
     feature = zero
-    if settings.gamma > 0 and settings.feature != "none":
+    if settings.gamma > 0 and settings.feature is not None:
         for pair in pairs:
-            projector = (projectors or {}).get(f"{pair.teacher_layer}-{pair.student_layer}")
-            feature = feature + feature_loss(
-                settings.feature,
+            feature = feature + settings.feature(
                 student_hidden[pair.student_layer],
                 teacher_features[pair.teacher_layer].detach(),
                 mask,
                 settings.k,
-                projector,
+                (feature_modules or {}).get(pair.key),
             )
 
     total = settings.alpha * task + settings.beta * logit + settings.gamma * feature
@@ -314,10 +291,11 @@ def summed_task_loss(task: str, logits: Tensor, batch: dict[str, Tensor], verbal
 
 
 class StudentWithObjective(torch.nn.Module):
-    """The student, its projectors (projector baseline only) and the objective, as one module.
+    """The student, the modules its feature loss trains (a projector per layer pair, say) and the
+    objective, as one module; :func:`objective_module` builds it.
 
     Under FSDP2 the loss must be computed inside the root module's forward: that is when the
-    root's parameters (embeddings, final norm, projectors) are gathered.
+    root's parameters (embeddings, final norm, feature modules) are gathered.
     """
 
     def __init__(
@@ -326,11 +304,13 @@ class StudentWithObjective(torch.nn.Module):
         settings: ObjectiveSettings,
         pairs: list[LayerPair],
         verbalizer_ids: Tensor | None,
-        projectors: dict[str, torch.nn.Module] | None = None,
+        feature_modules: dict[str, torch.nn.Module] | None = None,
     ):
         super().__init__()
         self.student = student
-        self.projectors = torch.nn.ModuleDict(projectors or {})
+        self.feature_modules = torch.nn.ModuleDict(feature_modules or {})
+        # Counted before any sharding: what the feature loss adds to the student (metrics.json reports it).
+        self.extra_trainable_parameters = sum(parameter.numel() for parameter in self.feature_modules.parameters())
         self.settings = settings
         self.pairs = pairs
         self.student_layers = sorted({pair.student_layer for pair in pairs})
@@ -343,7 +323,7 @@ class StudentWithObjective(torch.nn.Module):
         teacher_features: dict[int, Tensor],
     ) -> dict[str, Tensor]:
         logits, hidden = forward_scored(self.student, batch, self.settings.task, self.student_layers)
-        # The losses in float32 even under bf16 autocast, which would run the projector's and CKA's
+        # The losses in float32 even under bf16 autocast, which would run a projector's and CKA's
         # matmuls in bf16: too coarse for features this close to their targets.
         with torch.autocast(logits.device.type, enabled=False):
             return distillation_loss(
@@ -355,5 +335,24 @@ class StudentWithObjective(torch.nn.Module):
                 teacher_features,
                 self.pairs,
                 self.verbalizer_ids,
-                dict(self.projectors),
+                dict(self.feature_modules),
             )
+
+
+def objective_module(
+    student: torch.nn.Module,
+    settings: ObjectiveSettings,
+    pairs: list[LayerPair],
+    verbalizer_ids: Tensor | None,
+    d_teacher: int,
+) -> StudentWithObjective:
+    """The student with its objective and, when the feature loss trains a module, one freshly
+    initialized module per layer pair (``FeatureLoss.module(d_S, d_T)``, d_S the student's width).
+
+    Every caller (the distill stage, the speed benchmark's plain loop) builds the module here, so
+    they train the same parameters from the same torch seed.
+    """
+    make = settings.feature.module if settings.feature is not None else None
+    d_student = student.config.hidden_size
+    modules = {pair.key: make(d_student, d_teacher) for pair in pairs} if make is not None else {}
+    return StudentWithObjective(student, settings, pairs, verbalizer_ids, modules)

@@ -52,9 +52,10 @@ from flexkd.config.schema import (
 )
 from flexkd.errors import StageError
 from flexkd.evaluation.periodic import EVAL_METRICS
+from flexkd.method.registry import reads_whole_hidden
 from flexkd.models.plan import count_teacher_loads, plan_models
 from flexkd.pipeline.runner import planned_fingerprint, run_pipeline
-from flexkd.stages.distill import WHOLE_HIDDEN_FEATURES, train_student
+from flexkd.stages.distill import train_student
 from flexkd.stages.targets import check_cache
 from flexkd.sweep.report import trial_rows, write_report
 from flexkd.tracking.runs import flatten, log_config, tracking_uri, use_experiment
@@ -118,9 +119,7 @@ def plan_sweep(config: PipelineConfig, teacher: str = "cache") -> SweepPlan:
     def tried(path: str) -> list[Any]:
         return space[path].values() if path in space else [_get(base, path)]
 
-    base["targets"]["full_width"] = config.targets.full_width or bool(
-        set(tried("loss.feature")) & set(WHOLE_HIDDEN_FEATURES)
-    )
+    base["targets"]["full_width"] = config.targets.full_width or any(map(reads_whole_hidden, tried("loss.feature")))
     base["targets"]["temperatures"] = _cached_temperatures(config)
     # Each value is validated alone on top of the pipeline's own config: schema, shapes, k, layers.
     corners = {
