@@ -121,6 +121,11 @@ class DataConfig(_Section):
     score: DataSplit | None = Field(None, description="scoring data; default: the train split")
     max_length: int = Field(128, gt=1)
     shard_rows: int = Field(1024, gt=0, description="rows per parquet shard")
+    on_bad_rows: Literal["error", "skip"] = Field(
+        "error",
+        description="a row with text that is blank, not UTF-8 or holds a NUL byte, or a label outside "
+        "task.label_names: error stops the run naming the first; skip logs how many and leaves them out",
+    )
 
 
 class TaskConfig(_Section):
@@ -139,6 +144,11 @@ class TaskConfig(_Section):
     def _kind_needs(self) -> TaskConfig:
         if self.kind == "classification" and (not self.label_names or len(self.label_names) < 2):
             raise ValueError("classification needs task.label_names with at least two entries")
+        for index, name in enumerate(self.label_names or []):
+            if not name.strip():
+                raise ValueError(f"task.label_names[{index}] is empty; each label needs a name (its verbalizer)")
+            if name in self.label_names[:index]:
+                raise ValueError(f"task.label_names[{index}] {name!r} is listed twice")
         return self
 
 
