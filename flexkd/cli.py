@@ -1,7 +1,7 @@
 """The ``flexkd`` command.
 
 flexkd run pipelines/quickstart.yaml [--set loss.gamma=0.5] [--stages tokenize,score] [--force distill]
-flexkd validate pipelines/x.yaml        check a pipeline file and its model shapes, run nothing
+flexkd validate pipelines/x.yaml        check a pipeline file, its models, tokenizer and data rows; start nothing
 flexkd fetch-teacher                    download and convert the offline demo teacher
 flexkd ui pipelines/x.yaml              print the command that opens this pipeline's MLflow runs
 flexkd tune pipelines/x.yaml [--num-samples 16]   Ray Tune sweep of its tune.search_space
@@ -182,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", help="comma-separated stages to rerun even if done")
     run.set_defaults(handler=cmd_run)
 
-    validate = commands.add_parser("validate", help="validate a pipeline file and its model shapes")
+    validate = commands.add_parser(
+        "validate", help="check a pipeline file, its model shapes, tokenizer and every data row (no Ray)"
+    )
     validate.add_argument("pipeline")
     validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     validate.set_defaults(handler=cmd_validate)

@@ -474,6 +474,13 @@ def _columns_text_label(tmp_path: Path) -> Path:
             lambda tmp: f"flexkd: config error: student.path: {tmp / 'no-student'} does not exist",
         ),
         (
+            lambda tmp: {"student": {"init": "pretrained", "path": str(tmp), "architecture": {"hidden_size": 32}}},
+            lambda tmp: (
+                f"flexkd: config error: {tmp / 'pipeline.yaml'}: student: student.architecture: a pretrained "
+                "student has the shape of its own config (student.path); remove it"
+            ),
+        ),
+        (
             lambda tmp: {"artifact_root": str(tmp / "pipeline.yaml" / "runs")},
             lambda tmp: (
                 f"flexkd: config error: artifact_root {tmp / 'pipeline.yaml' / 'runs'}: "
@@ -497,6 +504,7 @@ def _columns_text_label(tmp_path: Path) -> Path:
         "teacher-heads-do-not-divide-the-width",
         "heads-not-whole-key-value-groups",
         "missing-student-path",
+        "architecture-of-a-pretrained-student",
         "artifact-root-under-a-file",
     ],
 )

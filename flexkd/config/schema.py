@@ -91,6 +91,10 @@ class StudentConfig(_Section):
     def _init_needs(self) -> StudentConfig:
         if self.init == "pretrained" and not self.path:
             raise ValueError("init 'pretrained' needs student.path")
+        if self.init == "pretrained" and self.architecture:
+            raise ValueError(
+                "student.architecture: a pretrained student has the shape of its own config (student.path); remove it"
+            )
         if self.init != "prune_from_teacher" and self.layer_selection != "uniform":
             raise ValueError(
                 f"student.layer_selection '{self.layer_selection}' applies only to init 'prune_from_teacher'"
