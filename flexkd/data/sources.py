@@ -22,6 +22,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -185,10 +186,12 @@ def check_rows(table: pa.Table, rules: RowRules) -> CheckedRows:
     columns = {}
     for name in rules.columns:
         column = table.column(name).combine_chunks()
+        if pa.types.is_dictionary(column.type):  # a categorical column (pandas, Parquet)
+            column = column.dictionary_decode()
         column_checks: list[_Check] = []
         if name in rules.text_columns or name == rules.label_column:  # a CSV label is text too
             column, column_checks = _text_checks(column)
-        if name == rules.label_column:
+        if name == rules.label_column and not pa.types.is_nested(column.type):
             column_checks += _label_checks(column, list(rules.label_names), name)
         columns[name] = column
         checks.append((name, column_checks))
@@ -216,18 +219,18 @@ def _mask(array: pa.Array) -> np.ndarray:
 
 
 def _text_checks(column: pa.Array) -> tuple[pa.Array, list[_Check]]:
-    """The column as strings, and its checks: UTF-8, null, blank, NUL. Numbers and booleans are
-    text enough (a template may name a year); lists and other nested values are not."""
+    """The column as strings, and its checks: UTF-8, null, blank, NUL. Other scalars (numbers,
+    dates) are text enough, a template may name a year; lists, structs and maps are not."""
     null = _mask(column.is_null())
     kind = column.type
     if pa.types.is_string(kind) or pa.types.is_binary(kind):
         raw, target = column.view(pa.binary()), pa.string()
     elif pa.types.is_large_string(kind) or pa.types.is_large_binary(kind):
         raw, target = column.view(pa.large_binary()), pa.large_string()
-    elif pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind) or pa.types.is_null(kind):
-        return column, [(null, lambda _: "empty (null)")]
-    else:
+    elif pa.types.is_nested(kind):
         return column, [(np.ones(len(column), dtype=bool), lambda _: f"holds {kind} values, not text")]
+    else:
+        return column, [(null, lambda _: "empty (null)")]
     invalid = np.zeros(len(column), dtype=bool)
     errors: dict[int, UnicodeDecodeError] = {}
     try:
@@ -263,16 +266,19 @@ def _text_checks(column: pa.Array) -> tuple[pa.Array, list[_Check]]:
 def _label_checks(column: pa.Array, label_names: list[str], label_column: str) -> list[_Check]:
     """Labels outside the label set, judged by ``class_index`` once per distinct value (nulls
     are the text checks')."""
-    refused = {}
-    for value in pc.unique(column.drop_null()).to_pylist():
+
+    def reason(value: Any) -> str | None:
         try:
             class_index(value, label_names, label_column)
         except ValueError as error:
-            refused[value] = str(error).removeprefix(f"task.label_column '{label_column}': ")
+            return str(error).removeprefix(f"task.label_column '{label_column}': ")
+        return None
+
+    refused = [value for value in pc.unique(column.drop_null()).to_pylist() if reason(value) is not None]
     if not refused:
         return []
-    outside = _mask(pc.is_in(column, value_set=pa.array(list(refused), type=column.type)))
-    return [(outside, lambda index: refused[column[index].as_py()])]
+    outside = _mask(pc.is_in(column, value_set=pa.array(refused, type=column.type)))
+    return [(outside, lambda index: reason(column[index].as_py()))]
 
 
 @dataclass(frozen=True)
