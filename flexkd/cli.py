@@ -1,7 +1,7 @@
 """The ``flexkd`` command.
 
 flexkd run pipelines/quickstart.yaml [--set loss.gamma=0.5] [--stages tokenize,score] [--force distill]
-flexkd validate pipelines/x.yaml        check a pipeline file and its model shapes, run nothing
+flexkd validate pipelines/x.yaml        check a pipeline file, its models, tokenizer and data rows; start nothing
 flexkd fetch-teacher                    download and convert the offline demo teacher
 flexkd ui pipelines/x.yaml              print the command that opens this pipeline's MLflow runs
 flexkd tune pipelines/x.yaml [--num-samples 16]   Ray Tune sweep of its tune.search_space
@@ -17,12 +17,14 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from flexkd.config.schema import ConfigError, load_config
+from flexkd.config.schema import ConfigError, load_config, parse_yaml, yaml_problem
+from flexkd.data.sources import DataError
 from flexkd.errors import StageError
 
 
@@ -34,10 +36,9 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
         if not separator:
             raise ConfigError(f"--set {pair}: expected key=value, e.g. --set loss.gamma=0.5")
         try:
-            overrides[key.strip()] = yaml.safe_load(value)
+            overrides[key.strip()] = parse_yaml(value)
         except yaml.YAMLError as error:
-            reason = str(error).splitlines()[0]
-            raise ConfigError(f"--set {key.strip()}: not a YAML value ({reason})") from None
+            raise ConfigError(f"--set {key.strip()}: not a YAML value ({yaml_problem(error, value)})") from None
     return overrides
 
 
@@ -64,7 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from flexkd.models.plan import preflight
+    from flexkd.pipeline.preflight import preflight
 
     config = load_config(args.pipeline, _overrides(args.set))
     plan = preflight(config)
@@ -148,9 +149,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from flexkd.cluster.jobs import load_runtime_env
+    from flexkd.cluster.jobs import load_runtime_env, parse_address
     from flexkd.watch.watcher import Cluster, Watcher, watch
 
+    if args.address is not None:
+        parse_address(args.address)  # refused now, not once per teacher version
     cluster = (
         None
         if args.address is None
@@ -180,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", help="comma-separated stages to rerun even if done")
     run.set_defaults(handler=cmd_run)
 
-    validate = commands.add_parser("validate", help="validate a pipeline file and its model shapes")
+    validate = commands.add_parser(
+        "validate", help="check a pipeline file, its model shapes, tokenizer and every data row (no Ray)"
+    )
     validate.add_argument("pipeline")
     validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     validate.set_defaults(handler=cmd_validate)
@@ -292,14 +297,33 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
+    # The error boundary: what a user can cause is one line per problem (a traceback too with
+    # --verbose); anything else is a bug, and says so above its traceback.
     try:
         return args.handler(args)
+    except DataError as error:
+        return _report("flexkd: data error: ", error, 2, args.verbose)
     except ConfigError as error:
-        print(f"flexkd: config error: {error}", file=sys.stderr)
-        return 2
-    except (StageError, FileNotFoundError) as error:
-        print(f"flexkd: {error}", file=sys.stderr)
-        return 1
+        return _report("flexkd: config error: ", error, 2, args.verbose)
+    except (StageError, OSError) as error:  # OSError: a file, a folder, a full disk, a network
+        return _report("flexkd: ", error, 1, args.verbose)
+    except Exception as error:
+        print(
+            f"flexkd: internal error: this is a bug in flexkd, please report it with the traceback below "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})",
+            file=sys.stderr,
+        )
+        traceback.print_exc()
+        return 3
+
+
+def _report(prefix: str, error: BaseException, code: int, verbose: bool) -> int:
+    """Print each line of the error's message after ``prefix``; the traceback first if verbose."""
+    if verbose:
+        traceback.print_exc()
+    for line in str(error).splitlines() or [type(error).__name__]:
+        print(f"{prefix}{line}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

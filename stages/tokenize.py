@@ -18,8 +18,11 @@ pyarrow and counts, starting from the rows before it (parquet footers; a single 
 starts at 0). A retried read task starts its file again, so ids are exact on every (re)run.
 ``preserve_order`` makes ``data.<split>.limit`` keep the *first* rows.
 
-Every split is checked before any is tokenized (file present, columns present, not empty), and
-every failure reaches the user as one line: ``tokenize: data.<split> (<path>): <cause>``.
+Every split is read and checked in full before any is tokenized (``flexkd.data.splits``: file
+present, columns present, not empty, every row's text UTF-8, not blank, free of NUL bytes, every
+label in the label set), and the read tasks keep only the rows that pass the same check, so with
+``data.on_bad_rows: skip`` the bad rows are left out, their ids with them. Every failure reaches
+the user as one line: ``tokenize: data.<split> (<path>): <cause>``.
 """
 
 from __future__ import annotations
@@ -28,40 +31,31 @@ import functools
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv
-import pyarrow.fs
-import pyarrow.json
 import pyarrow.parquet as pq
 import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 from ray.exceptions import RayTaskError
 
-from flexkd.config.schema import DataConfig, DataSplit, PipelineConfig, TaskConfig
-from flexkd.data.rows import ROW_SCHEMA, required_columns, tokenize_rows, verbalizer_token_ids
+from flexkd.config.schema import ConfigError, DataConfig, DataSplit, PipelineConfig, TaskConfig
+from flexkd.data.rows import ROW_SCHEMA, tokenize_rows, verbalizer_token_ids
+from flexkd.data.sources import BatchReader, RowRules, batch_readers, read_checked
+from flexkd.data.splits import check_split, pipeline_splits, split_task
 from flexkd.errors import StageError
 from flexkd.models.plan import load_pipeline_tokenizer
 
 SPLITS = ("train", "eval", "score")
-FORMATS = (
-    ".jsonl or .json (JSON lines), .tsv, .csv, .parquet, a folder of parquet files, a datasets save_to_disk folder"
-)
 TOKENIZE_BATCH_ROWS = 256
-SAVED_DATASET_ROWS_PER_READ = 8192
 
 _CAUSE_SEPARATOR = "The above exception was the direct cause of the following exception:"
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Invalid): (.+)$")
-
-BatchReader = Callable[[], Iterator[pa.RecordBatch]]
 
 
 def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> dict[str, Any]:
@@ -77,14 +71,16 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
         )
     except ValueError as error:
         raise StageError(f"tokenize: {error}") from None
-    sources = {"train": config.data.train, "eval": config.data.eval}
-    if config.data.score is not None:
-        sources["score"] = config.data.score
-    tasks = {split: _split_task(config.task, source) for split, source in sources.items()}
+    sources = pipeline_splits(config)
+    tasks = {split: split_task(config.task, source) for split, source in sources.items()}
 
-    rows, tokens = {}, {}
+    rows, tokens, skipped = {}, {}, {}
     with _ordered_execution():
-        split_datasets = {split: _checked_dataset(split, source, tasks[split]) for split, source in sources.items()}
+        split_datasets = {}
+        for split, source in sources.items():
+            split_datasets[split], skipped[split] = _checked_dataset(
+                split, source, config.task, config.data.on_bad_rows
+            )
         for split in SPLITS:
             split_dir = output_dir / split
             shutil.rmtree(split_dir, ignore_errors=True)  # a crashed attempt may have left shards
@@ -94,24 +90,16 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
                 )
             else:
                 shutil.copytree(output_dir / "train", split_dir, copy_function=_link_or_copy)
+                skipped[split] = skipped["train"]
             rows[split], tokens[split] = _count_rows_and_tokens(split_dir)
     return {
         "rows": rows,
         "tokens": tokens,
+        "bad_rows_skipped": skipped,
         "verbalizer_ids": verbalizer_ids,
         "pad_token_id": int(tokenizer.pad_token_id),
         "max_length": config.data.max_length,
     }
-
-
-def _split_task(task: TaskConfig, source: DataSplit) -> TaskConfig:
-    """The task as this split sees it: a split may bring its own template and response column."""
-    return task.model_copy(
-        update={
-            "prompt_template": source.prompt_template or task.prompt_template,
-            "response_column": source.response_column or task.response_column,
-        }
-    )
 
 
 @contextmanager
@@ -126,107 +114,31 @@ def _ordered_execution():
         options.preserve_order = previous
 
 
-def _checked_dataset(split: str, source: DataSplit, task: TaskConfig) -> ray.data.Dataset:
-    """The split's numbered rows (limited, only the needed columns and example_id), after
-    checking that the source exists, has every needed column and is not empty."""
-    where = f"tokenize: data.{split} ({source.path})"
+def _checked_dataset(split: str, source: DataSplit, task: TaskConfig, on_bad_rows: str) -> tuple[ray.data.Dataset, int]:
+    """The split's good rows, numbered (limited; the needed columns and example_id), and how
+    many bad rows are left out, after reading and checking the whole split (up to its limit)."""
     try:
-        columns = required_columns(task)
-        pieces = _batch_readers(source.path, where)
-        # One block stream per piece: Ray Data would otherwise cut a small file into ~200 blocks
-        # of a few rows each, and per-block overhead would dominate the stage.
-        dataset = ray.data.read_datasource(_NumberedSource(pieces), override_num_blocks=len(pieces))
-        if source.limit is not None:
-            dataset = dataset.limit(source.limit)
-        # One partial read gives both the column names and whether there is any row at all.
-        first_rows = dataset.take(1)
-    except StageError:
-        raise
-    except Exception as error:  # a bad template, a malformed file (Ray wraps the reader's error)
-        raise StageError(f"{where}: {_root_message(error)}") from error
-    if not first_rows:
-        raise StageError(f"{where}: the split is empty")
-    present = [name for name in first_rows[0] if name != "example_id"]
-    for column in columns:
-        if column not in present:
-            raise StageError(f"{where}: missing column '{column}'; columns are: {', '.join(present)}")
-    return dataset.select_columns([*columns, "example_id"])
-
-
-def _batch_readers(path: str, where: str) -> list[tuple[BatchReader, int]]:
-    """The source as ordered pieces: (read the piece's record batches, example_id of its first row)."""
-    path = path if "://" in path else os.path.abspath(path)  # read tasks may run in another folder
-    filesystem, location = pyarrow.fs.FileSystem.from_uri(path)
-    info = filesystem.get_file_info(location)
-    if info.type == pyarrow.fs.FileType.NotFound:
-        raise StageError(f"{where}: file not found")
-    if info.type == pyarrow.fs.FileType.File and info.size == 0:
-        raise StageError(f"{where}: the split is empty")
-    if info.type == pyarrow.fs.FileType.Directory:
-        names = {entry.base_name for entry in filesystem.get_file_info(pyarrow.fs.FileSelector(location))}
-        if "dataset_dict.json" in names:
-            raise StageError(f"{where}: a datasets DatasetDict; point the path at one of its split folders")
-        if names & {"dataset_info.json", "state.json"}:
-            # load_from_disk memory-maps the arrow files: the length costs no reading.
-            total = len(datasets.load_from_disk(path))
-            return [
-                (functools.partial(_saved_dataset_batches, path, start, start + SAVED_DATASET_ROWS_PER_READ), start)
-                for start in range(0, total, SAVED_DATASET_ROWS_PER_READ)
-            ]
-        entries = filesystem.get_file_info(pyarrow.fs.FileSelector(location, recursive=True))
-        files = sorted(entry.path for entry in entries if entry.path.endswith(".parquet"))
-        if not files:
-            raise StageError(f"{where}: no parquet files in this folder; formats are: {FORMATS}")
-        pieces, first_id = [], 0
-        for file in files:
-            pieces.append((functools.partial(_parquet_batches, filesystem, file), first_id))
-            with filesystem.open_input_file(file) as handle:  # the footer alone: no rows are read
-                first_id += pq.ParquetFile(handle).metadata.num_rows
-        return pieces
-    suffix = Path(location).suffix
-    if suffix in (".jsonl", ".json"):
-        return [(functools.partial(_json_batches, filesystem, location), 0)]
-    if suffix in (".tsv", ".csv"):
-        # GLUE-style TSV is unquoted: a sentence may begin with '"' and must not open a quote.
-        options = (
-            pyarrow.csv.ParseOptions(delimiter="\t", quote_char=False)
-            if suffix == ".tsv"
-            else pyarrow.csv.ParseOptions()
-        )
-        return [(functools.partial(_csv_batches, filesystem, location, options), 0)]
-    if suffix == ".parquet":
-        return [(functools.partial(_parquet_batches, filesystem, location), 0)]
-    raise StageError(f"{where}: unsupported format '{suffix}'; formats are: {FORMATS}")
-
-
-def _json_batches(filesystem: pyarrow.fs.FileSystem, path: str) -> Iterator[pa.RecordBatch]:
-    with filesystem.open_input_stream(path) as stream:
-        yield from pyarrow.json.open_json(stream)
-
-
-def _csv_batches(
-    filesystem: pyarrow.fs.FileSystem, path: str, options: pyarrow.csv.ParseOptions
-) -> Iterator[pa.RecordBatch]:
-    with filesystem.open_input_stream(path) as stream:
-        yield from pyarrow.csv.open_csv(stream, parse_options=options)
-
-
-def _parquet_batches(filesystem: pyarrow.fs.FileSystem, path: str) -> Iterator[pa.RecordBatch]:
-    with filesystem.open_input_file(path) as file:
-        yield from pq.ParquetFile(file).iter_batches()
-
-
-def _saved_dataset_batches(path: str, start: int, stop: int) -> Iterator[pa.RecordBatch]:
-
-    yield from datasets.load_from_disk(path).with_format("arrow")[start:stop].to_batches()
+        summary = check_split(split, source, task, on_bad_rows)
+        pieces = batch_readers(source.path)
+    except ConfigError as error:  # DataError included: "data.<split> (<path>): <cause>"
+        raise StageError(f"tokenize: {error}") from None
+    rules = RowRules.for_task(split_task(task, source))
+    # One block stream per piece: Ray Data would otherwise cut a small file into ~200 blocks
+    # of a few rows each, and per-block overhead would dominate the stage.
+    dataset = ray.data.read_datasource(_NumberedSource(pieces, rules), override_num_blocks=len(pieces))
+    if source.limit is not None:
+        dataset = dataset.limit(source.limit)
+    return dataset, summary.bad
 
 
 class _NumberedSource(Datasource):
-    """One read task per piece; each streams its piece and numbers the rows from the piece's
-    first id, so numbering needs no coordination between tasks."""
+    """One read task per piece; each streams its piece, numbers the rows from the piece's first
+    id (so numbering needs no coordination between tasks) and keeps the rows that pass
+    ``flexkd.data.sources.check_rows``, with the columns the task needs."""
 
-    def __init__(self, pieces: list[tuple[BatchReader, int]]):
+    def __init__(self, pieces: list[tuple[BatchReader, int]], rules: RowRules):
         self.pieces = pieces
+        self.rules = rules
 
     def get_name(self) -> str:
         return "NumberedRows"
@@ -239,20 +151,12 @@ class _NumberedSource(Datasource):
     ) -> list[ReadTask]:
         return [
             ReadTask(
-                functools.partial(_numbered_tables, read_batches, first_id),
+                functools.partial(read_checked, read_batches, first_id, self.rules),
                 BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None),
                 per_task_row_limit=per_task_row_limit,
             )
             for read_batches, first_id in self.pieces
         ]
-
-
-def _numbered_tables(read_batches: BatchReader, first_id: int) -> Iterator[pa.Table]:
-    next_id = first_id
-    for batch in read_batches():
-        ids = np.arange(next_id, next_id + batch.num_rows, dtype=np.int64)
-        next_id += batch.num_rows
-        yield pa.Table.from_batches([batch]).append_column("example_id", pa.array(ids))
 
 
 class _TokenizeRows:

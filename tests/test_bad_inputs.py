@@ -14,11 +14,16 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from flexkd.cli import main
 from flexkd.config.schema import ConfigError, apply_overrides, load_config, parse_config
+from flexkd.data.sources import DataError
 from flexkd.errors import StageError
+from flexkd.pipeline import runner
 from flexkd.pipeline.runner import run_pipeline
 from flexkd.tracking.runs import TrackingError
 
@@ -116,20 +121,25 @@ def test_an_unreachable_ray_address_is_refused_in_seconds(tmp_path):
         ([], "the split is empty"),
         (
             [{"sentence": "fine", "label": 1}, {"sentence": "odd", "label": 7}],
-            "example 1: task.label_column 'label': label 7 is not in the label set 0..1 / negative, positive",
+            "row 1, column 'label': label 7 is not in the label set 0..1 / negative, positive; 1 of 2 rows are bad; "
+            "fix them, or set data.on_bad_rows: skip",
         ),
     ],
     ids=["empty", "label-outside-the-label-set"],
 )
-def test_a_bad_train_split_fails_tokenize_and_marks_nothing_done(tmp_path, local_ray, rows, expected):
+def test_a_bad_train_split_is_refused_before_ray_starts(tmp_path, monkeypatch, rows, expected):
+    monkeypatch.setattr(runner, "ensure_ray", _no_ray)
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps(row) + "\n" for row in rows))
     config = debug_config(tmp_path, **{"data.train": {"path": str(train)}})
-    with pytest.raises(StageError) as caught:
+    with pytest.raises(DataError) as caught:
         run_pipeline(config)
-    assert one_line(caught.value) == f"tokenize: data.train ({train}): {expected}"
-    assert_nothing_done(tmp_path)
-    assert not (tmp_path / "debug" / "score").exists()
+    assert one_line(caught.value) == f"data.train ({train}): {expected}"
+    assert not (tmp_path / "debug").exists()
+
+
+def _no_ray() -> None:
+    raise AssertionError("Ray was started")
 
 
 @pytest.fixture
@@ -190,3 +200,426 @@ def test_a_full_disk_while_a_stage_writes_its_artifacts_is_one_line_and_marks_no
     message = one_line(caught.value)
     assert message.startswith("tokenize: ") and "No space left on device" in message, message
     assert_nothing_done(tiny_disk)
+
+
+# --------------------------------------------------------------------------- one line from the CLI
+# Each bad input of issue #17 through `flexkd validate` (no Ray): a non-zero exit, at most two
+# lines on stderr, no traceback, and a message naming the file, the row or the field.
+
+
+def pipeline_file(tmp_path: Path, **overrides) -> Path:
+    """A copy of pipelines/debug.yaml (paths made absolute) with ``overrides`` applied."""
+    raw = load_config(PIPELINES / "debug.yaml").model_dump(mode="json")
+    raw = apply_overrides(raw, {"artifact_root": str(tmp_path / "runs"), **overrides})
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def refused(capsys, *argv: str) -> str:
+    """Run the CLI; it must fail with one or two lines on stderr and no traceback."""
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    assert code != 0, err
+    assert "Traceback" not in err and 1 <= len(err.splitlines()) <= 2, err
+    return err.rstrip("\n")
+
+
+SENTENCES = [f"a film worth seeing (take {i})" for i in range(6)]
+NOT_UTF8 = "row 2, column 'sentence': not valid UTF-8 (byte 0xe9 at offset 3); 1 of 6 rows are bad"
+
+
+def _text_with_one_latin1_row(separator: str) -> bytes:
+    lines = [f"{text}{separator}{i % 2}\n".encode() for i, text in enumerate(SENTENCES)]
+    lines[2] = f"caf\xe9{separator}0\n".encode("latin-1")
+    return f"sentence{separator}label\n".encode() + b"".join(lines)
+
+
+def _binary_sentences() -> list[bytes]:
+    sentences = [text.encode() for text in SENTENCES]
+    sentences[2] = "caf\xe9".encode("latin-1")
+    return sentences
+
+
+def _write_jsonl(path: Path) -> Path:
+    lines = [json.dumps({"sentence": text, "label": i % 2}).encode() + b"\n" for i, text in enumerate(SENTENCES)]
+    lines[2] = b'{"sentence": "caf\xe9", "label": 0}\n'
+    path.with_suffix(".jsonl").write_bytes(b"".join(lines))
+    return path.with_suffix(".jsonl")
+
+
+def _write_tsv(path: Path) -> Path:
+    path.with_suffix(".tsv").write_bytes(_text_with_one_latin1_row("\t"))
+    return path.with_suffix(".tsv")
+
+
+def _write_csv(path: Path) -> Path:
+    path.with_suffix(".csv").write_bytes(_text_with_one_latin1_row(","))
+    return path.with_suffix(".csv")
+
+
+def _write_parquet_binary(path: Path) -> Path:
+    table = pa.table({"sentence": pa.array(_binary_sentences(), pa.binary()), "label": [i % 2 for i in range(6)]})
+    pq.write_table(table, path.with_suffix(".parquet"))
+    return path.with_suffix(".parquet")
+
+
+def _write_parquet_string(path: Path) -> Path:
+    """A string column holding bytes that are not UTF-8: pyarrow writes and reads it unchecked."""
+    sentences = pa.array(_binary_sentences(), pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"sentence": sentences, "label": [i % 2 for i in range(6)]}), path.with_suffix(".parquet"))
+    return path.with_suffix(".parquet")
+
+
+def _write_parquet_folder(path: Path) -> Path:
+    """Two files: the bad row is the first of the second file, and keeps its place in the split."""
+    path.mkdir()
+    sentences, labels = _binary_sentences(), [i % 2 for i in range(6)]
+    for part, (start, stop) in enumerate([(0, 2), (2, 6)]):
+        table = pa.table({"sentence": pa.array(sentences[start:stop], pa.binary()), "label": labels[start:stop]})
+        pq.write_table(table, path / f"part-{part}.parquet")
+    return path
+
+
+def _write_saved_dataset(path: Path) -> Path:
+    import datasets
+
+    datasets.Dataset.from_dict({"sentence": _binary_sentences(), "label": [i % 2 for i in range(6)]}).save_to_disk(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        _write_jsonl,
+        _write_tsv,
+        _write_csv,
+        _write_parquet_binary,
+        _write_parquet_string,
+        _write_parquet_folder,
+        _write_saved_dataset,
+    ],
+    ids=["jsonl", "tsv", "csv", "parquet-binary", "parquet-string", "parquet-folder", "saved-dataset"],
+)
+def test_text_that_is_not_utf8_is_one_line_naming_file_row_and_column_in_every_format(tmp_path, capsys, write):
+    data = write(tmp_path / "train")
+    pipeline = pipeline_file(tmp_path, **{"data.train": {"path": str(data)}})
+    capsys.readouterr()  # what writing the file printed (save_to_disk's progress bar)
+    assert refused(capsys, "validate", str(pipeline)) == (
+        f"flexkd: data error: data.train ({data}): {NOT_UTF8}; fix them, or set data.on_bad_rows: skip"
+    )
+
+
+@pytest.mark.parametrize(
+    "sentence, label, reason",
+    [
+        ("", 1, "column 'sentence': empty text"),
+        (" \t ", 1, "column 'sentence': empty text"),
+        (None, 1, "column 'sentence': empty (null)"),
+        ("a\u0000b", 1, "column 'sentence': holds a NUL byte (at offset 1)"),
+        ("fine", 2, "column 'label': label 2 is not in the label set 0..1 / negative, positive"),
+        ("fine", None, "column 'label': empty (null)"),
+    ],
+    ids=["empty", "blank", "null", "nul-byte", "label-outside", "label-null"],
+)
+def test_a_bad_row_is_one_line_naming_file_row_column_and_count(tmp_path, capsys, sentence, label, reason):
+    rows = [{"sentence": text, "label": i % 2} for i, text in enumerate(SENTENCES)]
+    rows[3] = {"sentence": sentence, "label": label}
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    pipeline = pipeline_file(tmp_path, **{"data.eval": {"path": str(data)}})
+    assert refused(capsys, "validate", str(pipeline)) == (
+        f"flexkd: data error: data.eval ({data}): row 3, {reason}; 1 of 6 rows are bad; "
+        "fix them, or set data.on_bad_rows: skip"
+    )
+
+
+def test_on_bad_rows_skip_logs_the_count_and_validates(tmp_path, capsys, caplog):
+    data = _write_tsv(tmp_path / "train")
+    pipeline = pipeline_file(tmp_path, **{"data.train": {"path": str(data)}, "data.on_bad_rows": "skip"})
+    assert main(["validate", str(pipeline)]) == 0
+    assert capsys.readouterr().out.startswith(f"{pipeline}: valid.")
+    assert f"data.train ({data}): skipping 1 bad rows of 6 (data.on_bad_rows: skip); the first: row 2" in caplog.text
+
+
+def test_a_split_with_only_bad_rows_is_refused_even_when_skipping(tmp_path, capsys):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"sentence": "", "label": 1}\n{"sentence": "fine", "label": 5}\n')
+    pipeline = pipeline_file(tmp_path, **{"data.train": {"path": str(data)}, "data.on_bad_rows": "skip"})
+    assert refused(capsys, "validate", str(pipeline)) == (
+        f"flexkd: data error: data.train ({data}): row 0, column 'sentence': empty text; "
+        "all 2 rows are bad, none is left to use"
+    )
+
+
+def test_bad_rows_after_the_limit_do_not_count(tmp_path, capsys):
+    rows = [{"sentence": text, "label": i % 2} for i, text in enumerate(SENTENCES)]
+    rows[4]["label"] = 9
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main(["validate", str(pipeline_file(tmp_path, **{"data.train": {"path": str(data), "limit": 4}}))]) == 0
+    assert refused(
+        capsys, "validate", str(pipeline_file(tmp_path, **{"data.train": {"path": str(data), "limit": 5}}))
+    ).endswith(  # row 5 is the fifth good row: six rows read
+        "row 4, column 'label': label 9 is not in the label set 0..1 / negative, positive; 1 of 6 rows are bad; "
+        "fix them, or set data.on_bad_rows: skip"
+    )
+
+
+def _columns_text_label(tmp_path: Path) -> Path:
+    data = tmp_path / "eval.jsonl"
+    data.write_text('{"text": "fine", "label": 1}\n')
+    return data
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (
+            lambda tmp: {"data.train": {"path": str(tmp / "nope.jsonl")}},
+            lambda tmp: f"flexkd: data error: data.train ({tmp / 'nope.jsonl'}): file not found",
+        ),
+        (
+            lambda tmp: {"data.eval": {"path": str(_columns_text_label(tmp))}},
+            lambda tmp: (
+                f"flexkd: data error: data.eval ({tmp / 'eval.jsonl'}): missing column 'sentence' "
+                "(named by the prompt template); columns are: text, label"
+            ),
+        ),
+        (
+            lambda tmp: {"task.prompt_template": "Review: {sentense}\nSentiment:"},
+            lambda tmp: (
+                f"flexkd: data error: data.train ({REPO_ROOT / 'flexkd/assets/samples/sst2_train.jsonl'}): "
+                "missing column 'sentense' (named by the prompt template); columns are: sentence, label"
+            ),
+        ),
+        (
+            lambda tmp: {"task.label_column": "stars"},
+            lambda tmp: (
+                f"flexkd: data error: data.train ({REPO_ROOT / 'flexkd/assets/samples/sst2_train.jsonl'}): "
+                "missing column 'stars' (named by task.label_column); columns are: sentence, label"
+            ),
+        ),
+        (
+            lambda tmp: {"task.label_names": ["negative", " "]},
+            lambda tmp: (
+                f"flexkd: config error: {tmp / 'pipeline.yaml'}: task: task.label_names[1] is empty; "
+                "each label needs a name (its verbalizer)"
+            ),
+        ),
+        (
+            lambda tmp: {"task.label_names": ["negative", "negative"]},
+            lambda tmp: (
+                f"flexkd: config error: {tmp / 'pipeline.yaml'}: task: task.label_names[1] 'negative' is listed twice"
+            ),
+        ),
+        (
+            lambda tmp: {"task.label_names": ["positive", "positively"]},
+            lambda tmp: (
+                "flexkd: config error: task.label_names: 'positive' and 'positively' share their first "
+                "token 'Ġp'; use names that start differently"
+            ),
+        ),
+        (
+            lambda tmp: {"teacher.tokenizer": str(tmp / "no-tokenizer")},
+            lambda tmp: (
+                "flexkd: config error: teacher.tokenizer: cannot load a tokenizer: model folder not found: "
+                f"{tmp / 'no-tokenizer'}"
+            ),
+        ),
+        (
+            lambda tmp: {"student.architecture.hiden_size": 32},
+            lambda tmp: (
+                "flexkd: config error: student.architecture.hiden_size: not a LlamaConfig field; "
+                "did you mean 'hidden_size'?"
+            ),
+        ),
+        (
+            lambda tmp: {"teacher.architecture.num_layers": 2},
+            lambda tmp: (
+                "flexkd: config error: teacher.architecture.num_layers: not a LlamaConfig field; "
+                "did you mean 'num_hidden_layers'?"
+            ),
+        ),
+        (
+            lambda tmp: {"student.architecture.vocab_size": 512},
+            lambda tmp: (
+                "flexkd: config error: student.architecture.vocab_size: flexkd sets it "
+                "(from the tokenizer and the task); remove it"
+            ),
+        ),
+        (
+            lambda tmp: {"student.architecture.hidden_size": 30},
+            lambda tmp: (
+                "flexkd: config error: student.architecture: hidden_size = 30 is not a multiple of "
+                "num_attention_heads = 4"
+            ),
+        ),
+        (
+            lambda tmp: {"teacher.architecture.hidden_size": 66},
+            lambda tmp: (
+                "flexkd: config error: teacher.architecture: hidden_size = 66 is not a multiple of "
+                "num_attention_heads = 4"
+            ),
+        ),
+        (
+            lambda tmp: {"student.architecture.num_key_value_heads": 3},
+            lambda tmp: (
+                "flexkd: config error: student.architecture: num_attention_heads = 4 is not a multiple of "
+                "num_key_value_heads = 3"
+            ),
+        ),
+        (
+            lambda tmp: {"student": {"init": "pretrained", "path": str(tmp / "no-student")}},
+            lambda tmp: f"flexkd: config error: student.path: {tmp / 'no-student'} does not exist",
+        ),
+        (
+            lambda tmp: {"student": {"init": "pretrained", "path": str(tmp), "architecture": {"hidden_size": 32}}},
+            lambda tmp: (
+                f"flexkd: config error: {tmp / 'pipeline.yaml'}: student: student.architecture: a pretrained "
+                "student has the shape of its own config (student.path); remove it"
+            ),
+        ),
+        (
+            lambda tmp: {"artifact_root": str(tmp / "pipeline.yaml" / "runs")},
+            lambda tmp: (
+                f"flexkd: config error: artifact_root {tmp / 'pipeline.yaml' / 'runs'}: "
+                f"{tmp / 'pipeline.yaml'} is a file, not a folder"
+            ),
+        ),
+    ],
+    ids=[
+        "missing-data-file",
+        "missing-column",
+        "template-names-an-unknown-column",
+        "missing-label-column",
+        "empty-label-name",
+        "label-name-twice",
+        "colliding-verbalizers",
+        "missing-tokenizer",
+        "student-architecture-typo",
+        "teacher-architecture-typo",
+        "architecture-field-flexkd-sets",
+        "student-heads-do-not-divide-the-width",
+        "teacher-heads-do-not-divide-the-width",
+        "heads-not-whole-key-value-groups",
+        "missing-student-path",
+        "architecture-of-a-pretrained-student",
+        "artifact-root-under-a-file",
+    ],
+)
+def test_validate_refuses_in_one_line_what_would_fail_after_ray_started(tmp_path, capsys, overrides, expected):
+    pipeline = pipeline_file(tmp_path, **overrides(tmp_path))
+    assert refused(capsys, "validate", str(pipeline)) == expected(tmp_path)
+
+
+def test_run_refuses_bad_data_before_ray_starts(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(runner, "ensure_ray", _no_ray)
+    data = _write_tsv(tmp_path / "train")
+    pipeline = pipeline_file(tmp_path, **{"data.train": {"path": str(data)}})
+    assert refused(capsys, "run", str(pipeline)) == (
+        f"flexkd: data error: data.train ({data}): {NOT_UTF8}; fix them, or set data.on_bad_rows: skip"
+    )
+    assert not (tmp_path / "runs").exists()
+
+
+DEBUG_TEXT = (PIPELINES / "debug.yaml").read_text()
+SCORING_LINE = DEBUG_TEXT.splitlines().index("scoring: {score: grad, batch_size: 16}") + 1
+LOSS_LINE = next(number for number, line in enumerate(DEBUG_TEXT.splitlines(), 1) if line.startswith("loss:"))
+
+
+@pytest.mark.parametrize(
+    "content, settings, expected",
+    [
+        (
+            DEBUG_TEXT.encode(),
+            ["name.first=x"],
+            "flexkd: config error: --set name.first: name is 'debug', not a section with fields",
+        ),
+        (b"", ["name=x"], "flexkd: config error: {path}: the pipeline file is empty"),
+        (
+            b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR",
+            [],
+            "flexkd: config error: {path}: line 1: not UTF-8 text (byte 0x89); a pipeline file is UTF-8 YAML",
+        ),
+        (
+            DEBUG_TEXT.replace("name: debug", "name: d\xe9bug").encode("latin-1"),
+            [],
+            "flexkd: config error: {path}: line 2: not UTF-8 text (byte 0xe9); a pipeline file is UTF-8 YAML",
+        ),
+        (
+            DEBUG_TEXT.replace("scoring: {score: grad", "scoring: {score: [grad").encode(),
+            [],
+            "flexkd: config error: {path}: not valid YAML: "
+            f"line {SCORING_LINE}, column 39: " + "expected ',' or ']', but got '}}'",
+        ),
+        (
+            (DEBUG_TEXT + "loss: {gamma: 0.5}\n").encode(),
+            [],
+            "flexkd: config error: {path}: not valid YAML: "
+            f"line {len(DEBUG_TEXT.splitlines()) + 1}, column 1: key 'loss' is given twice (first on line {LOSS_LINE})",
+        ),
+        (
+            DEBUG_TEXT.encode(),
+            ["loss.gama=1", "training.steps=many"],
+            "flexkd: config error: {path}: loss.gama: unknown key\n"
+            "flexkd: config error: {path}: training.steps: Input should be a valid integer, "
+            "unable to parse string as an integer",
+        ),
+        (
+            DEBUG_TEXT.encode(),
+            ["loss={gamma: 1, gamma: 2}"],
+            "flexkd: config error: --set loss: not a YAML value (line 1, column 12: key 'gamma' is given twice "
+            "(first on line 1))",
+        ),
+    ],
+    ids=[
+        "set-through-a-scalar",
+        "set-on-an-empty-file",
+        "binary-file",
+        "latin1-file",
+        "yaml-syntax-error",
+        "duplicate-key",
+        "two-errors",
+        "duplicate-key-in-set",
+    ],
+)
+def test_a_bad_pipeline_file_or_set_is_one_line_per_problem(tmp_path, capsys, content, settings, expected):
+    path = tmp_path / "pipeline.yaml"
+    path.write_bytes(content)
+    argv = ["validate", str(path), *(part for setting in settings for part in ("--set", setting))]
+    assert refused(capsys, *argv) == expected.format(path=path)
+
+
+@pytest.mark.parametrize(
+    "address, reason",
+    [
+        ("http://127.0.0.1:99999", "Port out of range 0-65535"),
+        ("127.0.0.1:82x5", "Port could not be cast to integer value as '82x5'"),
+        ("http://:8265", "no host"),
+    ],
+)
+def test_a_bad_cluster_address_is_one_line(capsys, address, reason):
+    assert refused(capsys, "status", "flexkd-debug-0", "--address", address) == (
+        f"flexkd: config error: --address {address}: {reason}; expected http://HOST:PORT"
+    )
+
+
+def test_verbose_adds_the_traceback_to_a_user_error(capsys):
+    assert main(["--verbose", "validate", str(PIPELINES / "debug.yaml"), "--set", "loss.gama=1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.splitlines()[-1].endswith("loss.gama: unknown key")
+
+
+def test_a_bug_says_it_is_one_above_its_traceback(capsys, monkeypatch):
+    def broken(config):
+        raise KeyError("hidden_size")
+
+    monkeypatch.setattr("flexkd.pipeline.preflight.preflight", broken)
+    assert main(["validate", str(PIPELINES / "debug.yaml")]) == 3
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == (
+        "flexkd: internal error: this is a bug in flexkd, please report it with the traceback below "
+        "(KeyError: 'hidden_size')"
+    )
+    assert "Traceback" in err

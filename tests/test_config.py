@@ -10,7 +10,8 @@ import yaml
 from flexkd.cli import main
 from flexkd.config.schema import ConfigError, load_config, parse_config
 from flexkd.models.loading import TINY_TOKENIZER_DIR, build_random_model, load_tokenizer
-from flexkd.models.plan import plan_models, preflight
+from flexkd.models.plan import plan_models
+from flexkd.pipeline.preflight import preflight
 
 PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 

@@ -1,8 +1,9 @@
-"""flexkd.data: verbalizers, prompt rendering, truncation, label errors, collation."""
+"""flexkd.data: verbalizers, prompt rendering, truncation, label errors, collation, reading sources as text."""
 
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -10,6 +11,7 @@ from flexkd.config.schema import TaskConfig
 from flexkd.data.rows import (
     IGNORE_INDEX,
     _truncate_generation,
+    class_index,
     collate_batch,
     continuation_ids,
     render_prompt,
@@ -18,6 +20,7 @@ from flexkd.data.rows import (
     tokenize_rows,
     verbalizer_token_ids,
 )
+from flexkd.data.sources import RowRules, batch_readers, read_checked, scan_source
 
 SST2_TASK = TaskConfig(
     kind="classification",
@@ -190,3 +193,27 @@ def test_collate_accepts_equal_length_rows_as_a_2d_array():
     batch = collate_batch(rows, pad_token_id=9)
     assert batch["input_ids"].shape == (2, 2) and batch["attention_mask"].all()
     assert batch["class_label"].tolist() == [0, 1]
+
+
+def test_a_label_may_be_its_index_as_a_decimal_string():
+    """TSV and CSV labels are read as strings: "1" is index 1 unless it is itself a label name."""
+    assert class_index("1", ["negative", "positive"], "label") == 1
+    assert class_index("1", ["1", "0"], "label") == 0
+    with pytest.raises(ValueError, match="label '2' is not in the label set"):
+        class_index("2", ["negative", "positive"], "label")
+
+
+def test_tsv_columns_are_read_as_text_never_as_numbers_or_bytes(tmp_path):
+    (tmp_path / "x.tsv").write_bytes(b"sentence\tlabel\n007\t1\n1.50\t0\ncaf\xc3\xa9\t1\n")
+    rules = RowRules.for_task(SST2_TASK)
+    ((read, first_id),) = batch_readers(str(tmp_path / "x.tsv"))
+    rows = pa.concat_tables(read_checked(read, first_id, rules)).to_pydict()
+    assert rows == {"sentence": ["007", "1.50", "café"], "label": ["1", "0", "1"], "example_id": [0, 1, 2]}
+
+
+def test_a_generation_row_needs_a_response(tmp_path):
+    (tmp_path / "x.jsonl").write_text(
+        '{"dialogue": "A: hi", "summary": "A greets."}\n{"dialogue": "B: yo", "summary": ""}\n'
+    )
+    summary = scan_source(str(tmp_path / "x.jsonl"), RowRules.for_task(SAMSUM_TASK))
+    assert (summary.good, summary.bad, str(summary.first_bad)) == (1, 1, "row 1, column 'summary': empty text")

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM
 
 from flexkd.config.schema import ConfigError, apply_overrides, load_config, parse_config
-from flexkd.errors import StageError
+from flexkd.data.sources import DataError
 from flexkd.pipeline.runner import run_pipeline
 from flexkd.tracking.model_registry import download_registered_student
 
@@ -149,13 +149,15 @@ def test_a_killed_run_resumes_from_finished_stages_and_the_last_checkpoint(tmp_p
     assert distill["steps"] == 240
 
 
-def test_missing_column_fails_in_tokenize_with_one_line(tmp_path, local_ray):
+def test_missing_column_is_refused_in_one_line_before_ray_starts(tmp_path):
     config = debug_config(tmp_path, **{"task.prompt_template": "Review: {text}\nSentiment:"})
-    with pytest.raises(StageError) as caught:
+    with pytest.raises(DataError) as caught:
         run_pipeline(config)
-    message = str(caught.value)
-    assert message.startswith("tokenize:") and "'text'" in message and "\n" not in message
-    assert not (tmp_path / "debug" / "score").exists()  # nothing after tokenize started
+    assert str(caught.value) == (
+        f"data.train ({config.data.train.path}): missing column 'text' (named by the prompt template); "
+        "columns are: sentence, label"
+    )
+    assert not (tmp_path / "debug").exists()  # no stage started
 
 
 def test_bad_k_is_refused_before_ray_starts_any_stage(tmp_path):

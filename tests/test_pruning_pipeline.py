@@ -100,7 +100,10 @@ PRUNE = ("student.init=prune_from_teacher",)
             "keeps (LlamaConfig requires it)",
         ),
         (
-            (*PRUNE, "teacher.architecture.model_type=gpt2"),
+            (
+                *PRUNE,
+                "teacher.architecture={model_type: gpt2, hidden_size: 64, num_hidden_layers: 4, num_attention_heads: 4}",
+            ),
             "student.init 'prune_from_teacher': pruning supports llama-family models (llama, mistral, qwen2, qwen3); "
             "got 'gpt2'",
         ),

@@ -170,7 +170,8 @@ def test_a_missing_column_names_the_split_and_the_columns(tmp_path):
     config = make_config(SST2_TASK, SAMPLES / "sst2_train.jsonl", tmp_path / "eval.parquet")
     message = _one_line_error(config, tmp_path / "out")
     assert message == (
-        f"tokenize: data.eval ({tmp_path / 'eval.parquet'}): missing column 'sentence'; columns are: text, label"
+        f"tokenize: data.eval ({tmp_path / 'eval.parquet'}): missing column 'sentence' (named by the prompt template); "
+        "columns are: text, label"
     )
     assert not (tmp_path / "out" / "train").exists()  # checked before any split was tokenized
 
@@ -193,12 +194,38 @@ def test_a_missing_file_is_refused(tmp_path):
     assert message == f"tokenize: data.eval ({tmp_path / 'nope.jsonl'}): file not found"
 
 
-def test_a_label_outside_the_label_set_raised_in_a_worker_is_one_line(tmp_path):
+def test_a_label_outside_the_label_set_is_one_line_naming_the_row_and_the_count(tmp_path):
     (tmp_path / "bad.jsonl").write_text(
-        "".join(json.dumps({"sentence": f"s{i}", "label": 7 if i == 40 else 1}) + "\n" for i in range(60))
+        "".join(json.dumps({"sentence": f"s{i}", "label": 7 if i in (40, 50) else 1}) + "\n" for i in range(60))
     )
     message = _one_line_error(make_config(SST2_TASK, tmp_path / "bad.jsonl", SAMPLES / "sst2_test.jsonl"), tmp_path)
     assert message == (
-        f"tokenize: data.train ({tmp_path / 'bad.jsonl'}): example 40: task.label_column 'label': "
-        "label 7 is not in the label set 0..1 / negative, positive"
+        f"tokenize: data.train ({tmp_path / 'bad.jsonl'}): row 40, column 'label': "
+        "label 7 is not in the label set 0..1 / negative, positive; 2 of 60 rows are bad; "
+        "fix them, or set data.on_bad_rows: skip"
     )
+    assert not (tmp_path / "train").exists()  # refused before any split was tokenized
+
+
+def test_a_tsv_byte_that_is_not_utf8_is_refused_or_its_row_skipped_never_read_as_binary(tmp_path, tokenizer):
+    """The user's report: one bad byte made pyarrow read the whole column as binary, and every
+    prompt became "Review: b'...'". Now the row is named; with on_bad_rows: skip the Ray Data
+    read tasks leave it out and every other row is tokenized from its text."""
+    sentences = [f"sentence number {i}" for i in range(30)]
+    lines = [f"{text}\t{i % 2}\n".encode() for i, text in enumerate(sentences)]
+    lines[7] = b"caf\xe9 au lait\t1\n"  # Latin-1, not UTF-8
+    (tmp_path / "train.tsv").write_bytes(b"sentence\tlabel\n" + b"".join(lines))
+    config = make_config(SST2_TASK, tmp_path / "train.tsv", SAMPLES / "sst2_test.jsonl")
+    assert _one_line_error(config, tmp_path / "refused") == (
+        f"tokenize: data.train ({tmp_path / 'train.tsv'}): row 7, column 'sentence': not valid UTF-8 "
+        "(byte 0xe9 at offset 3); 1 of 30 rows are bad; fix them, or set data.on_bad_rows: skip"
+    )
+
+    skipping = make_config(SST2_TASK, tmp_path / "train.tsv", SAMPLES / "sst2_test.jsonl", on_bad_rows="skip")
+    outputs = tokenize_stage.run(skipping, {}, tmp_path / "out")
+    assert outputs["rows"]["train"] == 29 and outputs["bad_rows_skipped"] == {"train": 1, "eval": 0, "score": 1}
+    train = read_split(tmp_path / "out" / "train")
+    assert train["example_id"] == [i for i in range(30) if i != 7]  # the others keep their ids
+    kept = [text for i, text in enumerate(sentences) if i != 7]
+    assert [tokenizer.decode(ids) for ids in train["input_ids"]] == [f"Review: {t}\nSentiment:" for t in kept]
+    assert train["class_label"] == [i % 2 for i in range(30) if i != 7]  # TSV labels are the strings "0", "1"

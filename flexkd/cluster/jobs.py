@@ -36,7 +36,7 @@ from ray.exceptions import AuthenticationError
 from ray.job_submission import JobSubmissionClient
 
 from flexkd.cluster.storage import refuse_uri
-from flexkd.config.schema import ConfigError, PipelineConfig
+from flexkd.config.schema import ConfigError, PipelineConfig, parse_yaml, yaml_problem
 from flexkd.errors import StageError
 
 # Never uploaded: environments, outputs, caches and weights (models belong on shared storage).
@@ -69,13 +69,25 @@ def submission_id(config: PipelineConfig) -> str:
     return f"flexkd-{config.name}-{config.fingerprint()}"
 
 
+def parse_address(address: str) -> tuple[str, str, int]:
+    """``--address`` as (URL, host, port; the dashboard's 8265 by default), or ConfigError."""
+    url = address if "://" in address else f"http://{address}"
+    try:
+        parts = urlparse(url)
+        port = parts.port or 8265
+    except ValueError as error:  # a port out of range or not a number, a broken [IPv6] host
+        raise ConfigError(f"--address {address}: {error}; expected http://HOST:PORT") from None
+    if not parts.hostname:
+        raise ConfigError(f"--address {address}: no host; expected http://HOST:PORT")
+    return url, parts.hostname, port
+
+
 def connect(address: str):
     """A JobSubmissionClient for the dashboard at ``address``, or JobError within seconds."""
 
-    address = address if "://" in address else f"http://{address}"
-    url = urlparse(address)
+    address, host, port = parse_address(address)
     try:  # Ray's own check has no timeout: an unroutable host would hang for minutes
-        socket.create_connection((url.hostname, url.port or 8265), timeout=CONNECT_TIMEOUT_S).close()
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as error:
         raise JobError(f"cannot reach a Ray cluster at {address}: {error}") from None
     # Ray lets $RAY_ADDRESS override an explicit address; the address given here must win.
@@ -249,8 +261,11 @@ def load_runtime_env(path: str | None) -> dict[str, Any] | None:
     if path is None:
         return None
     try:
-        loaded = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as error:
+        text = Path(path).read_text(encoding="utf-8")
+        loaded = parse_yaml(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--runtime-env {path}: not valid YAML: {yaml_problem(error, text)}") from None
+    except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"--runtime-env {path}: {str(error).splitlines()[0]}") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"--runtime-env {path}: expected a mapping of runtime_env fields")

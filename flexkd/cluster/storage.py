@@ -12,6 +12,7 @@ and a Ray task pinned to each alive node reads it back; one node that cannot is 
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from flexkd.config.schema import ConfigError
 from flexkd.errors import StageError
 
 log = logging.getLogger("flexkd")
@@ -108,3 +110,15 @@ def _read_probe(path: str) -> str | None:
             if time.monotonic() > deadline:
                 return None
             time.sleep(0.5)
+
+
+def check_local_folder(artifact_root: str) -> None:
+    """Refuse, before anything runs, an artifact_root that cannot become a writable folder here:
+    a URI, a path under a file, or under a folder this user cannot write to."""
+    refuse_uri(artifact_root)
+    root = Path(artifact_root)
+    existing = next(path for path in [root, *root.parents] if path.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"artifact_root {artifact_root}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"artifact_root {artifact_root}: {existing} is not writable by this user")

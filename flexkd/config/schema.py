@@ -92,6 +92,10 @@ class StudentConfig(_Section):
     def _init_needs(self) -> StudentConfig:
         if self.init == "pretrained" and not self.path:
             raise ValueError("init 'pretrained' needs student.path")
+        if self.init == "pretrained" and self.architecture:
+            raise ValueError(
+                "student.architecture: a pretrained student has the shape of its own config (student.path); remove it"
+            )
         if self.init != "prune_from_teacher" and self.layer_selection != "uniform":
             raise ValueError(
                 f"student.layer_selection '{self.layer_selection}' applies only to init 'prune_from_teacher'"
@@ -122,6 +126,11 @@ class DataConfig(_Section):
     score: DataSplit | None = Field(None, description="scoring data; default: the train split")
     max_length: int = Field(128, gt=1)
     shard_rows: int = Field(1024, gt=0, description="rows per parquet shard")
+    on_bad_rows: Literal["error", "skip"] = Field(
+        "error",
+        description="a row with text that is blank, not UTF-8 or holds a NUL byte, or a label outside "
+        "task.label_names: error stops the run naming the first; skip logs how many and leaves them out",
+    )
 
 
 class TaskConfig(_Section):
@@ -140,6 +149,11 @@ class TaskConfig(_Section):
     def _kind_needs(self) -> TaskConfig:
         if self.kind == "classification" and (not self.label_names or len(self.label_names) < 2):
             raise ValueError("classification needs task.label_names with at least two entries")
+        for index, name in enumerate(self.label_names or []):
+            if not name.strip():
+                raise ValueError(f"task.label_names[{index}] is empty; each label needs a name (its verbalizer)")
+            if name in self.label_names[:index]:
+                raise ValueError(f"task.label_names[{index}] {name!r} is listed twice")
         return self
 
 
@@ -544,10 +558,51 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     for dotted, value in overrides.items():
         section = raw
         *parents, leaf = dotted.split(".")
-        for key in parents:
+        for depth, key in enumerate(parents):
             section = section.setdefault(key, {})
+            if not isinstance(section, dict):
+                raise ConfigError(
+                    f"--set {dotted}: {'.'.join(parents[: depth + 1])} is {section!r}, not a section with fields"
+                )
         section[leaf] = value
     return raw
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last
+    one silently, so the first ``loss:`` section of a file would simply vanish)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # a merge ("<<: *defaults") may be overridden by design
+            key = self.construct_object(key_node)
+            if key in first_lines:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} is given twice (first on line {first_lines[key]})",
+                    key_node.start_mark,
+                )
+            first_lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML as plain data: no Python tags (a safe loader), no key given twice."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no Python tags
+
+
+def yaml_problem(error: yaml.YAMLError, text: str) -> str:
+    """One line: where in ``text`` the error is (line and column, from 1) and what it is."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    if isinstance(error, yaml.reader.ReaderError):  # a forbidden character: only an offset
+        line = text.count("\n", 0, error.position) + 1
+        column = error.position - (text.rfind("\n", 0, error.position) + 1) + 1
+        return f"line {line}, column {column}: character #x{error.character:04x} is not allowed in YAML"
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
@@ -556,9 +611,24 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Pi
     if not path.is_file():
         raise ConfigError(f"{path}: pipeline file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        data = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the pipeline file: {error.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ConfigError(
+            f"{path}: line {line}: not UTF-8 text (byte 0x{data[error.start]:02x}); a pipeline file is UTF-8 YAML"
+        ) from None
+    try:
+        raw = parse_yaml(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {str(error).splitlines()[0]}") from None
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(error, text)}") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the pipeline file is empty")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: <top level>: expected a mapping, got {type(raw).__name__}")
     if overrides:
         raw = apply_overrides(raw, overrides)
     return parse_config(raw, source=str(path), base=path.parent)

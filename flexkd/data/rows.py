@@ -128,10 +128,13 @@ def verbalizer_token_ids(tokenizer, label_names: list[str]) -> list[int]:
 
 
 def class_index(value: Any, label_names: list[str], label_column: str) -> int:
-    """A row's label as an index into label_names: an int in range, or one of the names."""
+    """A row's label as an index into label_names: one of the names, or an index in range as a
+    number or a decimal string (CSV and TSV labels are strings)."""
     value = value.item() if isinstance(value, np.generic) else value
     if isinstance(value, str) and value in label_names:
         return label_names.index(value)
+    if isinstance(value, str) and value.isascii() and value.isdigit() and int(value) < len(label_names):
+        return int(value)
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(label_names):
         return value
     if isinstance(value, float) and value.is_integer() and 0 <= value < len(label_names):

@@ -10,23 +10,26 @@ from there (``score_dir`` below), so the teacher is pruned once, not once per wo
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
 import socket
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from mlflow.exceptions import MlflowException
-from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig, PreTrainedModel
 
 from flexkd.config.schema import ConfigError, PipelineConfig
 from flexkd.method.layers import resolve_layer_map
 from flexkd.method.selection import resolve_k
 from flexkd.models.loading import build_random_model, fetch_demo_teacher, load_model, load_tokenizer
-from flexkd.models.preflight import TokenizerMismatchError, check_same_tokenizer
 from flexkd.prune.scores import check_supported_architecture
 from flexkd.prune.student import PruneTargets, kept_layer_indices, pruned_model_config, pruned_student_layer_map
 from flexkd.tracking.model_registry import download_registered_student
@@ -94,15 +97,59 @@ def load_pipeline_tokenizer(config: PipelineConfig):
     )
 
 
+# Config fields flexkd sets itself when it builds a random model (from the tokenizer, the task).
+_SET_BY_FLEXKD = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id", "num_labels")
+
+
+def architecture_config(fields: dict[str, Any], where: str, written: Collection[str]) -> PretrainedConfig:
+    """``AutoConfig.for_model`` of ``fields`` (``model_type`` default llama), refusing in one line
+    naming ``where`` (``student.architecture``) what transformers would accept silently or with a
+    traceback: a key of ``written`` (the keys the pipeline file gave) that the model's config class
+    does not have (transformers keeps it as a stray attribute), a width the heads do not divide,
+    query heads that are no whole number of key/value groups, a value of the wrong type."""
+    fields = dict(fields)
+    model_type = fields.pop("model_type", "llama")
+    if model_type not in CONFIG_MAPPING:
+        raise ConfigError(f"{where}.model_type = {model_type!r} is not a transformers model type")
+    config_class = CONFIG_MAPPING[model_type]
+    known = set(config_class().to_dict()) | set(config_class.attribute_map)  # gpt2: hidden_size is n_embd
+    for key in written:
+        if key in _SET_BY_FLEXKD:
+            raise ConfigError(f"{where}.{key}: flexkd sets it (from the tokenizer and the task); remove it")
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{where}.{key}: not a {config_class.__name__} field{hint}")
+    hidden, heads, groups = (fields.get(key) for key in ("hidden_size", "num_attention_heads", "num_key_value_heads"))
+    if all(isinstance(value, int) and value > 0 for value in (hidden, heads)):
+        if "head_dim" not in written and {"hidden_size", "num_attention_heads"} & set(written) and hidden % heads:
+            raise ConfigError(f"{where}: hidden_size = {hidden} is not a multiple of num_attention_heads = {heads}")
+        if isinstance(groups, int) and groups > 0 and heads % groups:
+            raise ConfigError(
+                f"{where}: num_attention_heads = {heads} is not a multiple of num_key_value_heads = {groups}"
+            )
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except (StrictDataclassError, ValueError, TypeError) as error:  # transformers' own validators
+        raise ConfigError(f"{where}: {str(error.__cause__ or error).splitlines()[0]}") from None
+
+
+def _pretrained_config(field: str, path: str, **options: Any) -> PretrainedConfig:
+    if not Path(path).exists():
+        raise ConfigError(f"{field}: {path} does not exist")
+    try:
+        return AutoConfig.from_pretrained(path, **options)
+    except (OSError, ValueError) as error:  # no config.json, an unknown model_type
+        raise ConfigError(f"{field}: {path}: {one_line(error)}") from None
+
+
 def teacher_model_config(config: PipelineConfig) -> PretrainedConfig:
     teacher = config.teacher
     if teacher.source == "random":
-        fields = dict(teacher.architecture or {})
-        return AutoConfig.for_model(fields.pop("model_type", "llama"), **fields)
+        architecture = teacher.architecture or {}
+        return architecture_config(architecture, "teacher.architecture", architecture.keys())
     path, gguf_file = teacher_location(config)
-    if not Path(path).exists():
-        raise ConfigError(f"teacher.path: {path} does not exist")
-    return AutoConfig.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=teacher.trust_remote_code)
+    return _pretrained_config("teacher.path", path, gguf_file=gguf_file, trust_remote_code=teacher.trust_remote_code)
 
 
 def prune_targets(config: PipelineConfig, teacher: PretrainedConfig) -> PruneTargets:
@@ -144,7 +191,7 @@ def student_model_config(config: PipelineConfig) -> PretrainedConfig:
     """A random student is the teacher's architecture with the student's overrides applied; a
     pruned one the teacher's cut to the target sizes, keeping the teacher's head_dim."""
     if config.student.init == "pretrained":
-        return AutoConfig.from_pretrained(config.student.path)
+        return _pretrained_config("student.path", config.student.path)
     if config.student.init == "prune_from_teacher":
         teacher = teacher_model_config(config)
         targets = prune_targets(config, teacher)
@@ -157,7 +204,7 @@ def student_model_config(config: PipelineConfig) -> PretrainedConfig:
     if "head_dim" not in overrides and ({"hidden_size", "num_attention_heads"} & overrides.keys()):
         # The teacher's head_dim belongs to the teacher's width; a narrower student derives its own.
         fields["head_dim"] = fields["hidden_size"] // fields["num_attention_heads"]
-    return AutoConfig.for_model(fields.pop("model_type", "llama"), **fields)
+    return architecture_config(fields, "student.architecture", overrides.keys())
 
 
 def plan_models(config: PipelineConfig, score_dir: Path | None = None) -> ModelPlan:
@@ -204,19 +251,9 @@ def kept_teacher_blocks(
     return None
 
 
-def preflight(config: PipelineConfig) -> ModelPlan:
-    """Everything that can be refused before any stage runs: shapes, k, layer map, tokenizers.
-
-    A random student is built on the teacher's tokenizer; a pretrained one brings its own,
-    which must match exactly, since logit KD and token-aligned feature KD compare token by token.
-    """
-    plan = plan_models(config)
-    if config.student.init == "pretrained":
-        try:
-            check_same_tokenizer(load_pipeline_tokenizer(config), load_tokenizer(config.student.path))
-        except TokenizerMismatchError as error:
-            raise ConfigError(f"student.path: {error}") from None
-    return plan
+def one_line(error: BaseException) -> str:
+    """The whole message on one line (transformers puts the advice on the later lines)."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 TEACHER_LOADS_FILE = "teacher_loads.log"

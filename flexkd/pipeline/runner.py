@@ -26,8 +26,8 @@ from flexkd.cluster.local import ensure_ray
 from flexkd.cluster.storage import check_artifact_root
 from flexkd.config.schema import PipelineConfig, stable_hash
 from flexkd.errors import StageError
-from flexkd.models.plan import preflight
 from flexkd.pipeline.content import content_fingerprints
+from flexkd.pipeline.preflight import preflight
 from flexkd.pipeline.stages import SPECS, STAGE_NAMES, STAGES
 from flexkd.tracking.runs import log_config, public_config, tracking_uri, ui_command, use_experiment
 

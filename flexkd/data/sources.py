@@ -1,0 +1,342 @@
+"""Raw data sources: the formats flexkd reads, and every row checked as it is read. No Ray here.
+
+A source is read as ordered pieces (``batch_readers``): one per file, or per slice of a saved
+``datasets`` folder; each piece is a function that streams its pyarrow record batches, with the
+example_id of its first row (a row's example_id is its position in the source, header excluded,
+counting from 0).
+
+Text is never read as bytes. pyarrow's CSV reader, left to itself, types a column holding one
+byte that is not UTF-8 as *binary*, and a prompt template would then render ``b'...'`` for every
+row of it; so CSV and TSV columns are all read as strings, unchecked, and ``check_rows`` checks the
+UTF-8 of every text column of every format itself, strictly (pyarrow's JSON and Parquet readers do
+not check it either). A row is bad when one of its text columns (the prompt template's, and a
+generation task's response column) is null, blank, not UTF-8 or holds a NUL byte, or when a
+classification label is not one of ``task.label_names`` (a name, or its index as a number or a
+decimal string: CSV and TSV labels are strings).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv
+import pyarrow.fs
+import pyarrow.json
+import pyarrow.parquet as pq
+
+from flexkd.config.schema import ConfigError, TaskConfig
+from flexkd.data.rows import class_index, template_columns
+
+FORMATS = (
+    ".jsonl or .json (JSON lines), .tsv, .csv, .parquet, a folder of parquet files, a datasets save_to_disk folder"
+)
+SAVED_DATASET_ROWS_PER_READ = 8192
+
+BatchReader = Callable[[], Iterator[pa.RecordBatch]]
+
+
+class DataError(ConfigError):
+    """A data source that cannot be used as it is (missing, empty, unreadable, bad rows); one line."""
+
+
+def batch_readers(path: str) -> list[tuple[BatchReader, int]]:
+    """The source at ``path`` as ordered pieces: (read the piece's record batches, example_id of
+    its first row). Raises DataError for a missing, empty or unsupported source."""
+    path = path if "://" in path else os.path.abspath(path)  # read tasks may run in another folder
+    filesystem, location = pyarrow.fs.FileSystem.from_uri(path)
+    info = filesystem.get_file_info(location)
+    if info.type == pyarrow.fs.FileType.NotFound:
+        raise DataError("file not found")
+    if info.type == pyarrow.fs.FileType.File and info.size == 0:
+        raise DataError("the split is empty")
+    if info.type == pyarrow.fs.FileType.Directory:
+        names = {entry.base_name for entry in filesystem.get_file_info(pyarrow.fs.FileSelector(location))}
+        if "dataset_dict.json" in names:
+            raise DataError("a datasets DatasetDict; point the path at one of its split folders")
+        if names & {"dataset_info.json", "state.json"}:
+            # load_from_disk memory-maps the arrow files: the length costs no reading.
+            total = len(datasets.load_from_disk(path))
+            return [
+                (functools.partial(_saved_dataset_batches, path, start, start + SAVED_DATASET_ROWS_PER_READ), start)
+                for start in range(0, total, SAVED_DATASET_ROWS_PER_READ)
+            ]
+        entries = filesystem.get_file_info(pyarrow.fs.FileSelector(location, recursive=True))
+        files = sorted(entry.path for entry in entries if entry.path.endswith(".parquet"))
+        if not files:
+            raise DataError(f"no parquet files in this folder; formats are: {FORMATS}")
+        pieces, first_id = [], 0
+        for file in files:
+            pieces.append((functools.partial(_parquet_batches, filesystem, file), first_id))
+            with filesystem.open_input_file(file) as handle:  # the footer alone: no rows are read
+                first_id += pq.ParquetFile(handle).metadata.num_rows
+        return pieces
+    suffix = Path(location).suffix
+    if suffix in (".jsonl", ".json"):
+        return [(functools.partial(_json_batches, filesystem, location), 0)]
+    if suffix in (".tsv", ".csv"):
+        # GLUE-style TSV is unquoted: a sentence may begin with '"' and must not open a quote.
+        options = (
+            pyarrow.csv.ParseOptions(delimiter="\t", quote_char=False)
+            if suffix == ".tsv"
+            else pyarrow.csv.ParseOptions()
+        )
+        return [(functools.partial(_csv_batches, filesystem, location, options), 0)]
+    if suffix == ".parquet":
+        return [(functools.partial(_parquet_batches, filesystem, location), 0)]
+    raise DataError(f"unsupported format '{suffix}'; formats are: {FORMATS}")
+
+
+def _json_batches(filesystem: pyarrow.fs.FileSystem, path: str) -> Iterator[pa.RecordBatch]:
+    with filesystem.open_input_stream(path) as stream:
+        yield from pyarrow.json.open_json(stream)
+
+
+def _csv_batches(
+    filesystem: pyarrow.fs.FileSystem, path: str, options: pyarrow.csv.ParseOptions
+) -> Iterator[pa.RecordBatch]:
+    # Every column a string, UTF-8 unchecked here (check_rows does it, naming the row): inferred
+    # types would read a text column with one bad byte as binary, and "007" as the number 7.
+    with filesystem.open_input_stream(path) as stream:
+        names = pyarrow.csv.open_csv(stream, parse_options=options).schema.names
+    convert = pyarrow.csv.ConvertOptions(column_types={name: pa.string() for name in names}, check_utf8=False)
+    with filesystem.open_input_stream(path) as stream:
+        yield from pyarrow.csv.open_csv(stream, parse_options=options, convert_options=convert)
+
+
+def _parquet_batches(filesystem: pyarrow.fs.FileSystem, path: str) -> Iterator[pa.RecordBatch]:
+    with filesystem.open_input_file(path) as file:
+        yield from pq.ParquetFile(file).iter_batches()
+
+
+def _saved_dataset_batches(path: str, start: int, stop: int) -> Iterator[pa.RecordBatch]:
+
+    yield from datasets.load_from_disk(path).with_format("arrow")[start:stop].to_batches()
+
+
+@dataclass(frozen=True)
+class RowRules:
+    """What a task needs of each row: the prompt template's columns, and the response column
+    (generation) or the label column and its label set (classification)."""
+
+    template_columns: tuple[str, ...]
+    response_column: str | None = None
+    label_column: str | None = None
+    label_names: tuple[str, ...] = ()
+
+    @classmethod
+    def for_task(cls, task: TaskConfig) -> RowRules:
+        """Raises ValueError for a prompt template that names anything but columns."""
+        template = tuple(template_columns(task.prompt_template))
+        if task.kind == "generation":
+            return cls(template, response_column=task.response_column)
+        return cls(template, label_column=task.label_column, label_names=tuple(task.label_names))
+
+    @property
+    def text_columns(self) -> list[str]:
+        return list(dict.fromkeys([*self.template_columns, *([self.response_column] if self.response_column else [])]))
+
+    @property
+    def columns(self) -> list[str]:
+        """Every column a row needs, in order of first use."""
+        return list(dict.fromkeys([*self.text_columns, *([self.label_column] if self.label_column else [])]))
+
+    def needs(self, column: str) -> str:
+        """Which setting names ``column``."""
+        if column in self.template_columns:
+            return "the prompt template"
+        return "task.label_column" if column == self.label_column else "the response column"
+
+
+@dataclass(frozen=True)
+class BadRow:
+    example_id: int
+    column: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"row {self.example_id}, column '{self.column}': {self.reason}"
+
+
+@dataclass(frozen=True)
+class CheckedRows:
+    good: pa.Table  # the good rows: the rule columns (text columns as strings) and example_id
+    bad_ids: np.ndarray  # example_ids of the bad rows, ascending
+    first_bad: BadRow | None
+
+
+# One check of a column: the rows it fails, and the reason for one such row (by index).
+_Check = tuple[np.ndarray, Callable[[int], str]]
+
+
+def check_rows(table: pa.Table, rules: RowRules) -> CheckedRows:
+    """Split numbered raw rows (``table`` has an ``example_id`` column and every rule column)
+    into good rows and bad ones; a text column of the good rows is a valid UTF-8 string column."""
+    checks: list[tuple[str, list[_Check]]] = []
+    columns = {}
+    for name in rules.columns:
+        column = table.column(name).combine_chunks()
+        if pa.types.is_dictionary(column.type):  # a categorical column (pandas, Parquet)
+            column = column.dictionary_decode()
+        column_checks: list[_Check] = []
+        if name in rules.text_columns or name == rules.label_column:  # a CSV label is text too
+            column, column_checks = _text_checks(column)
+        if name == rules.label_column and not pa.types.is_nested(column.type):
+            column_checks += _label_checks(column, list(rules.label_names), name)
+        columns[name] = column
+        checks.append((name, column_checks))
+    bad = np.zeros(table.num_rows, dtype=bool)
+    for _, column_checks in checks:
+        for failed, _ in column_checks:
+            bad |= failed
+    ids = table.column("example_id").to_numpy()
+    first_bad = None
+    if bad.any():
+        index = int(np.argmax(bad))
+        name, reason = next(
+            (name, reason(index)) for name, column_checks in checks for failed, reason in column_checks if failed[index]
+        )
+        first_bad = BadRow(int(ids[index]), name, reason)
+    good = pa.table({**columns, "example_id": table.column("example_id")})
+    if bad.any():
+        good = good.filter(pa.array(~bad))
+    return CheckedRows(good, ids[bad], first_bad)
+
+
+def _mask(array: pa.Array) -> np.ndarray:
+    """A boolean array as numpy, nulls as False."""
+    return np.asarray(array.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _text_checks(column: pa.Array) -> tuple[pa.Array, list[_Check]]:
+    """The column as strings, and its checks: UTF-8, null, blank, NUL. Other scalars (numbers,
+    dates) are text enough, a template may name a year; lists, structs and maps are not."""
+    null = _mask(column.is_null())
+    kind = column.type
+    if pa.types.is_string(kind) or pa.types.is_binary(kind):
+        raw, target = column.view(pa.binary()), pa.string()
+    elif pa.types.is_large_string(kind) or pa.types.is_large_binary(kind):
+        raw, target = column.view(pa.large_binary()), pa.large_string()
+    elif pa.types.is_nested(kind):
+        return column, [(np.ones(len(column), dtype=bool), lambda _: f"holds {kind} values, not text")]
+    else:
+        return column, [(null, lambda _: "empty (null)")]
+    invalid = np.zeros(len(column), dtype=bool)
+    errors: dict[int, UnicodeDecodeError] = {}
+    try:
+        text = raw.cast(target)
+        text.validate(full=True)
+    except pa.ArrowInvalid:  # find the rows, and only then pay for a Python pass
+        values = []
+        for index, value in enumerate(raw.to_pylist()):
+            try:
+                values.append(None if value is None else value.decode("utf-8"))
+            except UnicodeDecodeError as error:
+                invalid[index], errors[index] = True, error
+                values.append(None)
+        text = pa.array(values, type=target)
+    blank = _mask(pc.equal(pc.utf8_trim_whitespace(text), ""))
+    nul = _mask(pc.match_substring(text, "\x00"))
+
+    def not_utf8(index: int) -> str:
+        error = errors[index]
+        return f"not valid UTF-8 (byte 0x{error.object[error.start]:02x} at offset {error.start})"
+
+    def nul_at(index: int) -> str:
+        return f"holds a NUL byte (at offset {text[index].as_py().index(chr(0))})"
+
+    return text, [
+        (invalid, not_utf8),
+        (null & ~invalid, lambda _: "empty (null)"),
+        (blank, lambda _: "empty text"),
+        (nul, nul_at),
+    ]
+
+
+def _label_checks(column: pa.Array, label_names: list[str], label_column: str) -> list[_Check]:
+    """Labels outside the label set, judged by ``class_index`` once per distinct value (nulls
+    are the text checks')."""
+
+    def reason(value: Any) -> str | None:
+        try:
+            class_index(value, label_names, label_column)
+        except ValueError as error:
+            return str(error).removeprefix(f"task.label_column '{label_column}': ")
+        return None
+
+    refused = [value for value in pc.unique(column.drop_null()).to_pylist() if reason(value) is not None]
+    if not refused:
+        return []
+    outside = _mask(pc.is_in(column, value_set=pa.array(refused, type=column.type)))
+    return [(outside, lambda index: reason(column[index].as_py()))]
+
+
+@dataclass(frozen=True)
+class SourceSummary:
+    """What a full read of a source found (up to its limit)."""
+
+    columns: list[str]
+    good: int
+    bad: int
+    first_bad: BadRow | None
+
+
+def numbered(batch: pa.RecordBatch, first_id: int) -> pa.Table:
+    """The batch with an ``example_id`` column counting from ``first_id``."""
+    ids = np.arange(first_id, first_id + batch.num_rows, dtype=np.int64)
+    return pa.Table.from_batches([batch]).append_column("example_id", pa.array(ids))
+
+
+def scan_source(path: str, rules: RowRules, limit: int | None = None) -> SourceSummary:
+    """Read the source once, checking every row, until ``limit`` good rows (the rows a split's
+    ``limit`` keeps). Raises DataError (one line, without the source's name) for a missing,
+    empty, unsupported or malformed source and a missing column."""
+    pieces = batch_readers(path)
+    columns: list[str] = []
+    good = bad = 0
+    first_bad: BadRow | None = None
+    try:
+        for read_batches, first_id in pieces:
+            next_id = first_id
+            for batch in read_batches():
+                columns = columns or batch.schema.names
+                missing = [name for name in rules.columns if name not in batch.schema.names]
+                if missing:
+                    raise DataError(
+                        f"missing column '{missing[0]}' (named by {rules.needs(missing[0])}); "
+                        f"columns are: {', '.join(batch.schema.names)}"
+                    )
+                checked = check_rows(numbered(batch, next_id), rules)
+                next_id += batch.num_rows
+                kept, bad_ids = checked.good.num_rows, checked.bad_ids
+                if limit is not None and good + kept >= limit:  # the bad rows after the last kept one do not count
+                    last_kept = checked.good.column("example_id")[limit - good - 1].as_py()
+                    kept, bad_ids = limit - good, bad_ids[bad_ids < last_kept]
+                good, bad = good + kept, bad + len(bad_ids)
+                if first_bad is None and len(bad_ids):
+                    first_bad = checked.first_bad
+                if limit is not None and good >= limit:
+                    return SourceSummary(columns, good, bad, first_bad)
+    except (pa.ArrowInvalid, OSError) as error:  # a malformed file: pyarrow names the row
+        raise DataError(str(error).splitlines()[0]) from None
+    if good == bad == 0:
+        raise DataError("the split is empty")
+    return SourceSummary(columns, good, bad, first_bad)
+
+
+def read_checked(read_batches: BatchReader, first_id: int, rules: RowRules) -> Iterator[pa.Table]:
+    """A piece's good rows, numbered, with the rule columns only: what the tokenize stage reads
+    (``scan_source`` has refused the bad rows before, or reported them skipped)."""
+    next_id = first_id
+    for batch in read_batches():
+        checked = check_rows(numbered(batch, next_id), rules)
+        next_id += batch.num_rows
+        yield checked.good

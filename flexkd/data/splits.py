@@ -1,0 +1,82 @@
+"""A pipeline's data splits (train, eval, score), each checked row by row before anything runs.
+
+``check_data`` is the data part of the preflight (``flexkd validate``, and ``flexkd run`` before
+Ray starts): every split is read once, in full up to its ``limit``, and every row checked
+(``flexkd.data.sources``); the tokenize stage checks again with the same code as it reads. A bad
+row stops the run with one line naming the split's file, the first bad row, its column and how
+many rows are bad; with ``data.on_bad_rows: skip`` the count is logged and the bad rows are left out.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flexkd.config.schema import ConfigError, DataSplit, PipelineConfig, TaskConfig
+from flexkd.data.rows import verbalizer_token_ids
+from flexkd.data.sources import DataError, RowRules, SourceSummary, scan_source
+
+log = logging.getLogger("flexkd")
+
+
+def pipeline_splits(config: PipelineConfig) -> dict[str, DataSplit]:
+    """The splits the pipeline reads; score only when the config gives it (else train's rows)."""
+    splits = {"train": config.data.train, "eval": config.data.eval}
+    if config.data.score is not None:
+        splits["score"] = config.data.score
+    return splits
+
+
+def split_task(task: TaskConfig, source: DataSplit) -> TaskConfig:
+    """The task as this split sees it: a split may bring its own template and response column."""
+    return task.model_copy(
+        update={
+            "prompt_template": source.prompt_template or task.prompt_template,
+            "response_column": source.response_column or task.response_column,
+        }
+    )
+
+
+def check_split(split: str, source: DataSplit, task: TaskConfig, on_bad_rows: str) -> SourceSummary:
+    """Read and check every row of one split (up to its limit). Raises ConfigError for a bad
+    prompt template, DataError ``data.<split> (<path>): <cause>`` for a bad source or bad rows
+    (with on_bad_rows 'skip': only when no good row is left)."""
+    where = f"data.{split} ({source.path})"
+    try:
+        rules = RowRules.for_task(split_task(task, source))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    try:
+        summary = scan_source(source.path, rules, source.limit)
+    except DataError as error:
+        raise DataError(f"{where}: {error}") from None
+    if not summary.bad:
+        return summary
+    read = summary.good + summary.bad
+    if on_bad_rows == "error":
+        raise DataError(
+            f"{where}: {summary.first_bad}; {summary.bad} of {read} rows are bad; "
+            "fix them, or set data.on_bad_rows: skip"
+        )
+    if not summary.good:
+        raise DataError(f"{where}: {summary.first_bad}; all {read} rows are bad, none is left to use")
+    log.warning(
+        "%s: skipping %d bad rows of %d (data.on_bad_rows: skip); the first: %s",
+        where,
+        summary.bad,
+        read,
+        summary.first_bad,
+    )
+    return summary
+
+
+def check_data(config: PipelineConfig, tokenizer) -> dict[str, SourceSummary]:
+    """The verbalizers (classification) and every split; raises ConfigError or DataError (one line)."""
+    if config.task.kind == "classification":
+        try:
+            verbalizer_token_ids(tokenizer, config.task.label_names)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    return {
+        split: check_split(split, source, config.task, config.data.on_bad_rows)
+        for split, source in pipeline_splits(config).items()
+    }

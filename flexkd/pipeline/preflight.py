@@ -1,0 +1,44 @@
+"""Everything a pipeline can be refused for before Ray starts, each in one line naming the field
+or the file. ``flexkd validate`` runs it alone; ``flexkd run`` runs it first."""
+
+from __future__ import annotations
+
+from flexkd.cluster.storage import check_local_folder
+from flexkd.config.schema import ConfigError, PipelineConfig
+from flexkd.data.splits import check_data
+from flexkd.models.loading import load_tokenizer
+from flexkd.models.plan import ModelPlan, load_pipeline_tokenizer, one_line, plan_models
+from flexkd.models.preflight import TokenizerMismatchError, check_same_tokenizer
+
+
+def preflight(config: PipelineConfig) -> ModelPlan:
+    """Everything that can be refused before Ray starts, each in one line naming the field or
+    the file: the artifact root, the model configs (architecture keys, shapes, k, layer map),
+    the tokenizers, the verbalizers, and every data split read in full (``check_data``).
+
+    A random student is built on the teacher's tokenizer; a pretrained one brings its own,
+    which must match exactly, since logit KD and token-aligned feature KD compare token by token.
+    """
+    check_local_folder(config.artifact_root)
+    plan = plan_models(config)
+    tokenizer = _loaded_tokenizer(config)
+    if config.student.init == "pretrained":
+        try:
+            check_same_tokenizer(tokenizer, load_tokenizer(config.student.path))
+        except TokenizerMismatchError as error:
+            raise ConfigError(f"student.path: {error}") from None
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"student.path: {config.student.path}: {one_line(error)}") from None
+    check_data(config, tokenizer)
+    return plan
+
+
+def _loaded_tokenizer(config: PipelineConfig):
+    """The pipeline's tokenizer, or ConfigError naming the field it comes from."""
+    try:
+        return load_pipeline_tokenizer(config)
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as error:  # a missing folder, one without tokenizer files
+        field = "teacher.tokenizer" if config.teacher.tokenizer else "teacher.path"
+        raise ConfigError(f"{field}: cannot load a tokenizer: {one_line(error)}") from None
