@@ -4,9 +4,13 @@ Ray Train workers hold the student (FSDP2-sharded, trainable). The teacher's sid
 comes from one of two places (``training.teacher``):
 
     online   the teacher, sharded, frozen, no grad: a forward for logits and hidden states, then
-             the selected units of each mapped layer
+             the selected units of each mapped layer (selection.method directions: the
+             coordinates on its first k directions, U_k^T h)
     cache    the targets stage's rows (flexkd.teacher_targets): the cached units [..., :k] and
              the class logits or top-K logits; the teacher is never loaded
+
+With selection.method directions and k 'auto', k differs per layer: each layer pair distills the
+k its layer's spectrum gives (flexkd.data.directions_files.distilled_ks), into the student's first k units.
 
 Every step: student forward, and
 
@@ -40,6 +44,7 @@ import torch
 from flexkd import distributed
 from flexkd.cluster.train_workers import progress_bars_wanted, run_workers
 from flexkd.config.schema import ConfigError, PipelineConfig
+from flexkd.data.directions_files import distilled_ks, read_directions
 from flexkd.data.rows import ROW_SCHEMA, collate_batch
 from flexkd.data.teacher_targets import cached_teacher_outputs, online_teacher_outputs, units_column
 from flexkd.evaluation.periodic import StudentEvaluator
@@ -102,7 +107,14 @@ def train_student(
         "eval_dir": str(inputs["tokenize"] / "eval"),
         "placement_group_file": str(placement_group_file) if placement_group_file else None,
         "progress_bars": progress_bars_wanted(),
+        "layer_k": None,
     }
+    directions = {}
+    if config.selection.method == "directions":  # a cache keeps a copy of the directions it was made with
+        source = inputs["targets"] if config.training.teacher == "cache" else inputs["score"]
+        directions = read_directions(source, plan.teacher_layer_indices)
+        spectra = {layer: value["spectrum"] for layer, value in directions.items()}
+        loop_config["layer_k"] = distilled_ks(config.selection, plan.k, spectra)
     if config.training.teacher == "cache":
         from flexkd.stages.targets import check_cache
 
@@ -131,8 +143,13 @@ def train_student(
             else train_data
         )
     else:
-        selected = json.loads((inputs["score"] / "selected.json").read_text())
-        loop_config["selected"] = {int(layer): entry["indices"] for layer, entry in selected["layers"].items()}
+        if directions:  # [d_T, k] per layer: the step projects onto them
+            loop_config["selected"] = {
+                layer: value["basis"][:, : loop_config["layer_k"][layer]] for layer, value in directions.items()
+            }
+        else:
+            selected = json.loads((inputs["score"] / "selected.json").read_text())
+            loop_config["selected"] = {int(layer): entry["indices"] for layer, entry in selected["layers"].items()}
         train = ray.data.read_parquet(str(inputs["tokenize"] / "train")) if train_data is None else train_data
     run_workers(
         "distill",
@@ -158,6 +175,8 @@ def _stored_positions(
     another selection (say importance) serves this one (random, variance) too: the step reads
     this selection's units wherever the cache stored them, so one teacher pass serves all.
     """
+    if info.get("directions"):  # coordinates on the directions, in order: the first k are the k directions
+        return None
     inverse = {layer: np.argsort(info["unit_order"][str(layer)]) for layer in units}
     if config.loss.feature in WHOLE_HIDDEN_FEATURES:
         return {layer: order.tolist() for layer, order in inverse.items()}
@@ -209,7 +228,8 @@ def _endless_batches(shard, batch_size: int, skip: int) -> Iterator[dict[str, np
 def _build(loop_config: dict[str, Any]):
     config: PipelineConfig = loop_config["config"]
     device = distributed.device()
-    pairs = [LayerPair(teacher, student) for teacher, student in loop_config["pairs"]]
+    layer_k = loop_config["layer_k"] or {}
+    pairs = [LayerPair(teacher, student, layer_k.get(teacher)) for teacher, student in loop_config["pairs"]]
     settings = ObjectiveSettings(
         task=config.task.kind,
         k=loop_config["k"],
@@ -259,7 +279,7 @@ def _teacher_outputs(loop_config: dict[str, Any], config: PipelineConfig, pairs:
             config.loss.temperature,
         )
     teacher = distributed.shard_model(load_teacher(config).to(device), trainable=False)
-    selected = {layer: torch.tensor(indices, device=device) for layer, indices in loop_config["selected"].items()}
+    selected = {layer: torch.as_tensor(value, device=device) for layer, value in loop_config["selected"].items()}
     layers = sorted({pair.teacher_layer for pair in pairs})
     return lambda rows, batch: online_teacher_outputs(teacher, batch, config.task.kind, layers, selected, whole_hidden)
 
