@@ -4,9 +4,13 @@ Ray Train workers hold the student (FSDP2-sharded, trainable). The teacher's sid
 comes from one of two places (``training.teacher``):
 
     online   the teacher, sharded, frozen, no grad: a forward for logits and hidden states, then
-             the selected units of each mapped layer
+             the selected units of each mapped layer (selection.method directions: the
+             coordinates on its first k directions, U_k^T h)
     cache    the targets stage's rows (flexkd.teacher_targets): the cached units [..., :k] and
              the class logits or top-K logits; the teacher is never loaded
+
+With selection.method directions and k 'auto', k differs per layer: each layer pair distills the
+k its layer's spectrum gives (flexkd.data.directions_files.distilled_ks), into the student's first k units.
 
 Every step: student forward, and
 
@@ -43,6 +47,7 @@ from ray.experimental.tqdm_ray import tqdm
 from flexkd import distributed
 from flexkd.cluster.train_workers import progress_bars_wanted, run_workers
 from flexkd.config.schema import ConfigError, PipelineConfig
+from flexkd.data.directions_files import distilled_ks, read_directions
 from flexkd.data.rows import ROW_SCHEMA, collate_batch
 from flexkd.data.teacher_targets import cached_teacher_outputs, online_teacher_outputs, units_column
 from flexkd.evaluation.periodic import StudentEvaluator
@@ -91,7 +96,9 @@ class DistillLoop:
     placement_group_file: Path | None
     progress_bars: bool
     cache: CachedTargets | None  # training.teacher 'cache'
-    selected: dict[int, list[int]] | None  # training.teacher 'online': teacher layer -> selected unit indices
+    # training.teacher 'online': teacher layer -> selected unit indices, or (selection.method directions)
+    # the [d_T, k] basis the step projects onto
+    selected: dict[int, list[int] | torch.Tensor] | None
 
 
 def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> dict[str, Any]:
@@ -124,6 +131,12 @@ def train_student(
     plan = plan_models(config, inputs.get("score") if config.student.init == "prune_from_teacher" else None)
     tokenized = json.loads((inputs["tokenize"] / "manifest.json").read_text())["outputs"]
     cache, selected_units = None, None
+    layer_k: dict[int, int] = {}
+    directions = {}
+    if config.selection.method == "directions":  # a cache keeps a copy of the directions it was made with
+        source = inputs["targets"] if config.training.teacher == "cache" else inputs["score"]
+        directions = read_directions(source, plan.teacher_layer_indices)
+        layer_k = distilled_ks(config.selection, plan.k, {layer: d["spectrum"] for layer, d in directions.items()})
     if config.training.teacher == "cache":
         data_fingerprint = json.loads((inputs["tokenize"] / "manifest.json").read_text())["fingerprint"]
         info = check_cache(config, inputs["targets"], plan.k, plan.teacher_layer_indices, data_fingerprint, "distill")
@@ -151,13 +164,16 @@ def train_student(
             else train_data
         )
     else:
-        selected = json.loads((inputs["score"] / "selected.json").read_text())
-        selected_units = {int(layer): entry["indices"] for layer, entry in selected["layers"].items()}
+        if directions:  # [d_T, k] per layer: the step projects onto them
+            selected_units = {layer: d["basis"][:, : layer_k[layer]] for layer, d in directions.items()}
+        else:
+            selected = json.loads((inputs["score"] / "selected.json").read_text())
+            selected_units = {int(layer): entry["indices"] for layer, entry in selected["layers"].items()}
         train = ray.data.read_parquet(str(inputs["tokenize"] / "train")) if train_data is None else train_data
     loop = DistillLoop(
         config=config,
         settings=config.loss.objective_settings(config.task.kind, plan.k),
-        pairs=[LayerPair(teacher, student) for teacher, student in plan.layer_pairs],
+        pairs=[LayerPair(teacher, student, layer_k.get(teacher)) for teacher, student in plan.layer_pairs],
         d_teacher=plan.teacher_hidden,
         output_dir=output_dir,
         score_dir=inputs.get("score"),
@@ -197,6 +213,8 @@ def _stored_positions(
     another selection (say importance) serves this one (random, variance) too: the step reads
     this selection's units wherever the cache stored them, so one teacher pass serves all.
     """
+    if info.get("directions"):  # coordinates on the directions, in order: the first k are the k directions
+        return None
     inverse = {layer: np.argsort(info["unit_order"][str(layer)]) for layer in units}
     if config.loss.reads_whole_hidden:
         return {layer: order.tolist() for layer, order in inverse.items()}
@@ -279,7 +297,7 @@ def _teacher_outputs(loop: DistillLoop, device: torch.device):
             config.loss.temperature,
         )
     teacher = distributed.shard_model(load_teacher(config).to(device), trainable=False)
-    selected = {layer: torch.tensor(indices, device=device) for layer, indices in loop.selected.items()}
+    selected = {layer: torch.as_tensor(value, device=device) for layer, value in loop.selected.items()}
     layers = sorted({pair.teacher_layer for pair in loop.pairs})
     whole_hidden = loop.settings.feature is not None and loop.settings.feature.whole_hidden
     return lambda rows, batch: online_teacher_outputs(teacher, batch, config.task.kind, layers, selected, whole_hidden)

@@ -10,6 +10,16 @@ vector. The driver then orders the units and writes:
     importance.png             sorted scores per layer
     selected.json              per layer: ordered indices, k, score, method, d_teacher
 
+With ``selection.method: directions`` the same backward also sums, per mapped layer, the Gram
+G_l = sum g g^T of the task gradients (float64, all-reduced like the importance), and the driver
+keeps its top eigenvectors instead of units (flexkd.method.directions):
+
+    directions/layer_<l>.safetensors   basis [d_T, k_max] and spectrum [d_T] (flexkd.data.directions_files)
+    selected.json              per layer: k (per layer with k 'auto'), k_max, the energy share of
+                               tr(G) the k directions hold and the share the top-k units by
+                               importance would hold (the same comparison, in MLflow metrics and
+                               on importance.png)
+
 With ``student.init: prune_from_teacher`` the same backward also feeds a
 :class:`~flexkd.pruning_scores.PruningScoreCollector` (importance of every block's output units,
 MLP channels and key/value groups, and each block's change of the hidden state; sums all-reduced
@@ -51,7 +61,9 @@ from safetensors.torch import save_file
 from flexkd import distributed
 from flexkd.cluster.train_workers import run_workers
 from flexkd.config.schema import PipelineConfig
+from flexkd.data.directions_files import distilled_ks, write_directions
 from flexkd.data.rows import collate_batch
+from flexkd.method.directions import direction_energy_share, gradient_gram, top_directions, unit_energy_share
 from flexkd.method.importance import finalize_importance, hidden_state_gradients, unit_importance_sum
 from flexkd.method.layers import forward_with_hidden_states
 from flexkd.method.objective import summed_task_loss
@@ -94,6 +106,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
             "raw_dir": str(raw_dir),
             "output_dir": str(output_dir),
             "prune": prune,
+            "directions": config.selection.method == "directions",
             "pad_token_id": tokenized["outputs"]["pad_token_id"],
             "verbalizer_ids": tokenized["outputs"]["verbalizer_ids"],
         },
@@ -106,15 +119,27 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
     if prune:  # now the kept blocks, and so the layer pairs, are known
         plan = plan_models(config, output_dir)
         hidden_units = json.loads((output_dir / PRUNING_SELECTION).read_text())["hidden_units"]
-    selected = _select(
-        config,
-        plan.k,
-        plan.teacher_hidden,
-        sums,
-        plan.teacher_layer_indices,
-        hidden_units,
-        data_fingerprint=tokenized["fingerprint"],
-    )
+    if config.selection.method == "directions":
+        selected, directions = _select_directions(
+            config, plan.k, plan.teacher_hidden, sums, plan.teacher_layer_indices, tokenized["fingerprint"]
+        )
+        for layer, (basis, spectrum) in directions.items():
+            write_directions(output_dir, layer, basis, spectrum)
+    else:
+        selected = _select(
+            config,
+            plan.k,
+            plan.teacher_hidden,
+            sums,
+            plan.teacher_layer_indices,
+            hidden_units,
+            data_fingerprint=tokenized["fingerprint"],
+        )
+        directions = {}
+    chosen = {  # the directions' numbers, for the plot, MLflow and the runner's summary
+        layer: {key: selected["layers"][str(layer)][key] for key in ("k", "energy_directions", "energy_units")}
+        for layer in directions
+    }
 
     importance_dir = output_dir / "importance"
     importance_dir.mkdir(exist_ok=True)
@@ -123,12 +148,22 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
         importance[layer] = finalize_importance(sums["importance"][layer], sums["examples"]).numpy()
         np.save(importance_dir / f"layer_{layer}.npy", importance[layer].astype(np.float32))
     (output_dir / "selected.json").write_text(json.dumps(selected, indent=2))
-    plot_importance(importance, plan.k, output_dir / "importance.png")
+    spectra = {layer: spectrum.numpy() for layer, (_, spectrum) in directions.items()}
+    plot_importance(importance, plan.k, output_dir / "importance.png", spectra, chosen)
 
     mlflow.log_artifacts(str(importance_dir), "importance")
     mlflow.log_artifact(str(output_dir / "importance.png"))
     mlflow.log_artifact(str(output_dir / "selected.json"))
     mlflow.log_metrics({"examples": float(sums["examples"]), "k": float(plan.k)})
+    if directions:
+        mlflow.log_artifacts(str(output_dir / "directions"), "directions")
+        mlflow.log_metrics(
+            {
+                f"directions.layer_{layer}.{key}": float(value)
+                for layer, row in chosen.items()
+                for key, value in row.items()
+            }
+        )
     mlflow.set_tag("flexkd.student.init", config.student.init)
     outputs = {
         "examples": int(sums["examples"]),
@@ -138,6 +173,8 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
         "score": config.scoring.score,
         "student_init": config.student.init,
     }
+    if directions:
+        outputs["directions"] = {str(layer): row for layer, row in chosen.items()}
     if prune:
         mlflow.log_artifacts(str(output_dir / PRUNING_SELECTION.parent), "pruning")
         kept = json.loads((output_dir / PRUNING_SELECTION).read_text())["kept_layers"]
@@ -181,6 +218,32 @@ def _select(
     return {"layers": layers, "examples": int(sums["examples"]), "data_fingerprint": data_fingerprint}
 
 
+def _select_directions(
+    config: PipelineConfig, k: int, d_teacher: int, sums: dict, layers_mapped: list[int], data_fingerprint: str
+) -> tuple[dict, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """Per mapped teacher layer, the task gradient's top-k directions ([d_T, k] basis and [d_T]
+    spectrum), and the selected.json that records them beside the units importance would pick."""
+    layers, directions = {}, {}
+    for layer in layers_mapped:
+        gram = sums["gram"][layer]
+        basis, spectrum = top_directions(gram, k)
+        layer_k = distilled_ks(config.selection, k, {layer: spectrum})[layer]
+        units = select_top_k_units(finalize_importance(sums["importance"][layer], sums["examples"]), layer_k)
+        directions[layer] = (basis, spectrum)
+        layers[str(layer)] = {
+            "k": layer_k,
+            "k_max": k,
+            "method": "directions",
+            "energy": config.selection.energy if config.selection.k == "auto" else None,
+            "energy_directions": round(direction_energy_share(spectrum, layer_k), 6),
+            "energy_units": round(unit_energy_share(gram, units), 6),
+            "units_by_importance": units.tolist(),
+            "score": config.scoring.score,
+            "d_teacher": d_teacher,
+        }
+    return {"layers": layers, "examples": int(sums["examples"]), "data_fingerprint": data_fingerprint}, directions
+
+
 def _score_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: accumulate importance sums over this worker's data shard."""
     config: PipelineConfig = loop_config["config"]
@@ -201,6 +264,11 @@ def _score_worker(loop_config: dict[str, Any]) -> None:
             torch.zeros((), dtype=torch.float64, device=device),
         ]
         for layer in layers
+    }
+    # Float64: G sums squares of many tokens' gradients, and its eigenvalues span many decades.
+    grams = {
+        layer: torch.zeros(d_teacher, d_teacher, dtype=torch.float64, device=device)
+        for layer in (layers if loop_config["directions"] else [])
     }
     examples = torch.zeros((), dtype=torch.float64, device=device)
 
@@ -232,12 +300,15 @@ def _score_worker(loop_config: dict[str, Any]) -> None:
                     moments[layer], activation_moments(hidden[layer].detach(), batch["attention_mask"])
                 ):
                     total += part.to(total.dtype)
+                if layer in grams:
+                    grams[layer] += gradient_gram(gradient, batch["attention_mask"])
             if collector is not None:
                 collector.accumulate(batch["attention_mask"])
             examples += batch["input_ids"].shape[0]
 
     pruning_sums = list(collector.sums.values()) if collector is not None else []
-    for tensor in [examples, *importance.values(), *(m for parts in moments.values() for m in parts), *pruning_sums]:
+    moment_sums = [m for parts in moments.values() for m in parts]
+    for tensor in [examples, *importance.values(), *moment_sums, *grams.values(), *pruning_sums]:
         distributed.all_reduce_sum_(tensor)
     if distributed.is_main_process():
         raw_dir = Path(loop_config["raw_dir"])
@@ -247,6 +318,7 @@ def _score_worker(loop_config: dict[str, Any]) -> None:
                 "examples": int(examples.item()),
                 "importance": {layer: value.cpu() for layer, value in importance.items()},
                 "moments": {layer: [m.cpu() for m in parts] for layer, parts in moments.items()},
+                "gram": {layer: value.cpu() for layer, value in grams.items()},
             },
             raw_dir / "sums.pt",
         )

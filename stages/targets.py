@@ -13,6 +13,11 @@ the teachers this runs on; a teacher too big for one device would need sharded i
                       selection, layers, k_max, unit order; checked before anything reads it
 
 Because selection is ordered by importance, one cache serves every k <= k_max.
+
+With ``selection.method: directions`` a layer's stored values are its coordinates on the score
+stage's directions, U^T h (the first k_max of them; by default k_max is the largest k any layer
+distills, so k 'auto' stores no more than it needs), and ``directions/`` (the bases and spectra)
+is copied beside the cache, so a cache given as targets.path still knows each layer's k.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch
 
 from flexkd import distributed
 from flexkd.config.schema import ConfigError, PipelineConfig, stable_hash
+from flexkd.data.directions_files import DIRECTIONS_DIR, distilled_ks, read_directions
 from flexkd.data.rows import ROW_SCHEMA, collate_batch
 from flexkd.data.teacher_targets import target_columns, units_column
 from flexkd.method.objective import forward_scored
@@ -45,14 +51,21 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
     plan = plan_models(config, inputs["score"] if config.student.init == "prune_from_teacher" else None)
     tokenized = json.loads((inputs["tokenize"] / "manifest.json").read_text())
     selected = json.loads((inputs["score"] / "selected.json").read_text())["layers"]
-    k_max = config.targets.k_max or plan.k
+    directions = (
+        read_directions(inputs["score"], plan.teacher_layer_indices) if config.selection.method == "directions" else {}
+    )
+    distilled = max(selected[str(layer)]["k"] for layer in plan.teacher_layer_indices) if directions else plan.k
+    k_max = config.targets.k_max or distilled
     if k_max > plan.k:
         raise ConfigError(
             f"targets.k_max = {k_max} exceeds the {plan.k} units the score stage selected "
             "(selection.k); raise selection.k"
         )
-    unit_order = {}
+    unit_order = {}  # layer -> [u] unit indices, or [d_T, u] directions whose coordinates are stored
     for layer in plan.teacher_layer_indices:
+        if directions:
+            unit_order[layer] = directions[layer]["basis"][:, :k_max]
+            continue
         order = selected[str(layer)]["indices"][:k_max]
         if config.targets.full_width:
             chosen = set(order)
@@ -87,6 +100,9 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
             str(train_dir), min_rows_per_file=config.data.shard_rows, max_rows_per_file=config.data.shard_rows
         )
 
+    if directions:
+        shutil.rmtree(output_dir / DIRECTIONS_DIR, ignore_errors=True)
+        shutil.copytree(inputs["score"] / DIRECTIONS_DIR, output_dir / DIRECTIONS_DIR)
     shards = sorted(train_dir.glob("*.parquet"))
     written = sum(pq.ParquetFile(shard).metadata.num_rows for shard in shards)
     if written != tokenized["outputs"]["rows"]["train"]:
@@ -99,8 +115,10 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
         "temperatures": temperatures,
         "task": config.task.kind,
         "layers": plan.teacher_layer_indices,
-        "units": {str(layer): len(order) for layer, order in unit_order.items()},
-        "unit_order": {str(layer): order for layer, order in unit_order.items()},
+        "units": {str(layer): k_max if directions else len(order) for layer, order in unit_order.items()},
+        "directions": bool(directions),
+        # Directions: coordinates 0 .. k_max - 1 in order, on the bases in directions/.
+        "unit_order": {str(layer): list(range(k_max)) if directions else order for layer, order in unit_order.items()},
         "rows": written,
         "bytes": sum(shard.stat().st_size for shard in shards),
     }
@@ -116,7 +134,7 @@ class TeacherTargetWriter:
     def __init__(
         self,
         config: PipelineConfig,
-        unit_order: dict[int, list[int]],
+        unit_order: dict[int, list[int] | torch.Tensor],
         top_k: int,
         temperatures: list[float],
         pad_token_id: int,
@@ -127,7 +145,7 @@ class TeacherTargetWriter:
         self.device = torch.device("cuda" if config.resources.use_gpu and torch.cuda.is_available() else "cpu")
         self.teacher = load_teacher(config).to(self.device)
         self.task = config.task.kind
-        self.unit_order = {layer: torch.tensor(order, device=self.device) for layer, order in unit_order.items()}
+        self.unit_order = {layer: torch.as_tensor(order, device=self.device) for layer, order in unit_order.items()}
         self.top_k, self.temperatures = top_k, temperatures
         self.pad_token_id = pad_token_id
         self.verbalizer_ids = torch.tensor(verbalizer_ids, device=self.device) if verbalizer_ids else None
@@ -214,7 +232,9 @@ def check_cache(
             f"{where}: the cache at {targets_dir} was made for another data set or tokenization "
             f"(tokenize fingerprint {made['data']}, this config gives {wanted['data']})"
         )
-    if made["selection"] != wanted["selection"] and not info["full_width"]:  # a full-width cache holds every unit
+    # A full-width cache holds every unit, so it serves any unit selection; directions need their own coordinates.
+    serves_any = info["full_width"] and wanted["selection"]["method"] != "directions"
+    if made["selection"] != wanted["selection"] and not serves_any:
         raise ConfigError(
             f"{where}: the cache at {targets_dir} holds units selected with {made['selection']}, "
             f"this config selects with {wanted['selection']}"
@@ -225,7 +245,16 @@ def check_cache(
             f"{where}: the cache at {targets_dir} has teacher layers {info['layers']}, "
             f"not {missing} that layer_map {config.layer_map!r} needs"
         )
-    if k > info["k_max"]:
+    if config.selection.k == "auto":  # each layer's k follows from the spectra kept beside the cache
+        spectra = {layer: value["spectrum"] for layer, value in read_directions(targets_dir, teacher_layers).items()}
+        for layer, layer_k in distilled_ks(config.selection, k, spectra).items():
+            if layer_k > info["units"][str(layer)]:
+                raise ConfigError(
+                    f"{where}: selection.k 'auto' with energy {config.selection.energy} takes {layer_k} directions "
+                    f"at teacher layer {layer}, the cache at {targets_dir} stores {info['units'][str(layer)]}; "
+                    "raise targets.k_max"
+                )
+    elif k > info["k_max"]:
         raise ConfigError(f"{where}: selection.k = {k} exceeds k_max = {info['k_max']} of the cache at {targets_dir}")
     if config.loss.reads_whole_hidden and not info["full_width"]:
         raise ConfigError(

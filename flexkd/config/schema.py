@@ -164,11 +164,37 @@ class ScoringConfig(_Section):
 
 class SelectionConfig(_Section):
     """Which teacher units each student unit is paired with. ``identity`` (the default of a pruned
-    student): student unit i with the teacher unit it was cut from."""
+    student): student unit i with the teacher unit it was cut from. ``directions``: student unit i
+    with the teacher's coordinate on the i-th eigenvector of the task gradient's second moment
+    (flexkd.method.directions), the rotated counterpart of ``importance``."""
 
-    method: Literal["importance", "random", "variance", "identity"] = "importance"
-    k: int | None = Field(None, gt=0, description="units per mapped layer; default: the student's hidden size")
+    method: Literal["importance", "random", "variance", "identity", "directions"] = "importance"
+    k: int | Literal["auto"] | None = Field(
+        None,
+        description="units (directions) per mapped layer; default: the student's hidden size; 'auto' "
+        "(method directions): per layer the fewest directions holding selection.energy, at most the student's width",
+    )
+    energy: float = Field(
+        0.95, gt=0, le=1, description="k 'auto': the share of the task gradient's energy the directions hold"
+    )
     seed: int = 0
+
+    @field_validator("k", mode="before")
+    @classmethod
+    def _positive_or_auto(cls, value: Any) -> Any:
+        # One message for both kinds, where the union would give one per member.
+        if value is None or value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            return value
+        raise ValueError(f"expected a positive integer or 'auto', got {value!r}")
+
+    @model_validator(mode="after")
+    def _auto_needs_directions(self) -> SelectionConfig:
+        if self.k == "auto" and self.method != "directions":
+            raise ValueError(
+                f"k 'auto' needs method 'directions' (the task gradient's eigen-spectrum decides k), "
+                f"not '{self.method}'"
+            )
+        return self
 
 
 class LossConfig(_Section):
@@ -464,8 +490,13 @@ class PipelineConfig(_Section):
         if self.training.teacher != "cache":
             return self
         k, k_max = self.selection.k, self.targets.k_max
-        if k is not None and k_max is not None and k > k_max:
+        if isinstance(k, int) and k_max is not None and k > k_max:
             raise ValueError(f"selection.k = {k} exceeds targets.k_max = {k_max}, the units the cache stores")
+        if self.selection.method == "directions" and self.targets.full_width:
+            raise ValueError(
+                "targets.full_width stores every teacher unit; selection.method 'directions' caches the "
+                "coordinates on its directions: set full_width: false"
+            )
         if self.loss.reads_whole_hidden and not self.targets.full_width:
             raise ValueError(
                 f"loss.feature '{self.loss.feature}' reads whole teacher hidden states: "

@@ -9,7 +9,8 @@ t + 1 is a response token, in order), K = ``targets.top_k_logits``:
                                          tokens, u stored units in the cache's unit order: the
                                          selected units, most important first (the top-k for
                                          any k <= k_max is a prefix), then with full_width the
-                                         rest in index order
+                                         rest in index order; with selection.method directions
+                                         the coordinates on its directions, U^T h, in order
     teacher_class_logits  list<float32>  [C] classification: the verbalizer logits, exact
     teacher_topk_logits   list<float32>  [P * K] generation: the K largest raw logits, descending
     teacher_topk_ids      list<int32>    [P * K] their token ids
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flexkd.method.directions import project_onto_directions
 from flexkd.method.objective import CachedTeacherLogits, class_logits, forward_scored, response_logits
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -36,16 +38,26 @@ def units_column(layer: int) -> str:
     return f"teacher_units_{layer}"
 
 
+def selected_features(hidden: Tensor, selection: Tensor) -> Tensor:
+    """A layer's teacher features in pairing order: hidden [B, T, d_T] and selection [u] unit
+    indices -> [B, T, u] those units; or selection [d_T, u] directions (selection.method
+    directions) -> [B, T, u] the coordinates on them (float32)."""
+    if selection.ndim == 2:
+        return project_onto_directions(hidden, selection)
+    return hidden.index_select(-1, selection)
+
+
 @torch.no_grad()
 def online_teacher_outputs(
     teacher, batch: dict[str, Tensor], task: str, layers: Sequence[int], selected: dict[int, Tensor], whole_hidden: bool
 ) -> tuple[Tensor, dict[int, Tensor]]:
     """A live teacher's logits at the scored positions (``flexkd.objective.forward_scored``) and,
-    per layer, its selected units [B, T, k_sel] in importance order (or the whole hidden state
-    [B, T, d_T] for the cka/projector baselines)."""
+    per layer, its selected units [B, T, k_sel] in importance order, or its coordinates on the
+    selected directions (:func:`selected_features`), or the whole hidden state [B, T, d_T] for
+    the cka/projector baselines."""
     logits, hidden = forward_scored(teacher, batch, task, list(layers))
     features = {
-        layer: value if whole_hidden else value.index_select(-1, selected[layer]) for layer, value in hidden.items()
+        layer: value if whole_hidden else selected_features(value, selected[layer]) for layer, value in hidden.items()
     }
     return logits, features
 
@@ -65,7 +77,8 @@ def target_columns(
     Args:
         logits: [B, T, V], or only at the scored positions (``flexkd.objective.forward_scored``);
             hidden: layer -> [B, T, d_T]; batch: as ``flexkd.data.collate_batch`` returns it;
-            unit_order: layer -> [u] the unit indices to store, in order.
+            unit_order: layer -> [u] the unit indices to store, in order, or [d_T, u] the
+            directions whose coordinates to store (:func:`selected_features`).
     Returns:
         column name -> one flat numpy array per row.
     """
@@ -74,7 +87,7 @@ def target_columns(
     for layer, order in unit_order.items():
         # Half precision: a stored unit is compared by correlation, which fp16's 3 digits serve;
         # clamping keeps a rare huge activation finite rather than inf.
-        units = hidden[layer].index_select(-1, order).float().clamp(-FLOAT16_MAX, FLOAT16_MAX).half().cpu()
+        units = selected_features(hidden[layer], order).float().clamp(-FLOAT16_MAX, FLOAT16_MAX).half().cpu()
         columns[units_column(layer)] = [units[row, :length].reshape(-1).numpy() for row, length in enumerate(lengths)]
     if task == "classification":
         scores = class_logits(logits, batch["attention_mask"], verbalizer_ids).float().cpu()
@@ -109,7 +122,8 @@ def cached_teacher_outputs(
     Args:
         rows: the batch's columns as Ray Data's numpy batches give them (one array per row).
         batch: ``collate_batch`` of the same rows (its width T sets the padding).
-        stored_units: layer -> u, units per token in the cache; k: units a trial distills.
+        stored_units: layer -> u, units per token in the cache; k: units a trial distills (at
+            most; a layer that stores fewer gives all it stores).
         inverse_order: layer -> positions of the stored units to read, in order: for the
             whole-hidden baselines the [d_T] permutation putting the cached units back in index
             order, or the [k] positions of another selection's units in a full-width cache;
@@ -127,7 +141,7 @@ def cached_teacher_outputs(
     lengths = real.sum(axis=1)
     features = {}
     for layer, units in stored_units.items():
-        keep = units if inverse_order is not None else k
+        keep = units if inverse_order is not None else min(k, units)  # k 'auto' may store fewer than the plan's k
         stored = [len(flat) for flat in rows[units_column(layer)]]
         if stored != (lengths * units).tolist():  # one scatter for the batch: a short row would shift every later one
             raise ValueError(

@@ -49,10 +49,13 @@ class ObjectiveSettings:
 
 @dataclass(frozen=True)
 class LayerPair:
-    """Student block ``student_layer`` learns from teacher block ``teacher_layer``."""
+    """Student block ``student_layer`` learns from teacher block ``teacher_layer``; ``k``: the
+    units (directions) distilled at this pair, where it differs per layer (selection.k 'auto');
+    None: the settings' k."""
 
     teacher_layer: int
     student_layer: int
+    k: int | None = None
 
     @property
     def key(self) -> str:
@@ -235,7 +238,7 @@ def distillation_loss(
                 student_hidden[pair.student_layer],
                 teacher_features[pair.teacher_layer].detach(),
                 mask,
-                settings.k,
+                settings.k if pair.k is None else pair.k,
                 (feature_modules or {}).get(pair.key),
             )
 

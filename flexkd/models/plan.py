@@ -222,8 +222,10 @@ def plan_models(config: PipelineConfig, score_dir: Path | None = None) -> ModelP
             pairs = resolve_layer_map(config.layer_map, teacher.num_hidden_layers, student.num_hidden_layers)
         except ValueError as error:
             raise ConfigError(str(error)) from None
+    # k 'auto': the most the student can take; the score stage chooses each layer's k up to it.
+    requested = min(student.hidden_size, teacher.hidden_size) if config.selection.k == "auto" else config.selection.k
     try:
-        k = resolve_k(config.selection.k, student.hidden_size, teacher.hidden_size)
+        k = resolve_k(requested, student.hidden_size, teacher.hidden_size)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     return ModelPlan(

@@ -98,11 +98,14 @@ def _plot(trials: list[dict[str, Any]], plan, path: Path) -> None:
 
 def _value(row: dict[str, Any], path: str, plan) -> float | None:
     if path in row["params"]:
-        return row["params"][path]
-    value = plan.trial_base
-    for key in path.split("."):
-        value = value[key]
-    return plan.k_max if value is None and path == "selection.k" else value
+        value = row["params"][path]
+    else:
+        value = plan.trial_base
+        for key in path.split("."):
+            value = value[key]
+    if path == "selection.k" and value in (None, "auto"):  # 'auto' differs per layer: plotted at k_max
+        return plan.k_max
+    return value
 
 
 def _number(value) -> str:

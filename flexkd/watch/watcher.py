@@ -522,6 +522,8 @@ def importance_drift(before: dict[str, Any], after: dict[str, Any]) -> dict[str,
         old, new = before["layers"][layer], after["layers"][layer]
         if old.get("d_teacher") != new.get("d_teacher"):
             continue  # a resized teacher: unit j is not the same unit any more
+        if "indices" not in old or "indices" not in new:
+            continue  # selection.method directions pairs no units
         old_units, new_units = torch.tensor(old["indices"]), torch.tensor(new["indices"])
         drift[layer] = (selection_overlap(old_units, new_units), selection_rank_correlation(old_units, new_units))
     return drift
