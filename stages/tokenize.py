@@ -7,7 +7,9 @@ tokenizer actors turns them into training rows (``flexkd.data.tokenize_rows``) a
     <output_dir>/<split>/*.parquet    rows in flexkd.data.ROW_SCHEMA, about data.shard_rows per file
 
 The score split defaults to the train split's source; it is then a copy (hard links) of train's
-shards, so later stages always just read ``<output_dir>/score``.
+shards, so later stages always just read ``<output_dir>/score``. ``data.transfer`` (unlabeled rows,
+classification) is tokenized without its label column into ``<output_dir>/transfer``: class_label
+-1 and reference "" on every row (``flexkd.data.rows.tokenize_rows(labeled=False)``).
 
 ``example_id`` is the row's position in its split's source; a folder of parquet files counts
 its files in sorted order. Ray Data's readers number nothing, and numbering downstream of them
@@ -46,7 +48,7 @@ from ray.data.datasource import Datasource, ReadTask
 from ray.exceptions import RayTaskError
 
 from flexkd.config.schema import DataConfig, DataSplit, PipelineConfig, TaskConfig
-from flexkd.data.rows import ROW_SCHEMA, required_columns, tokenize_rows, verbalizer_token_ids
+from flexkd.data.rows import ROW_SCHEMA, TRANSFER_SPLIT, required_columns, tokenize_rows, verbalizer_token_ids
 from flexkd.errors import StageError
 
 SPLITS = ("train", "eval", "score")
@@ -79,12 +81,17 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
     sources = {"train": config.data.train, "eval": config.data.eval}
     if config.data.score is not None:
         sources["score"] = config.data.score
+    if config.data.transfer is not None:
+        sources[TRANSFER_SPLIT] = config.data.transfer
     tasks = {split: _split_task(config.task, source) for split, source in sources.items()}
 
     rows, tokens = {}, {}
     with _ordered_execution():
-        split_datasets = {split: _checked_dataset(split, source, tasks[split]) for split, source in sources.items()}
-        for split in SPLITS:
+        split_datasets = {
+            split: _checked_dataset(split, source, tasks[split], labeled=split != TRANSFER_SPLIT)
+            for split, source in sources.items()
+        }
+        for split in SPLITS + ((TRANSFER_SPLIT,) if TRANSFER_SPLIT in sources else ()):
             split_dir = output_dir / split
             shutil.rmtree(split_dir, ignore_errors=True)  # a crashed attempt may have left shards
             if split in split_datasets:
@@ -125,12 +132,13 @@ def _ordered_execution():
         options.preserve_order = previous
 
 
-def _checked_dataset(split: str, source: DataSplit, task: TaskConfig) -> ray.data.Dataset:
+def _checked_dataset(split: str, source: DataSplit, task: TaskConfig, labeled: bool = True) -> ray.data.Dataset:
     """The split's numbered rows (limited, only the needed columns and example_id), after
-    checking that the source exists, has every needed column and is not empty."""
+    checking that the source exists, has every needed column and is not empty. ``labeled=False``
+    (data.transfer): the label column is neither needed nor kept."""
     where = f"tokenize: data.{split} ({source.path})"
     try:
-        columns = required_columns(task)
+        columns = required_columns(task, labeled)
         pieces = _batch_readers(source.path, where)
         # One block stream per piece: Ray Data would otherwise cut a small file into ~200 blocks
         # of a few rows each, and per-block overhead would dominate the stage.
@@ -261,13 +269,14 @@ class _TokenizeRows:
     """Training rows from raw rows, with the driver's tokenizer (shipped once per actor: loading
     it again per actor would fetch a demo or MLflow teacher on every node)."""
 
-    def __init__(self, tokenizer, task: TaskConfig, max_length: int):
+    def __init__(self, tokenizer, task: TaskConfig, max_length: int, labeled: bool = True):
         self.tokenizer = tokenizer
         self.task = task
         self.max_length = max_length
+        self.labeled = labeled
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        rows = tokenize_rows(batch, self.tokenizer, self.task, self.max_length)
+        rows = tokenize_rows(batch, self.tokenizer, self.task, self.max_length, self.labeled)
         return pa.Table.from_pydict(rows, schema=ROW_SCHEMA)
 
 
@@ -282,7 +291,12 @@ def _tokenize_and_write(
 ) -> None:
     tokenized = dataset.map_batches(
         _TokenizeRows,
-        fn_constructor_kwargs={"tokenizer": tokenizer, "task": task, "max_length": data.max_length},
+        fn_constructor_kwargs={
+            "tokenizer": tokenizer,
+            "task": task,
+            "max_length": data.max_length,
+            "labeled": split != TRANSFER_SPLIT,
+        },
         batch_format="numpy",
         batch_size=TOKENIZE_BATCH_ROWS,
         udf_modifying_row_count=False,
