@@ -64,8 +64,8 @@ REGIMES: dict[str, Regime] = {
             flexkd_methods=("kd+flexkd-id", "kd+flexkd", "kd+flexkd-dir"),
             student="Student: cut out of the teacher (student.init prune_from_teacher, pruning scores from the "
             "scoring sentences): hidden 192 (the teacher's residual units of highest task importance), 4 of "
-            "the 30 blocks (layer_selection importance: those that change the hidden state most, the last "
-            "always), 3 heads in 1 key/value group, MLP 512; its output layer is the adapted teacher's, "
+            "the 30 blocks spread evenly (layer_selection uniform), 3 heads in 1 key/value group, MLP 512; "
+            "its output layer is the adapted teacher's, "
             "untied, cut to those units. Layer map 'source': each student block with the teacher block it "
             "was cut from. kd+flexkd-id pairs each student unit with the teacher unit it was cut from "
             "(selection identity), kd+flexkd with the teacher's most important units, kd+flexkd-dir with "
@@ -107,9 +107,9 @@ def regime(name: str) -> Regime:
 def student_overrides(name: str) -> dict[str, Any]:
     """The pipeline's student section (and layer map) in regime ``name``."""
     if name == "pruned":
-        return {
-            "student": {"init": "prune_from_teacher", "layer_selection": "importance", "architecture": STUDENT_SHAPE},
-        }
+        # Blocks spread evenly, not chosen by their scores: a run reading the shared cache through
+        # targets.path must know its layer pairs before its score stage has run.
+        return {"student": {"init": "prune_from_teacher", "layer_selection": "uniform", "architecture": STUDENT_SHAPE}}
     # The adapted teacher is untied (its verbalizer rows changed); a random student keeps SmolLM2's
     # tied embeddings, as it would with the original teacher.
     return {"student": {"init": "random", "architecture": STUDENT_SHAPE | {"tie_word_embeddings": True}}}
