@@ -426,7 +426,7 @@ def test_generation_students_are_pruned_from_the_teacher_and_share_every_teacher
     overrides = pipeline_overrides(GenerationSettings.cpu(), tmp_path, tmp_path / "eval.jsonl", 452)
     configs = {method: load_config(PIPELINE, overrides | extra) for method, extra in GENERATION_METHODS.items()}
     for method, config in configs.items():
-        assert (config.student.init, config.student.layer_selection) == ("prune_from_teacher", "uniform"), method
+        assert (config.student.init, config.student.layer_selection) == ("prune_from_teacher", "importance"), method
         assert config.layer_map == "last" and config.selection.method == "identity", method
     assert configs["kd"].loss.uses_features is False and configs["kd+flexkd"].loss.feature == "correlation"
     fingerprints = {}
