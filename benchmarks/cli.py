@@ -36,15 +36,15 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
     from flexkd.config.schema import ConfigError
 
-    misplaced = [name for name in QUALITY_VARIANT_OPTIONS if getattr(args, name, None) is not None]
+    misplaced = [name for name in (*QUALITY_VARIANT_OPTIONS, "regime") if getattr(args, name, None) is not None]
     if args.benchmark != "quality" and misplaced:
         raise ConfigError(f"--{misplaced[0].replace('_', '-')} is an option of 'flexkd bench quality' only")
-    unlabelled = [name for name in misplaced if name != "label"]
+    unlabelled = [name for name in misplaced if name not in ("label", "regime")]
     if unlabelled and args.label is None:
-        # Without a label a variant would overwrite the main table, which notes.md reads.
+        # Without a label a variant would overwrite the regime's table, which notes.md reads.
         raise ConfigError(
             f"--{unlabelled[0].replace('_', '-')} makes a variant: name it with --label NAME "
-            "(it is kept as quality-NAME beside the main table)"
+            "(it is kept as quality-<regime>-NAME beside the regime's table)"
         )
 
     tuned = [name for name in ("learning_rate", "gamma", "layer_map") if args.tune and getattr(args, name) is not None]
@@ -57,9 +57,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
         # a worker: by default one, see QualitySettings.threads_per_worker.
         torch.set_num_threads(args.threads or 1)
     if args.benchmark == "quality":
-        from benchmarks.quality import KEY_METHODS, METHODS, QualitySettings, run_quality, with_overrides
+        from benchmarks.quality import METHODS, QualitySettings, run_quality, with_overrides
 
-        settings = QualitySettings.gpu() if args.gpu else QualitySettings.cpu()
+        settings = QualitySettings.for_regime(args.regime or "random-init", gpu=args.gpu)
         settings = with_overrides(
             settings,
             seeds=_seeds(args.seeds),
@@ -72,7 +72,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
             gamma=args.gamma,
             learning_rate=args.learning_rate,
         )
-        methods = _names(args.methods, METHODS, default_all=not args.tune) or KEY_METHODS
+        # By default the regime's methods (benchmarks.regimes).
+        methods = _names(args.methods, METHODS, default_all=False) or None
         run_quality(settings, work_dir, methods, label=args.label, tune=bool(args.tune))
     elif args.benchmark == "speed":
         from benchmarks.speed import PARTS, SpeedSettings, run_speed

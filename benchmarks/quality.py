@@ -2,18 +2,24 @@
 
     teacher   SmolLM2-135M-Instruct with its verbalizer rows trained on SST-2 (benchmarks.teacher),
               saved once as a plain Hugging Face folder that ``teacher.path`` points at
-    student   the teacher's tokenizer, hidden 192 (3x narrower), 4 layers, random init
-    methods   ft, kd, kd+projector, kd+projector_std, kd+cka, kd+random, kd+variance, kd+flexkd: the same steps,
-              learning rate, data order, loss weights and seeds for all; they differ only in the
-              loss.feature / selection.method they set (METHODS)
+    student   the teacher's tokenizer, hidden 192 (3x narrower), 4 layers; random init, or cut out
+              of the teacher, with all rows labeled or few (``--regime``, benchmarks.regimes)
+    methods   the regime's (by default kd+flexkd, kd+flexkd-dir, kd+projector, kd+projector_std, kd;
+              also ft, kd+cka, kd+random, kd+variance): the same steps, learning rate, data order,
+              loss weights and seeds for all; they differ only in the loss.feature / selection.method
+              they set (METHODS)
     pipeline  pipelines/sst2.yaml with overrides, run by flexkd.runner.run_pipeline: tokenize,
               score and targets (the teacher-target cache, full width) run once per selection
               method and are reused by fingerprint by every seed and method; each (method, seed)
-              runs only distill and evaluate. Seeds set student.seed and training.seed.
+              runs only distill and evaluate. Seeds set student.seed and training.seed (the
+              student's init, a projector's init, and the order of the shuffled training rows).
+    judged    per comparison, the paired difference of test accuracy per seed, a 95% bootstrap
+              interval of its mean, and an exact McNemar test on the per-sentence predictions of
+              every seed (the evaluate stage's eval_predictions.jsonl; benchmarks.stats)
 
-Writes benchmarks/results/quality.{json,md,png}, or quality-<label>.* for a variant (another layer map,
-scoring set, k, loss weight or learning rate, applied alike to every method it runs), and logs them
-to MLflow (experiment flexkd-bench).
+Writes benchmarks/results/quality-<regime>.{json,md,png}, or quality-<regime>-<label>.* for a
+variant (another layer map, scoring set, k, loss weight or learning rate, applied alike to every
+method it runs), and logs them to MLflow (experiment flexkd-bench).
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ from benchmarks.common import (
     stage_seconds,
     write_results,
 )
+from benchmarks.regimes import BASELINES
+from benchmarks.stats import bootstrap_mean_interval, mcnemar_exact, paired_differences, verdict_word
 
 log = logging.getLogger("flexkd")
 
@@ -60,18 +68,27 @@ METHODS: dict[str, dict[str, Any]] = {
     "kd+cka": {"loss.feature": "cka"},
     "kd+random": {"loss.feature": "correlation", "selection.method": "random"},
     "kd+variance": {"loss.feature": "correlation", "selection.method": "variance"},
+    # Flex-KD, units: each student unit with one of the teacher's most important units.
     "kd+flexkd": {"loss.feature": "correlation", "selection.method": "importance"},
+    # Flex-KD, directions: each student unit with the teacher's coordinate on one of its task-gradient
+    # directions; those coordinates are a cache of their own, not columns of the full-width one.
+    "kd+flexkd-dir": {"loss.feature": "correlation", "selection.method": "directions", "targets.full_width": False},
+    # A pruned student only: each student unit with the teacher unit it was cut from.
+    "kd+flexkd-id": {"loss.feature": "correlation", "selection.method": "identity"},
 }
-KEY_METHODS = ("kd+flexkd", "kd+projector", "kd")
+KEY_METHODS = ("kd+flexkd", "kd+flexkd-dir", "kd+projector", "kd+projector_std", "kd")
+# Every Flex-KD variant against every baseline (benchmarks.regimes), then the ablations of the
+# selection and the logit-only step, where they ran.
 COMPARISONS = (
-    ("kd+flexkd", "kd+projector"),
-    ("kd+flexkd", "kd+projector_std"),
-    ("kd+flexkd", "kd"),
+    *((a, b) for a in ("kd+flexkd-id", "kd+flexkd", "kd+flexkd-dir") for b in BASELINES),
     ("kd+flexkd", "kd+random"),
     ("kd+flexkd", "kd+variance"),
     ("kd+flexkd", "kd+cka"),
     ("kd", "ft"),
 )
+# The selection the shared full-width teacher-target cache is built for (by kd+flexkd's config):
+# a run selecting other units reads its columns there instead of building a cache of its own.
+SHARED_CACHE_SELECTION = "importance"
 
 
 @dataclass(frozen=True)
@@ -84,6 +101,9 @@ class QualitySettings:
     steps: int
     batch_size: int
     seeds: tuple[int, ...]
+    regime: str = "random-init"  # benchmarks.regimes
+    labeled_rows: int | None = None  # low-label: the first rows keep their labels, the rest are transfer rows
+    shuffle_buffer: int = 1024  # training.shuffle_buffer: the order of the training rows follows the seed
     learning_rate: float = 1e-3
     warmup_steps: int = 25
     gamma: float = 1.0
@@ -102,17 +122,25 @@ class QualitySettings:
     @classmethod
     def cpu(cls) -> QualitySettings:
         # Sized for 2 cores shared with other jobs (measured: the teacher forward ran at about 2
-        # sentences/s under a load average of 15-30): every teacher pass (adaptation, targets,
-        # scoring, the teacher's test accuracy) is the cost that dominates.
+        # sentences/s under a load average of 15-30; a run of 150 steps and its evaluation about
+        # 2 min): 25 runs of 120 steps, the shared stages and the teacher fit 60 minutes.
         return cls(
             train_rows=1000,
             score_rows=96,
             teacher_rows=3000,
-            steps=150,
+            steps=120,
             batch_size=32,
-            seeds=(0, 1, 2),
+            seeds=(0, 1, 2, 3, 4),
             warmup_steps=10,
         )
+
+    @classmethod
+    def for_regime(cls, name: str, gpu: bool = False) -> QualitySettings:
+        """The CPU or GPU setting with what regime ``name`` changes in it."""
+        from benchmarks.regimes import regime
+
+        chosen = regime(name)
+        return replace(cls.gpu() if gpu else cls.cpu(), regime=name, **(chosen.gpu if gpu else chosen.cpu))
 
     @classmethod
     def gpu(cls) -> QualitySettings:
@@ -123,6 +151,7 @@ class QualitySettings:
             steps=4000,
             batch_size=64,
             seeds=(0, 1, 2, 3, 4),
+            shuffle_buffer=8192,
             use_gpu=True,
             precision="bf16",
             cpus_per_worker=4,
@@ -131,18 +160,25 @@ class QualitySettings:
 
 
 def pipeline_overrides(settings: QualitySettings, teacher_dir: Path, work_dir: Path) -> dict[str, Any]:
-    """pipelines/sst2.yaml made into the benchmark's common config (before method and seed)."""
+    """pipelines/sst2.yaml made into the benchmark's common config (before method and seed), in
+    the settings' regime."""
+    from benchmarks.regimes import student_overrides, transfer_set_path
+
+    labeled = settings.labeled_rows or settings.train_rows
     return {
         "name": "bench-quality" + ("-gpu" if settings.use_gpu else ""),
         "artifact_root": str(work_dir / "runs"),
         "tracking.tracking_uri": tracking_uri(work_dir),
         "tracking.experiment": "flexkd-bench-quality",
         "teacher": {"source": "hf", "path": str(teacher_dir), "name": "SmolLM2-135M-Instruct+sst2-verbalizer"},
-        # The adapted teacher is untied (its verbalizer rows changed); the student keeps SmolLM2's tied
-        # embeddings, as it would with the original teacher.
-        "student.architecture.tie_word_embeddings": True,
+        **student_overrides(settings.regime),
         "data.train.path": str(SHARED_DATA / "sst2" / "train.tsv"),
-        "data.train.limit": settings.train_rows,
+        "data.train.limit": labeled,
+        **(
+            {"data.transfer": {"path": str(transfer_set_path(work_dir, labeled, settings.train_rows))}}
+            if labeled < settings.train_rows
+            else {}
+        ),
         "data.eval.path": str(SHARED_DATA / "sst2" / "test.tsv"),
         "data.score.path": str(SHARED_DATA / "sst2" / "dev.tsv"),
         "data.score.limit": settings.score_rows,
@@ -157,6 +193,7 @@ def pipeline_overrides(settings: QualitySettings, teacher_dir: Path, work_dir: P
         "training.learning_rate": settings.learning_rate,
         "training.warmup_steps": settings.warmup_steps,
         "training.precision": settings.precision,
+        "training.shuffle_buffer": settings.shuffle_buffer,
         "training.log_every": 50,
         "training.checkpoint_every": settings.steps,
         "training.teacher": "cache",
@@ -185,15 +222,17 @@ def method_config(
     extra: dict[str, Any] | None = None,
 ):
     """The pipeline of one (method, seed). ``cache_dir``: the full-width teacher-target cache that
-    a method selecting other units than importance reads instead of building its own; ``extra``:
-    further overrides (the speed benchmark's)."""
+    a method selecting other units than SHARED_CACHE_SELECTION reads instead of building its own;
+    ``extra``: further overrides (the speed benchmark's, a tuned method's best values)."""
     from flexkd.config.schema import load_config
 
     overrides = pipeline_overrides(settings, teacher_dir, work_dir) | METHODS[method]
-    if cache_dir is not None and METHODS[method].get("selection.method", "importance") != "importance":
-        overrides["targets.path"] = str(cache_dir)
     overrides |= {"student.seed": seed, "training.seed": seed} | (extra or {})
-    return load_config(PIPELINE, overrides)
+    config = load_config(PIPELINE, overrides)
+    # Decided on the resolved config: a pruned student selects 'identity' unless its method says otherwise.
+    if cache_dir is not None and config.targets.full_width and config.selection.method != SHARED_CACHE_SELECTION:
+        config = load_config(PIPELINE, overrides | {"targets.path": str(cache_dir)})
+    return config
 
 
 def sst2_teacher(settings: QualitySettings, work_dir: Path) -> tuple[Path, dict[str, Any]]:
@@ -214,31 +253,37 @@ def sst2_teacher(settings: QualitySettings, work_dir: Path) -> tuple[Path, dict[
     )
 
 
-def results_name(label: str | None) -> str:
-    """``quality``, or ``quality-<label>`` for a variant (an investigation run) kept beside it."""
+def results_name(regime: str, label: str | None = None) -> str:
+    """``quality-<regime>``, or ``quality-<regime>-<label>`` for a variant (an investigation run) kept beside it."""
     if label is None:
-        return "quality"
+        return f"quality-{regime}"
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", label):
         from flexkd.config.schema import ConfigError
 
         raise ConfigError(f"--label {label!r}: use lower-case letters, digits and '-' (it names results files)")
-    return f"quality-{label}"
+    return f"quality-{regime}-{label}"
 
 
 def run_quality(
     settings: QualitySettings,
     work_dir: Path = DEFAULT_WORK_DIR,
-    methods: tuple[str, ...] = tuple(METHODS),
+    methods: tuple[str, ...] | None = None,
     results_dir: Path = RESULTS,
     label: str | None = None,
     tune: bool = False,
 ) -> dict[str, Any]:
-    """Every (method, seed) of ``settings``; writes ``results_dir/<results_name(label)>.{json,md,png}``.
-    ``tune``: each method first finds its own values on held-out rows (benchmarks.quality_tuned)."""
+    """Every (method, seed) of ``settings`` (methods: by default the regime's); writes
+    ``results_dir/<results_name(regime, label)>.{json,md,png}``. ``tune``: each method first finds
+    its own values on held-out rows (benchmarks.quality_tuned)."""
     from benchmarks.quality_tuned import tune_methods
+    from benchmarks.regimes import regime, write_transfer_set
+    from flexkd.models.plan import plan_models
     from flexkd.pipeline.runner import run_pipeline
+    from flexkd.stages.evaluate import EVAL_PREDICTIONS
 
-    name = results_name(label)
+    chosen = regime(settings.regime)
+    methods = methods or chosen.methods
+    name = results_name(settings.regime, label)
     if tune and label is None:
         from flexkd.config.schema import ConfigError
 
@@ -247,6 +292,8 @@ def run_quality(
     work_dir.mkdir(parents=True, exist_ok=True)
     command = command_line()
     started = time.time()
+    if settings.labeled_rows is not None:
+        write_transfer_set(work_dir, settings.labeled_rows, settings.train_rows)
     with LoadMonitor() as load:
         teacher_dir, teacher_record = sst2_teacher(settings, work_dir)
         runs: list[dict[str, Any]] = []
@@ -258,6 +305,9 @@ def run_quality(
             method_config(settings, teacher_dir, work_dir, "kd+flexkd", settings.seeds[0]), stages=SHARED_STAGES
         )
         cache_dir = Path(prepared.stages["targets"].directory)
+        # A pruned student's layer pairs are known once the score stage has chosen its blocks.
+        layer_pairs = plan_models(prepared.config, Path(prepared.stages["score"].directory)).layer_pairs
+        rows = prepared.stages["tokenize"].outputs["rows"]
         for stage in SHARED_STAGES:
             key = stage if stage == "tokenize" else f"{stage}/{prepared.config.selection.method}"
             shared_seconds[key] = stage_seconds(prepared.stages[stage])
@@ -267,7 +317,7 @@ def run_quality(
         best = {method: sweep["best"] for method, sweep in tuning["methods"].items()} if tuning else {}
         stop_file = work_dir / STOP_FILE
         stop_file.unlink(missing_ok=True)
-        for seed, method in run_order(methods, settings.seeds):
+        for seed, method in run_order(methods, settings.seeds, chosen.methods):
             if stop_file.exists():
                 log.warning("bench quality: %s found, stopping after %d runs", stop_file, len(runs))
                 break
@@ -290,6 +340,8 @@ def run_quality(
                     "method": method,
                     "seed": seed,
                     "accuracy": metrics["student.accuracy"],
+                    # Per test sentence in example_id order, "1" where the student is right: McNemar's input.
+                    "correct": correctness(Path(evaluate.directory) / EVAL_PREDICTIONS),
                     "macro_f1": metrics["student.macro_f1"],
                     "teacher_accuracy": metrics["teacher.accuracy"],
                     "extra_trainable_parameters": distill.outputs["extra_trainable_parameters"],
@@ -311,6 +363,9 @@ def run_quality(
         "machine": machine(),
         "load": load.summary(),
         "settings": asdict(settings),
+        "regime": {"name": chosen.name, "student": chosen.student, "budget": chosen.budget},
+        "rows": rows,
+        "layer_pairs": [list(pair) for pair in layer_pairs],
         "pipeline": str(PIPELINE.relative_to(REPO)),
         "common_overrides": pipeline_overrides(settings, Path("<adapted teacher>"), Path("<work dir>")),
         "methods": METHODS,
@@ -329,55 +384,75 @@ def run_quality(
     return results
 
 
-def run_order(methods: tuple[str, ...], seeds: tuple[int, ...]) -> list[tuple[int, str]]:
-    """The headline comparison first (kd+flexkd, kd+projector, kd at every seed, seed-major), then
-    the other methods, seed-major: a benchmark ended early (STOP_FILE) on a slow machine still
-    answers the main question with a seed spread."""
-    key = [m for m in KEY_METHODS if m in methods]
-    rest = [m for m in methods if m not in key]
-    return [(seed, m) for seed in seeds for m in key] + [(seed, m) for seed in seeds for m in rest]
+def run_order(
+    methods: tuple[str, ...], seeds: tuple[int, ...], key: tuple[str, ...] = KEY_METHODS
+) -> list[tuple[int, str]]:
+    """The headline comparison first (the ``key`` methods at every seed, seed-major), then the other
+    methods, seed-major: a benchmark ended early (STOP_FILE) on a slow machine still answers the
+    main question with a seed spread."""
+    first = [m for m in key if m in methods]
+    rest = [m for m in methods if m not in first]
+    return [(seed, m) for seed in seeds for m in first] + [(seed, m) for seed in seeds for m in rest]
+
+
+def correctness(predictions_file: Path) -> str:
+    """The evaluate stage's eval_predictions.jsonl as one character per eval row in example_id
+    order: "1" where the student's prediction is the label, "0" where not."""
+    rows = sorted(
+        (json.loads(line) for line in predictions_file.read_text().splitlines()), key=lambda row: row["example_id"]
+    )
+    return "".join("1" if row["prediction"] == row["label"] else "0" for row in rows)
 
 
 def summarize(runs: list[dict[str, Any]], methods: tuple[str, ...]) -> dict[str, Any]:
-    """Per method: mean and std over seeds; per comparison: the difference of means, the paired
-    (same seed) differences, and whether the difference exceeds the seed spread."""
-    table = {}
+    """Per method: mean and std over seeds; per comparison (A, B): the paired (same seed)
+    differences of accuracy, a 95% bootstrap interval of their mean, and an exact McNemar test on
+    the per-sentence correctness of every common seed, pooled (benchmarks.stats)."""
+    table, accuracy = {}, {}
     for method in methods:
         mine = [run for run in runs if run["method"] == method]
         if not mine:
             continue
-        mean, std = mean_std([100 * run["accuracy"] for run in mine])
+        accuracy[method] = {run["seed"]: 100 * run["accuracy"] for run in mine}
+        mean, std = mean_std(list(accuracy[method].values()))
         table[method] = {
             "accuracy_mean": round(mean, 2),
             "accuracy_std": round(std, 2),
             "seeds": len(mine),
-            "per_seed": {run["seed"]: round(100 * run["accuracy"], 2) for run in mine},
+            "per_seed": {seed: round(value, 2) for seed, value in accuracy[method].items()},
             "extra_trainable_parameters": mine[0]["extra_trainable_parameters"],
             "distill_seconds_mean": round(mean_std([run["distill_seconds"] for run in mine])[0], 1),
             "tokens_per_second_mean": round(mean_std([run["tokens_per_second"] for run in mine])[0], 1),
         }
+    correct = {(run["method"], run["seed"]): run.get("correct") for run in runs}
     comparisons = []
     for a, b in COMPARISONS:
         if a not in table or b not in table:
             continue
-        seeds = sorted(set(table[a]["per_seed"]) & set(table[b]["per_seed"]))
-        paired = [table[a]["per_seed"][s] - table[b]["per_seed"][s] for s in seeds]
-        paired_mean, paired_std = mean_std(paired) if paired else (float("nan"), float("nan"))
-        difference = table[a]["accuracy_mean"] - table[b]["accuracy_mean"]
-        spread = max(table[a]["accuracy_std"], table[b]["accuracy_std"])
-        comparisons.append(
-            {
-                "a": a,
-                "b": b,
-                "difference": round(difference, 2),
-                "seed_spread": round(spread, 2),
-                "exceeds_seed_spread": abs(difference) > spread,
-                "paired_difference_mean": round(paired_mean, 2),
-                "paired_difference_std": round(paired_std, 2),
-                "a_wins_seeds": sum(d > 0 for d in paired),
-                "seeds": len(paired),
-            }
-        )
+        paired = paired_differences(accuracy[a], accuracy[b])
+        if not paired:
+            continue
+        paired_mean, paired_std = mean_std(list(paired.values()))
+        low, high = bootstrap_mean_interval(list(paired.values()))
+        comparison = {
+            "a": a,
+            "b": b,
+            "seeds": len(paired),
+            "paired_difference": {seed: round(value, 2) for seed, value in paired.items()},
+            "paired_difference_mean": round(paired_mean, 2),
+            "paired_difference_std": round(paired_std, 2),
+            "ci95": [round(low, 2), round(high, 2)],
+            "ci_excludes_zero": low > 0 or high < 0,
+            "a_wins_seeds": sum(value > 0 for value in paired.values()),
+            "verdict": verdict_word((low, high)),
+        }
+        if all(correct.get((method, seed)) for method in (a, b) for seed in paired):
+            test = mcnemar_exact(
+                [c == "1" for seed in paired for c in correct[(a, seed)]],
+                [c == "1" for seed in paired for c in correct[(b, seed)]],
+            )
+            comparison["mcnemar"] = {"a_only": test.a_only, "b_only": test.b_only, "p": test.p}
+        comparisons.append(comparison)
     teacher = [run["teacher_accuracy"] for run in runs]
     headline = {f"accuracy.{m}": v["accuracy_mean"] for m, v in table.items()}
     if teacher:
@@ -417,15 +492,45 @@ def selection_diagnostics(score_dirs: dict[str, Path]) -> dict[str, dict[str, fl
 
 
 def verdict(comparison: dict[str, Any]) -> str:
-    a, b, diff = comparison["a"], comparison["b"], comparison["difference"]
-    word = "beats" if diff > 0 else ("ties" if diff == 0 else "trails")
-    spread = (
-        "more than" if comparison["exceeds_seed_spread"] else "within"
-    ) + f" the seed spread of {comparison['seed_spread']:.2f}"
-    return (
-        f"**{a} {word} {b}** by {diff:+.2f} points ({spread}); paired by seed {comparison['paired_difference_mean']:+.2f} "
-        f"± {comparison['paired_difference_std']:.2f}, {a} ahead on {comparison['a_wins_seeds']} of {comparison['seeds']} seeds"
+    """The comparison as a sentence: the word follows the 95% interval (beats / trails when it
+    excludes 0 on that side, ties otherwise), then the numbers behind it."""
+    a, b, seeds = comparison["a"], comparison["b"], comparison["seeds"]
+    low, high = comparison["ci95"]
+    sentence = (
+        f"**{a} {comparison['verdict']} {b}**: paired difference {comparison['paired_difference_mean']:+.2f} "
+        f"± {comparison['paired_difference_std']:.2f} points over {seeds} seeds, 95% CI [{low:+.2f}, {high:+.2f}], "
+        f"which {'excludes' if comparison['ci_excludes_zero'] else 'includes'} 0; {a} ahead on "
+        f"{comparison['a_wins_seeds']} of {seeds} seeds"
     )
+    test = comparison.get("mcnemar")
+    if test:
+        sentence += (
+            f"; McNemar over the sentences of those seeds: {test['a_only']} right only with {a}, "
+            f"{test['b_only']} only with {b}, p = {_p_value(test['p'])}"
+        )
+    return sentence
+
+
+def _p_value(p: float) -> str:
+    return "< 0.0001" if p < 1e-4 else f"{p:.3g}"
+
+
+def comparisons_table(comparisons: list[dict[str, Any]]) -> list[str]:
+    """The comparisons as a markdown table, one row each."""
+    lines = [
+        "| A | B | paired difference (mean ± std, points) | 95% CI | A ahead (seeds) | McNemar: A only / B only | p | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in comparisons:
+        test = c.get("mcnemar")
+        mcnemar = f"{test['a_only']} / {test['b_only']} | {_p_value(test['p'])}" if test else "- | -"
+        excludes = "excludes 0" if c["ci_excludes_zero"] else "includes 0"
+        lines.append(
+            f"| {c['a']} | {c['b']} | {c['paired_difference_mean']:+.2f} ± {c['paired_difference_std']:.2f} | "
+            f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}] ({excludes}) | {c['a_wins_seeds']} of {c['seeds']} | "
+            f"{mcnemar} | {c['verdict']} |"
+        )
+    return lines
 
 
 def _epochs_sentence(teacher: dict[str, Any]) -> str:
@@ -438,12 +543,10 @@ def _epochs_sentence(teacher: dict[str, Any]) -> str:
 
 
 def quality_markdown(results: dict[str, Any]) -> str:
-    settings, teacher, load = results["settings"], results["teacher"], results["load"]
-    from flexkd.method.layers import resolve_layer_map
-
-    name, label = results.get("benchmark", "quality"), results.get("label")
+    settings, teacher, load, regime = results["settings"], results["teacher"], results["load"], results["regime"]
+    name, label = results["benchmark"], results.get("label")
     lines = [
-        "## Quality: SST-2 classification" + (f", variant `{label}`" if label else ""),
+        f"## Quality: SST-2 classification, regime `{regime['name']}`" + (f", variant `{label}`" if label else ""),
         "",
         f"Command: `{results['command']}` (finished {results['finished_at']}, wall time {results['wall_seconds'] / 60:.1f} min; "
         f"it reused {results['reused_seconds'] / 60:.1f} min of teacher adaptation and shared stages built by an earlier "
@@ -455,23 +558,27 @@ def quality_markdown(results: dict[str, Any]) -> str:
         f"{load_sentence(load).capitalize()}.",
         "",
         f"Teacher: SmolLM2-135M-Instruct, adapted on {teacher['train_rows']} SST-2 training sentences "
-        f"(flexkd/bench/teacher.py): the verbalizer rows of lm_head fitted on frozen final features (L2 {teacher['l2']}), "
+        f"(benchmarks/teacher.py): the verbalizer rows of lm_head fitted on frozen final features (L2 {teacher['l2']}), "
         f"then the top {teacher['top_layers']} blocks, the final norm and those rows fine-tuned together "
         f"({_epochs_sentence(teacher)}); **test accuracy {results['headline'].get('accuracy.teacher', float('nan')):.2f}%** "
         f"(evaluate stage, 872 sentences). On the held-out tenth ({teacher['held_out_rows']} sentences): zero-shot "
         f"{100 * teacher['zero_shot_held_out_accuracy']:.2f}%, rows alone {100 * teacher['probe_held_out_accuracy'][str(teacher['l2'])]:.2f}%, "
         f"kept {100 * teacher['held_out_accuracy']:.2f}% (that tenth also picked L2 and the epoch, so these lean high).",
         "",
-        f"Student: teacher's tokenizer, hidden 192, 4 layers, random init. {settings['train_rows']} training sentences, "
+        f"Regime `{regime['name']}`. {_student_sentence(results)}",
+        "",
+        f"{settings['train_rows']} training sentences, "
         f"{settings['steps']} steps of batch {settings['batch_size']}, AdamW lr {settings['learning_rate']} "
         f"(warmup {settings['warmup_steps']}, cosine), loss = task + {settings['beta']} x KL(T={settings['temperature']}) "
         f"+ {settings['gamma']} x feature loss summed over the {settings['layer_map']} layer map "
-        f"(teacher block -> student block: {', '.join(f'{t}->{s}' for t, s in resolve_layer_map(settings['layer_map'], 30, 4))}), "
+        f"(teacher block -> student block: {', '.join(f'{t}->{s}' for t, s in results['layer_pairs'])}), "
         "identical for every method; importance scored on "
         f"{settings['score_rows']} dev sentences at those teacher layers; the selections keep "
-        f"{settings.get('k') or 192} of the teacher's 576 units per layer. Distill precision "
-        f"{settings.get('precision', 'float32')}. Seeds {list(settings['seeds'])} "
-        "(student init and projector init); the data order is the same for all runs. Accuracy on test.tsv (872 sentences).",
+        f"{settings.get('k') or 192} of the teacher's 576 units (or directions) per layer. Distill precision "
+        f"{settings.get('precision', 'float32')}. Seeds {list(settings['seeds'])}: a seed sets the student's init, "
+        f"a projector's init and the order of the training rows (a seeded shuffle of {settings['shuffle_buffer']} rows "
+        "each epoch), the same for every method at that seed. Accuracy on test.tsv (872 sentences). "
+        f"{regime['budget']}",
         "",
     ]
     if results.get("tuning"):
@@ -490,7 +597,17 @@ def quality_markdown(results: dict[str, Any]) -> str:
         )
     lines += ["", f"![{name}](results/{name}.png)", ""]
     if results["comparisons"]:
-        lines += ["Comparisons (difference of means, in accuracy points):", ""]
+        lines += [
+            "Comparisons, paired by seed (A minus B, accuracy points): the mean and std of the per-seed "
+            "differences, a 95% percentile-bootstrap interval of their mean (10,000 resamples of the seeds, "
+            "RNG seed 0; with 5 seeds it runs narrow), and an exact McNemar test on the test sentences of every "
+            "seed pooled (the pairs where exactly one of A and B is right; it takes each (sentence, seed) pair "
+            "as independent). The verdict follows the interval: beats or trails when it excludes 0, ties otherwise "
+            "(benchmarks/stats.py).",
+            "",
+            *comparisons_table(results["comparisons"]),
+            "",
+        ]
         lines += [f"- {verdict(c)}." for c in results["comparisons"]]
     else:
         lines.append("No two of the compared methods ran in this invocation: read it against the main table.")
@@ -517,6 +634,22 @@ def quality_markdown(results: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _student_sentence(results: dict[str, Any]) -> str:
+    """The regime's sentence on the student and its data, its numbers filled in."""
+    from flexkd.stages.distill import transfer_rows_per_batch
+
+    settings, rows = results["settings"], results.get("rows", {})
+    labeled, transfer = rows.get("train", settings["train_rows"]), rows.get("transfer", 0)
+    transfer_per_batch = transfer_rows_per_batch(settings["batch_size"], labeled, transfer) if transfer else 0
+    return results["regime"]["student"].format(
+        labeled_rows=labeled,
+        transfer_rows=transfer,
+        batch_size=settings["batch_size"],
+        labeled_per_batch=settings["batch_size"] - transfer_per_batch,
+        transfer_per_batch=transfer_per_batch,
+    )
 
 
 def _share(value: float | None) -> str:
@@ -547,7 +680,10 @@ def plot_quality(results: dict[str, Any], path: Path) -> Path:
     axis.set_ylim(max(0, low - 3), max([*means, teacher or 0]) + 3)
     axis.set_ylabel("SST-2 test accuracy (%)")
     seeds = sorted({row["seeds"] for row in results["table"].values()})
-    axis.set_title(f"Student d=192, 4 layers; mean ± std over seeds (n = {', '.join(map(str, seeds))}), dots: seeds")
+    axis.set_title(
+        f"{results['regime']['name']}: student d=192, 4 layers; mean ± std over seeds "
+        f"(n = {', '.join(map(str, seeds))}), dots: seeds"
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

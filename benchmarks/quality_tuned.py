@@ -10,7 +10,7 @@
                    last step; the seed is one the comparison does not use, so no test score comes
                    from the very run that won its sweep
     comparison     each method with its own best values, every seed, on test.tsv (run_quality),
-                   kept as quality-<label> beside the main table
+                   kept as quality-<regime>-<label> beside the regime's table
 
 Each sweep tokenizes the selection set as its eval split, so it builds its own tokenize, score and
 targets stages (a teacher pass, about 2.5 min on 2 cores); a best layer map other than the main

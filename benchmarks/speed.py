@@ -90,6 +90,8 @@ def classification_config(settings: SpeedSettings, work_dir: Path, method: str =
     from benchmarks.quality import QualitySettings, method_config, sst2_teacher
 
     quality = QualitySettings.gpu() if settings.use_gpu else QualitySettings.cpu()
+    # The stored row order, as the plain loop it is compared with reads the cache.
+    quality = replace(quality, shuffle_buffer=0)
     teacher_dir, _ = sst2_teacher(quality, work_dir)
     values = {
         "tracking.tracking_uri": tracking_uri(work_dir),

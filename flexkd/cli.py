@@ -251,15 +251,20 @@ def build_parser() -> argparse.ArgumentParser:
         "right when other jobs share the cores; 2 on an idle 2-core machine is faster)",
     )
     bench.add_argument(
+        "--regime",
+        help="quality: random-init (default), pruned (the student cut out of the teacher) or low-label (256 "
+        "labeled rows and the rest unlabeled); each writes benchmarks/results/quality-<regime>.*",
+    )
+    bench.add_argument(
         "--only",
         help="speed: re-measure only these parts (plain,feature,score,workers,trl), "
         "keeping the others from the last benchmarks/results/speed.json",
     )
     variant = bench.add_argument_group(
         "quality variants (an investigation run; with --label its results are kept "
-        "as quality-<label> beside the main table)"
+        "as quality-<regime>-<label> beside the regime's table)"
     )
-    variant.add_argument("--layer-map", help="layer_map of every method (default: uniform)")
+    variant.add_argument("--layer-map", help="layer_map of every method (default: uniform; pruned: source)")
     variant.add_argument(
         "--score-rows", type=_positive_int, help="dev sentences the importance is scored on (CPU default 96)"
     )
@@ -277,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="tune each method first (its own flexkd tune sweep, scored on held-out dev rows), "
         "then compare the methods with their best values",
     )
-    variant.add_argument("--label", help="write benchmarks/results/quality-<label>.* instead of quality.*")
+    variant.add_argument(
+        "--label", help="write benchmarks/results/quality-<regime>-<label>.* instead of quality-<regime>.*"
+    )
     bench.add_argument("--work-dir", help="artifacts, cached teacher and MLflow store (default: runs/bench)")
     bench.set_defaults(handler=cmd_bench)
     return parser

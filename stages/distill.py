@@ -16,6 +16,11 @@ Every step: student forward, and
 
     L = alpha * task + beta * logit KD + gamma * sum over layer pairs of the feature loss.
 
+With ``data.transfer`` every batch also holds unlabeled rows, as many as their share of all rows
+(at least one row of each kind): the logit and feature losses read every row, the task loss only
+the labeled ones. ``training.shuffle_buffer`` draws each epoch's batches from a seeded local
+shuffle (Ray Data's) instead of the stored order.
+
 Checkpoints (torch.distributed.checkpoint) go to ``checkpoints/step_*``; a restarted worker
 group, or a rerun after the driver died, continues from the newest complete one. A Tune trial
 (flexkd.tune) also evaluates the student every ``eval_every`` steps and reports the metrics.
@@ -48,7 +53,7 @@ from flexkd import distributed
 from flexkd.cluster.train_workers import progress_bars_wanted, run_workers
 from flexkd.config.schema import ConfigError, PipelineConfig
 from flexkd.data.directions_files import distilled_ks, read_directions
-from flexkd.data.rows import ROW_SCHEMA, collate_batch
+from flexkd.data.rows import ROW_SCHEMA, TRANSFER_SPLIT, collate_batch
 from flexkd.data.teacher_targets import cached_teacher_outputs, online_teacher_outputs, units_column
 from flexkd.evaluation.periodic import StudentEvaluator
 from flexkd.method.objective import LayerPair, ObjectiveSettings, StudentWithObjective, objective_module
@@ -99,6 +104,7 @@ class DistillLoop:
     # training.teacher 'online': teacher layer -> selected unit indices, or (selection.method directions)
     # the [d_T, k] basis the step projects onto
     selected: dict[int, list[int] | torch.Tensor] | None
+    transfer_split: tuple[int, int] | None  # data.transfer: (labeled rows, unlabeled rows)
 
 
 def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> dict[str, Any]:
@@ -158,18 +164,23 @@ def train_student(
             )
         unit_columns = [units_column(layer) for layer in units] if config.loss.uses_features else []
         columns = [*ROW_SCHEMA.names, *unit_columns, *_cache_logit_columns(config.task.kind)]
-        train = (
-            ray.data.read_parquet(str(inputs["targets"] / "train"), columns=columns)
-            if train_data is None
-            else train_data
-        )
+        rows_dir = inputs["targets"]
     else:
         if directions:  # [d_T, k] per layer: the step projects onto them
             selected_units = {layer: d["basis"][:, : layer_k[layer]] for layer, d in directions.items()}
         else:
             selected = json.loads((inputs["score"] / "selected.json").read_text())
             selected_units = {int(layer): entry["indices"] for layer, entry in selected["layers"].items()}
-        train = ray.data.read_parquet(str(inputs["tokenize"] / "train")) if train_data is None else train_data
+        columns, rows_dir = None, inputs["tokenize"]
+    train = ray.data.read_parquet(str(rows_dir / "train"), columns=columns) if train_data is None else train_data
+    datasets = {"train": train}
+    transfer_split = None
+    if config.data.transfer is not None:
+        # Unlabeled rows: every batch holds their share of all rows (transfer_rows_per_batch).
+        datasets[TRANSFER_SPLIT] = ray.data.read_parquet(str(rows_dir / TRANSFER_SPLIT), columns=columns)
+        transfer_split = (tokenized["rows"]["train"], tokenized["rows"][TRANSFER_SPLIT])
+        # A batch too small for both kinds of rows is refused here, not in a worker.
+        transfer_rows_per_batch(config.training.batch_size, *transfer_split)
     loop = DistillLoop(
         config=config,
         settings=config.loss.objective_settings(config.task.kind, plan.k),
@@ -187,6 +198,7 @@ def train_student(
         progress_bars=progress_bars_wanted(),
         cache=cache,
         selected=selected_units,
+        transfer_split=transfer_split,
     )
     run_workers(
         "distill",
@@ -194,7 +206,7 @@ def train_student(
         _distill_worker,
         # Ray Train wants a dict; its one entry is the typed loop.
         loop_config={"loop": loop},
-        datasets={"train": train},
+        datasets=datasets,
         run_name=run_name,
         storage=output_dir / "ray",
         max_failures=config.training.max_failures,
@@ -246,13 +258,44 @@ def learning_rate_at(step: int, config: PipelineConfig) -> float:
     return training.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def _endless_batches(shard, batch_size: int, skip: int) -> Iterator[dict[str, np.ndarray]]:
+def transfer_rows_per_batch(batch_size: int, labeled_rows: int, transfer_rows: int) -> int:
+    """How many of a batch's rows are unlabeled transfer rows: their share of all rows, rounded,
+    leaving at least one row of each kind. Raises ConfigError if a batch cannot hold both."""
+    if batch_size < 2:
+        raise ConfigError(
+            f"training.batch_size = {batch_size}: with data.transfer a batch holds labeled and unlabeled rows, "
+            "so it needs at least 2"
+        )
+    return min(batch_size - 1, max(1, round(batch_size * transfer_rows / (labeled_rows + transfer_rows))))
+
+
+def joined_batch(first: dict[str, Any], second: dict[str, Any]) -> dict[str, list]:
+    """Two numpy batches of the same columns as one (rows of ``first``, then of ``second``); as
+    lists of rows, since a list column may come as a 2-D array in one and ragged in the other."""
+    if first.keys() != second.keys():
+        raise ValueError(f"joined_batch: columns {sorted(first)} and {sorted(second)} differ")
+    return {name: [*first[name], *second[name]] for name in first}
+
+
+def _endless_batches(
+    shard, batch_size: int, skip: int, shuffle_buffer: int = 0, seed: int = 0
+) -> Iterator[dict[str, np.ndarray]]:
     """Epoch after epoch over this worker's shard; the first ``skip`` batches are passed over
-    so a resumed run sees the batches it would have seen."""
+    so a resumed run sees the batches it would have seen. ``shuffle_buffer`` > 0: each epoch's
+    batches come from Ray Data's local shuffle of that many rows, seeded by (seed, epoch), so a
+    rerun (and a resumed run) sees the same order."""
     seen = 0
-    for _ in count():
+    for epoch in count():
         seen_before = seen
-        for rows in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True):
+        shuffle = (
+            {
+                "local_shuffle_buffer_size": shuffle_buffer,
+                "local_shuffle_seed": int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]),
+            }
+            if shuffle_buffer
+            else {}
+        )
+        for rows in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True, **shuffle):
             seen += 1
             if seen > skip:
                 yield rows
@@ -329,7 +372,12 @@ def _distill_worker(loop_config: dict[str, DistillLoop]) -> None:
         else None
     )
     per_rank_batch = max(1, config.training.batch_size // distributed.world_size())
-    batches = _endless_batches(ray.train.get_dataset_shard("train"), per_rank_batch, skip=start_step)
+    transfer_rows = transfer_rows_per_batch(per_rank_batch, *loop.transfer_split) if loop.transfer_split else 0
+    order = {"skip": start_step, "shuffle_buffer": config.training.shuffle_buffer, "seed": config.training.seed}
+    batches = _endless_batches(ray.train.get_dataset_shard("train"), per_rank_batch - transfer_rows, **order)
+    if transfer_rows:
+        unlabeled = _endless_batches(ray.train.get_dataset_shard(TRANSFER_SPLIT), transfer_rows, **order)
+        batches = (joined_batch(labeled, more) for labeled, more in zip(batches, unlabeled))
     logger = WorkerMetricLogger(loop.tracking_uri, loop.run_id) if distributed.is_main_process() else None
     progress = _progress_bar(start_step, config.training.steps) if loop.progress_bars else None
     mixed_precision = distributed.autocast(config.training.precision, device)  # checked once, entered every step

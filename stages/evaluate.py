@@ -11,7 +11,10 @@ parquet written by tokenize, then loads each model in turn and scores it:
 The driver logs the metrics to MLflow as ``teacher.<metric>`` / ``student.<metric>``, logs the
 first ``evaluation.samples`` predictions as the table ``predictions.json``, and writes:
 
-    predictions.jsonl   per sampled example: prompt, reference, teacher and student output
+    predictions.jsonl       per sampled example: prompt, reference, teacher and student output
+    eval_predictions.jsonl  per eval row, every one: example_id, label (the reference: label name
+                            or response), prediction (the student's) and teacher; what a paired
+                            test of two students on the same rows reads (benchmarks/stats.py)
 
 The teacher's scores and outputs are kept in ``<artifact_root>/<pipeline>/evaluate/teacher_scores/``, keyed
 by teacher, task, evaluation settings and eval rows, so the students of a comparison (every
@@ -39,6 +42,7 @@ from flexkd.models.plan import load_pipeline_tokenizer, load_teacher
 
 # The teacher's kept scores, beside the evaluate stage's fingerprint folders.
 TEACHER_SCORES_DIR = "teacher_scores"
+EVAL_PREDICTIONS = "eval_predictions.jsonl"
 
 
 def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> dict[str, Any]:
@@ -68,6 +72,8 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
     metrics, predictions = result["metrics"], result["predictions"]
     with (output_dir / "predictions.jsonl").open("w") as file:
         file.writelines(json.dumps(row) + "\n" for row in predictions)
+    with (output_dir / EVAL_PREDICTIONS).open("w") as file:
+        file.writelines(json.dumps(row) + "\n" for row in result["every_prediction"])
     mlflow.log_metrics(metrics)
     if predictions:
         mlflow.log_table(
@@ -87,7 +93,8 @@ def evaluate_models(
     teacher_scores_dir: str | None = None,
     progress_bars: bool = False,
 ) -> dict[str, Any]:
-    """The body of the Ray task: metrics of both models and their first sampled predictions.
+    """The body of the Ray task: metrics of both models, their first sampled predictions and every
+    row's prediction.
     ``teacher_scores_dir``: where the teacher's scores are kept and looked up (None: not kept)."""
     distributed.use_threads(config.resources.threads_per_worker)
     table = read_eval_rows(Path(eval_dir))
@@ -135,7 +142,22 @@ def evaluate_models(
         }
         for index, row in enumerate(samples)
     ]
-    return {"metrics": metrics, "predictions": predictions, "examples": table.num_rows}
+    every_prediction = [
+        {"example_id": example_id, "label": reference, "prediction": student, "teacher": teacher}
+        for example_id, reference, student, teacher in zip(
+            table.column("example_id").to_pylist(),
+            table.column("reference").to_pylist(),
+            outputs["student"],
+            outputs["teacher"],
+            strict=True,
+        )
+    ]
+    return {
+        "metrics": metrics,
+        "predictions": predictions,
+        "every_prediction": every_prediction,
+        "examples": table.num_rows,
+    }
 
 
 def teacher_results_file(config: PipelineConfig, eval_dir: str, directory: Path) -> Path:

@@ -3,7 +3,8 @@
 Runs only with ``training.teacher: cache``. A Ray Data actor pool holds the frozen teacher; each
 actor runs forward passes (no gradient, so no FSDP: every actor holds a whole teacher, which fits
 the teachers this runs on; a teacher too big for one device would need sharded inference) over
-``<tokenize>/train`` and writes the training rows with the teacher's outputs attached:
+``<tokenize>/train`` (and ``<tokenize>/transfer``, the unlabeled rows of data.transfer, into
+``transfer/``) and writes the training rows with the teacher's outputs attached:
 
     train/*.parquet   training rows + teacher columns (flexkd.teacher_targets: per mapped teacher
                       layer the first k_max selected units per token in float16; the class logits
@@ -38,12 +39,13 @@ import torch
 from flexkd import distributed
 from flexkd.config.schema import ConfigError, PipelineConfig, stable_hash
 from flexkd.data.directions_files import DIRECTIONS_DIR, distilled_ks, read_directions
-from flexkd.data.rows import ROW_SCHEMA, collate_batch
+from flexkd.data.rows import ROW_SCHEMA, TRANSFER_SPLIT, collate_batch
 from flexkd.data.teacher_targets import target_columns, units_column
 from flexkd.method.objective import forward_scored
 from flexkd.models.plan import load_pipeline_tokenizer, load_teacher, plan_models
 
 INFO_FILE = "targets.json"
+CACHED_SPLITS = ("train", TRANSFER_SPLIT)  # the training rows, and the unlabeled rows of data.transfer if any
 
 
 def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> dict[str, Any]:
@@ -74,39 +76,45 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
     top_k = min(config.targets.top_k_logits, len(load_pipeline_tokenizer(config)))
     temperatures = sorted(set(config.targets.temperatures))
 
-    train_dir = output_dir / "train"
-    shutil.rmtree(train_dir, ignore_errors=True)  # a crashed attempt may have left shards
     resources = config.resources
-    with _ordered_execution():  # cache rows in the order of the training rows
-        rows = ray.data.read_parquet(str(inputs["tokenize"] / "train"))
-        with_targets = rows.map_batches(
-            TeacherTargetWriter,
-            batch_format="numpy",
-            batch_size=config.targets.batch_size,
-            fn_constructor_kwargs={
-                "config": config,
-                "unit_order": unit_order,
-                "top_k": top_k,
-                "temperatures": temperatures,
-                "pad_token_id": tokenized["outputs"]["pad_token_id"],
-                "verbalizer_ids": tokenized["outputs"]["verbalizer_ids"],
-            },
-            compute=ray.data.ActorPoolStrategy(size=resources.num_workers),
-            num_cpus=resources.cpus_per_worker,
-            num_gpus=1 if resources.use_gpu else 0,
-            udf_modifying_row_count=False,
-        )
-        with_targets.write_parquet(
-            str(train_dir), min_rows_per_file=config.data.shard_rows, max_rows_per_file=config.data.shard_rows
-        )
-
+    written, shards = {}, []
+    for split in CACHED_SPLITS:
+        if split not in tokenized["outputs"]["rows"]:  # no data.transfer
+            continue
+        split_dir = output_dir / split
+        shutil.rmtree(split_dir, ignore_errors=True)  # a crashed attempt may have left shards
+        with _ordered_execution():  # cache rows in the order of the training rows
+            rows = ray.data.read_parquet(str(inputs["tokenize"] / split))
+            with_targets = rows.map_batches(
+                TeacherTargetWriter,
+                batch_format="numpy",
+                batch_size=config.targets.batch_size,
+                fn_constructor_kwargs={
+                    "config": config,
+                    "unit_order": unit_order,
+                    "top_k": top_k,
+                    "temperatures": temperatures,
+                    "pad_token_id": tokenized["outputs"]["pad_token_id"],
+                    "verbalizer_ids": tokenized["outputs"]["verbalizer_ids"],
+                },
+                compute=ray.data.ActorPoolStrategy(size=resources.num_workers),
+                num_cpus=resources.cpus_per_worker,
+                num_gpus=1 if resources.use_gpu else 0,
+                udf_modifying_row_count=False,
+            )
+            with_targets.write_parquet(
+                str(split_dir), min_rows_per_file=config.data.shard_rows, max_rows_per_file=config.data.shard_rows
+            )
+        split_shards = sorted(split_dir.glob("*.parquet"))
+        written[split] = sum(pq.ParquetFile(shard).metadata.num_rows for shard in split_shards)
+        if written[split] != tokenized["outputs"]["rows"][split]:
+            raise RuntimeError(
+                f"wrote {written[split]} cache rows for {tokenized['outputs']['rows'][split]} {split} rows"
+            )
+        shards += split_shards
     if directions:
         shutil.rmtree(output_dir / DIRECTIONS_DIR, ignore_errors=True)
         shutil.copytree(inputs["score"] / DIRECTIONS_DIR, output_dir / DIRECTIONS_DIR)
-    shards = sorted(train_dir.glob("*.parquet"))
-    written = sum(pq.ParquetFile(shard).metadata.num_rows for shard in shards)
-    if written != tokenized["outputs"]["rows"]["train"]:
-        raise RuntimeError(f"wrote {written} cache rows for {tokenized['outputs']['rows']['train']} training rows")
     info = {
         "identity": cache_identity(config, tokenized["fingerprint"]),
         "k_max": k_max,
@@ -119,13 +127,16 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
         "directions": bool(directions),
         # Directions: coordinates 0 .. k_max - 1 in order, on the bases in directions/.
         "unit_order": {str(layer): list(range(k_max)) if directions else order for layer, order in unit_order.items()},
-        "rows": written,
+        "rows": written["train"],
+        "transfer_rows": written.get(TRANSFER_SPLIT, 0),
         "bytes": sum(shard.stat().st_size for shard in shards),
     }
     (output_dir / INFO_FILE).write_text(json.dumps(info, indent=1))
     mlflow.log_artifact(str(output_dir / INFO_FILE))
-    mlflow.log_metrics({"rows": float(written), "megabytes": info["bytes"] / 2**20, "k_max": float(k_max)})
-    return {key: info[key] for key in ("k_max", "full_width", "top_k_logits", "layers", "rows", "bytes")}
+    mlflow.log_metrics({"rows": float(info["rows"]), "megabytes": info["bytes"] / 2**20, "k_max": float(k_max)})
+    return {
+        key: info[key] for key in ("k_max", "full_width", "top_k_logits", "layers", "rows", "transfer_rows", "bytes")
+    }
 
 
 class TeacherTargetWriter:

@@ -7,7 +7,9 @@ tokenizer actors turns them into training rows (``flexkd.data.tokenize_rows``) a
     <output_dir>/<split>/*.parquet    rows in flexkd.data.ROW_SCHEMA, about data.shard_rows per file
 
 The score split defaults to the train split's source; it is then a copy (hard links) of train's
-shards, so later stages always just read ``<output_dir>/score``.
+shards, so later stages always just read ``<output_dir>/score``. ``data.transfer`` (unlabeled rows,
+classification) is tokenized without its label column into ``<output_dir>/transfer``: class_label
+-1 and reference "" on every row (``flexkd.data.rows.tokenize_rows(labeled=False)``).
 
 ``example_id`` is the row's position in its split's source; a folder of parquet files counts
 its files in sorted order. Ray Data's readers number nothing, and numbering downstream of them
@@ -45,7 +47,7 @@ from ray.data.datasource import Datasource, ReadTask
 from ray.exceptions import RayTaskError
 
 from flexkd.config.schema import ConfigError, DataConfig, DataSplit, PipelineConfig, TaskConfig
-from flexkd.data.rows import ROW_SCHEMA, tokenize_rows, verbalizer_token_ids
+from flexkd.data.rows import ROW_SCHEMA, TRANSFER_SPLIT, tokenize_rows, verbalizer_token_ids
 from flexkd.data.sources import BatchReader, RowRules, batch_readers, read_checked
 from flexkd.data.splits import check_split, pipeline_splits, split_task
 from flexkd.errors import StageError
@@ -81,7 +83,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
             split_datasets[split], skipped[split] = _checked_dataset(
                 split, source, config.task, config.data.on_bad_rows
             )
-        for split in SPLITS:
+        for split in SPLITS + ((TRANSFER_SPLIT,) if TRANSFER_SPLIT in sources else ()):
             split_dir = output_dir / split
             shutil.rmtree(split_dir, ignore_errors=True)  # a crashed attempt may have left shards
             if split in split_datasets:
@@ -122,7 +124,7 @@ def _checked_dataset(split: str, source: DataSplit, task: TaskConfig, on_bad_row
         pieces = batch_readers(source.path)
     except ConfigError as error:  # DataError included: "data.<split> (<path>): <cause>"
         raise StageError(f"tokenize: {error}") from None
-    rules = RowRules.for_task(split_task(task, source))
+    rules = RowRules.for_task(split_task(task, source), labeled=split != TRANSFER_SPLIT)
     # One block stream per piece: Ray Data would otherwise cut a small file into ~200 blocks
     # of a few rows each, and per-block overhead would dominate the stage.
     dataset = ray.data.read_datasource(_NumberedSource(pieces, rules), override_num_blocks=len(pieces))
@@ -163,13 +165,14 @@ class _TokenizeRows:
     """Training rows from raw rows, with the driver's tokenizer (shipped once per actor: loading
     it again per actor would fetch a demo or MLflow teacher on every node)."""
 
-    def __init__(self, tokenizer, task: TaskConfig, max_length: int):
+    def __init__(self, tokenizer, task: TaskConfig, max_length: int, labeled: bool = True):
         self.tokenizer = tokenizer
         self.task = task
         self.max_length = max_length
+        self.labeled = labeled
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        rows = tokenize_rows(batch, self.tokenizer, self.task, self.max_length)
+        rows = tokenize_rows(batch, self.tokenizer, self.task, self.max_length, self.labeled)
         return pa.Table.from_pydict(rows, schema=ROW_SCHEMA)
 
 
@@ -184,7 +187,12 @@ def _tokenize_and_write(
 ) -> None:
     tokenized = dataset.map_batches(
         _TokenizeRows,
-        fn_constructor_kwargs={"tokenizer": tokenizer, "task": task, "max_length": data.max_length},
+        fn_constructor_kwargs={
+            "tokenizer": tokenizer,
+            "task": task,
+            "max_length": data.max_length,
+            "labeled": split != TRANSFER_SPLIT,
+        },
         batch_format="numpy",
         batch_size=TOKENIZE_BATCH_ROWS,
         udf_modifying_row_count=False,

@@ -4,7 +4,9 @@ verdict say what the numbers say, and the teacher's verbalizer fit learns a sepa
 
 from __future__ import annotations
 
+import json
 import math
+import typing
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,25 +16,108 @@ import torch
 from benchmarks.common import mean_std
 from benchmarks.page import write_results_page
 from benchmarks.quality import METHODS, QualitySettings, method_config, summarize, verdict
+from benchmarks.regimes import REGIMES
 from flexkd.cli import build_parser
+from flexkd.config.schema import SelectionConfig
+from flexkd.method.registry import FEATURE_LOSSES
 from flexkd.pipeline.runner import stage_fingerprint
 
 SETTINGS = QualitySettings.cpu()
+TMP = Path("/tmp/flexkd-bench-test")
 
 
-def _config(method: str, seed: int = 0, tmp: Path = Path("/tmp/flexkd-bench-test")):
-    return method_config(SETTINGS, tmp / "teacher", tmp, method, seed)
+def _config(method: str, seed: int = 0, tmp: Path = TMP, settings: QualitySettings = SETTINGS, cache_dir=None):
+    return method_config(settings, tmp / "teacher", tmp, method, seed, cache_dir)
 
 
-def test_every_method_validates_and_shares_everything_but_its_loss_and_selection():
-    base = _config("kd+flexkd").model_dump(mode="json")
-    for method in METHODS:
-        config = _config(method).model_dump(mode="json")
+def _schema_knows(method: str) -> bool:
+    """Whether this checkout's config schema has the method's loss and selection: projector_std and
+    the directions selection come from other branches, and their configs validate once merged."""
+    values = METHODS[method]
+    selections = typing.get_args(SelectionConfig.model_fields["method"].annotation)
+    return (
+        values.get("loss.feature", "correlation") in (*FEATURE_LOSSES, "none")
+        and values.get("selection.method", "importance") in selections
+    )
+
+
+def _methods_of(regime: str) -> list[str]:
+    """The methods that validate in ``regime`` on this checkout (identity pairing: a pruned student's only)."""
+    return [
+        method
+        for method in METHODS
+        if _schema_knows(method) and (regime == "pruned" or METHODS[method].get("selection.method") != "identity")
+    ]
+
+
+@pytest.mark.parametrize("regime", list(REGIMES))
+def test_every_method_validates_and_shares_everything_but_its_loss_and_selection(regime):
+    settings = QualitySettings.for_regime(regime)
+    base = _config("kd+flexkd", settings=settings).model_dump(mode="json")
+    methods = _methods_of(regime)
+    assert {"kd+flexkd", "kd+projector", "kd"} <= set(methods)
+    for method in methods:
+        config = _config(method, settings=settings).model_dump(mode="json")
         assert config["training"] == base["training"] and config["data"] == base["data"], method
         assert config["teacher"] == base["teacher"] and config["student"] == base["student"], method
-        assert config["targets"]["full_width"] is True
+        assert config["layer_map"] == base["layer_map"], method
         differing = {section for section in base if config[section] != base[section]}
-        assert differing <= {"loss", "selection"}, (method, differing)
+        # A directions run caches its coordinates, not every unit (targets.full_width false).
+        assert differing <= {"loss", "selection", "targets"}, (method, differing)
+        assert config["targets"]["full_width"] is (METHODS[method].get("selection.method") != "directions"), method
+
+
+def test_each_regime_sets_its_student_and_its_data(tmp_path):
+    from benchmarks.regimes import STUDENT_SHAPE, transfer_set_path
+
+    random_init, pruned, low_label = (QualitySettings.for_regime(name) for name in REGIMES)
+    assert (random_init.steps, len(random_init.seeds)) == (120, 5) and random_init.labeled_rows is None
+    student = _config("kd", settings=random_init).student
+    assert student.init == "random" and student.architecture == STUDENT_SHAPE | {"tie_word_embeddings": True}
+
+    config = _config("kd", settings=pruned)
+    assert (config.student.init, config.student.layer_selection) == ("prune_from_teacher", "uniform")
+    assert config.student.architecture == STUDENT_SHAPE and config.layer_map == "source"
+    assert config.selection.method == "identity" and config.training.learning_rate == 5e-4
+    # With the shared full-width cache (built for importance), every other unit pairing reads it.
+    cache = tmp_path / "cache"
+    targets = {
+        method: _config(method, settings=pruned, cache_dir=cache).targets.path for method in _methods_of("pruned")
+    }
+    # kd+flexkd builds the shared cache; a directions run caches its own coordinates.
+    assert targets.pop("kd+flexkd") is None and targets.pop("kd+flexkd-dir", None) is None
+    assert set(targets.values()) == {str(cache)}
+    assert _config("kd+flexkd-id", settings=pruned).selection.method == "identity"
+
+    config = _config("kd+flexkd", settings=low_label)
+    assert low_label.labeled_rows == 256 and config.data.train.limit == 256
+    assert config.data.transfer.path == str(transfer_set_path(TMP, 256, 1000))
+    assert _config("kd+flexkd", settings=random_init).data.transfer is None
+    assert QualitySettings.for_regime("low-label", gpu=True).labeled_rows == 1024
+
+    # A seed changes the distill stage only, in every regime (a pruned student is cut once for all).
+    for settings in (pruned, low_label):
+        fingerprints = {}
+        for stage in ("tokenize", "score", "targets", "distill"):
+            inputs = {name: fingerprints[name] for name in ("tokenize", "score") if name in fingerprints}
+            one, two = (stage_fingerprint(_config("kd", seed, settings=settings), stage, inputs) for seed in (0, 1))
+            fingerprints[stage] = one
+            assert (one == two) == (stage != "distill"), (settings.regime, stage)
+
+
+def test_the_low_label_transfer_set_is_the_next_training_rows_without_their_labels(shared_data, tmp_path):
+    from benchmarks.regimes import transfer_set_path, write_transfer_set
+    from flexkd.config.schema import ConfigError
+
+    path = write_transfer_set(tmp_path, 256, 1000)
+    assert path == transfer_set_path(tmp_path, 256, 1000)
+    header, *rows = path.read_text().splitlines()
+    train = (shared_data / "sst2" / "train.tsv").read_text().splitlines()[1:]
+    assert header == "sentence" and len(rows) == 744
+    assert rows == [line.split("\t")[0] for line in train[256:1000]]
+    assert not any("\t" in row for row in rows)
+    with pytest.raises(ConfigError, match="1000 labeled rows"):
+        write_transfer_set(tmp_path, 1000, 1000)
 
 
 def test_the_gpu_setting_distills_in_bf16_and_the_cpu_setting_in_float32(shared_data, tmp_path):
@@ -65,28 +150,44 @@ def test_selection_method_changes_the_score_stage():
 
 
 def test_summary_and_verdict_follow_the_numbers():
+    accuracies = {"kd": [0.70, 0.72, 0.74], "kd+flexkd": [0.75, 0.76, 0.77], "kd+projector": [0.76, 0.75, 0.79]}
+    # Per test sentence: kd+flexkd is right on one sentence per seed that kd gets wrong.
+    correct = {"kd": "1000", "kd+flexkd": "1100", "kd+projector": "1011"}
     runs = [
         {
             "method": method,
             "seed": seed,
             "accuracy": accuracy,
+            "correct": correct[method],
             "teacher_accuracy": 0.82,
             "extra_trainable_parameters": 0,
             "distill_seconds": 1.0,
             "tokens_per_second": 1.0,
         }
-        for method, values in {"kd": [0.70, 0.72, 0.74], "kd+flexkd": [0.75, 0.76, 0.77]}.items()
+        for method, values in accuracies.items()
         for seed, accuracy in enumerate(values)
     ]
-    summary = summarize(runs, ("kd", "kd+flexkd"))
+    summary = summarize(runs, tuple(accuracies))
     assert summary["table"]["kd"]["accuracy_mean"] == pytest.approx(72.0)
     assert summary["table"]["kd"]["accuracy_std"] == pytest.approx(2.0)
-    comparison = next(c for c in summary["comparisons"] if c["b"] == "kd")
-    assert comparison["difference"] == pytest.approx(4.0) and comparison["exceeds_seed_spread"]
-    assert comparison["a_wins_seeds"] == 3
-    assert verdict(comparison).startswith("**kd+flexkd beats kd** by +4.00 points (more than the seed spread")
-    comparison["difference"], comparison["exceeds_seed_spread"] = -1.0, False
-    assert "trails" in verdict(comparison) and "within the seed spread" in verdict(comparison)
+    comparisons = {(c["a"], c["b"]): c for c in summary["comparisons"]}
+    assert set(comparisons) == {("kd+flexkd", "kd"), ("kd+flexkd", "kd+projector")}
+    against_kd = comparisons[("kd+flexkd", "kd")]
+    assert against_kd["paired_difference"] == {0: 5.0, 1: 4.0, 2: 3.0}
+    assert (against_kd["paired_difference_mean"], against_kd["paired_difference_std"]) == (4.0, 1.0)
+    low, high = against_kd["ci95"]
+    assert 3.0 <= low <= 4.0 <= high <= 5.0 and against_kd["ci_excludes_zero"] and against_kd["a_wins_seeds"] == 3
+    assert against_kd["verdict"] == "beats"
+    # One discordant sentence per seed, always kd+flexkd's: 3 of 3, two-sided p = 2 / 2^3.
+    assert against_kd["mcnemar"] == {"a_only": 3, "b_only": 0, "p": 0.25}
+    sentence = verdict(against_kd)
+    assert sentence.startswith("**kd+flexkd beats kd**: paired difference +4.00 ± 1.00 points over 3 seeds")
+    assert "which excludes 0" in sentence and "3 right only with kd+flexkd, 0 only with kd, p = 0.25" in sentence
+    # Differences -1, +1, -2 points: the interval holds 0, whatever the mean.
+    against_projector = comparisons[("kd+flexkd", "kd+projector")]
+    assert against_projector["verdict"] == "ties" and not against_projector["ci_excludes_zero"]
+    assert against_projector["mcnemar"] == {"a_only": 3, "b_only": 6, "p": pytest.approx(0.5078125)}
+    assert "which includes 0" in verdict(against_projector)
 
 
 def test_mean_std_is_the_sample_std():
@@ -130,9 +231,10 @@ def test_a_quality_variant_is_kept_beside_the_main_table_and_its_options_belong_
     assert _config("kd+flexkd").selection.k is None
     fewer = method_config(replace(SETTINGS, k=96), Path("/tmp/t"), Path("/tmp/w"), "kd+flexkd", 0)
     assert fewer.selection.k == 96
-    assert results_name(None) == "quality" and results_name("last-layer") == "quality-last-layer"
+    assert results_name("random-init") == "quality-random-init"
+    assert results_name("pruned", "last-layer") == "quality-pruned-last-layer"
     with pytest.raises(ConfigError, match="--label"):
-        results_name("../escape")
+        results_name("pruned", "../escape")
     with pytest.raises(ConfigError, match="--gamma is an option of 'flexkd bench quality' only"):
         run_benchmark(build_parser().parse_args(["bench", "speed", "--gamma", "2"]))
 
@@ -232,16 +334,12 @@ def test_a_full_width_cache_serves_another_selection_and_a_partial_one_refuses()
 def test_the_headline_methods_run_first_at_every_seed():
     from benchmarks.quality import run_order
 
+    key = ("kd+flexkd", "kd+flexkd-dir", "kd+projector", "kd+projector_std", "kd")
     order = run_order(tuple(METHODS), (0, 1))
-    assert order[:6] == [
-        (0, "kd+flexkd"),
-        (0, "kd+projector"),
-        (0, "kd"),
-        (1, "kd+flexkd"),
-        (1, "kd+projector"),
-        (1, "kd"),
-    ]
+    assert order[:10] == [(seed, method) for seed in (0, 1) for method in key]
     assert sorted(order) == sorted((seed, method) for seed in (0, 1) for method in METHODS)
+    pruned = REGIMES["pruned"].methods
+    assert run_order(("kd", "kd+flexkd-id"), (0,), pruned) == [(0, "kd+flexkd-id"), (0, "kd")]
 
 
 def test_speed_page_puts_each_ratio_next_to_its_goal_and_the_profile_adds_up():
@@ -406,12 +504,23 @@ def test_every_quality_variant_option_reaches_the_settings_and_a_variant_needs_a
         0.003,
     )
     assert captured["methods"] == ("kd+flexkd", "kd+projector") and captured["label"] == "everything"
-    assert captured["tune"] is False
+    assert captured["tune"] is False and settings.regime == "random-init"
+    # --regime picks the regime's settings (and, by default, its methods) and needs no label.
+    bench_cli.run_benchmark(build_parser().parse_args(["bench", "quality", "--regime", "pruned", "--seeds", "3"]))
+    settings = captured["settings"]
+    assert (settings.regime, settings.layer_map, settings.steps, settings.seeds) == ("pruned", "source", 100, (3,))
+    assert captured["methods"] is None and captured["label"] is None
+    bench_cli.run_benchmark(build_parser().parse_args(["bench", "quality", "--regime", "low-label", "--gpu"]))
+    assert (captured["settings"].labeled_rows, captured["settings"].use_gpu) == (1024, True)
+    with pytest.raises(ConfigError, match="--regime 'tiny': known regimes are random-init, pruned, low-label"):
+        bench_cli.run_benchmark(build_parser().parse_args(["bench", "quality", "--regime", "tiny"]))
+    with pytest.raises(ConfigError, match="--regime is an option of 'flexkd bench quality' only"):
+        bench_cli.run_benchmark(build_parser().parse_args(["bench", "generation", "--regime", "pruned"]))
     with pytest.raises(ConfigError, match="--gamma makes a variant: name it with --label"):
         bench_cli.run_benchmark(build_parser().parse_args(["bench", "quality", "--gamma", "3"]))
-    # --tune tunes the headline methods unless told which.
+    # --tune tunes the regime's methods unless told which.
     bench_cli.run_benchmark(build_parser().parse_args(["bench", "quality", "--tune", "--label", "tuned"]))
-    assert captured["tune"] is True and captured["methods"] == quality.KEY_METHODS
+    assert captured["tune"] is True and captured["methods"] is None
     with pytest.raises(ConfigError, match="--tune makes a variant"):
         bench_cli.run_benchmark(build_parser().parse_args(["bench", "quality", "--tune"]))
     with pytest.raises(ConfigError, match="--tune is an option of 'flexkd bench quality' only"):
@@ -428,6 +537,7 @@ def test_tuned_runs_use_each_methods_own_best_values(monkeypatch, tmp_path):
     from types import SimpleNamespace
 
     from benchmarks import quality, quality_tuned
+    from flexkd.models import plan
     from flexkd.pipeline import runner
 
     best = {
@@ -448,6 +558,14 @@ def test_tuned_runs_use_each_methods_own_best_values(monkeypatch, tmp_path):
     )
     seen = []
 
+    (tmp_path / "evaluate").mkdir()
+    (tmp_path / "evaluate" / "eval_predictions.jsonl").write_text(
+        "".join(
+            json.dumps({"example_id": i, "label": "positive", "prediction": p, "teacher": "positive"}) + "\n"
+            for i, p in [(1, "negative"), (0, "positive"), (2, "positive")]
+        )
+    )
+
     def fake_run(config, stages):
         seen.append((config, stages))
 
@@ -455,6 +573,7 @@ def test_tuned_runs_use_each_methods_own_best_values(monkeypatch, tmp_path):
             return SimpleNamespace(directory=tmp_path / name, seconds=1.0, cached=False, outputs=outputs)
 
         stage_records = {name: record(name) for name in ("tokenize", "score", "targets")}
+        stage_records["tokenize"].outputs["rows"] = {"train": 1000, "eval": 3, "score": 96}
         stage_records["distill"] = record(
             "distill",
             extra_trainable_parameters=0,
@@ -471,6 +590,7 @@ def test_tuned_runs_use_each_methods_own_best_values(monkeypatch, tmp_path):
         return SimpleNamespace(stages=stage_records, run_id="r", config=config)
 
     monkeypatch.setattr(runner, "run_pipeline", fake_run)
+    monkeypatch.setattr(plan, "plan_models", lambda config, score_dir=None: SimpleNamespace(layer_pairs=((30, 4),)))
     monkeypatch.setattr(quality, "selection_diagnostics", lambda score_dirs: {})
     monkeypatch.setattr(quality, "write_results", lambda *args: None)
     monkeypatch.setattr(quality, "quality_markdown", lambda results: "")
@@ -480,6 +600,8 @@ def test_tuned_runs_use_each_methods_own_best_values(monkeypatch, tmp_path):
 
     runs = [config for config, stages in seen if "distill" in stages]
     assert len(runs) == 4 and results["tuning"]["methods"]["kd"]["best"] == best["kd"]
+    assert results["benchmark"] == "quality-random-init-tuned" and results["layer_pairs"] == [[30, 4]]
+    assert [run["correct"] for run in results["runs"]] == ["101"] * 4  # example_id order, not file order
     for config in runs:
         method = "kd" if config.loss.feature == "none" else "kd+flexkd"
         assert config.training.learning_rate == best[method]["training.learning_rate"], method
@@ -586,3 +708,65 @@ def test_generation_page_shows_the_first_output_of_each_model_on_each_set(tmp_pa
     table = "\n".join(_first_outputs_table(results))
     assert "| reference | a \\| b | r1 |" in table and "| pruned, no distillation | p0 | p1 |" in table
     assert "| kd | s0 | s1 |" in table
+
+
+def test_the_regime_page_shows_its_command_table_and_every_comparison_with_its_statistics(tmp_path):
+    from benchmarks.quality import plot_quality, quality_markdown
+
+    runs = [
+        {
+            "method": method,
+            "seed": seed,
+            "accuracy": 0.70 + 0.01 * seed + shift,
+            "correct": "1100" if shift else "1000",
+            "teacher_accuracy": 0.82,
+            "extra_trainable_parameters": 444672 if method == "kd+projector" else 0,
+            "distill_seconds": 80.0,
+            "tokens_per_second": 1000.0,
+        }
+        for method, shift in {"kd+flexkd": 0.02, "kd+projector": 0.0, "kd": 0.0}.items()
+        for seed in range(5)
+    ]
+    teacher = {
+        "train_rows": 3000,
+        "l2": 0.01,
+        "top_layers": 4,
+        "epochs": [{"epoch": 1, "held_out_accuracy": 0.85, "kept": True}],
+        "held_out_rows": 300,
+        "zero_shot_held_out_accuracy": 0.78,
+        "probe_held_out_accuracy": {"0.01": 0.81},
+        "held_out_accuracy": 0.85,
+        "seconds": 176.0,
+    }
+    settings = QualitySettings.for_regime("low-label")
+    results = {
+        "benchmark": "quality-low-label",
+        "command": "flexkd bench quality --regime low-label",
+        "finished_at": "now",
+        "wall_seconds": 3000.0,
+        "reused_seconds": 0.0,
+        "machine": {"cpus": 2, "cpu_model": "x", "gpu": None, "torch": "t", "git_commit": "c", "git_dirty": False},
+        "load": {"cpus": 2, "load1_mean": 2, "load1_min": 1, "load1_max": 3, "seconds": 3000},
+        "teacher": teacher,
+        "settings": vars(settings) | {"seeds": list(settings.seeds)},
+        "regime": {"name": "low-label", **{k: getattr(REGIMES["low-label"], k) for k in ("student", "budget")}},
+        "rows": {"train": 256, "transfer": 744, "eval": 872, "score": 96},
+        "layer_pairs": [[8, 1], [15, 2], [23, 3], [30, 4]],
+        "shared_stage_seconds": {"tokenize": 18.0},
+        "runs": runs,
+    } | summarize(runs, ("kd+flexkd", "kd+projector", "kd"))
+    page = quality_markdown(results)
+    assert page.startswith("## Quality: SST-2 classification, regime `low-label`")
+    assert "Command: `flexkd bench quality --regime low-label`" in page
+    assert "first 256 training sentences are labeled; the next 744" in page and "8 labeled and 24 unlabeled" in page
+    assert "8->1, 15->2, 23->3, 30->4" in page and "120 distill steps" in page
+    assert "| kd+projector | 72.00 ± 1.58 (n=5) | 70.00, 71.00, 72.00, 73.00, 74.00 | 444,672 | 80 |" in page
+    # Both comparisons, in the table and as sentences: +2 points at every seed, 5 of 5 discordant sentences.
+    assert (
+        page.count(
+            "| kd+flexkd | kd+projector | +2.00 ± 0.00 | [+2.00, +2.00] (excludes 0) | 5 of 5 | 5 / 0 | 0.0625 | beats |"
+        )
+        == 1
+    )
+    assert "**kd+flexkd beats kd**: paired difference +2.00" in page
+    assert plot_quality(results, tmp_path / "page.png").is_file()

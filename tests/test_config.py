@@ -41,6 +41,17 @@ def test_relative_paths_resolve_against_the_file(tmp_path):
     assert config.data.train.path == str(tmp_path / "data" / "train.jsonl")
 
 
+def test_a_transfer_split_is_a_path_resolved_like_the_others_and_needs_classification(tmp_path):
+    raw = yaml.safe_load((PIPELINES / "debug.yaml").read_text())
+    raw["data"]["transfer"] = {"path": "data/unlabeled.jsonl", "limit": 64}
+    config = load_config(write(tmp_path, raw))
+    assert config.data.transfer.path == str(tmp_path / "data" / "unlabeled.jsonl")
+    assert load_config(PIPELINES / "debug.yaml").data.transfer is None
+    raw["task"] = {"kind": "generation", "prompt_template": "{sentence}", "response_column": "label"}
+    with pytest.raises(ConfigError, match="data.transfer .* needs task.kind 'classification'"):
+        load_config(write(tmp_path, raw))
+
+
 def test_fingerprint_is_stable_and_sensitive():
     first, second = parse_config(debug_raw()), parse_config(debug_raw())
     assert first.fingerprint() == second.fingerprint()

@@ -21,6 +21,7 @@ from flexkd.data.rows import (
     verbalizer_token_ids,
 )
 from flexkd.data.sources import RowRules, batch_readers, read_checked, scan_source
+from flexkd.method.losses import UNLABELED
 
 SST2_TASK = TaskConfig(
     kind="classification",
@@ -88,6 +89,23 @@ def test_classification_rows_mask_everything_and_map_labels(tiny_tokenizer):
     assert rows["input_ids"][0] == expected
     assert rows["prompt_length"][0] == len(expected)
     assert all(label == IGNORE_INDEX for labels in rows["labels"] for label in labels)
+
+
+def test_unlabeled_transfer_rows_never_read_a_label(tiny_tokenizer):
+    assert required_columns(SST2_TASK, labeled=False) == ["sentence"]
+    without = {"sentence": np.array(["a gem", "a dud"], dtype=object), "example_id": np.array([3, 4])}
+    # Labels a labeled row would be refused for: an unlabeled row must not even look at them.
+    with_bad_labels = without | {"label": ["banana", None]}
+    for batch in (without, with_bad_labels):
+        rows = tokenize_rows(batch, tiny_tokenizer, SST2_TASK, max_length=64, labeled=False)
+        assert rows["class_label"] == [UNLABELED, UNLABELED] and rows["reference"] == ["", ""]
+        assert rows["example_id"] == [3, 4]
+        assert rows["input_ids"][0] == tiny_tokenizer("Review: a gem\nSentiment:")["input_ids"]
+        assert all(label == IGNORE_INDEX for labels in rows["labels"] for label in labels)
+    with pytest.raises(ValueError, match="label"):
+        tokenize_rows(with_bad_labels, tiny_tokenizer, SST2_TASK, max_length=64)  # labeled: refused
+    with pytest.raises(ValueError, match="'classification' only"):
+        tokenize_rows({"dialogue": ["hi"]}, tiny_tokenizer, SAMSUM_TASK, max_length=64, labeled=False)
 
 
 def test_classification_prompts_keep_their_end(tiny_tokenizer):

@@ -122,6 +122,15 @@ def test_classification_is_evaluated_and_the_student_registered(tmp_path, local_
         assert 0 <= metrics[f"{role}.macro_f1"] <= 1
         assert metrics[f"{role}.parameters"] == parameter_count(model)
         assert [sample[role] for sample in samples] == [LABEL_NAMES[label] for label in predicted[: len(samples)]]
+        # Every row's prediction is kept, beyond the sampled ones: what a paired test of two students reads.
+        every = _every_prediction(tmp_path)
+        assert [row["prediction" if role == "student" else "teacher"] for row in every] == [
+            LABEL_NAMES[label] for label in predicted
+        ]
+    assert [(row["example_id"], row["label"]) for row in every] == [
+        (row["example_id"], row["reference"]) for row in rows
+    ]
+    assert len(every) > EVALUATION["samples"]
     assert metrics["teacher.parameters"] > metrics["student.parameters"]
     _check_logged_and_registered(config, tmp_path, runs, evaluated, student)
 
@@ -283,6 +292,10 @@ def _predictions(root: Path) -> list[dict[str, Any]]:
     lines = (root / "evaluate" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == EVALUATION["samples"]
     return [json.loads(line) for line in lines]
+
+
+def _every_prediction(root: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (root / "evaluate" / "eval_predictions.jsonl").read_text().splitlines()]
 
 
 def _check_logged_and_registered(

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from flexkd.method.losses import (
     LOGIT_LOSSES,
+    UNLABELED,
     LinearProjector,
     causal_lm_loss,
     classification_loss,
@@ -320,3 +321,42 @@ def test_classification_loss_is_cross_entropy():
     loss = classification_loss(logits, labels)
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, F.cross_entropy(logits.float(), labels))
+
+
+def test_classification_loss_leaves_out_unlabeled_rows_and_is_zero_without_labeled_ones():
+    logits = _features(4, 3).requires_grad_()
+    labels = torch.tensor([0, UNLABELED, 2, UNLABELED])
+    torch.testing.assert_close(classification_loss(logits, labels), F.cross_entropy(logits[[0, 2]], labels[[0, 2]]))
+    none_labeled = classification_loss(logits, torch.full((4,), UNLABELED))
+    assert none_labeled.item() == 0.0 and none_labeled.requires_grad
+    none_labeled.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_a_batch_of_only_unlabeled_rows_gives_task_loss_zero_and_a_finite_total():
+    """The objective on transfer rows alone: no task term, the logit and feature terms as usual."""
+    from flexkd.config.schema import LossConfig
+    from flexkd.method.objective import LayerPair, distillation_loss
+
+    settings = LossConfig().objective_settings("classification", 4)
+    mask = torch.ones(3, 5, dtype=torch.long)
+    batch = {"attention_mask": mask, "class_label": torch.full((3,), UNLABELED)}
+    student_logits, teacher_logits = _features(3, 1, 11, seed=1).requires_grad_(), _features(3, 1, 11, seed=2)
+    student_hidden = {1: _features(3, 5, 4, seed=3).requires_grad_()}
+    parts = distillation_loss(
+        settings,
+        batch,
+        student_logits,
+        student_hidden,
+        teacher_logits,
+        {2: _features(3, 5, 6, seed=4)},
+        [LayerPair(2, 1)],
+        verbalizer_ids=torch.tensor([3, 7]),
+    )
+    assert parts["task"].item() == 0.0
+    assert parts["logit"].item() > 0 and parts["feature"].item() > 0
+    assert torch.isfinite(parts["total"]) and parts["total"].item() == pytest.approx(
+        parts["logit"].item() + parts["feature"].item()
+    )
+    parts["total"].backward()
+    assert torch.isfinite(student_logits.grad).all() and student_logits.grad.abs().sum() > 0

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -147,6 +148,47 @@ def test_a_killed_run_resumes_from_finished_stages_and_the_last_checkpoint(tmp_p
     distill = resumed.stages["distill"].outputs
     assert distill["resumed_from_step"] >= 20, distill
     assert distill["steps"] == 240
+
+
+@pytest.mark.integration  # tokenize to evaluate with the teacher cache, then distill with the online teacher: 1.5 min
+def test_unlabeled_transfer_rows_go_through_the_cache_into_every_batch(tmp_path, local_ray):
+    """data.transfer: rows without a label column are tokenized as unlabeled, cached with the
+    teacher's outputs like the training rows, and mixed into every distill batch (2 labeled + 6
+    unlabeled of 8 here), cache or online teacher; the losses stay finite."""
+    samples = PIPELINES.parent / "flexkd" / "assets" / "samples" / "sst2_train.jsonl"
+    unlabeled = [{"sentence": json.loads(line)["sentence"]} for line in samples.read_text().splitlines()[16:56]]
+    transfer = tmp_path / "unlabeled.jsonl"
+    transfer.write_text("".join(json.dumps(row) + "\n" for row in unlabeled))
+    overrides = {
+        "data.train.limit": 16,
+        "data.transfer": {"path": str(transfer)},
+        "training.teacher": "cache",
+        "training.shuffle_buffer": 64,
+    }
+    result = run_pipeline(
+        debug_config(tmp_path, **overrides), stages=("tokenize", "score", "targets", "distill", "evaluate")
+    )
+
+    assert result.stages["tokenize"].outputs["rows"] | {"eval": 0} == {
+        "train": 16,
+        "score": 16,
+        "transfer": 40,
+        "eval": 0,
+    }
+    for stage in ("tokenize", "targets"):
+        rows = pq.read_table(result.stages[stage].directory / "transfer").to_pydict()
+        assert set(rows["class_label"]) == {-1} and set(rows["reference"]) == {""}, stage
+        assert sorted(rows["example_id"]) == list(range(40)), stage
+    assert "teacher_class_logits" in rows and result.stages["targets"].outputs["transfer_rows"] == 40
+    distilled = result.stages["distill"].outputs
+    assert all(np.isfinite(distilled[part]) for part in ("total", "task", "logit", "feature"))
+    assert 0 <= result.stages["evaluate"].outputs["metrics"]["student.accuracy"] <= 1
+
+    online = run_pipeline(
+        debug_config(tmp_path, **overrides | {"training.teacher": "online"}), stages=("tokenize", "score", "distill")
+    )
+    assert online.stages["tokenize"].cached and not online.stages["distill"].cached
+    assert all(np.isfinite(online.stages["distill"].outputs[part]) for part in ("total", "task", "logit", "feature"))
 
 
 def test_missing_column_is_refused_in_one_line_before_ray_starts(tmp_path):

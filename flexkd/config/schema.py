@@ -124,6 +124,11 @@ class DataConfig(_Section):
     train: DataSplit
     eval: DataSplit
     score: DataSplit | None = Field(None, description="scoring data; default: the train split")
+    transfer: DataSplit | None = Field(
+        None,
+        description="unlabeled rows (classification): distill feeds them beside the train rows to the "
+        "logit and feature losses, never to the task loss; a label column in them is not read",
+    )
     max_length: int = Field(128, gt=1)
     shard_rows: int = Field(1024, gt=0, description="rows per parquet shard")
     on_bad_rows: Literal["error", "skip"] = Field(
@@ -259,6 +264,12 @@ class TrainingConfig(_Section):
     )
     teacher: Literal["online", "cache"] = Field(
         "online", description="online: run the teacher every step; cache: read the targets stage's teacher outputs"
+    )
+    shuffle_buffer: int = Field(
+        0,
+        ge=0,
+        description="rows of the local shuffle buffer each epoch's batches are drawn from, seeded by "
+        "training.seed and the epoch; 0: the rows' stored order, every epoch",
     )
 
 
@@ -486,6 +497,15 @@ class PipelineConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _transfer_rows_need_classification(self) -> PipelineConfig:
+        if self.data.transfer is not None and self.task.kind != "classification":
+            raise ValueError(
+                "data.transfer (unlabeled rows) needs task.kind 'classification': a generation row's "
+                "logit targets are its response tokens, which an unlabeled row does not have"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _cache_serves_the_run(self) -> PipelineConfig:
         if self.training.teacher != "cache":
             return self
@@ -537,6 +557,7 @@ _PATH_FIELDS = (
     ("data", "train", "path"),
     ("data", "eval", "path"),
     ("data", "score", "path"),
+    ("data", "transfer", "path"),
     ("targets", "path"),
     ("tune", "storage_path"),
 )

@@ -9,7 +9,8 @@ A training row (one per example; what the tokenize stage writes as parquet, ``RO
                                  prompt token). Generation: -100 on the prompt, the response
                                  tokens and eos otherwise (unshifted, as in Hugging Face)
     prompt_length  int32         the prompt is input_ids[:prompt_length]
-    class_label    int32         index into task.label_names; -1 for generation
+    class_label    int32         index into task.label_names; -1 (UNLABELED) for generation and
+                                 for an unlabeled transfer row (data.transfer), whose reference is ""
     reference      string        the response text, or the label name
 
 ``collate_batch`` right-pads a batch of such rows to its longest row.
@@ -26,8 +27,10 @@ import pyarrow as pa
 import torch
 
 from flexkd.config.schema import TaskConfig
+from flexkd.method.losses import UNLABELED
 
 IGNORE_INDEX = -100
+TRANSFER_SPLIT = "transfer"  # the tokenized (and cached) unlabeled rows of data.transfer
 
 ROW_SCHEMA = pa.schema(
     [
@@ -64,11 +67,12 @@ def template_columns(template: str) -> list[str]:
     return columns
 
 
-def required_columns(task: TaskConfig) -> list[str]:
-    """Every column a row needs for ``task``: the template's, then the label or response."""
+def required_columns(task: TaskConfig, labeled: bool = True) -> list[str]:
+    """Every column a row needs for ``task``: the template's, then the label or response (not for
+    ``labeled=False``, the unlabeled rows of data.transfer)."""
     target = task.label_column if task.kind == "classification" else task.response_column
     columns = template_columns(task.prompt_template)
-    return columns + ([target] if target not in columns else [])
+    return columns + ([target] if labeled and target not in columns else [])
 
 
 def render_prompt(template: str, row: dict[str, Any], tokenizer, chat_template: bool) -> str:
@@ -153,8 +157,13 @@ def _truncate_generation(prompt: list[int], response: list[int], max_length: int
     return prompt, response[: max_length - len(prompt)]
 
 
-def tokenize_rows(batch: dict[str, Sequence[Any]], tokenizer, task: TaskConfig, max_length: int) -> dict[str, list]:
+def tokenize_rows(
+    batch: dict[str, Sequence[Any]], tokenizer, task: TaskConfig, max_length: int, labeled: bool = True
+) -> dict[str, list]:
     """Raw rows (columns of equal length) to training rows (see the module docstring).
+
+    ``labeled=False`` (classification, the rows of data.transfer): the label column is not read,
+    even where the rows have one; every row gets class_label UNLABELED and reference "".
 
     ``batch["example_id"]`` is carried through; without it rows are numbered 0..n-1.
     Classification prompts are left-truncated to ``max_length`` (the end, "Sentiment:", is what
@@ -163,7 +172,9 @@ def tokenize_rows(batch: dict[str, Sequence[Any]], tokenizer, task: TaskConfig, 
     columns = template_columns(task.prompt_template)
     rows = len(next(iter(batch.values())))
     example_ids = [int(i) for i in batch.get("example_id", range(rows))]
-    for column in required_columns(task):
+    if not labeled and task.kind != "classification":
+        raise ValueError("unlabeled rows (data.transfer) are for task.kind 'classification' only")
+    for column in required_columns(task, labeled):
         if column not in batch:
             raise ValueError(f"task: no column '{column}' in the data; columns are: {', '.join(batch)}")
         for example_id, value in zip(example_ids, batch[column]):
@@ -180,6 +191,12 @@ def tokenize_rows(batch: dict[str, Sequence[Any]], tokenizer, task: TaskConfig, 
             raise ValueError(f"example {example_id}: the prompt has no tokens")
     out: dict[str, list] = {name: [] for name in ROW_SCHEMA.names}
     out["example_id"] = example_ids
+
+    if not labeled:
+        for prompt in prompt_ids:
+            prompt = list(prompt[-max_length:])
+            _append(out, prompt, [IGNORE_INDEX] * len(prompt), len(prompt), UNLABELED, "")
+        return out
 
     if task.kind == "classification":
         for example_id, value, prompt in zip(example_ids, batch[task.label_column], prompt_ids):

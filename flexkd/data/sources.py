@@ -133,11 +133,14 @@ class RowRules:
     label_names: tuple[str, ...] = ()
 
     @classmethod
-    def for_task(cls, task: TaskConfig) -> RowRules:
-        """Raises ValueError for a prompt template that names anything but columns."""
+    def for_task(cls, task: TaskConfig, labeled: bool = True) -> RowRules:
+        """Raises ValueError for a prompt template that names anything but columns. ``labeled=False``
+        (data.transfer): the label column is neither needed nor read."""
         template = tuple(template_columns(task.prompt_template))
         if task.kind == "generation":
             return cls(template, response_column=task.response_column)
+        if not labeled:
+            return cls(template)
         return cls(template, label_column=task.label_column, label_names=tuple(task.label_names))
 
     @property

@@ -12,17 +12,20 @@ from __future__ import annotations
 import logging
 
 from flexkd.config.schema import ConfigError, DataSplit, PipelineConfig, TaskConfig
-from flexkd.data.rows import verbalizer_token_ids
+from flexkd.data.rows import TRANSFER_SPLIT, verbalizer_token_ids
 from flexkd.data.sources import DataError, RowRules, SourceSummary, scan_source
 
 log = logging.getLogger("flexkd")
 
 
 def pipeline_splits(config: PipelineConfig) -> dict[str, DataSplit]:
-    """The splits the pipeline reads; score only when the config gives it (else train's rows)."""
+    """The splits the pipeline reads; score only when the config gives it (else train's rows), and
+    the unlabeled transfer rows with ``data.transfer``."""
     splits = {"train": config.data.train, "eval": config.data.eval}
     if config.data.score is not None:
         splits["score"] = config.data.score
+    if config.data.transfer is not None:
+        splits[TRANSFER_SPLIT] = config.data.transfer
     return splits
 
 
@@ -42,7 +45,7 @@ def check_split(split: str, source: DataSplit, task: TaskConfig, on_bad_rows: st
     (with on_bad_rows 'skip': only when no good row is left)."""
     where = f"data.{split} ({source.path})"
     try:
-        rules = RowRules.for_task(split_task(task, source))
+        rules = RowRules.for_task(split_task(task, source), labeled=split != TRANSFER_SPLIT)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     try:

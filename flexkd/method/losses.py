@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+UNLABELED = -1  # the class label of a row without one (data.transfer): the task loss leaves it out
 LOGIT_LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
 
 
@@ -319,5 +320,11 @@ def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def classification_loss(class_logits: Tensor, labels: Tensor) -> Tensor:
-    """Cross-entropy over classes: [B, C] logits, [B] int64 labels -> [] mean."""
-    return F.cross_entropy(class_logits.to(_compute_dtype(class_logits)), labels)
+    """Cross-entropy over classes, the mean over the labeled rows: [B, C] logits, [B] int64 labels -> [].
+
+    A row labeled ``UNLABELED`` (an unlabeled transfer row) adds nothing; a batch of only such rows
+    gives 0 (with a zero gradient), not the NaN of a mean over no rows."""
+    summed = F.cross_entropy(
+        class_logits.to(_compute_dtype(class_logits)), labels, ignore_index=UNLABELED, reduction="sum"
+    )
+    return summed / (labels != UNLABELED).sum().clamp(min=1)

@@ -1,0 +1,74 @@
+"""How distill draws its batches: the seeded shuffle, and labeled rows beside unlabeled transfer rows."""
+
+from __future__ import annotations
+
+from itertools import islice
+
+import numpy as np
+import pytest
+
+from flexkd.config.schema import ConfigError
+from flexkd.stages.distill import _endless_batches, joined_batch, transfer_rows_per_batch
+
+
+def test_a_batch_holds_the_transfer_rows_share_and_at_least_one_row_of_each_kind():
+    assert transfer_rows_per_batch(32, 256, 744) == 24  # 32 * 744 / 1000 = 23.8
+    assert transfer_rows_per_batch(32, 999, 1) == 1  # 0.03 rounds to 0: one unlabeled row all the same
+    assert transfer_rows_per_batch(32, 1, 999) == 31  # 31.97 rounds to 32: one labeled row all the same
+    assert transfer_rows_per_batch(2, 5, 5) == 1
+    with pytest.raises(ConfigError, match="training.batch_size = 1"):
+        transfer_rows_per_batch(1, 5, 5)
+
+
+def test_joined_batch_puts_the_second_batchs_rows_after_the_firsts():
+    first = {"class_label": np.array([0, 1]), "input_ids": np.array([[1, 2], [3, 4]])}  # equal lengths: 2-D
+    ragged = np.empty(1, dtype=object)
+    ragged[0] = np.array([5, 6, 7])
+    second = {"class_label": np.array([-1]), "input_ids": ragged}
+    joined = joined_batch(first, second)
+    assert joined["class_label"] == [0, 1, -1]
+    assert [list(ids) for ids in joined["input_ids"]] == [[1, 2], [3, 4], [5, 6, 7]]
+    with pytest.raises(ValueError, match="differ"):
+        joined_batch(first, {"class_label": np.array([-1])})
+
+
+class _RecordingShard:
+    """A dataset shard that yields its batches in order and records how it was asked for them."""
+
+    def __init__(self, batches: int):
+        self.batches, self.calls = batches, []
+
+    def iter_batches(self, **options):
+        self.calls.append(options)
+        return iter([{"row": np.array([index])} for index in range(self.batches)])
+
+
+def test_each_epoch_asks_for_a_shuffle_seeded_by_the_seed_and_the_epoch():
+    plain = _RecordingShard(3)
+    assert [batch["row"][0] for batch in islice(_endless_batches(plain, 1, skip=2), 4)] == [2, 0, 1, 2]
+    assert all("local_shuffle_seed" not in call for call in plain.calls)  # no buffer: the stored order
+
+    def seeds(seed: int) -> list[int]:
+        shard = _RecordingShard(2)
+        list(islice(_endless_batches(shard, 1, skip=0, shuffle_buffer=64, seed=seed), 6))
+        assert {call["local_shuffle_buffer_size"] for call in shard.calls} == {64}
+        return [call["local_shuffle_seed"] for call in shard.calls]
+
+    assert seeds(3) == seeds(3)  # a rerun, or a resumed run, draws the same orders
+    assert len(set(seeds(3))) == len(seeds(3))  # a new order every epoch
+    assert not set(seeds(3)) & set(seeds(4))  # another seed, other orders
+
+
+def test_ray_datas_seeded_local_shuffle_gives_the_same_order_again(local_ray):
+    """What the pipeline relies on: the same seed reproduces Ray Data's local shuffle, batch for batch."""
+    dataset = local_ray.data.range(40)
+
+    def epochs(seed: int) -> list[list[int]]:
+        batches = _endless_batches(dataset.iterator(), 8, skip=0, shuffle_buffer=40, seed=seed)
+        rows = [batch["id"].tolist() for batch in islice(batches, 10)]
+        return [sum(rows[:5], []), sum(rows[5:], [])]
+
+    first, again, other = epochs(0), epochs(0), epochs(1)
+    assert first == again and first != other
+    assert sorted(first[0]) == sorted(first[1]) == list(range(40))  # each epoch: every row once
+    assert first[0] != first[1] and first[0] != list(range(40))
