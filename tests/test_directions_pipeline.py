@@ -17,14 +17,14 @@ from test_directions import _rotation
 from test_pipeline import debug_config
 from test_tune import sweep_file
 
-from flexkd.config.schema import ConfigError, load_config, parse_config
+from flexkd.config.schema import ConfigError, LossConfig, load_config, parse_config
 from flexkd.data.directions_files import directions_file, read_directions, write_directions
 from flexkd.data.rows import collate_batch
 from flexkd.data.teacher_targets import cached_teacher_outputs, online_teacher_outputs
 from flexkd.method.directions import auto_k
 from flexkd.method.layers import forward_with_hidden_states
 from flexkd.method.losses import correlation_loss
-from flexkd.method.objective import LayerPair, ObjectiveSettings, distillation_loss
+from flexkd.method.objective import LayerPair, distillation_loss
 from flexkd.models.loading import TINY_TOKENIZER_DIR, load_tokenizer
 from flexkd.models.plan import load_teacher
 from flexkd.pipeline.runner import run_pipeline, stage_fingerprint
@@ -42,7 +42,7 @@ def test_cached_coordinates_give_the_online_loss_with_a_k_per_layer(tmp_path):
     bases = {layer: _rotation(64, seed=layer)[:, :stored].float() for layer in layers}
     layer_k = {2: 5, 4: 12}  # k 'auto' chose these; the cache stores the largest
     pairs = [LayerPair(2, 1, layer_k[2]), LayerPair(4, 2, layer_k[4])]
-    settings = ObjectiveSettings(task="classification", k=32)  # the plan's k: the cap, overridden per pair
+    settings = LossConfig().objective_settings("classification", 32)  # the plan's k: the cap, overridden per pair
 
     online_logits, online_features = online_teacher_outputs(
         teacher, batch, "classification", layers, {layer: bases[layer][:, : layer_k[layer]] for layer in layers}, False
@@ -202,8 +202,9 @@ def test_a_directions_cache_too_small_for_the_energy_or_made_with_units_is_refus
     spectrum = torch.tensor([4.0, 3.0, 2.0, 1.0] + [0.0] * 60, dtype=torch.float64)  # cumulative 0.4 0.7 0.9 1
     for layer in (2, 4):
         write_directions(directory, layer, _rotation(64, seed=layer)[:, :32], spectrum)
+    data = stage_fingerprint(config, "tokenize", {})
     info = {
-        "identity": cache_identity(config, stage_fingerprint(config, "tokenize", {})),
+        "identity": cache_identity(config, data),
         "k_max": 3,
         "full_width": False,
         "directions": True,
@@ -211,14 +212,16 @@ def test_a_directions_cache_too_small_for_the_energy_or_made_with_units_is_refus
         "units": {"2": 3, "4": 3},
     }
     (directory / INFO_FILE).write_text(json.dumps(info))
-    assert check_cache(debug_config(tmp_path, **{**AUTO_DIRECTIONS, "selection.energy": 0.9}), directory, 32, [2, 4])
+    assert check_cache(
+        debug_config(tmp_path, **{**AUTO_DIRECTIONS, "selection.energy": 0.9}), directory, 32, [2, 4], data
+    )
     with pytest.raises(
         ConfigError, match=r"^targets: selection.k 'auto' with energy 0.95 takes 4 directions at teacher layer 2"
     ):
-        check_cache(config, directory, 32, [2, 4])
+        check_cache(config, directory, 32, [2, 4], data)
     # A unit selection's full-width cache serves any unit selection, not the directions.
     importance = debug_config(tmp_path, **{"training.teacher": "cache"})
     info |= {"identity": cache_identity(importance, stage_fingerprint(importance, "tokenize", {})), "full_width": True}
     (directory / INFO_FILE).write_text(json.dumps(info))
     with pytest.raises(ConfigError, match=r"holds units selected with \{'method': 'importance'"):
-        check_cache(config, directory, 32, [2, 4])
+        check_cache(config, directory, 32, [2, 4], data)
