@@ -88,6 +88,11 @@ from flexkd.tracking.plots import plot_importance
 
 log = logging.getLogger("flexkd")
 
+# The Gram of the task gradient is d_T x d_T float64 per scored layer (32 MB at 2,048 units). Up to
+# this width it is summed for every selection, so each user sees how much energy the chosen units
+# keep against as many directions; above it, only with selection.method directions, which needs it.
+GRAM_DIAGNOSTICS_MAX_WIDTH = 2048
+
 
 def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> dict[str, Any]:
     plan = plan_models(config)
@@ -106,7 +111,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
             "raw_dir": str(raw_dir),
             "output_dir": str(output_dir),
             "prune": prune,
-            "directions": config.selection.method == "directions",
+            "gram": config.selection.method == "directions" or plan.teacher_hidden <= GRAM_DIAGNOSTICS_MAX_WIDTH,
             "pad_token_id": tokenized["outputs"]["pad_token_id"],
             "verbalizer_ids": tokenized["outputs"]["verbalizer_ids"],
         },
@@ -135,8 +140,8 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
             hidden_units,
             data_fingerprint=tokenized["fingerprint"],
         )
-        directions = {}
-    chosen = {  # the directions' numbers, for the plot, MLflow and the runner's summary
+        directions = _unit_energy_diagnostics(selected, sums, plan.k)
+    chosen = {  # the energy numbers, for the plot, MLflow and the runner's summary
         layer: {key: selected["layers"][str(layer)][key] for key in ("k", "energy_directions", "energy_units")}
         for layer in directions
     }
@@ -155,8 +160,9 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
     mlflow.log_artifact(str(output_dir / "importance.png"))
     mlflow.log_artifact(str(output_dir / "selected.json"))
     mlflow.log_metrics({"examples": float(sums["examples"]), "k": float(plan.k)})
-    if directions:
+    if config.selection.method == "directions":
         mlflow.log_artifacts(str(output_dir / "directions"), "directions")
+    if chosen:
         mlflow.log_metrics(
             {
                 f"directions.layer_{layer}.{key}": float(value)
@@ -173,7 +179,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
         "score": config.scoring.score,
         "student_init": config.student.init,
     }
-    if directions:
+    if chosen:
         outputs["directions"] = {str(layer): row for layer, row in chosen.items()}
     if prune:
         mlflow.log_artifacts(str(output_dir / PRUNING_SELECTION.parent), "pruning")
@@ -216,6 +222,22 @@ def _select(
             "d_teacher": d_teacher,
         }
     return {"layers": layers, "examples": int(sums["examples"]), "data_fingerprint": data_fingerprint}
+
+
+def _unit_energy_diagnostics(selected: dict, sums: dict, k: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """For a unit selection, how much of the task gradient's energy tr(G) the chosen units keep,
+    beside what as many top directions would keep; recorded in ``selected`` in place. Returns the
+    layers' (basis, spectrum) for the plot; none where G was not summed (a wide teacher)."""
+    found = {}
+    for layer, entry in selected["layers"].items():
+        gram = sums["gram"].get(int(layer))
+        if gram is None:
+            continue
+        basis, spectrum = top_directions(gram, k)
+        entry["energy_units"] = round(unit_energy_share(gram, torch.tensor(entry["indices"])), 6)
+        entry["energy_directions"] = round(direction_energy_share(spectrum, entry["k"]), 6)
+        found[int(layer)] = (basis, spectrum)
+    return found
 
 
 def _select_directions(
@@ -268,7 +290,7 @@ def _score_worker(loop_config: dict[str, Any]) -> None:
     # Float64: G sums squares of many tokens' gradients, and its eigenvalues span many decades.
     grams = {
         layer: torch.zeros(d_teacher, d_teacher, dtype=torch.float64, device=device)
-        for layer in (layers if loop_config["directions"] else [])
+        for layer in (layers if loop_config["gram"] else [])
     }
     examples = torch.zeros((), dtype=torch.float64, device=device)
 

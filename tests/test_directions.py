@@ -18,6 +18,7 @@ from flexkd.method.directions import (
     unit_energy_share,
 )
 from flexkd.method.selection import select_top_k_units
+from flexkd.stages.score import _unit_energy_diagnostics
 
 
 def _rotation(d: int, seed: int) -> torch.Tensor:
@@ -159,3 +160,18 @@ def test_two_ranks_accumulate_and_all_reduce_to_the_one_process_gram(tmp_path):
     torch.testing.assert_close(reduced, gradient_gram(grad, mask), rtol=1e-12, atol=1e-12)
     # The decomposition of the reduced sum is the one-process basis, signs included.
     torch.testing.assert_close(top_directions(reduced, 3)[0], top_directions(gradient_gram(grad, mask), 3)[0])
+
+
+def test_a_unit_selection_records_the_energy_its_units_and_as_many_directions_keep():
+    """Every selection gets the diagnostics: the chosen units' share of tr(G), and the (never
+    smaller) share of the same number of top directions."""
+    generator = torch.Generator().manual_seed(0)
+    gradients = torch.randn(200, 3, generator=generator, dtype=torch.float64) @ _rotation(16, seed=1)[:, :3].T
+    gram = gradients.T @ gradients  # rank 3 in rotated directions: no 3 units hold it all
+    selected = {"layers": {"2": {"indices": [0, 1, 2], "k": 3}}}
+    found = _unit_energy_diagnostics(selected, {"gram": {2: gram, 4: gram}}, k=3)
+    entry = selected["layers"]["2"]
+    assert set(found) == {2} and found[2][0].shape == (16, 3)
+    assert entry["energy_directions"] == pytest.approx(1.0)
+    assert entry["energy_units"] == pytest.approx(float(gram.diagonal()[:3].sum() / gram.trace()), abs=1e-6)
+    assert entry["energy_units"] < 0.9

@@ -50,6 +50,9 @@ def test_debug_pipeline_end_to_end(tmp_path, local_ray):
         importance = np.load(score / "importance" / f"layer_{layer}.npy")
         assert importance.shape == (64,) and importance.dtype == np.float32 and np.isfinite(importance).all()
         assert entry["k"] == 32 and entry["indices"] == np.argsort(-importance, kind="stable")[:32].tolist()
+        # The energy diagnostics: k directions keep at least what any k units keep (they maximize it).
+        assert 0 < entry["energy_units"] <= entry["energy_directions"] + 1e-6 <= 1 + 1e-6, entry
+    assert result.stages["score"].outputs["directions"]["2"]["energy_units"] == selected["layers"]["2"]["energy_units"]
 
     metrics = result.stages["evaluate"].outputs["metrics"]
     assert 0 <= metrics["student.accuracy"] <= 1 and metrics["teacher.parameters"] > metrics["student.parameters"]
@@ -63,6 +66,8 @@ def test_debug_pipeline_end_to_end(tmp_path, local_ray):
     assert "config.yaml" in [item.path for item in client.list_artifacts(result.run_id)]
     score_run = result.stages["score"].run_id
     assert "importance.png" in [item.path for item in client.list_artifacts(score_run)]
+    score_metrics = client.get_run(score_run).data.metrics
+    assert {f"directions.layer_{layer}.energy_units" for layer in (2, 4)} <= set(score_metrics)
     distill_metrics = client.get_metric_history(result.stages["distill"].run_id, "train.total")
     assert [m.step for m in distill_metrics] == [4, 8, 12]
 

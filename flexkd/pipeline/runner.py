@@ -258,6 +258,11 @@ def summary_table(result: PipelineResult) -> str:
     for record in result.stages.values():
         status = "cached" if record.cached else "ran"
         lines.append(f"| {record.name} | {status} | {record.seconds:.1f} | {record.directory} |")
+    energy = (result.stages["score"].outputs.get("directions") if "score" in result.stages else None) or {}
+    if energy:  # how much of the task gradient's energy tr(G) the distilled subspace keeps
+        lines += ["", "| teacher layer | k | energy kept by k units | by k directions |", "|---|---|---|---|"]
+        for layer, row in sorted(energy.items(), key=lambda item: int(item[0])):
+            lines.append(f"| {layer} | {row['k']} | {row['energy_units']:.2f} | {row['energy_directions']:.2f} |")
     evaluation = result.stages.get("evaluate")
     if evaluation is not None:
         metrics = evaluation.outputs.get("metrics", {})
