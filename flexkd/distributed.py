@@ -89,19 +89,36 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_process_group_from_env() -> None:
+def init_process_group_from_env(backend: str | None = None) -> None:
     """Initialize the default process group from torchrun's env vars (RANK, WORLD_SIZE, ...).
 
-    NCCL when CUDA is available, gloo otherwise. A no-op when a group already exists, which is
-    always the case inside a Ray Train worker (``TorchTrainer`` sets it up itself).
+    ``backend``: "nccl" (one GPU per rank, the current device set to LOCAL_RANK) or "gloo"
+    (CPU tensors, even on a machine with GPUs: the tests pass it so they run the same
+    everywhere); None picks NCCL when CUDA is available, else gloo. A no-op when a group
+    already exists, which is always the case inside a Ray Train worker (``TorchTrainer`` sets
+    it up itself, with :func:`backend_for` of the stage's resources).
     """
     if _distributed():
         return
-    if torch.cuda.is_available():
+    backend = backend or backend_for(torch.cuda.is_available())
+    if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl")
-    else:
-        dist.init_process_group(backend="gloo")
+    dist.init_process_group(backend=backend)
+
+
+def backend_for(use_gpu: bool) -> str:
+    """The process-group backend of a job: NCCL when its ranks hold GPUs, else gloo."""
+    return "nccl" if use_gpu else "gloo"
+
+
+def task_device(use_gpu: bool) -> torch.device:
+    """The device of a single-process task (an actor, a Ray task) that asked for ``use_gpu``:
+    its GPU only then, so a CPU job on a machine with GPUs stays on the CPU it was given."""
+    if not use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("resources.use_gpu is set, but this process sees no CUDA device")
+    return torch.device("cuda")
 
 
 def autocast(precision: str, device: torch.device) -> torch.autocast:
