@@ -8,6 +8,7 @@ checkpointing make a 4-GPU run fit 80 GB, and that it does not fit without them.
 from __future__ import annotations
 
 import json
+import runpy
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,8 @@ from flexkd.models.capacity import (
     plan_score,
 )
 
-PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PIPELINES = REPO_ROOT / "pipelines"
 LLAMA_8B = LlamaConfig(
     hidden_size=4096,
     num_hidden_layers=32,
@@ -212,3 +214,11 @@ def test_the_8b_pipeline_plan_is_computed_from_its_config():
         LLAMA_8B.__class__.from_pretrained(PIPELINES / "shapes" / "llama-3.1-8b-instruct")
     )
     assert not plan.not_fitting()
+
+
+def test_docs_scaling_shows_what_scripts_scaling_table_prints(capsys):
+    runpy.run_path(str(REPO_ROOT / "scripts" / "scaling_table.py"), run_name="__main__")
+    printed = capsys.readouterr().out.strip()
+    page = (REPO_ROOT / "docs" / "SCALING.md").read_text()
+    shown = page.split("<!-- scripts/scaling_table.py -->\n", 1)[1].split("\n<!-- end scripts/scaling_table.py -->")[0]
+    assert shown == printed, "docs/SCALING.md is stale: paste the output of python scripts/scaling_table.py"
