@@ -2,6 +2,7 @@
 
 flexkd run pipelines/quickstart.yaml [--set loss.gamma=0.5] [--stages tokenize,score] [--force distill]
 flexkd validate pipelines/x.yaml        check a pipeline file, its models, tokenizer and data rows; start nothing
+flexkd plan pipelines/x.yaml [--gpus 8 --gpu-memory 80GB]   memory per GPU, FLOPs and cache size per stage
 flexkd fetch-teacher                    download and convert the offline demo teacher
 flexkd ui pipelines/x.yaml              print the command that opens this pipeline's MLflow runs
 flexkd tune pipelines/x.yaml [--num-samples 16]   Ray Tune sweep of its tune.search_space
@@ -65,6 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from flexkd.models.capacity import Hardware, fit_warning, parse_memory, plan_pipeline
     from flexkd.pipeline.preflight import preflight
 
     config = load_config(args.pipeline, _overrides(args.set))
@@ -74,6 +76,22 @@ def cmd_validate(args: argparse.Namespace) -> int:
         f"{args.pipeline}: valid. teacher d={plan.teacher_hidden} L={plan.teacher_layers}, "
         f"student d={plan.student_hidden} L={plan.student_layers}, k={plan.k}, layer pairs {pairs}"
     )
+    if config.resources.use_gpu:  # the plan is of GPU memory; a CPU run's memory is the machine's
+        hardware = Hardware(config.resources.num_workers, parse_memory(args.gpu_memory))
+        warning = fit_warning(plan_pipeline(config, hardware, args.pipeline))
+        if warning:
+            print(f"flexkd: warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from flexkd.models.capacity import Hardware, format_plan, parse_memory, plan_pipeline
+
+    config = load_config(args.pipeline, _overrides(args.set))
+    hardware = Hardware(
+        args.gpus or config.resources.num_workers, parse_memory(args.gpu_memory), args.peak_tflops * 1e12, args.mfu
+    )
+    print(format_plan(plan_pipeline(config, hardware, args.pipeline)))
     return 0
 
 
@@ -188,7 +206,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("pipeline")
     validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    validate.add_argument(
+        "--gpu-memory", default="80GB", help="with resources.use_gpu: warn when a stage's plan does not fit this"
+    )
     validate.set_defaults(handler=cmd_validate)
+
+    plan = commands.add_parser(
+        "plan", help="memory per GPU, FLOPs per step and cache size of each stage, from the model configs alone"
+    )
+    plan.add_argument("pipeline")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    plan.add_argument("--gpus", type=_positive_int, help="GPUs (FSDP ranks); default: resources.num_workers")
+    plan.add_argument("--gpu-memory", default="80GB", help="memory per GPU, e.g. 80GB, 141GB (default 80GB)")
+    plan.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (default 989, an H100 SXM)"
+    )
+    plan.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization for s/step (default 0.4)")
+    plan.set_defaults(handler=cmd_plan)
 
     fetch = commands.add_parser("fetch-teacher", help="download the offline demo teacher (SmolLM2-135M-Instruct)")
     fetch.add_argument("--cache-dir", default=None)

@@ -16,8 +16,9 @@ import os
 import re
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,14 +26,22 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    _CHECKPOINT_PREFIX,
+    CheckpointImpl,
+    apply_activation_checkpointing,
+    checkpoint_wrapper,
+)
+from torch.distributed.checkpoint import HuggingFaceStorageReader
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 if TYPE_CHECKING:  # only for annotations; importing transformers costs seconds per process
     pass
@@ -89,19 +98,36 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_process_group_from_env() -> None:
+def init_process_group_from_env(backend: str | None = None) -> None:
     """Initialize the default process group from torchrun's env vars (RANK, WORLD_SIZE, ...).
 
-    NCCL when CUDA is available, gloo otherwise. A no-op when a group already exists, which is
-    always the case inside a Ray Train worker (``TorchTrainer`` sets it up itself).
+    ``backend``: "nccl" (one GPU per rank, the current device set to LOCAL_RANK) or "gloo"
+    (CPU tensors, even on a machine with GPUs: the tests pass it so they run the same
+    everywhere); None picks NCCL when CUDA is available, else gloo. A no-op when a group
+    already exists, which is always the case inside a Ray Train worker (``TorchTrainer`` sets
+    it up itself, with :func:`backend_for` of the stage's resources).
     """
     if _distributed():
         return
-    if torch.cuda.is_available():
+    backend = backend or backend_for(torch.cuda.is_available())
+    if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl")
-    else:
-        dist.init_process_group(backend="gloo")
+    dist.init_process_group(backend=backend)
+
+
+def backend_for(use_gpu: bool) -> str:
+    """The process-group backend of a job: NCCL when its ranks hold GPUs, else gloo."""
+    return "nccl" if use_gpu else "gloo"
+
+
+def task_device(use_gpu: bool) -> torch.device:
+    """The device of a single-process task (an actor, a Ray task) that asked for ``use_gpu``:
+    its GPU only then, so a CPU job on a machine with GPUs stays on the CPU it was given."""
+    if not use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("resources.use_gpu is set, but this process sees no CUDA device")
+    return torch.device("cuda")
 
 
 def autocast(precision: str, device: torch.device) -> torch.autocast:
@@ -167,14 +193,56 @@ def _decoder_blocks(model: nn.Module) -> nn.ModuleList:
     )
 
 
-def shard_model(model: nn.Module, *, trainable: bool) -> nn.Module:
+# training.precision 'bf16' for a sharded student: bf16 all-gathers and compute, float32 gradient
+# reduction (a bf16 sum over many ranks loses the small gradients), float32 sharded parameters and
+# optimizer state.
+BF16_MIXED_PRECISION = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def checkpoint_activations(model: nn.Module) -> nn.Module:
+    """Recompute each decoder block's activations in the backward instead of keeping them; in place.
+
+    One non-reentrant ``torch.utils.checkpoint`` region per block (the unit :func:`shard_model`
+    shards), so peak activation memory is one block's plus the block inputs. Call it before
+    :func:`shard_model`, as FSDP2 expects. Parameter names in state dicts and checkpoints do not
+    change (the wrapper's prefix is stripped), so checkpointed and plain runs share checkpoints.
+    Under ``torch.no_grad`` nothing is kept anyway and the blocks run once.
+    """
+    blocks = set(_decoder_blocks(model))
+    apply_activation_checkpointing(
+        model,
+        checkpoint_wrapper_fn=lambda block: checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+        check_fn=lambda module: module in blocks,
+    )
+    return model
+
+
+def shard_model(
+    model: nn.Module,
+    *,
+    trainable: bool,
+    mixed_precision: MixedPrecisionPolicy | None = None,
+    full_precision: Sequence[nn.Module] = (),
+) -> nn.Module:
     """Shard ``model`` with FSDP2: one ``fully_shard`` unit per decoder block, then the root.
 
     ``trainable=False`` (the frozen teacher) turns off ``requires_grad`` on every parameter
-    first, so FSDP never allocates or reduce-scatters gradients for it. With one rank (or no
-    process group) the model is returned unchanged: sharding would only add overhead. Tied
-    weights (``lm_head`` sharing ``embed_tokens``, as in SmolLM2) stay tied because both
-    modules fall into the root unit, which owns the single shared parameter.
+    first, so FSDP never allocates or reduce-scatters gradients for it, and every unit frees its
+    gathered weights after its forward (``reshard_after_forward=True``, the root included): a
+    frozen model never needs them again before its next forward, except in the score stage's
+    backward, which gathers them again. A trainable model keeps FSDP2's default (the root stays
+    gathered for the backward that follows at once).
+
+    ``mixed_precision`` (e.g. :data:`BF16_MIXED_PRECISION`) applies to the blocks and the root;
+    the root does not cast its forward inputs, which for the student carry the teacher's float32
+    targets. ``full_precision`` modules (the student's trained feature modules: a projector)
+    become units of their own that compute in float32, since their losses need it.
+
+    ``model`` may hold meta parameters (see :func:`materialize`): only each rank's shards are
+    then ever allocated. With one rank (or no process group) the model is returned unchanged:
+    sharding would only add overhead. Tied weights (``lm_head`` sharing ``embed_tokens``, as in
+    SmolLM2) stay tied because both modules fall into the root unit, which owns the single shared
+    parameter.
     """
     if not trainable:
         model.requires_grad_(False)
@@ -182,9 +250,14 @@ def shard_model(model: nn.Module, *, trainable: bool) -> nn.Module:
         return model
 
     mesh = init_device_mesh(device().type, (world_size(),))
-    units: list[nn.Module] = [*_decoder_blocks(model), model]
-    for unit in units:
-        fully_shard(unit, mesh=mesh)
+    reshard = None if trainable else True  # None: FSDP2's default
+    policy = mixed_precision or MixedPrecisionPolicy()
+    units: list[nn.Module] = [*full_precision, *_decoder_blocks(model), model]
+    for unit in full_precision:
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard)
+    for block in _decoder_blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=replace(policy, cast_forward_inputs=False), reshard_after_forward=reshard)
     if not _uses_nccl():
         # pytorch/pytorch#162338: FSDP2 asks gloo for a ReduceOp.AVG reduce-scatter of the
         # gradients, and on the torch 2.8-era builds it was reported against (Sept 2025)
@@ -196,6 +269,52 @@ def shard_model(model: nn.Module, *, trainable: bool) -> nn.Module:
             assert isinstance(unit, FSDPModule)
             unit.set_force_sum_reduction_for_comms(True)
     return model
+
+
+def materialize(model: nn.Module, device: torch.device) -> nn.Module:
+    """Give a model built with meta parameters (and real buffers) uninitialized storage on
+    ``device``; after :func:`shard_model` that is only this rank's shards. Buffers (rotary
+    frequencies) keep their values. Fill the weights with :func:`load_safetensors_shards` or
+    :func:`broadcast_from_rank0`."""
+    buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+    return model
+
+
+def load_safetensors_shards(model: nn.Module, folder: Path) -> None:
+    """Fill a model (sharded or whole) from a Hugging Face safetensors folder, in place.
+
+    Each rank reads only the slices of its own shards (``torch.distributed.checkpoint`` with
+    its ``HuggingFaceStorageReader``), converted to the model's dtype: no rank ever holds the
+    whole model, in memory or read from disk. Collective under a process group. A parameter the
+    files lack must be tied to one they hold (``lm_head`` to ``embed_tokens``); otherwise raises
+    ValueError naming it.
+    """
+    state = get_model_state_dict(model)
+    reader = HuggingFaceStorageReader(str(folder))
+    stored = set(reader.read_metadata().state_dict_metadata)
+    names_of: dict[int, set[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(parameter), set()).add(name.replace(_CHECKPOINT_PREFIX, ""))
+    untied_missing = sorted(
+        name for names in names_of.values() if not names & stored for name in names if name in state
+    )
+    if untied_missing:
+        raise ValueError(f"{folder}: the safetensors files have no tensor {untied_missing[0]!r} of the model")
+    with _single_process_ok():
+        dcp.load({name: value for name, value in state.items() if name in stored}, storage_reader=reader)
+
+
+def broadcast_from_rank0(model: nn.Module, full_state: dict[str, torch.Tensor]) -> None:
+    """Fill a sharded model from the full state dict that rank 0 holds (other ranks pass
+    ``{}``): rank 0 sends it tensor by tensor and each rank keeps its shard. Collective. For
+    models that exist only whole (a GGUF file, a seeded random teacher): rank 0 holds the whole
+    model once, in CPU memory, and no rank holds it on a device."""
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full_state, options=options)
 
 
 # --------------------------------------------------------------------------- checkpoints

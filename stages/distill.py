@@ -58,7 +58,7 @@ from flexkd.data.teacher_targets import cached_teacher_outputs, online_teacher_o
 from flexkd.evaluation.periodic import StudentEvaluator
 from flexkd.method.objective import LayerPair, ObjectiveSettings, StudentWithObjective, objective_module
 from flexkd.models.loading import parameter_count
-from flexkd.models.plan import build_student, load_pipeline_tokenizer, load_teacher, plan_models
+from flexkd.models.plan import build_student, load_pipeline_tokenizer, load_sharded_teacher, plan_models
 from flexkd.stages.targets import check_cache
 from flexkd.testing import faults
 from flexkd.tracking.runs import WorkerMetricLogger, tracking_uri
@@ -312,7 +312,14 @@ def _build(loop: DistillLoop) -> torch.nn.Module:
     student = build_student(loop.config, loop.score_dir)
     verbalizer_ids = torch.tensor(loop.verbalizer_ids) if loop.verbalizer_ids else None
     module = objective_module(student, loop.settings, loop.pairs, verbalizer_ids, loop.d_teacher)
-    return distributed.shard_model(module.to(distributed.device()), trainable=True)
+    if loop.config.training.activation_checkpointing:
+        distributed.checkpoint_activations(module)
+    return distributed.shard_model(
+        module.to(distributed.device()),
+        trainable=True,
+        mixed_precision=distributed.BF16_MIXED_PRECISION if loop.config.training.precision == "bf16" else None,
+        full_precision=list(module.feature_modules.values()),
+    )
 
 
 def _teacher_outputs(loop: DistillLoop, device: torch.device):
@@ -339,7 +346,7 @@ def _teacher_outputs(loop: DistillLoop, device: torch.device):
             cache.temperatures,
             config.loss.temperature,
         )
-    teacher = distributed.shard_model(load_teacher(config).to(device), trainable=False)
+    teacher = load_sharded_teacher(config, device)
     selected = {layer: torch.as_tensor(value, device=device) for layer, value in loop.selected.items()}
     layers = sorted({pair.teacher_layer for pair in loop.pairs})
     whole_hidden = loop.settings.feature is not None and loop.settings.feature.whole_hidden

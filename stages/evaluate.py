@@ -30,7 +30,6 @@ from typing import Any
 
 import mlflow
 import ray
-import torch
 
 from flexkd import distributed
 from flexkd.cluster.train_workers import progress_bars_wanted
@@ -99,7 +98,7 @@ def evaluate_models(
     distributed.use_threads(config.resources.threads_per_worker)
     table = read_eval_rows(Path(eval_dir))
     tokenizer = load_pipeline_tokenizer(config)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = distributed.task_device(config.resources.use_gpu)
     loaders = {"teacher": lambda: load_teacher(config), "student": lambda: load_model(student_dir)}
     metrics: dict[str, float] = {}
     outputs: dict[str, list[str]] = {}

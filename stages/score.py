@@ -78,6 +78,7 @@ from flexkd.models.plan import (
     PRUNED_STUDENT_DIR,
     PRUNING_SELECTION,
     load_pipeline_tokenizer,
+    load_sharded_teacher,
     load_teacher,
     plan_models,
     prune_targets,
@@ -272,7 +273,9 @@ def _score_worker(loop_config: dict[str, Any]) -> None:
     layers: list[int] = loop_config["layers"]
     distributed.use_threads(config.resources.threads_per_worker)
     device = distributed.device()
-    teacher = distributed.shard_model(load_teacher(config).to(device), trainable=False)
+    # Activation checkpointing would rerun the forward hooks of the pruning collector in the backward.
+    checkpointed = config.training.activation_checkpointing and not loop_config["prune"]
+    teacher = load_sharded_teacher(config, device, activation_checkpointing=checkpointed)
     verbalizer_ids = loop_config["verbalizer_ids"]
     verbalizer_ids = torch.tensor(verbalizer_ids, device=device) if verbalizer_ids else None
     collector = PruningScoreCollector(teacher) if loop_config["prune"] else None

@@ -19,7 +19,10 @@ from flexkd import distributed as fd
 
 
 def run_on_two_ranks(body: Callable[..., None], *args: Any) -> None:
-    """Call ``body(*args)`` on ranks 0 and 1 of a fresh gloo group; raises if either rank fails."""
+    """Call ``body(*args)`` on ranks 0 and 1 of a fresh gloo group; raises if either rank fails.
+
+    gloo and CPU tensors even where CUDA is available, so these tests check the same thing on a
+    GPU machine as on a laptop (and never contend for one GPU from two ranks)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -31,7 +34,7 @@ def _rank_main(local_rank: int, port: int, body: Callable[..., None], args: tupl
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE="2"
     )
     torch.set_num_threads(1)
-    fd.init_process_group_from_env()
+    fd.init_process_group_from_env(backend="gloo")
     body(*args)
     dist.barrier()
     dist.destroy_process_group()

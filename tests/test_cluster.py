@@ -22,9 +22,13 @@ from pathlib import Path
 
 import pytest
 
+from flexkd import cli
+from flexkd.cluster import jobs
 from flexkd.cluster.jobs import build_runtime_env, check_submittable, entrypoint, submission_id
 from flexkd.cluster.storage import StorageError, refuse_uri
 from flexkd.config.schema import ConfigError, load_config
+from flexkd.tracking import runs
+from flexkd.tracking.runs import TrackingError, refuse_sqlite_on_multi_node
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOCAL = REPO_ROOT / "clusters" / "local"
@@ -90,6 +94,50 @@ def test_submit_refuses_storage_that_cannot_be_shared(tmp_path):
     check_submittable(load_config(DEBUG, {"artifact_root": str(tmp_path)}), DEBUG, REPO_ROOT)
 
 
+def test_a_sqlite_store_is_refused_on_a_multi_node_cluster_only():
+    refuse_sqlite_on_multi_node("sqlite:////shared/mlflow.db", nodes=1, head_cpus=4.0)  # one machine: fine
+    refuse_sqlite_on_multi_node("http://mlflow:5000", nodes=8, head_cpus=0.0)  # a server: fine
+    refuse_sqlite_on_multi_node(None, nodes=1, head_cpus=2.0)
+    with pytest.raises(
+        TrackingError, match=r"^tracking: a SQLite store \(sqlite:////shared/mlflow.db\) on a Ray cluster of 3 nodes: "
+    ):
+        refuse_sqlite_on_multi_node("sqlite:////shared/mlflow.db", nodes=3, head_cpus=4.0)
+    # KubeRay's head offers no CPU: the stages run on worker nodes, even before any has started.
+    with pytest.raises(TrackingError, match="no tracking URI .* whose head runs no work"):
+        refuse_sqlite_on_multi_node(None, nodes=1, head_cpus=0.0)
+
+
+class _NoSubmissions:
+    def submit_job(self, **_):
+        pytest.fail("a job was submitted")
+
+
+def test_submit_refuses_sqlite_on_a_multi_node_cluster_in_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(jobs, "connect", lambda address: _NoSubmissions())
+    monkeypatch.setattr(jobs, "cluster_shape", lambda address: (2, 1.0))
+    submit = ["submit", str(DEBUG), "--address", "http://head:8265", "--set", f"artifact_root={tmp_path}"]
+    assert cli.main(submit) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(
+        "flexkd: tracking: no tracking URI (a SQLite file under artifact_root) on a Ray cluster of 2 nodes"
+    )
+    assert cli.main([*submit, "--set", f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]) == 1
+    assert "a SQLite store" in capsys.readouterr().err
+    # A server named by the runtime_env's environment passes the check (and reaches the fake client).
+    assert jobs.job_tracking_uri(load_config(DEBUG), {"env_vars": {"MLFLOW_TRACKING_URI": "http://m:5000"}}) == (
+        "http://m:5000"
+    )
+
+
+def test_a_job_refuses_sqlite_when_its_ray_spans_several_nodes(monkeypatch, tmp_path):
+    """Inside the job (a RayJob runs `flexkd run` on the cluster) the store is checked again."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(runs.ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(runs, "cluster_shape", lambda: (4, 0.0))
+    with pytest.raises(TrackingError, match="on a Ray cluster of 4 nodes"):
+        runs.use_experiment(load_config(DEBUG, {"artifact_root": str(tmp_path)}))
+
+
 def test_unreachable_address_fails_fast_with_one_line(tmp_path):
     started = time.monotonic()
     result = _flexkd(
@@ -117,6 +165,7 @@ class LocalCluster:
     gcs_address: str
     env: dict[str, str]
     shared: Path  # artifact_root: the same directory for every node, as on an NFS mount
+    mlflow: str  # the MLflow server every node logs to (a multi-node cluster refuses SQLite)
 
 
 def _script(name: str, env: dict[str, str], *args: str) -> None:
@@ -127,7 +176,7 @@ def _script(name: str, env: dict[str, str], *args: str) -> None:
 @pytest.fixture(scope="module")
 def cluster():
     base = Path(tempfile.mkdtemp(prefix="fkd-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    ray_port, dashboard, client, head_agent, worker_agent = _free_ports(5)
+    ray_port, dashboard, client, head_agent, worker_agent, mlflow_port = _free_ports(6)
     env = {
         key: value
         for key, value in os.environ.items()
@@ -140,6 +189,7 @@ def cluster():
         CLIENT_PORT=str(client),
         HEAD_AGENT_PORT=str(head_agent),
         WORKER_AGENT_PORT=str(worker_agent),
+        MLFLOW_PORT=str(mlflow_port),
         NUM_CPUS="1",
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN=secrets.token_hex(32),
@@ -148,7 +198,14 @@ def cluster():
     try:
         _script("start-head.sh", env)
         _script("start-worker.sh", env, "worker1")
-        yield LocalCluster(f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{ray_port}", env, base / "shared")
+        _script("start-mlflow.sh", env)
+        yield LocalCluster(
+            f"http://127.0.0.1:{dashboard}",
+            f"127.0.0.1:{ray_port}",
+            env,
+            base / "shared",
+            f"http://127.0.0.1:{mlflow_port}",
+        )
     finally:
         subprocess.run([str(LOCAL / "stop.sh")], env=env, capture_output=True, timeout=120)
         shutil.rmtree(base, ignore_errors=True)
@@ -156,7 +213,16 @@ def cluster():
 
 @pytest.mark.slow
 def test_submit_attaches_succeeds_and_never_runs_twice(cluster):
-    submit = ["submit", str(DEBUG), "--address", cluster.address, "--set", f"artifact_root={cluster.shared}/runs"]
+    submit = [
+        "submit",
+        str(DEBUG),
+        "--address",
+        cluster.address,
+        "--set",
+        f"artifact_root={cluster.shared}/runs",
+        "--set",
+        f"tracking.tracking_uri={cluster.mlflow}",
+    ]
     first = _flexkd(cluster.env, *submit)
     assert first.returncode == 0, first.stderr
     job_id = re.search(r"submitted job (\S+)", first.stdout).group(1)
@@ -175,7 +241,7 @@ def test_submit_attaches_succeeds_and_never_runs_twice(cluster):
 
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{cluster.shared}/runs/mlflow.db")
+    client = MlflowClient(cluster.mlflow)
     experiment = client.get_experiment_by_name("flexkd")
     runs = client.search_runs([experiment.experiment_id])
     parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
@@ -195,6 +261,8 @@ def test_failed_job_ends_with_one_line_and_a_retry_is_a_new_attempt(cluster):
         cluster.address,
         "--set",
         f"artifact_root={cluster.shared}/runs",
+        "--set",
+        f"tracking.tracking_uri={cluster.mlflow}",
         "--set",
         "selection.k=1000",
     ]

@@ -101,24 +101,62 @@ def _check_ray_cluster_spec(spec: dict) -> None:
     for group in groups:
         assert all(isinstance(group[key], int) for key in ("replicas", "minReplicas", "maxReplicas"))
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    python_tags = set()
     for pod in _pod_specs(spec):
         container = pod["containers"][0]
-        assert container["name"] and container["image"].startswith(f"rayproject/ray:{spec['rayVersion']}")
+        # Pinned: Ray's version, a Python and, on a GPU, a CUDA version; never a floating alias.
+        image = re.fullmatch(
+            rf"rayproject/ray(-llm)?:{re.escape(spec['rayVersion'])}-(py3\d+)-(cpu|cu\d+)", container["image"]
+        )
+        assert container["name"] and image, container["image"]
+        python_tags.add(image.group(2))
         claims = {volume["name"]: volume.get("persistentVolumeClaim", {}).get("claimName") for volume in pod["volumes"]}
         mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
         assert claims[mounts[SHARED_MOUNT]] == "flexkd-shared"
-    gpu_groups = [
-        group
-        for group in groups
-        if "nvidia.com/gpu" in group["template"]["spec"]["containers"][0]["resources"]["limits"]
-    ]
+    assert len(python_tags) == 1, f"Ray needs one Python version on every node, got {sorted(python_tags)}"
+    gpu_groups = _gpu_groups(spec)
     assert gpu_groups and len(gpu_groups) < len(groups), "want a CPU and a GPU worker group"
-    assert all(group["template"]["spec"]["containers"][0]["image"].endswith("-gpu") for group in gpu_groups)
+    # The GPU image carries CUDA and torch, so a job's runtime_env never reinstalls torch.
+    assert all(_container(group)["image"].startswith("rayproject/ray-llm:") for group in gpu_groups)
+
+
+def _container(group: dict) -> dict:
+    return group["template"]["spec"]["containers"][0]
+
+
+def _gpu_groups(cluster_spec: dict) -> list[dict]:
+    return [
+        group
+        for group in cluster_spec["workerGroupSpecs"]
+        if "nvidia.com/gpu" in _container(group)["resources"]["limits"]
+    ]
+
+
+def _mlflow_service_uri() -> str:
+    """The in-cluster address of clusters/kuberay/mlflow.yaml's server, checked to be what it serves."""
+    from mlflow.cli import server
+
+    documents = _kuberay_documents()
+    service, deployment = documents["Service"], documents["Deployment"]
+    [port] = service["spec"]["ports"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert container["ports"][0]["containerPort"] == port["targetPort"]
+    # The server command, parsed by the installed MLflow's own CLI (a renamed option fails here).
+    shell = container["command"][2]
+    options = server.make_context("server", shlex.split(shell.split("exec mlflow server", 1)[1])).params
+    assert options["port"] == port["targetPort"] and options["backend_store_uri"].startswith(
+        f"sqlite:///{SHARED_MOUNT}/"
+    )
+    assert options["serve_artifacts"] and options["artifacts_destination"].startswith(SHARED_MOUNT)
+    uri = f"{service['metadata']['name']}:{port['port']}"
+    assert uri in options["allowed_hosts"].split(","), "the server must answer the Host header its clients send"
+    return f"http://{uri}"
 
 
 def test_kuberay_manifests_have_the_kinds_and_versions_kuberay_serves():
     documents = _kuberay_documents()
-    assert set(documents) == {"RayCluster", "RayJob", "PersistentVolumeClaim"}
+    assert set(documents) == {"RayCluster", "RayJob", "PersistentVolumeClaim", "Deployment", "Service"}
     assert documents["RayCluster"]["apiVersion"] == documents["RayJob"]["apiVersion"] == "ray.io/v1"
     claim = documents["PersistentVolumeClaim"]
     assert claim["apiVersion"] == "v1" and claim["metadata"]["name"] == "flexkd-shared"
@@ -143,12 +181,10 @@ def test_rayjob_runs_a_valid_flexkd_pipeline_on_its_own_cluster():
     overrides = dict(pair.split("=", 1) for pair in args.set)
     config = load_config(REPO_ROOT / args.pipeline, {key: yaml.safe_load(value) for key, value in overrides.items()})
     assert config.artifact_root.startswith(SHARED_MOUNT) and config.resources.use_gpu
-    gpu_workers = sum(
-        group["replicas"]
-        for group in spec["rayClusterSpec"]["workerGroupSpecs"]
-        if "nvidia.com/gpu" in group["template"]["spec"]["containers"][0]["resources"]["limits"]
-    )
+    gpu_workers = sum(group["replicas"] for group in _gpu_groups(spec["rayClusterSpec"]))
     assert config.resources.num_workers <= gpu_workers
+    # A cluster of several pods logs to the MLflow server; flexkd would refuse SQLite there.
+    assert config.tracking.tracking_uri == _mlflow_service_uri()
 
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     RuntimeEnv(**runtime_env)
@@ -167,6 +203,35 @@ def test_runtime_env_is_valid_and_installs_the_projects_requirements(path):
     RuntimeEnv(**runtime_env)
     assert "working_dir" not in runtime_env  # flexkd submit sets it
     assert runtime_env["pip"]["packages"] == _project_requirements()
+
+
+def _commented_command(path: Path, program: str) -> list[str]:
+    """The words of the ``program ...`` command shown in a file's header comment (with ``\\``
+    continuation lines), as a user would paste it."""
+    lines = [line.removeprefix("#").strip() for line in path.read_text().splitlines() if line.startswith("#")]
+    start = next(index for index, line in enumerate(lines) if line.startswith(program))
+    command = []
+    for line in lines[start:]:
+        command.append(line.removesuffix("\\").strip())
+        if not line.endswith("\\"):
+            break
+    return shlex.split(" ".join(command))
+
+
+def test_the_gpu_runtime_env_command_fills_the_rayclusters_gpu_group():
+    """The documented GPU submit asks for as many FSDP ranks as the RayCluster's GPU group has GPUs."""
+    words = _commented_command(CLUSTERS / "runtime_env" / "gpu.yaml", "flexkd submit")
+    args = build_parser().parse_args(words[1:])
+    assert args.runtime_env == "clusters/runtime_env/gpu.yaml"
+    overrides = {key: yaml.safe_load(value) for key, value in (pair.split("=", 1) for pair in args.set)}
+    config = load_config(REPO_ROOT / args.pipeline, overrides)
+    assert config.resources.use_gpu and config.tracking.tracking_uri == _mlflow_service_uri()
+    [gpu_group] = _gpu_groups(_kuberay_documents()["RayCluster"]["spec"])
+    gpus = gpu_group["maxReplicas"] * int(_container(gpu_group)["resources"]["limits"]["nvidia.com/gpu"])
+    assert config.resources.num_workers == gpus, (
+        f"gpu.yaml's command asks for {config.resources.num_workers} GPU workers, "
+        f"raycluster.yaml's GPU group holds {gpus} GPUs"
+    )
 
 
 def test_cpu_runtime_env_takes_the_cpu_build_of_torch():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,32 @@ def test_single_process_shard_is_noop_and_checkpoint_round_trips(tmp_path: Path)
     assert all(v.device.type == "cpu" for v in full.values())
 
 
+def test_an_explicit_gloo_backend_keeps_cpu_tensors_where_cuda_exists(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two-rank tests pass gloo; on a GPU machine that must not pick NCCL or touch a GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: pytest.fail("set_device under gloo"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(name, value)
+    fd.init_process_group_from_env(backend="gloo")
+    try:
+        assert dist.get_backend() == "gloo" and fd.device() == torch.device("cpu")
+    finally:
+        dist.destroy_process_group()
+    assert (fd.backend_for(True), fd.backend_for(False)) == ("nccl", "gloo")
+
+
+def test_a_task_uses_its_gpu_only_when_its_resources_ask_for_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert fd.task_device(use_gpu=False) == torch.device("cpu")
+    assert fd.task_device(use_gpu=True) == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="resources.use_gpu is set, but this process sees no CUDA device"):
+        fd.task_device(use_gpu=True)
+
+
 def test_decoder_blocks_fall_back_to_no_split_modules() -> None:
     class Block(torch.nn.Linear):
         pass
@@ -132,7 +159,8 @@ def test_decoder_blocks_fall_back_to_no_split_modules() -> None:
 
 def _two_rank_worker(out_dir: str) -> None:
     """One of two gloo ranks: sharded gradients, then a DCP save/load round trip."""
-    fd.init_process_group_from_env()  # the group exists already, so this is a no-op
+    fd.init_process_group_from_env(backend="gloo")  # the group exists already, so this is a no-op
+    assert dist.get_backend() == "gloo" and fd.device() == torch.device("cpu")
     out = Path(out_dir)
     # Gradients: each rank takes half of the batch; FSDP must average them.
     model = fd.shard_model(_tiny_llama(), trainable=True)

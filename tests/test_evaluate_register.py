@@ -330,3 +330,26 @@ def _check_logged_and_registered(
     # The same version also serves as a pyfunc: prompts in, completions out.
     completions = mlflow.pyfunc.load_model(registered["model_uri"]).predict(["Question: Sky?\nAnswer:", "Hi"])
     assert len(completions) == 2 and all(isinstance(text, str) for text in completions)
+
+
+def test_evaluate_stays_on_the_cpu_without_use_gpu_where_cuda_exists(tmp_path, monkeypatch):
+    """A CPU pipeline on a GPU machine: the task must not move the models to a GPU it never asked
+    Ray for (and which another job may hold). Run in process; this CPU torch has no CUDA, so
+    any move to "cuda" would fail."""
+    config = _config("classification")
+    tokenizer = load_tokenizer(TINY_TOKENIZER_DIR)
+    verbalizer_ids = verbalizer_token_ids(tokenizer, LABEL_NAMES)
+    rows = [
+        _row(index, tokenizer.encode(f"Review: {text}\nSentiment:", add_special_tokens=False), [], label, "")
+        for index, (text, label) in enumerate(REVIEWS)
+    ]
+    _write_stage_inputs(tmp_path, tokenizer, rows, verbalizer_ids)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    result = evaluate.evaluate_models(
+        config,
+        str(tmp_path / "tokenize" / "eval"),
+        str(tmp_path / "distill" / "student"),
+        tokenizer.pad_token_id,
+        verbalizer_ids,
+    )
+    assert 0 <= result["metrics"]["student.accuracy"] <= 1 and result["examples"] == len(REVIEWS)

@@ -73,13 +73,16 @@ def watched_pipeline(root: Path, watch: dict | None = None, **overrides) -> Path
     return path
 
 
-def client_for(root: Path) -> MlflowClient:
-    return MlflowClient(tracking_uri=store_uri(root), registry_uri=store_uri(root))
+def client_for(root: Path, uri: str | None = None) -> MlflowClient:
+    uri = uri or store_uri(root)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def register_teacher(root: Path, seed: int) -> str:
+def register_teacher(root: Path, seed: int, uri: str | None = None) -> str:
     """A tiny random Llama (the debug teacher's shape) with the tiny tokenizer, logged as a flexkd
-    model and registered as the next version of ``tiny-teacher``; returns the version."""
+    model and registered as the next version of ``tiny-teacher`` in ``uri`` (default: the SQLite
+    store under ``root``); returns the version."""
+    uri = uri or store_uri(root)
     tokenizer = load_tokenizer(TINY_TOKENIZER_DIR)
     architecture = load_config(PIPELINES / "debug.yaml").teacher.architecture
     model = build_random_model(
@@ -91,8 +94,8 @@ def register_teacher(root: Path, seed: int) -> str:
     folder = root / f"teacher-seed{seed}"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    mlflow.set_tracking_uri(store_uri(root))
-    mlflow.set_registry_uri(store_uri(root))
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     try:
         experiment = mlflow.get_experiment_by_name("teachers")
         experiment_id = (
@@ -483,10 +486,10 @@ def test_a_watcher_killed_midway_is_retried_once_and_then_left_alone(tmp_path, l
 def test_with_an_address_each_release_is_a_ray_job_that_a_later_poll_finishes(cluster):  # noqa: F811 - the fixture imported above
     from test_cluster import DEBUG, JOB_TIMEOUT_S, _flexkd
 
-    root = cluster.shared / "watch"  # artifact_root and the SQLite registry, on the nodes' shared storage
+    root = cluster.shared / "watch"  # artifact_root, on the nodes' shared storage
     root.mkdir(parents=True)
-    register_teacher(root, seed=1)
-    client = client_for(root)
+    register_teacher(root, seed=1, uri=cluster.mlflow)  # the registry: the cluster's MLflow server
+    client = client_for(root, cluster.mlflow)
     watch = [
         "watch",
         str(DEBUG),
@@ -495,6 +498,8 @@ def test_with_an_address_each_release_is_a_ray_job_that_a_later_poll_finishes(cl
         cluster.address,
         "--set",
         f"artifact_root={root}",
+        "--set",
+        f"tracking.tracking_uri={cluster.mlflow}",
         "--set",
         "teacher.source=mlflow",
         "--set",

@@ -34,10 +34,13 @@ import aiohttp
 import yaml
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobSubmissionClient
+from ray.util.state import list_nodes
+from ray.util.state.exception import RayStateApiException
 
 from flexkd.cluster.storage import refuse_uri
 from flexkd.config.schema import ConfigError, PipelineConfig, parse_yaml, yaml_problem
 from flexkd.errors import StageError
+from flexkd.tracking.runs import refuse_sqlite_on_multi_node
 
 # Never uploaded: environments, outputs, caches and weights (models belong on shared storage).
 WORKING_DIR_EXCLUDES = [
@@ -136,6 +139,26 @@ def check_submittable(config: PipelineConfig, pipeline: Path, working_dir: Path)
         )
 
 
+def job_tracking_uri(config: PipelineConfig, runtime_env: dict[str, Any] | None) -> str | None:
+    """The tracking URI the job will use, as far as the submitter can tell: the config's, else the
+    runtime_env's $MLFLOW_TRACKING_URI; None: neither (a SQLite file, unless the cluster's own
+    environment names a server; the job checks again there)."""
+    env_vars = (runtime_env or {}).get("env_vars") or {}
+    return config.tracking.tracking_uri or env_vars.get("MLFLOW_TRACKING_URI")
+
+
+def cluster_shape(address: str) -> tuple[int, float]:
+    """The alive nodes of the cluster behind the dashboard at ``address`` and the CPUs its head
+    offers (Ray's state API; the Jobs API does not say)."""
+    address = address if "://" in address else f"http://{address}"
+    try:
+        nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+    except (RayStateApiException, ConnectionError) as error:
+        raise JobError(f"cannot list the nodes of the Ray cluster at {address}: {str(error).splitlines()[0]}") from None
+    head = next((node for node in nodes if node.is_head_node), None)
+    return len(nodes), (head.resources_total.get("CPU", 0.0) if head else 0.0)
+
+
 def submit(
     address: str,
     pipeline: Path,
@@ -148,6 +171,7 @@ def submit(
     """Submit, attach to, or report the pipeline's job by the rule in the module docstring."""
     check_submittable(config, pipeline, working_dir)
     client = connect(address)
+    refuse_sqlite_on_multi_node(job_tracking_uri(config, runtime_env), *cluster_shape(address))
     base_id = submission_id(config)
     latest = latest_attempt(client, base_id)
     if latest is not None and latest.status.value in ("PENDING", "RUNNING"):

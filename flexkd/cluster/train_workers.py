@@ -13,8 +13,9 @@ from typing import Any
 
 import ray
 from ray.train import FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
+from flexkd import distributed
 from flexkd.config.schema import PipelineConfig
 from flexkd.errors import StageError
 
@@ -55,6 +56,9 @@ def run_workers(
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
+        # Spelled out rather than left to Ray's default, so the stages and
+        # distributed.init_process_group_from_env follow one rule.
+        torch_config=TorchConfig(backend=distributed.backend_for(config.resources.use_gpu)),
         scaling_config=scaling(config),
         run_config=RunConfig(
             name=run_name,

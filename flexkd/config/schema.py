@@ -47,6 +47,12 @@ class TeacherConfig(_Section):
     name: str | None = Field(None, description="teacher name recorded as lineage; default: derived")
     version: str | None = None
     trust_remote_code: bool = False
+    dtype: Literal["bf16", "float32"] = Field(
+        "float32",
+        description="the teacher's weights in every stage; a pipeline file that leaves it out gets "
+        "bf16 with resources.use_gpu (half the memory, the GPU's fast path) and float32 without "
+        "(a CPU without bf16 matrix units runs bf16 slower, and the CPU tests compare float32 numbers)",
+    )
 
     @model_validator(mode="after")
     def _source_needs(self) -> TeacherConfig:
@@ -260,7 +266,8 @@ class TrainingConfig(_Section):
     precision: Literal["float32", "bf16"] = Field(
         "float32",
         description="bf16: the distill step's model forwards (student, online teacher) under bf16 "
-        "autocast; weights, optimizer state and the losses stay float32",
+        "autocast and, with several ranks, the student's FSDP2 mixed precision (bf16 all-gathers and "
+        "compute, float32 gradient reduction); weights, optimizer state and the losses stay float32",
     )
     teacher: Literal["online", "cache"] = Field(
         "online", description="online: run the teacher every step; cache: read the targets stage's teacher outputs"
@@ -270,6 +277,12 @@ class TrainingConfig(_Section):
         ge=0,
         description="rows of the local shuffle buffer each epoch's batches are drawn from, seeded by "
         "training.seed and the epoch; 0: the rows' stored order, every epoch",
+    )
+    activation_checkpointing: bool = Field(
+        False,
+        description="recompute each decoder block's activations in the backward instead of keeping them: "
+        "the student's in distill, the teacher's in score (not with student.init prune_from_teacher, "
+        "whose hooks read the teacher's activations once per forward)",
     )
 
 
@@ -463,6 +476,18 @@ class PipelineConfig(_Section):
     tune: SweepConfig | None = None
     watch: WatchConfig | None = None
     artifact_root: str = Field("runs", description="where stage artifacts go; relative to the pipeline file")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _teacher_dtype_follows_the_device(cls, raw: Any) -> Any:
+        """teacher.dtype, when the file leaves it out: bf16 on GPUs, float32 on CPUs. Written into
+        the config (not decided at load time), so a cache or stage made with a bf16 teacher never
+        passes for one made with a float32 teacher."""
+        if not (isinstance(raw, dict) and isinstance(raw.get("teacher"), dict)) or "dtype" in raw["teacher"]:
+            return raw
+        resources = raw.get("resources")
+        use_gpu = isinstance(resources, dict) and resources.get("use_gpu") is True
+        return {**raw, "teacher": {**raw["teacher"], "dtype": "bf16" if use_gpu else "float32"}}
 
     @model_validator(mode="before")
     @classmethod

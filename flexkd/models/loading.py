@@ -1,7 +1,7 @@
 """Load, build and fetch Hugging Face models and tokenizers.
 
-Everything here returns plain `transformers` objects in float32 and eval mode; sharding and
-devices are the caller's business.
+Everything here returns plain `transformers` objects in eval mode, float32 unless a dtype is
+asked for; sharding and devices are the caller's business.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from accelerate import init_empty_weights
 from filelock import FileLock
 from transformers import (
     CONFIG_MAPPING,
@@ -27,6 +28,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     GgufConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -203,27 +205,16 @@ def load_model(
     return auto_class.from_pretrained(folder, **options).eval()
 
 
-def build_random_model(
+def random_model_config(
     architecture: Mapping[str, Any],
     vocab_size: int,
-    seed: int,
     kind: ModelKind = "causal_lm",
     pad_token_id: int | None = None,
     bos_token_id: int | None = None,
     eos_token_id: int | None = None,
     num_labels: int | None = None,
-) -> PreTrainedModel:
-    """Build a randomly initialised float32 model, in eval mode, from HF config fields.
-
-    Args:
-        architecture: config fields, with `model_type` (default "llama"), e.g. `{"hidden_size": 64,
-            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "intermediate_size": 128}`.
-        vocab_size: embedding rows; must match the tokenizer's `len(tokenizer)`.
-        seed: the same seed gives the same weights; the global RNG state is left untouched.
-        pad_token_id, bos_token_id, eos_token_id: set in the config when given.
-        num_labels: classes of a `sequence_classification` model.
-    """
+) -> PretrainedConfig:
+    """The config :func:`build_random_model` builds from (arguments as there), checked field by field."""
     fields = dict(architecture)
     model_type = fields.pop("model_type", "llama")
     if model_type not in CONFIG_MAPPING:
@@ -231,7 +222,7 @@ def build_random_model(
     for argument in ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id", "num_labels"):
         if argument in fields:
             raise ValueError(f"architecture.{argument}: pass it as the {argument} argument instead")
-    auto_class = _auto_class(kind, num_labels)
+    _auto_class(kind, num_labels)
     token_ids = {"pad_token_id": pad_token_id, "bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
     fields.update({name: value for name, value in token_ids.items() if value is not None})
     if num_labels is not None:
@@ -242,9 +233,51 @@ def build_random_model(
     unknown = sorted(set(config.to_dict()) - set(type(config)().to_dict()))
     if unknown:
         raise ValueError(f"architecture.{unknown[0]} is not a {type(config).__name__} field")
+    return config
+
+
+def build_random_model(
+    architecture: Mapping[str, Any],
+    vocab_size: int,
+    seed: int,
+    kind: ModelKind = "causal_lm",
+    pad_token_id: int | None = None,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    num_labels: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> PreTrainedModel:
+    """Build a randomly initialised model, in eval mode, from HF config fields.
+
+    Args:
+        architecture: config fields, with `model_type` (default "llama"), e.g. `{"hidden_size": 64,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "intermediate_size": 128}`.
+        vocab_size: embedding rows; must match the tokenizer's `len(tokenizer)`.
+        seed: the same seed gives the same weights; the global RNG state is left untouched.
+        pad_token_id, bos_token_id, eos_token_id: set in the config when given.
+        num_labels: classes of a `sequence_classification` model.
+        dtype: of the weights, which are drawn in float32 first, so a bf16 model is the float32
+            one rounded.
+    """
+    config = random_model_config(architecture, vocab_size, kind, pad_token_id, bos_token_id, eos_token_id, num_labels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = auto_class.from_config(config, dtype=torch.float32)
+        model = _auto_class(kind, num_labels).from_config(config, dtype=torch.float32)
+    return model.to(dtype).eval()
+
+
+def build_on_meta(config: PretrainedConfig, kind: ModelKind = "causal_lm", dtype: torch.dtype = torch.float32):
+    """The model of ``config`` with every parameter on the meta device (no memory) and its buffers
+    (rotary frequencies) computed on the CPU, in eval mode: for FSDP2 to shard before any weight
+    exists (flexkd.distributed.materialize) and for counting (flexkd.models.capacity).
+
+    accelerate's ``init_empty_weights`` rather than ``torch.device("meta")``, which would leave
+    the buffers empty too; it unties tied weights, so they are tied again here.
+    """
+    with init_empty_weights(include_buffers=False):
+        model = _auto_class(kind, None).from_config(config, dtype=dtype)
+    model.tie_weights()
     return model.eval()
 
 

@@ -26,10 +26,18 @@ from huggingface_hub.errors import StrictDataclassError
 from mlflow.exceptions import MlflowException
 from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig, PreTrainedModel
 
+from flexkd import distributed
 from flexkd.config.schema import ConfigError, PipelineConfig
 from flexkd.method.layers import resolve_layer_map
 from flexkd.method.selection import resolve_k
-from flexkd.models.loading import build_random_model, fetch_demo_teacher, load_model, load_tokenizer
+from flexkd.models.loading import (
+    build_on_meta,
+    build_random_model,
+    fetch_demo_teacher,
+    load_model,
+    load_tokenizer,
+    random_model_config,
+)
 from flexkd.prune.scores import check_supported_architecture
 from flexkd.prune.student import PruneTargets, kept_layer_indices, pruned_model_config, pruned_student_layer_map
 from flexkd.tracking.model_registry import download_registered_student
@@ -272,14 +280,61 @@ def count_teacher_loads(config: PipelineConfig) -> int:
     return len(log_file.read_text().splitlines()) if log_file.is_file() else 0
 
 
+TEACHER_DTYPES = {"bf16": torch.bfloat16, "float32": torch.float32}
+
+
 def load_teacher(config: PipelineConfig) -> PreTrainedModel:
-    """The frozen teacher, in eval mode. Every call is counted in :func:`teacher_loads_log`."""
+    """The whole frozen teacher on the CPU, in ``teacher.dtype`` and eval mode. Every call is
+    counted in :func:`teacher_loads_log`."""
+    _count_teacher_load(config)
+    return _whole_teacher(config)
+
+
+def load_sharded_teacher(
+    config: PipelineConfig, device: torch.device, activation_checkpointing: bool = False
+) -> torch.nn.Module:
+    """The frozen teacher of a Ray Train worker: on ``device``, in ``teacher.dtype``, FSDP2-sharded
+    over the process group, loaded so that no rank ever holds the whole teacher on its device.
+
+    With one rank it is the whole teacher, moved to ``device``. With several, every rank builds
+    it on the meta device (no memory), shards it and allocates only its own shards; then a
+    teacher in safetensors (hf, demo, mlflow) is read by each rank slice by slice, only its own
+    shards (flexkd.distributed.load_safetensors_shards), and one that exists only whole (a GGUF
+    file, a seeded random teacher) is built once in rank 0's CPU memory and broadcast tensor by
+    tensor (flexkd.distributed.broadcast_from_rank0). Counted like :func:`load_teacher`, once per
+    rank. ``activation_checkpointing``: for a teacher the stage backpropagates through (score).
+    """
+    if distributed.world_size() == 1:
+        teacher = load_teacher(config).to(device)
+        if activation_checkpointing:
+            distributed.checkpoint_activations(teacher)
+        return distributed.shard_model(teacher, trainable=False)
+    _count_teacher_load(config)
+    teacher = build_on_meta(_teacher_build_config(config), dtype=TEACHER_DTYPES[config.teacher.dtype])
+    if activation_checkpointing:
+        distributed.checkpoint_activations(teacher)
+    distributed.materialize(distributed.shard_model(teacher, trainable=False), device)
+    folder = _safetensors_folder(config)
+    if folder is not None:
+        distributed.load_safetensors_shards(teacher, folder)
+    else:
+        distributed.broadcast_from_rank0(
+            teacher, _whole_teacher(config).state_dict() if distributed.rank() == 0 else {}
+        )
+    return teacher
+
+
+def _count_teacher_load(config: PipelineConfig) -> None:
     teacher = config.teacher
-    log.info("loading teacher (%s)", teacher.name or teacher.path or teacher.source)
+    log.info("loading teacher (%s, %s)", teacher.name or teacher.path or teacher.source, teacher.dtype)
     log_file = teacher_loads_log(config)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with log_file.open("a") as file:  # one short append per load: atomic for concurrent writers
         file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid={os.getpid()} host={socket.gethostname()}\n")
+
+
+def _whole_teacher(config: PipelineConfig) -> PreTrainedModel:
+    teacher, dtype = config.teacher, TEACHER_DTYPES[config.teacher.dtype]
     if teacher.source == "random":
         tokenizer = load_pipeline_tokenizer(config)
         model = build_random_model(
@@ -287,12 +342,32 @@ def load_teacher(config: PipelineConfig) -> PreTrainedModel:
             vocab_size=len(tokenizer),
             seed=teacher.seed,
             pad_token_id=tokenizer.pad_token_id,
+            dtype=dtype,
         )
     else:
         path, gguf_file = teacher_location(config)
-        model = load_model(path, gguf_file=gguf_file, trust_remote_code=teacher.trust_remote_code)
+        model = load_model(path, gguf_file=gguf_file, trust_remote_code=teacher.trust_remote_code, dtype=dtype)
     model.requires_grad_(False)
     return model.eval()
+
+
+def _teacher_build_config(config: PipelineConfig) -> PretrainedConfig:
+    """The config the teacher's weights fit: for a random teacher, its architecture with the
+    tokenizer's vocabulary, as :func:`_whole_teacher` builds it."""
+    if config.teacher.source == "random":
+        tokenizer = load_pipeline_tokenizer(config)
+        return random_model_config(
+            dict(config.teacher.architecture or {}), vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id
+        )
+    return teacher_model_config(config)
+
+
+def _safetensors_folder(config: PipelineConfig) -> Path | None:
+    """The teacher's Hugging Face folder when its weights are safetensors files, else None."""
+    if config.teacher.source in ("random", "gguf"):
+        return None
+    folder = Path(teacher_location(config)[0])
+    return folder if any(folder.glob("*.safetensors")) else None
 
 
 def build_student(config: PipelineConfig, score_dir: Path | str | None = None) -> PreTrainedModel:

@@ -1,7 +1,10 @@
 """MLflow: where runs go, how the config is logged, and how a Ray worker logs metrics.
 
 Only the driver and rank 0 of a Ray Train job write, and never at the same time (the driver
-waits on the job), so the default SQLite store sees one writer at a time.
+waits on the job), so the default SQLite store sees one writer at a time. That holds on one
+machine only: on a multi-node cluster rank 0 runs on another node than the driver, and SQLite's
+file locks are not reliable over NFS or a mounted bucket, so a multi-node cluster must log to an
+MLflow server (:func:`refuse_sqlite_on_multi_node`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import mlflow
+import ray
 import yaml
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
@@ -51,6 +55,37 @@ def is_local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:", "/"))
 
 
+def refuse_sqlite_on_multi_node(uri: str | None, nodes: int, head_cpus: float) -> None:
+    """Refuse, in one line, a SQLite tracking store on a multi-node Ray cluster.
+
+    Multi-node: more than one alive node, or a head that offers no CPU (KubeRay's ``num-cpus:
+    "0"``), whose stages therefore run on worker nodes even before the autoscaler has started
+    them. ``uri`` None: none given, so the job falls back to a SQLite file under artifact_root.
+    Pure, so it is tested without a cluster; :func:`cluster_shape` and
+    ``flexkd.cluster.jobs.cluster_shape`` read the two numbers.
+    """
+    if uri is not None and not uri.startswith("sqlite:"):
+        return
+    if nodes > 1:
+        where = f"a Ray cluster of {nodes} nodes"
+    elif head_cpus == 0:
+        where = "a Ray cluster whose head runs no work (the stages run on worker nodes)"
+    else:
+        return
+    store = f"a SQLite store ({redact_value(uri)})" if uri else "no tracking URI (a SQLite file under artifact_root)"
+    raise TrackingError(
+        f"tracking: {store} on {where}: ranks on other nodes cannot share a SQLite file; set "
+        "tracking.tracking_uri (or MLFLOW_TRACKING_URI) to an MLflow server, e.g. http://mlflow:5000"
+    )
+
+
+def cluster_shape() -> tuple[int, float]:
+    """The connected Ray cluster's alive nodes and the CPUs its head offers to work."""
+    alive = [node for node in ray.nodes() if node["Alive"]]
+    head = next((node for node in alive if "node:__internal_head__" in node["Resources"]), None)
+    return len(alive), (head["Resources"].get("CPU", 0.0) if head else 0.0)
+
+
 def ui_command(uri: str) -> str:
     """How to look at the runs. ``--host 127.0.0.1`` is spelled out, though it is MLflow's
     default, so a copied command never serves the runs to the network."""
@@ -80,8 +115,14 @@ def check_tracking_server(uri: str) -> None:
 
 
 def use_experiment(config: PipelineConfig) -> str:
-    """Point MLflow at the pipeline's store and experiment; returns the experiment id."""
+    """Point MLflow at the pipeline's store and experiment; returns the experiment id.
+
+    With Ray connected (as in ``flexkd run``, also inside a submitted job or a KubeRay RayJob),
+    a SQLite store on a multi-node cluster is refused first.
+    """
     uri = tracking_uri(config)
+    if ray.is_initialized():
+        refuse_sqlite_on_multi_node(uri, *cluster_shape())
     check_tracking_server(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
