@@ -282,28 +282,49 @@ def _endless_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Epoch after epoch over this worker's shard; the first ``skip`` batches are passed over
     so a resumed run sees the batches it would have seen. ``shuffle_buffer`` > 0: each epoch's
-    batches come from Ray Data's local shuffle of that many rows, seeded by (seed, epoch), so a
-    rerun (and a resumed run) sees the same order."""
+    rows are shuffled within consecutive windows of that many rows by a generator seeded by
+    (seed, epoch), so a rerun (and a resumed run) sees the same order. Ray Data's own local
+    shuffle is not used: its order depends on which block arrives first."""
     seen = 0
     for epoch in count():
         seen_before = seen
-        shuffle = (
-            {
-                "local_shuffle_buffer_size": shuffle_buffer,
-                "local_shuffle_seed": int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]),
-            }
-            if shuffle_buffer
-            else {}
-        )
-        for rows in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True, **shuffle):
+        rows = iter(shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True))
+        if shuffle_buffer:
+            generator = np.random.default_rng(np.random.SeedSequence([seed, epoch]))
+            rows = _window_shuffled(rows, batch_size, shuffle_buffer, generator)
+        for batch in rows:
             seen += 1
             if seen > skip:
-                yield rows
+                yield batch
         if seen == seen_before:  # another pass would yield nothing either: fail, do not spin
             raise ValueError(
                 f"distill: this worker's data shard holds fewer than one batch of {batch_size} rows; "
                 "use more training rows, a smaller training.batch_size or fewer workers"
             )
+
+
+def _window_shuffled(
+    batches: Iterator[dict[str, np.ndarray]], batch_size: int, window: int, generator: np.random.Generator
+) -> Iterator[dict[str, np.ndarray]]:
+    """The rows of ``batches`` regrouped into batches of ``batch_size``, permuted within windows of
+    at least ``window`` rows (whole batches); a last short batch is dropped, as drop_last does."""
+    pending: list[dict[str, np.ndarray]] = []
+    ended = False
+    while not ended:
+        while sum(len(next(iter(b.values()))) for b in pending) < window:
+            try:
+                pending.append(next(batches))
+            except StopIteration:
+                ended = True
+                break
+        if not pending:
+            return
+        joined = {name: np.concatenate([b[name] for b in pending]) for name in pending[0]}
+        order = generator.permutation(len(next(iter(joined.values()))))
+        pending = []
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            picked = order[start : start + batch_size]
+            yield {name: column[picked] for name, column in joined.items()}
 
 
 def _build(loop: DistillLoop) -> torch.nn.Module:
