@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import random
+import time
 from itertools import islice
 
 import numpy as np
 import pytest
 
+from flexkd.cluster.train_workers import ordered_ingest_options
 from flexkd.config.schema import ConfigError
 from flexkd.stages.distill import _endless_batches, joined_batch, transfer_rows_per_batch
 
@@ -63,7 +66,12 @@ def test_each_epoch_is_shuffled_by_the_seed_and_the_epoch_and_a_rerun_repeats_it
 
 def test_the_seeded_shuffle_of_a_ray_dataset_gives_the_same_order_again(local_ray):
     """What the pipeline relies on: the same seed reproduces the shuffle of a Ray Data shard, batch for batch."""
-    dataset = local_ray.data.range(40)
+    def late_at_random(batch):  # blocks finish in a new order each time, as on a busy cluster
+        time.sleep(random.uniform(0.0, 0.2))
+        return batch
+
+    dataset = local_ray.data.range(40, override_num_blocks=8).map_batches(late_at_random)
+    dataset.context.execution_options = ordered_ingest_options()  # as the distill trainer ingests
 
     def epochs(seed: int) -> list[list[int]]:
         batches = _endless_batches(dataset.iterator(), 8, skip=0, shuffle_buffer=40, seed=seed)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from flexkd import distributed
@@ -25,6 +25,15 @@ def progress_bars_wanted() -> bool:
     log file (CI, a Ray job, ``| tee``) a bar is a line per update, so they print a line per
     logged step instead. Asked on the driver, since a worker's own stdout is never a terminal."""
     return sys.stdout.isatty()
+
+
+def ordered_ingest_options() -> ray.data.ExecutionOptions:
+    """Ray Train's dataset ingest options with ``preserve_order``: without it a shard's rows
+    come in the order their blocks finish, so a seeded shuffle (and the batches a resumed run
+    skips) would differ from run to run."""
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def scaling(config: PipelineConfig) -> ScalingConfig:
@@ -67,6 +76,7 @@ def run_workers(
             callbacks=callbacks,
         ),
         datasets=datasets,
+        dataset_config=DataConfig(execution_options=ordered_ingest_options()),
     )
     try:
         result = trainer.fit()
