@@ -274,14 +274,28 @@ def shard_model(
 def materialize(model: nn.Module, device: torch.device) -> nn.Module:
     """Give a model built with meta parameters (and real buffers) uninitialized storage on
     ``device``; after :func:`shard_model` that is only this rank's shards. Buffers (rotary
-    frequencies) keep their values. Fill the weights with :func:`load_safetensors_shards` or
+    frequencies) keep their values and tied weights stay tied (``to_empty`` unties them in an
+    unsharded model). Fill the weights with :func:`load_safetensors_shards` or
     :func:`broadcast_from_rank0`."""
     buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
+    tied = [names for names in _parameter_names(model).values() if len(names) > 1]
     model.to_empty(device=device)
     with torch.no_grad():
         for name, buffer in model.named_buffers():
             buffer.copy_(buffers[name])
+    for first, *others in tied:
+        for name in others:
+            module, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(module), attribute, model.get_parameter(first))
     return model
+
+
+def _parameter_names(model: nn.Module) -> dict[int, list[str]]:
+    """Every name of each parameter (a tied one has several), by the parameter's identity."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    return names
 
 
 def load_safetensors_shards(model: nn.Module, folder: Path) -> None:
@@ -296,12 +310,8 @@ def load_safetensors_shards(model: nn.Module, folder: Path) -> None:
     state = get_model_state_dict(model)
     reader = HuggingFaceStorageReader(str(folder))
     stored = set(reader.read_metadata().state_dict_metadata)
-    names_of: dict[int, set[str]] = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(parameter), set()).add(name.replace(_CHECKPOINT_PREFIX, ""))
-    untied_missing = sorted(
-        name for names in names_of.values() if not names & stored for name in names if name in state
-    )
+    names_of = [{name.replace(_CHECKPOINT_PREFIX, "") for name in names} for names in _parameter_names(model).values()]
+    untied_missing = sorted(name for names in names_of if not names & stored for name in names if name in state)
     if untied_missing:
         raise ValueError(f"{folder}: the safetensors files have no tensor {untied_missing[0]!r} of the model")
     with _single_process_ok():

@@ -21,7 +21,13 @@ from flexkd import distributed as fd
 from flexkd.config.schema import PipelineConfig, parse_config
 from flexkd.method.importance import hidden_state_gradients
 from flexkd.method.layers import forward_with_hidden_states
-from flexkd.models.loading import TINY_TOKENIZER_DIR, build_random_model, load_tokenizer
+from flexkd.models.loading import (
+    TINY_TOKENIZER_DIR,
+    build_on_meta,
+    build_random_model,
+    load_tokenizer,
+    random_model_config,
+)
 from flexkd.models.plan import load_sharded_teacher, load_teacher
 
 ARCHITECTURE = {
@@ -246,3 +252,17 @@ def test_the_teacher_dtype_follows_the_device_unless_the_file_names_one(tmp_path
     explicit = _config(tmp_path, {**teacher, "dtype": "float32"}, resources={"use_gpu": True})
     assert explicit.teacher.dtype == "float32"
     assert load_teacher(_config(tmp_path, {**teacher, "dtype": "bf16"})).dtype == torch.bfloat16
+
+
+def test_safetensors_load_in_one_process_and_a_missing_untied_tensor_is_named(tmp_path):
+    tied = build_random_model(ARCHITECTURE, vocab_size=512, seed=4)
+    tied.save_pretrained(tmp_path)  # no lm_head.weight in the file: it is embed_tokens
+    empty = fd.materialize(
+        build_on_meta(random_model_config(ARCHITECTURE, vocab_size=512), dtype=torch.bfloat16), torch.device("cpu")
+    )
+    fd.load_safetensors_shards(empty, tmp_path)
+    for name, parameter in tied.named_parameters():
+        assert torch.equal(dict(empty.named_parameters())[name], parameter.to(torch.bfloat16)), name
+    untied = build_on_meta(random_model_config({**ARCHITECTURE, "tie_word_embeddings": False}, vocab_size=512))
+    with pytest.raises(ValueError, match=r"the safetensors files have no tensor 'lm_head.weight' of the model"):
+        fd.load_safetensors_shards(fd.materialize(untied, torch.device("cpu")), tmp_path)
