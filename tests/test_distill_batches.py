@@ -66,6 +66,7 @@ def test_each_epoch_is_shuffled_by_the_seed_and_the_epoch_and_a_rerun_repeats_it
 
 def test_the_seeded_shuffle_of_a_ray_dataset_gives_the_same_order_again(local_ray):
     """What the pipeline relies on: the same seed reproduces the shuffle of a Ray Data shard, batch for batch."""
+
     def late_at_random(batch):  # blocks finish in a new order each time, as on a busy cluster
         time.sleep(random.uniform(0.0, 0.2))
         return batch
