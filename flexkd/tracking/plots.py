@@ -31,7 +31,7 @@ def plot_importance(
     in few directions that no few units hold.
     """
     spectra = spectra or {}
-    figure, axes = plt.subplots(1, 2 if spectra else 1, figsize=(13 if spectra else 7, 4), squeeze=False)
+    figure, axes = plt.subplots(1, 2 if spectra else 1, figsize=(13, 5.5) if spectra else (7, 4), squeeze=False)
     axis = axes[0, 0]
     for layer, scores in sorted(importance.items()):
         ordered = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
@@ -73,5 +73,5 @@ def _plot_cumulative_energy(
     axis.set_ylim(0, 1.02)
     axis.set_xlabel("directions / units kept (rank)")
     axis.set_ylabel("cumulative share")
-    axis.set_title("Share of the task-gradient energy tr(G): top-k directions (o), top-k units (x)")
-    axis.legend(fontsize=7)
+    axis.set_title("Share of the task-gradient energy tr(G)\nkept by the top-k directions (o) and top-k units (x)")
+    axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)  # below: the curves fill the panel
