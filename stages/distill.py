@@ -27,7 +27,8 @@ group, or a rerun after the driver died, continues from the newest complete one.
 Outputs:
 
     student/        the distilled student, Hugging Face format (safetensors, config, tokenizer)
-    metrics.json    final loss parts, tokens/s (steady state, see the loop), steps, parameter counts
+    metrics.json    final loss parts, tokens/s (steady state, see the loop), steps, parameter counts,
+                    and on a CPU where a step's time goes (``ms_per_step``, see StepProfile)
 """
 
 from __future__ import annotations
@@ -66,6 +67,52 @@ from flexkd.tracking.runs import WorkerMetricLogger, tracking_uri
 log = logging.getLogger("flexkd")
 
 KEEP_CHECKPOINTS = 2
+
+# The phases of a training step, in order; the speed benchmark's plain loop times the same ones.
+STEP_PHASES = ("batch", "teacher_targets", "student_forward", "loss", "backward", "optimizer")
+
+
+class StepProfile:
+    """Where a training step's time goes: wall-clock laps between the phases of STEP_PHASES, summed
+    over the counted steps (the steady state: a run's first step is not counted, as for tokens/s).
+
+    Always on: a lap is one ``time.perf_counter()`` call and a dict update (about a microsecond a
+    step, against steps of milliseconds). On a CPU a phase ends when its Python call returns. On a
+    GPU kernels run asynchronously, so a lap times their launch only, and a synchronize per phase
+    would slow the very step it measures: there is no profile there (``ms_per_step`` is None).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds = dict.fromkeys(STEP_PHASES, 0.0)  # per phase, over the counted steps
+        self.steps = 0
+        self._step = dict.fromkeys(STEP_PHASES, 0.0)
+        self._mark = 0.0
+
+    def start(self) -> float:
+        """A step begins; returns its start (a ``time.perf_counter()`` reading)."""
+        self._step = dict.fromkeys(STEP_PHASES, 0.0)
+        self._mark = time.perf_counter()
+        return self._mark
+
+    def lap(self, phase: str) -> None:
+        """``phase`` ends now: the time since the last lap (or the step's start) is its."""
+        now = time.perf_counter()
+        self._step[phase] += now - self._mark
+        self._mark = now
+
+    def count(self) -> None:
+        """Add this step's laps to the profile."""
+        for phase, seconds in self._step.items():
+            self.seconds[phase] += seconds
+        self.steps += 1
+
+    def ms_per_step(self) -> dict[str, float] | None:
+        """Milliseconds per counted step, by phase (they add up to the step); None on a GPU or
+        before any step was counted."""
+        if self.device.type != "cpu" or not self.steps:
+            return None
+        return {phase: round(1000 * seconds / self.steps, 2) for phase, seconds in self.seconds.items()}
 
 
 @dataclass(frozen=True)
@@ -111,6 +158,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
 
     metrics = train_student(config, inputs, output_dir, tracking_run_id=mlflow.active_run().info.run_id)
     mlflow.log_metrics({f"final.{key}": value for key, value in metrics.items() if isinstance(value, (int, float))})
+    mlflow.log_metrics({f"profile.{phase}_ms": ms for phase, ms in metrics.get("ms_per_step", {}).items()})
     return {**metrics, "student_dir": str(output_dir / "student"), "student_init": config.student.init}
 
 
@@ -413,20 +461,30 @@ def _distill_worker(loop_config: dict[str, DistillLoop]) -> None:
     # Throughput is the steady state: every step but this run's first (which waits for Ray Data's
     # first block and warms the kernels), data wait included, checkpoints and evaluation excluded.
     tokens, step_seconds, parts = 0, 0.0, {}
+    profile = StepProfile(device)
+    # The loss is computed inside the module's forward (FSDP2 gathers the root's parameters there):
+    # the student's own forward returning is where the student forward ends and the loss begins.
+    module.student.register_forward_hook(lambda *_: profile.lap("student_forward"))
     for step in range(start_step, config.training.steps):
-        step_started = time.perf_counter()
+        step_started = profile.start()
         rows = next(batches)
         batch = {key: value.to(device) for key, value in collate_batch(rows, loop.pad_token_id).items()}
+        profile.lap("batch")
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, config)
         with mixed_precision:
             teacher_logits, teacher_features = teacher_outputs(rows, batch) if need_teacher else (None, {})
+            profile.lap("teacher_targets")
             parts = module(batch, teacher_logits, teacher_features)
         _refuse_non_finite(parts, step + 1)
+        profile.lap("loss")  # with its finite check (a few scalars)
         parts["total"].backward()
+        profile.lap("backward")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        profile.lap("optimizer")
         if step > start_step:
+            profile.count()
             tokens += int(batch["attention_mask"].sum()) * distributed.world_size()
             step_seconds += time.perf_counter() - step_started
         done = step + 1
@@ -462,7 +520,7 @@ def _distill_worker(loop_config: dict[str, DistillLoop]) -> None:
                 distributed.prune_checkpoints(checkpoints, KEEP_CHECKPOINTS)
         faults.maybe_kill_worker(done, distributed.rank(), loop.output_dir)
 
-    _save_student(loop, module, tokens, step_seconds, parts, start_step)
+    _save_student(loop, module, tokens, step_seconds, parts, start_step, profile.ms_per_step())
 
 
 def _refuse_non_finite(parts: dict[str, torch.Tensor], step: int) -> None:
@@ -489,6 +547,7 @@ def _save_student(
     seconds: float,
     parts: dict[str, torch.Tensor],
     start_step: int,
+    ms_per_step: dict[str, float] | None,
 ) -> None:
     """Rank 0 writes the student in Hugging Face format (a fresh CPU copy loaded with the
     gathered weights, so the saved model knows nothing of FSDP)."""
@@ -510,4 +569,6 @@ def _save_student(
         "student_parameters": parameter_count(student),
         "extra_trainable_parameters": module.extra_trainable_parameters,
     }
+    if ms_per_step is not None:
+        metrics["ms_per_step"] = ms_per_step
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
