@@ -18,7 +18,7 @@ from flexkd.config.schema import ConfigError, apply_overrides, load_config, pars
 from flexkd.data.rows import ROW_SCHEMA, tokenize_rows, verbalizer_token_ids
 from flexkd.errors import StageError
 from flexkd.models.loading import load_model
-from flexkd.models.plan import ADAPTED_TEACHER_DIR, load_pipeline_tokenizer, load_teacher
+from flexkd.models.plan import ADAPTED_TEACHER_DIR, load_pipeline_tokenizer, load_teacher, plan_models
 from flexkd.pipeline.runner import PipelineResult, StageRecord, run_pipeline, summary_table
 from flexkd.stages.adapt import HISTORY, AdaptLoop, adapt_teacher
 from flexkd.stages.score import CHANCE_MARGIN, competence_warning
@@ -224,3 +224,9 @@ def test_two_adapt_workers_train_the_teacher_one_worker_trains(tmp_path, local_r
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
     assert teachers[1].outputs["heldout_after"] == pytest.approx(teachers[2].outputs["heldout_after"], abs=1e-5)
+
+
+def test_more_top_blocks_than_the_teacher_has_are_refused_before_anything_runs(tmp_path):
+    config = debug_config(tmp_path, **{"teacher.adapt": {"trainable": "top_blocks", "top_blocks": 5}})
+    with pytest.raises(ConfigError, match=r"^teacher\.adapt\.top_blocks = 5: the teacher has 4 blocks$"):
+        plan_models(config)

@@ -263,6 +263,11 @@ def plan_models(config: PipelineConfig, score_dir: Path | None = None) -> ModelP
     keeps (needed for layer_map 'source' with student.layer_selection 'importance').
     """
     teacher, student = teacher_model_config(config), student_model_config(config)
+    adapt = config.teacher.adapt
+    if adapt is not None and adapt.top_blocks is not None and adapt.top_blocks > teacher.num_hidden_layers:
+        raise ConfigError(
+            f"teacher.adapt.top_blocks = {adapt.top_blocks}: the teacher has {teacher.num_hidden_layers} blocks"
+        )
     if config.layer_map == "source":
         kept = kept_teacher_blocks(config, teacher.num_hidden_layers, student.num_hidden_layers, score_dir)
         pairs = None if kept is None else pruned_student_layer_map(kept)
