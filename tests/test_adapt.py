@@ -20,6 +20,7 @@ from flexkd.errors import StageError
 from flexkd.models.loading import load_model
 from flexkd.models.plan import ADAPTED_TEACHER_DIR, load_pipeline_tokenizer, load_teacher, plan_models
 from flexkd.pipeline.runner import PipelineResult, StageRecord, run_pipeline, summary_table
+from flexkd.stages import adapt
 from flexkd.stages.adapt import HISTORY, AdaptLoop, adapt_teacher
 from flexkd.stages.score import CHANCE_MARGIN, competence_warning
 
@@ -134,9 +135,9 @@ def test_adapt_settings_that_do_not_fit_are_refused_in_one_line(tmp_path):
         "typo": ({"learning_rat": 0.1}, r"teacher\.adapt\.learning_rat: unknown key"),
         "mode": ({"trainable": "lora"}, r"teacher\.adapt\.trainable: Input should be 'all', 'top_blocks' or 'head'"),
     }
-    for name, (adapt, message) in cases.items():
+    for name, (settings, message) in cases.items():
         with pytest.raises(ConfigError, match=message) as error:
-            debug_config(tmp_path, **{"teacher.adapt": adapt})
+            debug_config(tmp_path, **{"teacher.adapt": settings})
         assert len(str(error.value).splitlines()) == 1, name
     with pytest.raises(ConfigError, match=r"batch_size = 15 is not a multiple of resources\.num_workers = 2"):
         debug_config(tmp_path, **{"teacher.adapt": {"batch_size": 15}, "resources.num_workers": 2})
@@ -230,3 +231,16 @@ def test_more_top_blocks_than_the_teacher_has_are_refused_before_anything_runs(t
     config = debug_config(tmp_path, **{"teacher.adapt": {"trainable": "top_blocks", "top_blocks": 5}})
     with pytest.raises(ConfigError, match=r"^teacher\.adapt\.top_blocks = 5: the teacher has 4 blocks$"):
         plan_models(config)
+
+
+def test_too_few_training_rows_for_a_batch_are_refused_before_any_worker_starts(tmp_path):
+    config = debug_config(tmp_path, **{"teacher.adapt": ADAPT})
+    tokenize_dir = tmp_path / "tokenize"
+    tokenize_dir.mkdir()
+    outputs = {"rows": {"train": 40}, "pad_token_id": 0, "verbalizer_ids": [1, 2]}
+    (tokenize_dir / "manifest.json").write_text(json.dumps({"fingerprint": "f", "outputs": outputs}))
+    message = (
+        r"^adapt: 40 training rows less 32 held out leave fewer than one batch of teacher\.adapt\.batch_size = 16$"
+    )
+    with pytest.raises(StageError, match=message):
+        adapt.run(config, {"tokenize": tokenize_dir}, tmp_path / "adapt")
