@@ -10,6 +10,11 @@ vector. The driver then orders the units and writes:
     importance.png             sorted scores per layer
     selected.json              per layer: ordered indices, k, score, method, d_teacher
 
+The same forward also measures the teacher on the scoring rows (the manifest's ``teacher``:
+accuracy and loss, or loss and perplexity): a classifier within CHANCE_MARGIN of chance, or below
+``teacher.min_accuracy``, gets one warning line suggesting ``teacher.adapt``, or with
+``teacher.require_competent`` stops the stage, since its task gradients say little.
+
 With ``selection.method: directions`` the same backward also sums, per mapped layer, the Gram
 G_l = sum g g^T of the task gradients (float64, all-reduced like the importance), and the driver
 keeps its top eigenvectors instead of units (flexkd.method.directions):
