@@ -59,6 +59,7 @@ def keyword_rows(path: Path, rows: int, classes: int, seed: int = 0) -> Path:
 def debug_config(root: Path, classes: int = 2, train_rows: int = 160, **overrides):
     """The debug pipeline on the keyword task, its artifacts and MLflow store under ``root``."""
     raw = load_config(PIPELINES / "debug.yaml").model_dump(mode="json")
+    root.mkdir(parents=True, exist_ok=True)
     settings = {
         "artifact_root": str(root),
         "tracking.tracking_uri": f"sqlite:///{root}/mlflow.db",
