@@ -168,7 +168,7 @@ def test_the_summary_says_when_the_student_beats_the_teacher(tmp_path):
     assert "beats" not in summary_table(result)
 
 
-@pytest.mark.integration  # two short runs of the debug pipeline with adapt, a third from adapt on: about 3 min
+@pytest.mark.integration  # the debug pipeline with adapt, a cached rerun, a rerun from adapt on: 7 min on 2 busy cores
 def test_the_pipeline_adapts_the_teacher_first_and_reruns_from_adapt_when_it_changes(tmp_path, local_ray):
     config = debug_config(tmp_path, **{"teacher.adapt": ADAPT})
     result = run_pipeline(config)
@@ -196,7 +196,7 @@ def test_the_pipeline_adapts_the_teacher_first_and_reruns_from_adapt_when_it_cha
     assert [name for name, record in changed.stages.items() if record.cached] == ["tokenize"]
 
 
-@pytest.mark.integration  # tokenize and score twice on local Ray: about 1 min
+@pytest.mark.integration  # tokenize and score, then score again: 2.5 min on 2 busy cores
 def test_a_random_teacher_on_four_classes_is_warned_about_or_refused(tmp_path, local_ray, caplog):
     config = debug_config(tmp_path, classes=4)
     with caplog.at_level(logging.WARNING, logger="flexkd"):
