@@ -214,7 +214,7 @@ def test_a_random_teacher_on_four_classes_is_warned_about_or_refused(tmp_path, l
     assert len(str(error.value).splitlines()) == 1
 
 
-@pytest.mark.integration  # the adapt stage with one worker, then two: about 1.5 min
+@pytest.mark.integration  # the adapt stage with one worker, then two: 3 min on 2 busy cores
 def test_two_adapt_workers_train_the_teacher_one_worker_trains(tmp_path, local_ray):
     teachers = {}
     for workers in (1, 2):
