@@ -25,8 +25,8 @@ from typing import Any
 
 import mlflow
 
-from flexkd.config.schema import PipelineConfig, stable_hash
-from flexkd.models.loading import DEMO_TEACHER_GGUF
+from flexkd.config.schema import PipelineConfig
+from flexkd.models.plan import teacher_name
 from flexkd.tracking.model_registry import hf_subdir, log_student
 
 
@@ -62,21 +62,6 @@ def lineage_tags(config: PipelineConfig, importance_run: str, metrics: dict[str,
         "flexkd.student.init": config.student.init,
     }
     return tags | {f"metric.{name}": str(value) for name, value in metrics.items()}
-
-
-def teacher_name(config: PipelineConfig) -> str:
-    """The configured teacher name, else one derived from where the teacher comes from."""
-    teacher = config.teacher
-    if teacher.name:
-        return teacher.name
-    if teacher.source == "random":
-        # Random teachers differ only by shape and seed, so those are the name.
-        return f"random-{stable_hash(teacher.architecture, length=8)}-seed{teacher.seed}"
-    if teacher.source in ("demo", "gguf"):
-        return Path(teacher.gguf_file or DEMO_TEACHER_GGUF).stem  # e.g. SmolLM2-135M-Instruct.Q4_1
-    if teacher.source == "mlflow":
-        return teacher.path  # models:/<name>/<version> names itself
-    return Path(teacher.path).name
 
 
 def _manifest(stage_dir: Path) -> dict[str, Any]:

@@ -10,6 +10,11 @@ vector. The driver then orders the units and writes:
     importance.png             sorted scores per layer
     selected.json              per layer: ordered indices, k, score, method, d_teacher
 
+The same forward also measures the teacher on the scoring rows (the manifest's ``teacher``:
+accuracy and loss, or loss and perplexity): a classifier within CHANCE_MARGIN of chance, or below
+``teacher.min_accuracy``, gets one warning line suggesting ``teacher.adapt``, or with
+``teacher.require_competent`` stops the stage, since its task gradients say little.
+
 With ``selection.method: directions`` the same backward also sums, per mapped layer, the Gram
 G_l = sum g g^T of the task gradients (float64, all-reduced like the importance), and the driver
 keeps its top eigenvectors instead of units (flexkd.method.directions):
@@ -47,6 +52,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -63,10 +69,11 @@ from flexkd.cluster.train_workers import run_workers
 from flexkd.config.schema import PipelineConfig
 from flexkd.data.directions_files import distilled_ks, write_directions
 from flexkd.data.rows import collate_batch
+from flexkd.errors import StageError
 from flexkd.method.directions import direction_energy_share, gradient_gram, top_directions, unit_energy_share
 from flexkd.method.importance import finalize_importance, hidden_state_gradients, unit_importance_sum
 from flexkd.method.layers import forward_with_hidden_states
-from flexkd.method.objective import summed_task_loss
+from flexkd.method.objective import class_logits, summed_task_loss
 from flexkd.method.selection import (
     activation_moments,
     select_random_units,
@@ -93,6 +100,10 @@ log = logging.getLogger("flexkd")
 # this width it is summed for every selection, so each user sees how much energy the chosen units
 # keep against as many directions; above it, only with selection.method directions, which needs it.
 GRAM_DIAGNOSTICS_MAX_WIDTH = 2048
+
+# A classification teacher whose accuracy on its scoring rows is below chance plus this margin is
+# warned about (teacher.require_competent: refused): it does not know the task.
+CHANCE_MARGIN = 0.05
 
 
 def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> dict[str, Any]:
@@ -121,6 +132,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
         storage=output_dir / "ray",
     )
     sums = torch.load(raw_dir / "sums.pt", weights_only=True)
+    competence = check_teacher_competence(config, sums["competence"], sums["examples"])
     hidden_units = None
     if prune:  # now the kept blocks, and so the layer pairs, are known
         plan = plan_models(config, output_dir)
@@ -179,6 +191,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
         "selection": config.selection.method,
         "score": config.scoring.score,
         "student_init": config.student.init,
+        "teacher": competence,
     }
     if chosen:
         outputs["directions"] = {str(layer): row for layer, row in chosen.items()}
@@ -191,6 +204,54 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
             "layer_pairs": [list(pair) for pair in plan.layer_pairs],
         }
     return outputs
+
+
+def check_teacher_competence(config: PipelineConfig, sums: torch.Tensor, examples: int) -> dict[str, Any]:
+    """The teacher on its scoring rows, from the worker's sums [summed task loss, correct rows]:
+    accuracy and loss (classification) or loss and perplexity (generation), logged to MLflow as
+    ``teacher.<metric>``. A classification teacher within CHANCE_MARGIN of chance, or below
+    ``teacher.min_accuracy``, gets one warning line and the tag ``flexkd.teacher_warning`` (on this
+    run and the pipeline's), or, with ``teacher.require_competent``, stops the stage."""
+    loss = float(sums[0]) / max(examples, 1)
+    if config.task.kind == "generation":
+        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+    else:
+        metrics = {"accuracy": float(sums[1]) / max(examples, 1), "loss": loss}
+    metrics = {name: round(value, 6) for name, value in metrics.items()}
+    mlflow.log_metrics({f"teacher.{name}": value for name, value in metrics.items()})
+    warning = competence_warning(
+        metrics.get("accuracy"), len(config.task.label_names or []), config.teacher.min_accuracy, examples
+    )
+    if warning is None:
+        return metrics
+    if config.teacher.require_competent:
+        raise StageError(f"score: {warning} (teacher.require_competent)")
+    log.warning("score: %s", warning)
+    mlflow.set_tag("flexkd.teacher_warning", warning)
+    parent = mlflow.active_run().data.tags.get("mlflow.parentRunId")
+    if parent:
+        mlflow.MlflowClient().set_tag(parent, "flexkd.teacher_warning", warning)
+    return metrics | {"warning": warning}
+
+
+def competence_warning(accuracy: float | None, classes: int, min_accuracy: float | None, rows: int) -> str | None:
+    """One line saying the teacher does not know the task, or None: its accuracy is within
+    CHANCE_MARGIN of chance (1/classes) or below ``min_accuracy``."""
+    if accuracy is None:
+        return None
+    advice = "its task gradients say little about which units matter; fine-tune it first with teacher.adapt"
+    chance = 1 / classes
+    if min_accuracy is not None and accuracy < min_accuracy:
+        return (
+            f"the teacher's accuracy on its {rows} scoring rows is {accuracy:.3f}, below teacher.min_accuracy "
+            f"{min_accuracy:g}: {advice}"
+        )
+    if accuracy < chance + CHANCE_MARGIN:
+        return (
+            f"the teacher's accuracy on its {rows} scoring rows is {accuracy:.3f}, within {CHANCE_MARGIN:g} of "
+            f"chance ({chance:.3f} for {classes} classes): {advice}"
+        )
+    return None
 
 
 def _select(
@@ -296,6 +357,8 @@ def _score_worker(loop_config: dict[str, Any]) -> None:
         for layer in (layers if loop_config["gram"] else [])
     }
     examples = torch.zeros((), dtype=torch.float64, device=device)
+    # The teacher's own competence on these rows: summed task loss and (classification) correct rows.
+    competence = torch.zeros(2, dtype=torch.float64, device=device)
 
     shard = ray.train.get_dataset_shard("score")
     batches = shard.iter_batches(batch_size=config.scoring.batch_size, batch_format="numpy")
@@ -317,6 +380,10 @@ def _score_worker(loop_config: dict[str, Any]) -> None:
             gradients = hidden_state_gradients(loss, [hidden[layer] for layer in layers] + pruning_activations)
             if weight == 0.0:
                 continue
+            competence[0] += float(loss.detach())
+            if verbalizer_ids is not None:
+                predicted = class_logits(logits.detach(), batch["attention_mask"], verbalizer_ids).argmax(dim=-1)
+                competence[1] += float((predicted == batch["class_label"]).sum())
             for layer, gradient in zip(layers, gradients):
                 importance[layer] += unit_importance_sum(
                     gradient, hidden[layer].detach(), batch["attention_mask"], config.scoring.score
@@ -333,7 +400,7 @@ def _score_worker(loop_config: dict[str, Any]) -> None:
 
     pruning_sums = list(collector.sums.values()) if collector is not None else []
     moment_sums = [m for parts in moments.values() for m in parts]
-    for tensor in [examples, *importance.values(), *moment_sums, *grams.values(), *pruning_sums]:
+    for tensor in [examples, competence, *importance.values(), *moment_sums, *grams.values(), *pruning_sums]:
         distributed.all_reduce_sum_(tensor)
     if distributed.is_main_process():
         raw_dir = Path(loop_config["raw_dir"])
@@ -341,6 +408,7 @@ def _score_worker(loop_config: dict[str, Any]) -> None:
         torch.save(
             {
                 "examples": int(examples.item()),
+                "competence": competence.cpu(),
                 "importance": {layer: value.cpu() for layer, value in importance.items()},
                 "moments": {layer: [m.cpu() for m in parts] for layer, parts in moments.items()},
                 "gram": {layer: value.cpu() for layer, value in grams.items()},

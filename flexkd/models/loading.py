@@ -281,6 +281,17 @@ def build_on_meta(config: PretrainedConfig, kind: ModelKind = "causal_lm", dtype
     return model.eval()
 
 
+def untie_output_embeddings(model: PreTrainedModel) -> PreTrainedModel:
+    """Give ``lm_head`` its own copy of the weights it shares with the input embeddings (SmolLM2
+    ties them), so that training the output rows leaves the input embeddings as they were; saved
+    with ``tie_word_embeddings: false``, it loads back untied."""
+    output = model.get_output_embeddings()
+    if output.weight is model.get_input_embeddings().weight:
+        output.weight = torch.nn.Parameter(output.weight.detach().clone(), requires_grad=output.weight.requires_grad)
+    model.config.tie_word_embeddings = False
+    return model
+
+
 def parameter_count(model: torch.nn.Module) -> int:
     """Number of parameters, counting tied weights (e.g. embeddings and LM head) once."""
     return sum(parameter.numel() for parameter in model.parameters())

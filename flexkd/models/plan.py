@@ -27,10 +27,11 @@ from mlflow.exceptions import MlflowException
 from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig, PreTrainedModel
 
 from flexkd import distributed
-from flexkd.config.schema import ConfigError, PipelineConfig
+from flexkd.config.schema import ConfigError, PipelineConfig, stable_hash
 from flexkd.method.layers import resolve_layer_map
 from flexkd.method.selection import resolve_k
 from flexkd.models.loading import (
+    DEMO_TEACHER_GGUF,
     build_on_meta,
     build_random_model,
     fetch_demo_teacher,
@@ -92,6 +93,46 @@ def teacher_location(config: PipelineConfig) -> tuple[str | None, str | None]:
             marker.write_text(str(folder))
         return marker.read_text(), None
     return teacher.path, teacher.gguf_file
+
+
+# The adapt stage's output: the adapted teacher (a Hugging Face folder) and its record.
+ADAPTED_TEACHER_DIR = "teacher"
+ADAPT_RECORD = "adapt.json"
+
+
+def adapted_teacher_config(config: PipelineConfig, adapt_dir: Path) -> PipelineConfig:
+    """The config the stages after ``adapt`` run with: the teacher is the adapted folder in
+    ``adapt_dir``, named as the adapt stage recorded it (the registered model, if any). The
+    fingerprints are still computed from the config as written, whose ``teacher.adapt`` and the
+    adapt stage's fingerprint say which teacher this is."""
+    record = json.loads((Path(adapt_dir) / ADAPT_RECORD).read_text())
+    teacher = config.teacher.model_copy(
+        update={
+            "source": "hf",
+            "path": str(Path(adapt_dir) / ADAPTED_TEACHER_DIR),
+            "gguf_file": None,
+            "tokenizer": None,  # the folder holds the teacher's tokenizer
+            "architecture": None,
+            "name": record["teacher_name"],
+            "version": record["teacher_version"],
+        }
+    )
+    return config.model_copy(update={"teacher": teacher})
+
+
+def teacher_name(config: PipelineConfig) -> str:
+    """The configured teacher name, else one derived from where the teacher comes from."""
+    teacher = config.teacher
+    if teacher.name:
+        return teacher.name
+    if teacher.source == "random":
+        # Random teachers differ only by shape and seed, so those are the name.
+        return f"random-{stable_hash(teacher.architecture, length=8)}-seed{teacher.seed}"
+    if teacher.source in ("demo", "gguf"):
+        return Path(teacher.gguf_file or DEMO_TEACHER_GGUF).stem  # e.g. SmolLM2-135M-Instruct.Q4_1
+    if teacher.source == "mlflow":
+        return teacher.path  # models:/<name>/<version> names itself
+    return Path(teacher.path).name
 
 
 def load_pipeline_tokenizer(config: PipelineConfig):
@@ -222,6 +263,11 @@ def plan_models(config: PipelineConfig, score_dir: Path | None = None) -> ModelP
     keeps (needed for layer_map 'source' with student.layer_selection 'importance').
     """
     teacher, student = teacher_model_config(config), student_model_config(config)
+    adapt = config.teacher.adapt
+    if adapt is not None and adapt.top_blocks is not None and adapt.top_blocks > teacher.num_hidden_layers:
+        raise ConfigError(
+            f"teacher.adapt.top_blocks = {adapt.top_blocks}: the teacher has {teacher.num_hidden_layers} blocks"
+        )
     if config.layer_map == "source":
         kept = kept_teacher_blocks(config, teacher.num_hidden_layers, student.num_hidden_layers, score_dir)
         pairs = None if kept is None else pruned_student_layer_map(kept)

@@ -77,6 +77,16 @@ def stage_fingerprint(config: PipelineConfig, stage: str, input_fingerprints: di
     )
 
 
+def stage_config(config: PipelineConfig, stage: str, inputs: dict[str, Path]) -> PipelineConfig:
+    """The config ``stage`` runs with: the written one, changed by the inputs that rewrite it (with
+    ``teacher.adapt``, the teacher is the adapt stage's folder). Fingerprints use the written one."""
+    for name in stage_inputs(config, stage):
+        rewrite = SPECS[name].rewrites_config
+        if rewrite is not None:
+            config = rewrite(config, inputs[name])
+    return config
+
+
 def planned_fingerprint(config: PipelineConfig, stage: str) -> str:
     """The fingerprint ``stage`` has under this config, computed without running anything."""
     spec = SPECS[stage]
@@ -220,7 +230,7 @@ def _run_stage(
     with mlflow.start_run(run_name=stage, nested=True) as run:
         mlflow.set_tags({"flexkd.stage": stage, "flexkd.fingerprint": fingerprint, "flexkd.directory": str(directory)})
         try:
-            outputs = SPECS[stage].run(config, inputs, directory)
+            outputs = SPECS[stage].run(stage_config(config, stage, inputs), inputs, directory)
         except StageError:
             raise
         except Exception as error:  # name the stage; the traceback stays in the MLflow run's log
@@ -263,6 +273,17 @@ def summary_table(result: PipelineResult) -> str:
         lines += ["", "| teacher layer | k | energy kept by k units | by k directions |", "|---|---|---|---|"]
         for layer, row in sorted(energy.items(), key=lambda item: int(item[0])):
             lines.append(f"| {layer} | {row['k']} | {row['energy_units']:.2f} | {row['energy_directions']:.2f} |")
+    adapted = result.stages.get("adapt")
+    if adapted is not None:
+        before, after = adapted.outputs.get("heldout_before", {}), adapted.outputs.get("heldout_after", {})
+        change = ", ".join(f"{name} {before[name]:.4g} -> {after[name]:.4g}" for name in before if name in after)
+        lines += ["", f"adapted teacher ({adapted.outputs.get('teacher_name')}), held out: {change}"]
+    competence = result.stages["score"].outputs.get("teacher") if "score" in result.stages else None
+    if competence:  # how well the scored teacher knows the task, on its scoring rows
+        measured = ", ".join(f"{name} {value:.4g}" for name, value in competence.items() if name != "warning")
+        lines += ["", f"teacher on its scoring rows: {measured}"]
+        if "warning" in competence:
+            lines.append(f"WARNING: {competence['warning']}")
     evaluation = result.stages.get("evaluate")
     if evaluation is not None:
         metrics = evaluation.outputs.get("metrics", {})
@@ -271,6 +292,10 @@ def summary_table(result: PipelineResult) -> str:
             lines.append(
                 f"| {name} | {metrics.get('teacher.' + name, float('nan')):.4g} | {metrics.get('student.' + name, float('nan')):.4g} |"
             )
+        primary = evaluation.outputs.get("primary_metric")  # higher is better: accuracy, rougeL
+        teacher, student = metrics.get(f"teacher.{primary}"), metrics.get(f"student.{primary}")
+        if teacher is not None and student is not None and student > teacher:
+            lines += ["", f"the student beats the teacher on {primary}: {student:.4g} vs {teacher:.4g}"]
     registered = result.stages.get("register")
     if registered is not None:
         lines += ["", f"registered: {registered.outputs.get('model_uri')}"]

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from flexkd.config.schema import PipelineConfig
-from flexkd.stages import distill, evaluate, register, score, targets, tokenize
+from flexkd.models.plan import adapted_teacher_config
+from flexkd.stages import adapt, distill, evaluate, register, score, targets, tokenize
 
 StageRun = Callable[[PipelineConfig, dict[str, Path], Path], dict[str, Any]]
 
@@ -44,6 +45,9 @@ class StageSpec:
     enabled          whether a config runs this stage at all
     given            a directory that holds this stage's output already, built elsewhere (then
                      the stage does not run and has no inputs); None to build it here
+    rewrites_config  how the config of a stage that reads this one changes, given this stage's
+                     directory (adapt: the teacher is its adapted folder); fingerprints are
+                     always computed from the config as written
     """
 
     name: str
@@ -54,47 +58,74 @@ class StageSpec:
     files: tuple[str, ...] = ()
     enabled: Callable[[PipelineConfig], bool] = _always
     given: Callable[[PipelineConfig], str | None] = _nowhere
+    rewrites_config: Callable[[PipelineConfig, Path], PipelineConfig] | None = None
 
 
 def _reads_teacher_cache(config: PipelineConfig) -> bool:
     return config.training.teacher == "cache"
 
 
+def _adapts_teacher(config: PipelineConfig) -> bool:
+    return config.teacher.adapt is not None
+
+
 TEACHER_FILES = ("teacher.path", "teacher.tokenizer")
+# The teacher fields that do not change its weights or its tokens: the adaptation reaches the stages
+# after adapt through adapt's fingerprint, the competence check is the score stage's alone.
+ADAPTATION = frozenset({"adapt"})
+COMPETENCE = frozenset({"min_accuracy", "require_competent"})
 
 STAGES: tuple[StageSpec, ...] = (
     StageSpec(
         "tokenize",
         tokenize.run,
         config_sections=("teacher", "data", "task"),
+        ignored_fields={"teacher": ADAPTATION | COMPETENCE},
         files=(*TEACHER_FILES, "data.train.path", "data.eval.path", "data.score.path"),
+    ),
+    # Every stage that loads the teacher reads adapt (when enabled), so it runs with the adapted one.
+    StageSpec(
+        "adapt",
+        adapt.run,
+        inputs=("tokenize",),
+        config_sections=("teacher",),
+        ignored_fields={"teacher": COMPETENCE},
+        files=TEACHER_FILES,
+        enabled=_adapts_teacher,
+        rewrites_config=adapted_teacher_config,
     ),
     StageSpec(
         "score",
         score.run,
-        inputs=("tokenize",),
+        inputs=("tokenize", "adapt"),
         config_sections=("teacher", "student", "scoring", "selection", "layer_map"),
         # Scoring reads the student's shape (k, layer pairs), never its seed, so the seeds of a
         # comparison share one scoring pass and one teacher-target cache.
-        ignored_fields={"student": frozenset({"seed"})},
+        ignored_fields={"student": frozenset({"seed"}), "teacher": ADAPTATION},
         files=(*TEACHER_FILES, "student.path"),
     ),
     StageSpec(
         "targets",
         targets.run,
-        inputs=("tokenize", "score"),
+        inputs=("tokenize", "score", "adapt"),
         config_sections=("teacher", "targets"),
+        ignored_fields={"teacher": ADAPTATION | COMPETENCE},
         enabled=_reads_teacher_cache,
         given=lambda config: config.targets.path,
     ),
     StageSpec(
         "distill",
         distill.run,
-        inputs=("tokenize", "score", "targets"),
+        inputs=("tokenize", "score", "targets", "adapt"),
         config_sections=("student", "loss", "training"),
     ),
-    StageSpec("evaluate", evaluate.run, inputs=("tokenize", "distill"), config_sections=("evaluation",)),
-    StageSpec("register", register.run, inputs=("score", "distill", "evaluate"), config_sections=("name", "tracking")),
+    StageSpec("evaluate", evaluate.run, inputs=("tokenize", "distill", "adapt"), config_sections=("evaluation",)),
+    StageSpec(
+        "register",
+        register.run,
+        inputs=("score", "distill", "evaluate", "adapt"),
+        config_sections=("name", "tracking"),
+    ),
 )
 
 STAGE_NAMES: tuple[str, ...] = tuple(spec.name for spec in STAGES)

@@ -54,7 +54,7 @@ from flexkd.errors import StageError
 from flexkd.evaluation.periodic import EVAL_METRICS
 from flexkd.method.registry import reads_whole_hidden
 from flexkd.models.plan import count_teacher_loads, plan_models
-from flexkd.pipeline.runner import planned_fingerprint, run_pipeline
+from flexkd.pipeline.runner import planned_fingerprint, run_pipeline, stage_config
 from flexkd.stages.distill import train_student
 from flexkd.stages.targets import check_cache
 from flexkd.sweep.report import trial_rows, write_report
@@ -328,7 +328,7 @@ def _run_trial(params: dict[str, Any], context: _TrialContext) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     # Same (storage, name) after a restore: Ray Train resumes it, and distill its checkpoints.
     train_student(
-        config,
+        stage_config(config, "distill", inputs),  # with teacher.adapt, the adapted teacher
         inputs,
         output_dir,
         eval_every=context.eval_every,
@@ -435,9 +435,9 @@ def _prepare(config: PipelineConfig, teacher: str) -> dict[str, str]:
     """Run (or reuse) the stages the trials read; returns their directories."""
 
     stages = (
-        ("tokenize", "score")
+        ("tokenize", "adapt", "score")
         if teacher == "online"
-        else (("tokenize", "targets") if config.targets.path else ("tokenize", "score", "targets"))
+        else (("tokenize", "targets") if config.targets.path else ("tokenize", "adapt", "score", "targets"))
     )
     result = run_pipeline(config, stages=stages)
     return {name: str(record.directory) for name, record in result.stages.items()}

@@ -55,11 +55,12 @@ class DistilledStudent(mlflow.pyfunc.PythonModel):
         return completions
 
 
-def log_student(student_dir: str | Path, max_new_tokens: int) -> ModelInfo:
-    """Log ``student_dir`` as the MLflow model ``student`` of the active run; returns its ModelInfo
-    (``model_uri`` is what to register)."""
+def log_student(student_dir: str | Path, max_new_tokens: int, name: str = STUDENT_ARTIFACT) -> ModelInfo:
+    """Log ``student_dir`` as the MLflow model ``name`` of the active run; returns its ModelInfo
+    (``model_uri`` is what to register). Any Hugging Face causal-LM folder packs the same way (the
+    adapt stage logs the adapted teacher as ``teacher``)."""
     return mlflow.pyfunc.log_model(
-        name=STUDENT_ARTIFACT,
+        name=name,
         python_model=DistilledStudent(),
         artifacts={STUDENT_ARTIFACT: str(student_dir)},
         model_config={"max_new_tokens": max_new_tokens},
