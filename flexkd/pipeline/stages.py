@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from flexkd.config.schema import PipelineConfig
-from flexkd.stages import distill, evaluate, register, score, targets, tokenize
+from flexkd.stages import distill, evaluate, generate, register, score, targets, tokenize
 
 StageRun = Callable[[PipelineConfig, dict[str, Path], Path], dict[str, Any]]
 
@@ -64,8 +64,18 @@ TEACHER_FILES = ("teacher.path", "teacher.tokenizer")
 
 STAGES: tuple[StageSpec, ...] = (
     StageSpec(
+        "generate",
+        generate.run,
+        # The teacher answers the train prompts only; its responses become tokenize's train split.
+        config_sections=("teacher", "data", "task", "generate"),
+        ignored_fields={"data": frozenset({"eval", "score", "transfer", "shard_rows"})},
+        files=(*TEACHER_FILES, "data.train.path"),
+        enabled=lambda config: config.generate is not None,
+    ),
+    StageSpec(
         "tokenize",
         tokenize.run,
+        inputs=("generate",),
         config_sections=("teacher", "data", "task"),
         files=(*TEACHER_FILES, "data.train.path", "data.eval.path", "data.score.path"),
     ),

@@ -435,9 +435,11 @@ def _prepare(config: PipelineConfig, teacher: str) -> dict[str, str]:
     """Run (or reuse) the stages the trials read; returns their directories."""
 
     stages = (
-        ("tokenize", "score")
+        ("generate", "tokenize", "score")
         if teacher == "online"
-        else (("tokenize", "targets") if config.targets.path else ("tokenize", "score", "targets"))
+        else (
+            ("generate", "tokenize", "targets") if config.targets.path else ("generate", "tokenize", "score", "targets")
+        )
     )
     result = run_pipeline(config, stages=stages)
     return {name: str(record.directory) for name, record in result.stages.items()}
