@@ -105,7 +105,8 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
     }
     mlflow.log_params({f"generate.{name}": value for name, value in settings.model_dump().items()})
     mlflow.log_metrics({name: float(value) for name, value in (counts | scores).items()})
-    mlflow.log_table(written["sample"], artifact_file="responses.json")
+    if written["sample"]:  # empty when every response is blank beside kept references
+        mlflow.log_table(written["sample"], artifact_file="responses.json")
     return {"file": GENERATED_TRAIN_FILE, "prompts": summary.good, "bad_rows_skipped": summary.bad} | counts | scores
 
 
@@ -213,4 +214,8 @@ def _write_responses(answered: ray.data.Dataset, task: TaskConfig, path: Path) -
     finally:
         if writer is not None:
             writer.close()
-    return written | {"first_responses": responses, "sample": pa.concat_tables(sample).to_pydict() if sample else {}}
+    shown_rows = pa.concat_tables(sample) if sample else None
+    return written | {
+        "first_responses": responses,
+        "sample": shown_rows.to_pydict() if shown_rows and shown_rows.num_rows else {},
+    }
