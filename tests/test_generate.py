@@ -81,6 +81,16 @@ def test_generate_runs_first_only_when_the_section_is_there(tmp_path):
     assert "generate" not in pipeline_stages(generation_debug(tmp_path, generate=None))
 
 
+def test_a_generate_setting_changes_every_fingerprint_and_the_eval_split_none_of_generates(tmp_path):
+    config = generation_debug(tmp_path)
+    planned = {stage: planned_fingerprint(config, stage) for stage in pipeline_stages(config)}
+    longer = generation_debug(tmp_path, **{"generate.max_new_tokens": 12})
+    assert all(planned_fingerprint(longer, stage) != planned[stage] for stage in planned)
+    fewer_eval = generation_debug(tmp_path, **{"data.eval.limit": 4})
+    assert planned_fingerprint(fewer_eval, "generate") == planned["generate"]
+    assert planned_fingerprint(fewer_eval, "tokenize") != planned["tokenize"]
+
+
 def test_train_prompts_need_no_references_when_the_teacher_replaces_them(tmp_path):
     prompts_only = tmp_path / "prompts.jsonl"
     prompts_only.write_text(
