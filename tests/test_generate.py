@@ -241,7 +241,7 @@ def test_sampled_responses_are_seeded_per_batch(tmp_path):
 TRAINING_STAGES = ("generate", "tokenize", "score", "distill")
 
 
-@pytest.mark.integration  # generate to distill, once more (all reused), then generate and tokenize again: ~3 min
+@pytest.mark.integration  # generate to distill, once more (all reused), then generate and tokenize again: 3-5 min
 def test_the_student_trains_on_the_teachers_responses_and_generate_is_reused(tmp_path, local_ray):
     config = generation_debug(tmp_path)
     result = run_pipeline(config, stages=TRAINING_STAGES)
