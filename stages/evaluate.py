@@ -5,7 +5,9 @@ parquet written by tokenize, then loads each model in turn and scores it:
 
     classification  accuracy and macro-F1 of the verbalizer scores at the last prompt token
     generation      ROUGE-L F1 (x100) of greedy continuations of the prompt against the
-                    reference, and perplexity of the reference responses under teacher forcing
+                    reference, perplexity of the reference responses under teacher forcing,
+                    and the continuations' fluency: distinct-2 and the count of outputs that
+                    are one n-gram repeated (flexkd.evaluation.metrics.fluency_scores)
     both            parameter count
 
 The driver logs the metrics to MLflow as ``teacher.<metric>`` / ``student.<metric>``, logs the
@@ -35,7 +37,7 @@ from flexkd import distributed
 from flexkd.cluster.train_workers import progress_bars_wanted
 from flexkd.config.schema import PipelineConfig, stable_hash
 from flexkd.errors import StageError
-from flexkd.evaluation.metrics import classify, generate_and_score, read_eval_rows
+from flexkd.evaluation.metrics import classify, fluency_scores, generate_and_score, read_eval_rows
 from flexkd.models.loading import load_model, parameter_count
 from flexkd.models.plan import load_pipeline_tokenizer, load_teacher
 
@@ -128,6 +130,8 @@ def evaluate_models(
                 temporary = teacher_file.with_suffix(f".{os.getpid()}.tmp")
                 temporary.write_text(json.dumps({"scores": scores, "outputs": outputs[role]}))
                 os.replace(temporary, teacher_file)
+        if config.task.kind == "generation":  # from the outputs, so kept teacher scores get them too
+            scores = scores | fluency_scores(outputs[role])
         metrics |= {f"{role}.{name}": value for name, value in scores.items()}
 
     samples = table.slice(0, config.evaluation.samples).to_pylist()

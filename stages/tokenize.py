@@ -11,14 +11,11 @@ shards, so later stages always just read ``<output_dir>/score``. ``data.transfer
 classification) is tokenized without its label column into ``<output_dir>/transfer``: class_label
 -1 and reference "" on every row (``flexkd.data.rows.tokenize_rows(labeled=False)``).
 
-``example_id`` is the row's position in its split's source; a folder of parquet files counts
-its files in sorted order. Ray Data's readers number nothing, and numbering downstream of them
-would need one stateful actor seeing every block in order, which Ray Data does not promise
-(its actors may run tasks out of order). So the stage reads through ``_NumberedSource``: one
-read task per file (or per slice of a saved ``datasets`` folder) that streams the file with
-pyarrow and counts, starting from the rows before it (parquet footers; a single text file
-starts at 0). A retried read task starts its file again, so ids are exact on every (re)run.
-``preserve_order`` makes ``data.<split>.limit`` keep the *first* rows.
+``example_id`` is the row's position in its split's source, exact on every (re)run
+(``flexkd.data.numbered``); ``preserve_order`` makes ``data.<split>.limit`` keep the *first* rows.
+With a ``generate`` section the train split is the generate stage's ``responses.parquet`` (the
+prompts with the teacher's responses; its limit already applied), so every later stage trains
+on the teacher's responses.
 
 Every split is read and checked in full before any is tokenized (``flexkd.data.splits``: file
 present, columns present, not empty, every row's text UTF-8, not blank, free of NUL bytes, every
@@ -29,11 +26,9 @@ the user as one line: ``tokenize: data.<split> (<path>): <cause>``.
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +37,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
-from ray.data.block import BlockMetadata
-from ray.data.datasource import Datasource, ReadTask
 from ray.exceptions import RayTaskError
 
 from flexkd.config.schema import ConfigError, DataConfig, DataSplit, PipelineConfig, TaskConfig
+from flexkd.data.numbered import numbered_dataset, ordered_execution
 from flexkd.data.rows import ROW_SCHEMA, TRANSFER_SPLIT, tokenize_rows, verbalizer_token_ids
-from flexkd.data.sources import BatchReader, RowRules, batch_readers, read_checked
+from flexkd.data.sources import RowRules
 from flexkd.data.splits import check_split, pipeline_splits, split_task
 from flexkd.errors import StageError
 from flexkd.models.plan import load_pipeline_tokenizer
@@ -73,11 +67,11 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
         )
     except ValueError as error:
         raise StageError(f"tokenize: {error}") from None
-    sources = pipeline_splits(config)
+    sources = pipeline_splits(config, inputs.get("generate"))
     tasks = {split: split_task(config.task, source) for split, source in sources.items()}
 
     rows, tokens, skipped = {}, {}, {}
-    with _ordered_execution():
+    with ordered_execution():
         split_datasets = {}
         for split, source in sources.items():
             split_datasets[split], skipped[split] = _checked_dataset(
@@ -104,61 +98,15 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
     }
 
 
-@contextmanager
-def _ordered_execution():
-    """Datasets made inside keep rows in source order (each Dataset snapshots this setting)."""
-    options = ray.data.DataContext.get_current().execution_options
-    previous = options.preserve_order
-    options.preserve_order = True
-    try:
-        yield
-    finally:
-        options.preserve_order = previous
-
-
 def _checked_dataset(split: str, source: DataSplit, task: TaskConfig, on_bad_rows: str) -> tuple[ray.data.Dataset, int]:
     """The split's good rows, numbered (limited; the needed columns and example_id), and how
     many bad rows are left out, after reading and checking the whole split (up to its limit)."""
     try:
         summary = check_split(split, source, task, on_bad_rows)
-        pieces = batch_readers(source.path)
+        rules = RowRules.for_task(split_task(task, source), labeled=split != TRANSFER_SPLIT)
+        return numbered_dataset(source, rules), summary.bad
     except ConfigError as error:  # DataError included: "data.<split> (<path>): <cause>"
         raise StageError(f"tokenize: {error}") from None
-    rules = RowRules.for_task(split_task(task, source), labeled=split != TRANSFER_SPLIT)
-    # One block stream per piece: Ray Data would otherwise cut a small file into ~200 blocks
-    # of a few rows each, and per-block overhead would dominate the stage.
-    dataset = ray.data.read_datasource(_NumberedSource(pieces, rules), override_num_blocks=len(pieces))
-    if source.limit is not None:
-        dataset = dataset.limit(source.limit)
-    return dataset, summary.bad
-
-
-class _NumberedSource(Datasource):
-    """One read task per piece; each streams its piece, numbers the rows from the piece's first
-    id (so numbering needs no coordination between tasks) and keeps the rows that pass
-    ``flexkd.data.sources.check_rows``, with the columns the task needs."""
-
-    def __init__(self, pieces: list[tuple[BatchReader, int]], rules: RowRules):
-        self.pieces = pieces
-        self.rules = rules
-
-    def get_name(self) -> str:
-        return "NumberedRows"
-
-    def estimate_inmemory_data_size(self) -> None:
-        return None
-
-    def get_read_tasks(
-        self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
-    ) -> list[ReadTask]:
-        return [
-            ReadTask(
-                functools.partial(read_checked, read_batches, first_id, self.rules),
-                BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None),
-                per_task_row_limit=per_task_row_limit,
-            )
-            for read_batches, first_id in self.pieces
-        ]
 
 
 class _TokenizeRows:

@@ -27,7 +27,9 @@ def write(tmp_path: Path, raw: dict) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["debug.yaml", "quickstart.yaml", "sst2.yaml", "instruct_samsum.yaml", "llama8b.yaml"])
+@pytest.mark.parametrize(
+    "name", ["debug.yaml", "quickstart.yaml", "sst2.yaml", "instruct_samsum.yaml", "samsum_seqkd.yaml", "llama8b.yaml"]
+)
 def test_shipped_pipelines_validate(name):
     config = load_config(PIPELINES / name)
     assert config.name

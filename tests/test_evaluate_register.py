@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from flexkd.config.schema import PipelineConfig, parse_config
 from flexkd.data.rows import ROW_SCHEMA, verbalizer_token_ids
 from flexkd.errors import StageError
-from flexkd.evaluation.metrics import macro_f1
+from flexkd.evaluation.metrics import fluency_scores, macro_f1
 from flexkd.models.loading import TINY_TOKENIZER_DIR, build_random_model, load_tokenizer, parameter_count
 from flexkd.models.plan import load_teacher
 from flexkd.stages import evaluate, register
@@ -186,12 +186,14 @@ def test_generation_is_evaluated_and_the_student_registered(tmp_path, local_ray,
 
     metrics = evaluated["metrics"]
     assert evaluated["examples"] == len(QUESTIONS) and evaluated["primary_metric"] == "rougeL"
-    assert set(metrics) == {
-        f"{role}.{name}" for role in ("teacher", "student") for name in ("rougeL", "perplexity", "parameters")
-    }
+    names = ("rougeL", "perplexity", "parameters", "distinct_2", "repeated_ngram_outputs")
+    assert set(metrics) == {f"{role}.{name}" for role in ("teacher", "student") for name in names}
+    every = _every_prediction(tmp_path)
     for role in ("teacher", "student"):
         assert 0 <= metrics[f"{role}.rougeL"] <= 100
         assert 1 < metrics[f"{role}.perplexity"] < math.inf
+        outputs = [row["prediction" if role == "student" else "teacher"] for row in every]
+        assert {name: metrics[f"{role}.{name}"] for name in names[3:]} == fluency_scores(outputs)
     # Perplexity: exp of the mean NLL over every response token, computed here row by row.
     summed_nll, tokens = 0.0, 0
     with torch.no_grad():

@@ -378,6 +378,31 @@ class TargetsConfig(_Section):
     path: str | None = Field(None, description="reuse this targets directory instead of building one")
 
 
+class GenerateConfig(_Section):
+    """Sequence-level KD (stage ``generate``): the teacher writes a response to every training
+    prompt, and the student trains on those responses as its targets (generation tasks only)."""
+
+    max_new_tokens: int = Field(64, gt=0, description="the longest response the teacher writes, in tokens")
+    do_sample: bool = Field(False, description="false: greedy decoding; true: sample with temperature and top_p")
+    temperature: float = Field(1.0, gt=0, description="do_sample: the sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="do_sample: the nucleus sampling probability mass")
+    batch_size: int = Field(16, gt=0, description="prompts per teacher generate call")
+    seed: int = Field(0, description="do_sample: each batch's sampling is seeded with seed + its first row's id")
+    replace_references: bool = Field(
+        True,
+        description="true: the student trains on the teacher's responses instead of the data's references "
+        "(the train split then needs no response column); false: on both, each reference followed by the "
+        "teacher's response to the same prompt",
+    )
+
+    @model_validator(mode="after")
+    def _sampling_settings_need_sampling(self) -> GenerateConfig:
+        for name in ("temperature", "top_p"):
+            if getattr(self, name) != 1.0 and not self.do_sample:
+                raise ValueError(f"{name} applies only with do_sample: true (greedy decoding ignores it)")
+        return self
+
+
 class SearchDimension(_Section):
     """One swept parameter: exactly one of ``grid`` (every value, num_samples times each),
     ``choice`` (a value drawn per sample), ``uniform`` or ``loguniform`` ([low, high])."""
@@ -529,6 +554,7 @@ class PipelineConfig(_Section):
     tracking: TrackingConfig = TrackingConfig()
     resources: ResourcesConfig = ResourcesConfig()
     targets: TargetsConfig = TargetsConfig()
+    generate: GenerateConfig | None = Field(None, description="sequence-level KD: the teacher's responses as targets")
     tune: SweepConfig | None = None
     watch: WatchConfig | None = None
     artifact_root: str = Field("runs", description="where stage artifacts go; relative to the pipeline file")
@@ -595,6 +621,14 @@ class PipelineConfig(_Section):
             raise ValueError(
                 "data.transfer (unlabeled rows) needs task.kind 'classification': a generation row's "
                 "logit targets are its response tokens, which an unlabeled row does not have"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _generate_needs_generation(self) -> PipelineConfig:
+        if self.generate is not None and self.task.kind != "generation":
+            raise ValueError(
+                f"generate (the teacher's responses as targets) needs task.kind 'generation', not '{self.task.kind}'"
             )
         return self
 

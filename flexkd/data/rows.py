@@ -92,6 +92,19 @@ def render_prompt(template: str, row: dict[str, Any], tokenizer, chat_template: 
     )
 
 
+def prompt_token_ids(batch: dict[str, Sequence[Any]], tokenizer, task: TaskConfig) -> tuple[list[str], list[list[int]]]:
+    """Each row's prompt as text (template rendered, chat template applied if asked) and as token
+    ids: what a training row starts with, and what the teacher answers in stage generate."""
+    columns = template_columns(task.prompt_template)
+    rows = len(next(iter(batch.values())))
+    prompts = [
+        render_prompt(task.prompt_template, {c: batch[c][i] for c in columns}, tokenizer, task.chat_template)
+        for i in range(rows)
+    ]
+    # A chat template writes its own special tokens; a plain prompt gets the tokenizer's (e.g. BOS).
+    return prompts, [list(ids) for ids in tokenizer(prompts, add_special_tokens=not task.chat_template)["input_ids"]]
+
+
 def continuation_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of each text as it follows a prompt (no special tokens)."""
     anchor = tokenizer(_ANCHOR, add_special_tokens=False)["input_ids"]
@@ -169,7 +182,6 @@ def tokenize_rows(
     Classification prompts are left-truncated to ``max_length`` (the end, "Sentiment:", is what
     the verbalizer logits are read after); generation rows follow ``_truncate_generation``.
     Raises ValueError (one line) on a missing column, an unknown label or an empty prompt."""
-    columns = template_columns(task.prompt_template)
     rows = len(next(iter(batch.values())))
     example_ids = [int(i) for i in batch.get("example_id", range(rows))]
     if not labeled and task.kind != "classification":
@@ -180,12 +192,7 @@ def tokenize_rows(
         for example_id, value in zip(example_ids, batch[column]):
             if value is None:
                 raise ValueError(f"example {example_id}: column '{column}' is empty (null)")
-    prompts = [
-        render_prompt(task.prompt_template, {c: batch[c][i] for c in columns}, tokenizer, task.chat_template)
-        for i in range(rows)
-    ]
-    # A chat template writes its own special tokens; a plain prompt gets the tokenizer's (e.g. BOS).
-    prompt_ids = tokenizer(prompts, add_special_tokens=not task.chat_template)["input_ids"]
+    prompts, prompt_ids = prompt_token_ids(batch, tokenizer, task)
     for example_id, ids in zip(example_ids, prompt_ids):
         if not ids:
             raise ValueError(f"example {example_id}: the prompt has no tokens")

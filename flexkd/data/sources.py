@@ -135,10 +135,11 @@ class RowRules:
     @classmethod
     def for_task(cls, task: TaskConfig, labeled: bool = True) -> RowRules:
         """Raises ValueError for a prompt template that names anything but columns. ``labeled=False``
-        (data.transfer): the label column is neither needed nor read."""
+        (data.transfer; train prompts the teacher answers, stage generate): the label or response
+        column is neither needed nor read."""
         template = tuple(template_columns(task.prompt_template))
         if task.kind == "generation":
-            return cls(template, response_column=task.response_column)
+            return cls(template, response_column=task.response_column if labeled else None)
         if not labeled:
             return cls(template)
         return cls(template, label_column=task.label_column, label_names=tuple(task.label_names))

@@ -10,6 +10,7 @@ many rows are bad; with ``data.on_bad_rows: skip`` the count is logged and the b
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from flexkd.config.schema import ConfigError, DataSplit, PipelineConfig, TaskConfig
 from flexkd.data.rows import TRANSFER_SPLIT, verbalizer_token_ids
@@ -17,11 +18,19 @@ from flexkd.data.sources import DataError, RowRules, SourceSummary, scan_source
 
 log = logging.getLogger("flexkd")
 
+# The generate stage's output: the train prompts with the teacher's responses (sequence-level KD).
+GENERATED_TRAIN_FILE = "responses.parquet"
 
-def pipeline_splits(config: PipelineConfig) -> dict[str, DataSplit]:
+
+def pipeline_splits(config: PipelineConfig, generated: Path | None = None) -> dict[str, DataSplit]:
     """The splits the pipeline reads; score only when the config gives it (else train's rows), and
-    the unlabeled transfer rows with ``data.transfer``."""
-    splits = {"train": config.data.train, "eval": config.data.eval}
+    the unlabeled transfer rows with ``data.transfer``. ``generated``: the generate stage's folder,
+    whose responses file (the train prompts with the teacher's responses, limit applied) is then
+    the train split."""
+    train = config.data.train
+    if generated is not None:
+        train = train.model_copy(update={"path": str(generated / GENERATED_TRAIN_FILE), "limit": None})
+    splits = {"train": train, "eval": config.data.eval}
     if config.data.score is not None:
         splits["score"] = config.data.score
     if config.data.transfer is not None:
@@ -39,13 +48,24 @@ def split_task(task: TaskConfig, source: DataSplit) -> TaskConfig:
     )
 
 
-def check_split(split: str, source: DataSplit, task: TaskConfig, on_bad_rows: str) -> SourceSummary:
+def reads_references(config: PipelineConfig, split: str) -> bool:
+    """Whether the split's rows need their label or response column: not the unlabeled rows of
+    data.transfer, nor the train prompts whose references the teacher's responses replace."""
+    replaced = split == "train" and config.generate is not None and config.generate.replace_references
+    return split != TRANSFER_SPLIT and not replaced
+
+
+def check_split(
+    split: str, source: DataSplit, task: TaskConfig, on_bad_rows: str, labeled: bool | None = None
+) -> SourceSummary:
     """Read and check every row of one split (up to its limit). Raises ConfigError for a bad
     prompt template, DataError ``data.<split> (<path>): <cause>`` for a bad source or bad rows
-    (with on_bad_rows 'skip': only when no good row is left)."""
+    (with on_bad_rows 'skip': only when no good row is left). ``labeled``: whether rows need their
+    label or response column (default: every split but data.transfer)."""
     where = f"data.{split} ({source.path})"
+    labeled = split != TRANSFER_SPLIT if labeled is None else labeled
     try:
-        rules = RowRules.for_task(split_task(task, source), labeled=split != TRANSFER_SPLIT)
+        rules = RowRules.for_task(split_task(task, source), labeled=labeled)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     try:
@@ -80,6 +100,6 @@ def check_data(config: PipelineConfig, tokenizer) -> dict[str, SourceSummary]:
         except ValueError as error:
             raise ConfigError(str(error)) from None
     return {
-        split: check_split(split, source, config.task, config.data.on_bad_rows)
+        split: check_split(split, source, config.task, config.data.on_bad_rows, reads_references(config, split))
         for split, source in pipeline_splits(config).items()
     }

@@ -122,6 +122,38 @@ def greedy_continuations(
     return generated[:, width:]
 
 
+def distinct_n(outputs: Sequence[str], n: int = 2) -> float:
+    """Distinct-n (Li et al., 2016) of a set of outputs: the distinct n-grams of words (split on
+    whitespace) over all n-grams, pooled over the outputs; 0.0 when no output has n words. A
+    student that says the same thing to every prompt, or one thing over and over, scores low."""
+    ngrams = [
+        tuple(words[i : i + n]) for words in (text.split() for text in outputs) for i in range(len(words) - n + 1)
+    ]
+    return len(set(ngrams)) / len(ngrams) if ngrams else 0.0
+
+
+def is_one_repeated_ngram(text: str) -> bool:
+    """Whether an output is a single n-gram of words said at least twice and nothing else ("the the
+    the", "I am I am I"): its words repeat with a period n <= half their count. The last word may
+    be a prefix of the word due there, since generation stops at max_new_tokens mid-word."""
+    words = text.split()
+    for n in range(1, len(words) // 2 + 1):
+        periodic = all(words[i] == words[i % n] for i in range(len(words) - 1))
+        if periodic and words[(len(words) - 1) % n].startswith(words[-1]):
+            return True
+    return False
+
+
+def fluency_scores(outputs: Sequence[str]) -> dict[str, float]:
+    """Of a model's generated outputs: ``distinct_2``, and ``repeated_ngram_outputs``, how many of
+    them are one n-gram repeated (``is_one_repeated_ngram``): the failure of a student that
+    degenerates into a loop, which ROUGE-L alone does not show."""
+    return {
+        "distinct_2": distinct_n(outputs, 2),
+        "repeated_ngram_outputs": float(sum(is_one_repeated_ngram(text) for text in outputs)),
+    }
+
+
 def macro_f1(predicted: Sequence[int], actual: Sequence[int]) -> float:
     """Unweighted mean over classes of F1 = 2TP / (2TP + FP + FN), over the classes that occur in
     either sequence (as scikit-learn's ``f1_score(average="macro")``)."""

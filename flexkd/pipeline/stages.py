@@ -16,7 +16,7 @@ from typing import Any
 
 from flexkd.config.schema import PipelineConfig
 from flexkd.models.plan import adapted_teacher_config
-from flexkd.stages import adapt, distill, evaluate, register, score, targets, tokenize
+from flexkd.stages import adapt, distill, evaluate, generate, register, score, targets, tokenize
 
 StageRun = Callable[[PipelineConfig, dict[str, Path], Path], dict[str, Any]]
 
@@ -77,8 +77,18 @@ COMPETENCE = frozenset({"min_accuracy", "require_competent"})
 
 STAGES: tuple[StageSpec, ...] = (
     StageSpec(
+        "generate",
+        generate.run,
+        # The teacher answers the train prompts only; its responses become tokenize's train split.
+        config_sections=("teacher", "data", "task", "generate"),
+        ignored_fields={"data": frozenset({"eval", "score", "transfer", "shard_rows"})},
+        files=(*TEACHER_FILES, "data.train.path"),
+        enabled=lambda config: config.generate is not None,
+    ),
+    StageSpec(
         "tokenize",
         tokenize.run,
+        inputs=("generate",),
         config_sections=("teacher", "data", "task"),
         ignored_fields={"teacher": ADAPTATION | COMPETENCE},
         files=(*TEACHER_FILES, "data.train.path", "data.eval.path", "data.score.path"),

@@ -435,9 +435,13 @@ def _prepare(config: PipelineConfig, teacher: str) -> dict[str, str]:
     """Run (or reuse) the stages the trials read; returns their directories."""
 
     stages = (
-        ("tokenize", "adapt", "score")
+        ("generate", "tokenize", "adapt", "score")
         if teacher == "online"
-        else (("tokenize", "targets") if config.targets.path else ("tokenize", "adapt", "score", "targets"))
+        else (
+            ("generate", "tokenize", "targets")
+            if config.targets.path
+            else ("generate", "tokenize", "adapt", "score", "targets")
+        )
     )
     result = run_pipeline(config, stages=stages)
     return {name: str(record.directory) for name, record in result.stages.items()}

@@ -1,0 +1,221 @@
+"""generate: the teacher's responses to the training prompts, for sequence-level KD (Kim & Rush, 2016).
+
+Runs only when the pipeline file has a ``generate`` section (generation tasks). Ray Data reads the
+train split's good rows, numbered (``flexkd.data.numbered``; with ``replace_references`` the rows
+need no response column), and a pool of actors, each holding the whole frozen teacher, answers
+them ``generate.batch_size`` prompts at a time: each prompt rendered and tokenized as tokenize
+does it, left-padded, then ``generate``, greedy or sampled. The driver writes, in source order:
+
+    responses.parquet   the prompt template's columns; the response column, holding the teacher's
+                        response (with replace_references false: each row twice, the data's
+                        reference, then the teacher's response); response_source ("data" or
+                        "teacher"); source_example_id, the row's example_id in data.train
+
+tokenize reads this file as the train split (``flexkd.data.splits.pipeline_splits``), so score
+(unless data.score is given), targets and distill train on the teacher's responses, while eval
+keeps the data's references. A train row's example_id is then its position in this file.
+
+A prompt keeps its last ``data.max_length - min(max_new_tokens + 1, data.max_length // 2)``
+tokens: what tokenize keeps of it beside a response of max_new_tokens tokens and eos, so the
+teacher answers the prompt the student trains on. A response that decodes to blank text (the
+teacher stopped at once) is left out and counted. With ``do_sample``, each batch's sampling is
+seeded with ``generate.seed`` plus its first row's example_id, so a rerun writes the same
+responses wherever the batches run.
+
+MLflow (the stage's run): the generate settings as params; the metrics rows, blank_responses,
+truncated_responses (those that reached max_new_tokens), mean_response_tokens, and distinct_2
+of the first 1000 responses; the first 20 responses as the table ``responses.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+import torch
+from transformers import GenerationConfig
+
+from flexkd import distributed
+from flexkd.config.schema import ConfigError, PipelineConfig, TaskConfig
+from flexkd.data.numbered import numbered_dataset, ordered_execution
+from flexkd.data.rows import prompt_token_ids, template_columns
+from flexkd.data.sources import RowRules
+from flexkd.data.splits import GENERATED_TRAIN_FILE, check_split, split_task
+from flexkd.errors import StageError
+from flexkd.evaluation.metrics import distinct_n
+from flexkd.models.plan import load_pipeline_tokenizer, load_teacher
+
+SAMPLE_ROWS = 20  # responses logged as the MLflow table
+DISTINCT_ROWS = 1000  # the responses whose distinct-2 is logged (the driver keeps their text)
+# Per-row facts the actors return beside the rows, dropped before the file is written.
+_TOKENS, _TRUNCATED = "_response_tokens", "_truncated"
+
+
+def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> dict[str, Any]:
+    settings, source = config.generate, config.data.train
+    if settings is None:
+        raise StageError("generate: the pipeline file has no generate section")
+    task = split_task(config.task, source)
+    tokenizer = load_pipeline_tokenizer(config)
+    if tokenizer.eos_token_id is None:
+        raise StageError("generate: the teacher's tokenizer has no eos token to end a response with")
+    labeled = not settings.replace_references
+    prompt_budget = config.data.max_length - min(settings.max_new_tokens + 1, config.data.max_length // 2)
+    try:
+        summary = check_split("train", source, config.task, config.data.on_bad_rows, labeled=labeled)
+        rules = RowRules.for_task(task, labeled=labeled)
+        with ordered_execution():  # responses in the order of the source's rows
+            answered = numbered_dataset(source, rules).map_batches(
+                TeacherResponses,
+                fn_constructor_kwargs={
+                    "config": config,
+                    "task": task,
+                    "tokenizer": tokenizer,
+                    "prompt_budget": prompt_budget,
+                },
+                batch_format="pyarrow",
+                batch_size=settings.batch_size,
+                compute=ray.data.ActorPoolStrategy(size=config.resources.num_workers),
+                num_cpus=config.resources.cpus_per_worker,
+                num_gpus=1 if config.resources.use_gpu else 0,
+            )
+            written = _write_responses(answered, task, output_dir / GENERATED_TRAIN_FILE)
+    except ConfigError as error:  # DataError included: "data.train (<path>): <cause>"
+        raise StageError(f"generate: {error}") from None
+    if written["rows"] == 0:
+        raise StageError(
+            f"generate: the teacher's responses to all {summary.good} prompts of data.train are blank; "
+            "nothing is left to train on"
+        )
+    answers = written["teacher_rows"]
+    counts = {
+        "rows": written["rows"],
+        "blank_responses": summary.good - answers,
+        "truncated_responses": written["truncated"],
+    }
+    scores = {
+        "mean_response_tokens": written["response_tokens"] / max(answers, 1),
+        "distinct_2": distinct_n(written["first_responses"], 2),
+    }
+    mlflow.log_params({f"generate.{name}": value for name, value in settings.model_dump().items()})
+    mlflow.log_metrics({name: float(value) for name, value in (counts | scores).items()})
+    if written["sample"]:  # empty when every response is blank beside kept references
+        mlflow.log_table(written["sample"], artifact_file="responses.json")
+    return {"file": GENERATED_TRAIN_FILE, "prompts": summary.good, "bad_rows_skipped": summary.bad} | counts | scores
+
+
+class TeacherResponses:
+    """A Ray Data actor: loads the teacher once, then answers batches of numbered raw rows."""
+
+    def __init__(self, config: PipelineConfig, task: TaskConfig, tokenizer, prompt_budget: int):
+        distributed.use_threads(config.resources.threads_per_worker)
+        self.device = distributed.task_device(config.resources.use_gpu)
+        self.teacher = load_teacher(config).to(self.device)
+        self.task, self.tokenizer, self.prompt_budget = task, tokenizer, prompt_budget
+        self.settings = config.generate
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        sampling = {"temperature": self.settings.temperature, "top_p": self.settings.top_p}
+        # A generation config of our own: the teacher's (e.g. a chat model's sampling defaults) is not read.
+        self.generation = GenerationConfig(
+            max_new_tokens=self.settings.max_new_tokens,
+            do_sample=self.settings.do_sample,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **(sampling if self.settings.do_sample else {}),
+        )
+
+    @torch.no_grad()
+    def __call__(self, rows: pa.Table) -> pa.Table:
+        _, prompt_ids = prompt_token_ids(rows.to_pydict(), self.tokenizer, self.task)
+        prompts = [ids[-self.prompt_budget :] for ids in prompt_ids]
+        width = max(len(prompt) for prompt in prompts)
+        # generate appends after the last column, so every prompt must end there: pad on the left.
+        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            attention_mask[row, width - len(prompt) :] = 1
+        if self.settings.do_sample:
+            torch.manual_seed(self.settings.seed + int(rows.column("example_id")[0].as_py()))
+        generated = self.teacher.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            generation_config=self.generation,
+        )[:, width:].tolist()
+        responses, lengths, truncated = [], [], []
+        for ids in generated:
+            ended = self.tokenizer.eos_token_id in ids
+            ids = ids[: ids.index(self.tokenizer.eos_token_id)] if ended else ids
+            responses.append(self.tokenizer.decode(ids, skip_special_tokens=True))
+            lengths.append(len(ids))
+            truncated.append(not ended)
+        return _response_rows(rows, self.task, responses, lengths, truncated, not self.settings.replace_references)
+
+
+def _response_rows(
+    rows: pa.Table, task: TaskConfig, responses: list[str], lengths: list[int], truncated: list[bool], keep_data: bool
+) -> pa.Table:
+    """The rows to write for one batch: prompt columns, the response column, its source, the row's
+    id; the teacher's blank responses left out; with ``keep_data`` (replace_references false) each
+    row's reference first, then the teacher's response."""
+    prompts = rows.select(template_columns(task.prompt_template))
+    count = rows.num_rows
+
+    def rows_with(response: pa.Array, origin: str, tokens: list[int], cut: list[bool]) -> pa.Table:
+        return (
+            prompts.append_column(task.response_column, response)
+            .append_column("response_source", pa.array([origin] * count))
+            .append_column("source_example_id", rows.column("example_id"))
+            .append_column(_TOKENS, pa.array(tokens, pa.int64()))
+            .append_column(_TRUNCATED, pa.array(cut))
+        )
+
+    teacher = rows_with(pa.array(responses, pa.string()), "teacher", lengths, truncated)
+    if keep_data:
+        data = rows_with(rows.column(task.response_column).cast(pa.string()), "data", [0] * count, [False] * count)
+        # Interleaved: row i's reference at 2i, its teacher response at 2i + 1.
+        teacher = pa.concat_tables([data, teacher]).take(np.arange(2 * count).reshape(2, count).T.ravel())
+    blank = pc.and_(
+        pc.equal(teacher.column("response_source"), "teacher"),
+        pc.equal(pc.utf8_trim_whitespace(teacher.column(task.response_column)), ""),
+    )
+    return teacher.filter(pc.invert(blank))
+
+
+def _write_responses(answered: ray.data.Dataset, task: TaskConfig, path: Path) -> dict[str, Any]:
+    """Stream the answered rows into one parquet file, in order; returns the counts, the first
+    DISTINCT_ROWS teacher responses and the first SAMPLE_ROWS as a table (column -> values)."""
+    writer: pq.ParquetWriter | None = None
+    written: dict[str, Any] = {"rows": 0, "teacher_rows": 0, "truncated": 0, "response_tokens": 0}
+    responses: list[str] = []
+    shown = [*template_columns(task.prompt_template), task.response_column, "source_example_id"]
+    sample: list[pa.Table] = []
+    try:
+        for batch in answered.iter_batches(batch_format="pyarrow", batch_size=None):
+            answers = batch.filter(pc.equal(batch.column("response_source"), "teacher"))
+            written["teacher_rows"] += answers.num_rows
+            written["truncated"] += pc.sum(answers.column(_TRUNCATED).cast(pa.int64())).as_py() or 0
+            written["response_tokens"] += pc.sum(answers.column(_TOKENS)).as_py() or 0
+            responses += answers.column(task.response_column).to_pylist()[: DISTINCT_ROWS - len(responses)]
+            sample.append(answers.select(shown).slice(0, SAMPLE_ROWS - sum(table.num_rows for table in sample)))
+            rows = batch.drop_columns([_TOKENS, _TRUNCATED])
+            if rows.num_rows == 0:
+                continue
+            if writer is None:
+                writer = pq.ParquetWriter(str(path), rows.schema)
+            writer.write_table(rows.cast(writer.schema))
+            written["rows"] += rows.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    shown_rows = pa.concat_tables(sample) if sample else None
+    return written | {
+        "first_responses": responses,
+        "sample": shown_rows.to_pydict() if shown_rows and shown_rows.num_rows else {},
+    }
