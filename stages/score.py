@@ -310,8 +310,6 @@ def _score_worker(loop_config: dict[str, Any]) -> None:
     )
     with collector or nullcontext():
         for rows, step_rows in _lockstep(batches):
-            if progress is not None:
-                progress.update(step_rows)
             # A rank whose shard ran out still runs the forward and backward (FSDP2 all-gathers
             # are collective) on its last batch, and adds nothing.
             weight = 0.0 if rows is None else 1.0
@@ -325,6 +323,8 @@ def _score_worker(loop_config: dict[str, Any]) -> None:
             # One backward serves both: the collector's activations are asked for with the hidden states.
             pruning_activations = collector.activations() if collector is not None else []
             gradients = hidden_state_gradients(loss, [hidden[layer] for layer in layers] + pruning_activations)
+            if progress is not None:  # the step's work is done, on every rank
+                progress.update(step_rows)
             if weight == 0.0:
                 continue
             for layer, gradient in zip(layers, gradients):
