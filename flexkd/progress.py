@@ -51,6 +51,7 @@ class Progress:
         self.initial = self.done = initial  # a resumed run starts part-way; its rate counts from here
         self.interval_s, self.clock, self.stream = interval_s, clock, stream
         self.started = self.last_line = clock()
+        self.last_line_done: int | None = None
         # Ray's tqdm: a plain tqdm bar in a Ray worker reaches the driver as garbled log lines.
         self.bar = ray_tqdm(total=total, desc=label) if terminal else None
         if self.bar is not None:
@@ -69,7 +70,7 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        else:
+        elif self.last_line_done != self.done:  # where it ended, unless the last line said so
             self._print_line()
 
     def line(self) -> str:
@@ -83,7 +84,7 @@ class Progress:
         )
 
     def _print_line(self) -> None:
-        self.last_line = self.clock()
+        self.last_line, self.last_line_done = self.clock(), self.done
         print(self.line(), file=self.stream or sys.__stdout__, flush=True)
 
     def __enter__(self) -> Progress:

@@ -37,8 +37,11 @@ def test_a_line_once_the_interval_has_passed_with_rows_rate_and_time_left():
     assert out.getvalue().splitlines()[-1] == "targets train: 600/1,000 rows (60%), 10 rows/s, 00:40 left"
     clock.now += 40
     progress.set(1000)
-    progress.close()  # closing always says where it ended
+    progress.close()  # closing says where it ended
     assert out.getvalue().splitlines()[-1] == "targets train: 1,000/1,000 rows (100%), 10 rows/s, 00:00 left"
+    lines = out.getvalue().count("\n")
+    progress.close()  # not twice
+    assert out.getvalue().count("\n") == lines
 
 
 def test_a_resumed_run_counts_its_rate_from_where_it_started():
