@@ -1,9 +1,8 @@
 """What the console shows: without ``flexkd --verbose``, known-harmless noise is kept off it.
 
 * Ray's ``core_worker.cc`` error that an actor's constructor arguments sit in the object store
-  (ray-project/ray#53727, #57733): printed for Ray Train's own PreemptionWatcher and for a Ray
-  Data actor given a large argument (the tokenize stage ships the tokenizer), neither of which is
-  restarted from lost arguments here. Lines a Ray worker prints reach the driver through Ray's
+  (ray-project/ray#53727, #57733): printed for Ray Train's own PreemptionWatcher and for Ray
+  Data's actors, whatever their arguments. Lines a Ray worker prints reach the driver through Ray's
   log monitor, which skips lines matching RAY_DEDUP_LOGS_SKIP_REGEX; they stay in the worker's
   log file (``/tmp/ray/session_latest/logs/worker-*.err``).
 * DeprecationWarning and FutureWarning raised inside the libraries, e.g. Ray Train's
@@ -13,8 +12,9 @@
   runtime_env, in Ray's workers; a PYTHONWARNINGS of the user's own is left as it is.
 
 A line Ray's driver process writes itself from C++ (the same core_worker error, for the tokenize
-stage's actors) goes to the console unfiltered: Ray has no switch for it short of
-RAY_BACKEND_LOG_LEVEL, which would drop every error from its log files too.
+stage's Ray Data actors; giving them the tokenizer by reference does not avoid it) goes to the
+console unfiltered: Ray has no switch for it short of RAY_BACKEND_LOG_LEVEL, which would drop
+every error from its log files too.
 """
 
 from __future__ import annotations
