@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from flexkd.cluster.train_workers import progress_bars_wanted
 from flexkd.config.schema import TaskConfig, stable_hash
 from flexkd.data.rows import collate_batch, tokenize_rows, verbalizer_token_ids
 from flexkd.method.layers import last_token_positions
 from flexkd.models.loading import load_model, load_tokenizer
+from flexkd.progress import progress_bars_wanted
 
 log = logging.getLogger("flexkd")
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from flexkd import console
 from flexkd.config.schema import ConfigError, load_config, parse_yaml, yaml_problem
 from flexkd.data.sources import DataError
 from flexkd.errors import StageError
@@ -191,7 +192,12 @@ def _add_address(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flexkd", description="Flex-KD distillation pipelines on Ray")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging, tracebacks, and the known-harmless Ray lines and library warnings (docs/FAILURES.md)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run a pipeline on this machine (local Ray, local MLflow by default)")
@@ -333,6 +339,8 @@ def _positive_int(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.verbose:
+        console.quiet()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",

@@ -48,10 +48,9 @@ import mlflow
 import numpy as np
 import ray
 import torch
-from ray.experimental.tqdm_ray import tqdm
 
 from flexkd import distributed
-from flexkd.cluster.train_workers import progress_bars_wanted, run_workers
+from flexkd.cluster.train_workers import run_workers
 from flexkd.config.schema import ConfigError, PipelineConfig
 from flexkd.data.directions_files import distilled_ks, read_directions
 from flexkd.data.rows import ROW_SCHEMA, TRANSFER_SPLIT, collate_batch
@@ -60,6 +59,7 @@ from flexkd.evaluation.periodic import StudentEvaluator
 from flexkd.method.objective import LayerPair, ObjectiveSettings, StudentWithObjective, objective_module
 from flexkd.models.loading import parameter_count
 from flexkd.models.plan import build_student, load_pipeline_tokenizer, load_sharded_teacher, plan_models
+from flexkd.progress import Progress, progress_bars_wanted
 from flexkd.stages.targets import check_cache
 from flexkd.testing import faults
 from flexkd.tracking.runs import WorkerMetricLogger, tracking_uri
@@ -455,7 +455,11 @@ def _distill_worker(loop_config: dict[str, DistillLoop]) -> None:
         unlabeled = _endless_batches(ray.train.get_dataset_shard(TRANSFER_SPLIT), transfer_rows, **order)
         batches = (joined_batch(labeled, more) for labeled, more in zip(batches, unlabeled))
     logger = WorkerMetricLogger(loop.tracking_uri, loop.run_id) if distributed.is_main_process() else None
-    progress = _progress_bar(start_step, config.training.steps) if loop.progress_bars else None
+    progress = (
+        Progress("distill", config.training.steps, terminal=loop.progress_bars, unit="steps", initial=start_step)
+        if distributed.is_main_process()
+        else None
+    )
     mixed_precision = distributed.autocast(config.training.precision, device)  # checked once, entered every step
 
     # Throughput is the steady state: every step but this run's first (which waits for Ray Data's
@@ -503,7 +507,7 @@ def _distill_worker(loop_config: dict[str, DistillLoop]) -> None:
                 metrics |= evaluator(module)
             if logger is not None:
                 logger.log(metrics, step=done)
-                if progress is None:  # no terminal to draw a bar on: one line per logged step instead
+                if not loop.progress_bars:  # no terminal to draw a bar on: one line per logged step too
                     # To the process's own stdout: Ray Train's patched print would also log the line
                     # when stdout is wrapped, and the driver would show it twice.
                     print(
@@ -519,6 +523,8 @@ def _distill_worker(loop_config: dict[str, DistillLoop]) -> None:
             if distributed.is_main_process():
                 distributed.prune_checkpoints(checkpoints, KEEP_CHECKPOINTS)
         faults.maybe_kill_worker(done, distributed.rank(), loop.output_dir)
+    if progress is not None:
+        progress.close()
 
     _save_student(loop, module, tokens, step_seconds, parts, start_step, profile.ms_per_step())
 
@@ -529,15 +535,6 @@ def _refuse_non_finite(parts: dict[str, torch.Tensor], step: int) -> None:
             raise FloatingPointError(
                 f"non-finite {name} loss ({float(value)}) at step {step}; the last good checkpoint is kept"
             )
-
-
-def _progress_bar(start: int, total: int):
-    if not distributed.is_main_process():
-        return None
-
-    bar = tqdm(total=total, desc="distill")
-    bar.update(start)  # a resumed run starts part-way
-    return bar
 
 
 def _save_student(

@@ -34,12 +34,12 @@ import mlflow
 import ray
 
 from flexkd import distributed
-from flexkd.cluster.train_workers import progress_bars_wanted
 from flexkd.config.schema import PipelineConfig, stable_hash
 from flexkd.errors import StageError
 from flexkd.evaluation.metrics import classify, fluency_scores, generate_and_score, read_eval_rows
 from flexkd.models.loading import load_model, parameter_count
 from flexkd.models.plan import load_pipeline_tokenizer, load_teacher
+from flexkd.progress import progress_bars_wanted
 
 # The teacher's kept scores, beside the evaluate stage's fingerprint folders.
 TEACHER_SCORES_DIR = "teacher_scores"
@@ -114,14 +114,12 @@ def evaluate_models(
         else:
             # One model in memory at a time: the teacher may be far larger than the student.
             model = load().to(device)
-            progress_label = f"evaluate {role}" if progress_bars else None
+            progress = {"progress_label": f"evaluate {role}", "progress_bars": progress_bars}
             if config.task.kind == "classification":
-                scores, outputs[role] = classify(
-                    model, table, config, pad_token_id, verbalizer_ids, device, progress_label
-                )
+                scores, outputs[role] = classify(model, table, config, pad_token_id, verbalizer_ids, device, **progress)
             else:
                 scores, outputs[role] = generate_and_score(
-                    model, table, config, tokenizer, pad_token_id, device, progress_label
+                    model, table, config, tokenizer, pad_token_id, device, **progress
                 )
             scores["parameters"] = parameter_count(model)
             del model

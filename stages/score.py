@@ -90,6 +90,7 @@ from flexkd.models.plan import (
     plan_models,
     prune_targets,
 )
+from flexkd.progress import Progress, progress_bars_wanted
 from flexkd.prune.scores import PruningScoreCollector
 from flexkd.prune.student import hidden_units_by_importance, kept_layer_indices, prune_llama, pruned_student_layer_map
 from flexkd.tracking.plots import plot_importance
@@ -126,6 +127,8 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
             "gram": config.selection.method == "directions" or plan.teacher_hidden <= GRAM_DIAGNOSTICS_MAX_WIDTH,
             "pad_token_id": tokenized["outputs"]["pad_token_id"],
             "verbalizer_ids": tokenized["outputs"]["verbalizer_ids"],
+            "rows": tokenized["outputs"]["rows"]["score"],
+            "progress_bars": progress_bars_wanted(),
         },
         datasets={"score": ray.data.read_parquet(str(inputs["tokenize"] / "score"))},
         run_name="score",
@@ -363,8 +366,13 @@ def _score_worker(loop_config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("score")
     batches = shard.iter_batches(batch_size=config.scoring.batch_size, batch_format="numpy")
     last_rows = None
+    progress = (
+        Progress("score", loop_config["rows"], terminal=loop_config["progress_bars"])
+        if distributed.is_main_process()
+        else None
+    )
     with collector or nullcontext():
-        for rows in _lockstep(batches):
+        for rows, step_rows in _lockstep(batches):
             # A rank whose shard ran out still runs the forward and backward (FSDP2 all-gathers
             # are collective) on its last batch, and adds nothing.
             weight = 0.0 if rows is None else 1.0
@@ -378,6 +386,8 @@ def _score_worker(loop_config: dict[str, Any]) -> None:
             # One backward serves both: the collector's activations are asked for with the hidden states.
             pruning_activations = collector.activations() if collector is not None else []
             gradients = hidden_state_gradients(loss, [hidden[layer] for layer in layers] + pruning_activations)
+            if progress is not None:  # the step's work is done, on every rank
+                progress.update(step_rows)
             if weight == 0.0:
                 continue
             competence[0] += float(loss.detach())
@@ -397,6 +407,8 @@ def _score_worker(loop_config: dict[str, Any]) -> None:
             if collector is not None:
                 collector.accumulate(batch["attention_mask"])
             examples += batch["input_ids"].shape[0]
+    if progress is not None:
+        progress.close()
 
     pruning_sums = list(collector.sums.values()) if collector is not None else []
     moment_sums = [m for parts in moments.values() for m in parts]
@@ -467,12 +479,14 @@ def _prune_student(config: PipelineConfig, teacher, scores: dict[str, torch.Tens
 
 def _lockstep(batches):
     """Yield this rank's batches, then None until every rank has run out, so all ranks take
-    the same number of collective steps."""
+    the same number of collective steps; each with the rows all ranks' batches of this step hold."""
     iterator = iter(batches)
     while True:
         rows = next(iterator, None)
-        still_running = torch.tensor([0.0 if rows is None else 1.0], device=distributed.device())
-        distributed.all_reduce_sum_(still_running)
-        if still_running.item() == 0:
+        # [ranks still running, rows of this step], summed over the ranks in one all-reduce
+        counts = [0.0, 0.0] if rows is None else [1.0, float(len(rows["input_ids"]))]
+        step = torch.tensor(counts, dtype=torch.float64, device=distributed.device())
+        distributed.all_reduce_sum_(step)
+        if step[0].item() == 0:
             return
-        yield rows
+        yield rows, int(step[1].item())

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from flexkd.data.rows import ROW_SCHEMA, TRANSFER_SPLIT, collate_batch
 from flexkd.data.teacher_targets import target_columns, units_column
 from flexkd.method.objective import forward_scored
 from flexkd.models.plan import load_pipeline_tokenizer, load_teacher, plan_models
+from flexkd.progress import Progress, progress_bars_wanted, progress_of
 
 INFO_FILE = "targets.json"
 CACHED_SPLITS = ("train", TRANSFER_SPLIT)  # the training rows, and the unlabeled rows of data.transfer if any
@@ -83,7 +85,17 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
             continue
         split_dir = output_dir / split
         shutil.rmtree(split_dir, ignore_errors=True)  # a crashed attempt may have left shards
-        with _ordered_execution():  # cache rows in the order of the training rows
+        # On a terminal Ray Data draws its bars; elsewhere the writers count their rows for progress lines.
+        counter = None if progress_bars_wanted() else RowCounter.remote()
+        progress = (
+            nullcontext()
+            if counter is None
+            else progress_of(
+                Progress(f"targets {split}", tokenized["outputs"]["rows"][split], terminal=False),
+                partial(_counted_rows, counter),
+            )
+        )
+        with _ordered_execution(), progress:  # cache rows in the order of the training rows
             rows = ray.data.read_parquet(str(inputs["tokenize"] / split))
             with_targets = rows.map_batches(
                 TeacherTargetWriter,
@@ -96,6 +108,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
                     "temperatures": temperatures,
                     "pad_token_id": tokenized["outputs"]["pad_token_id"],
                     "verbalizer_ids": tokenized["outputs"]["verbalizer_ids"],
+                    "counter": counter,
                 },
                 compute=ray.data.ActorPoolStrategy(size=resources.num_workers),
                 num_cpus=resources.cpus_per_worker,
@@ -139,8 +152,27 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
     }
 
 
+@ray.remote(num_cpus=0)
+class RowCounter:
+    """Rows the writers have finished, for the driver's progress lines."""
+
+    def __init__(self):
+        self.rows = 0
+
+    def add(self, rows: int) -> None:
+        self.rows += rows
+
+    def count(self) -> int:
+        return self.rows
+
+
+def _counted_rows(counter: ray.actor.ActorHandle) -> int:
+    return ray.get(counter.count.remote())
+
+
 class TeacherTargetWriter:
-    """A Ray Data actor: loads the teacher once, then turns batches of training rows into cache rows."""
+    """A Ray Data actor: loads the teacher once, then turns batches of training rows into cache rows
+    (and counts them on ``counter``, a :class:`RowCounter`, if given)."""
 
     def __init__(
         self,
@@ -150,6 +182,7 @@ class TeacherTargetWriter:
         temperatures: list[float],
         pad_token_id: int,
         verbalizer_ids: list[int] | None,
+        counter: ray.actor.ActorHandle | None = None,
     ):
 
         distributed.use_threads(config.resources.threads_per_worker)
@@ -161,6 +194,7 @@ class TeacherTargetWriter:
         self.pad_token_id = pad_token_id
         self.verbalizer_ids = torch.tensor(verbalizer_ids, device=self.device) if verbalizer_ids else None
         self.schema = _cache_schema(list(unit_order), self.task)
+        self.counter = counter
 
     @torch.no_grad()
     def __call__(self, rows: dict[str, np.ndarray]) -> pa.Table:
@@ -171,7 +205,10 @@ class TeacherTargetWriter:
             logits, hidden, batch, self.unit_order, self.task, self.verbalizer_ids, self.top_k, self.temperatures
         )
         passthrough = {name: list(rows[name]) for name in ROW_SCHEMA.names}
-        return pa.Table.from_pydict(passthrough | columns, schema=self.schema)
+        table = pa.Table.from_pydict(passthrough | columns, schema=self.schema)
+        if self.counter is not None:
+            self.counter.add.remote(table.num_rows)
+        return table
 
 
 def _cache_schema(layers: list[int], task: str) -> pa.Schema:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from flexkd import console
 from flexkd.models.loading import TINY_TOKENIZER_DIR, build_random_model, load_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +24,15 @@ TINY_LLAMA_ARCHITECTURE: dict[str, Any] = {
     "num_key_value_heads": 2,
     "intermediate_size": 128,
 }
+
+
+@pytest.fixture(autouse=True)
+def loud_console(monkeypatch):
+    """Each test starts like a process that flexkd.console.quiet() has not run in: a test calling
+    cli.main without --verbose would otherwise leave it on for the tests after it. (pytest
+    restores the warning filters itself.)"""
+    monkeypatch.setattr(console, "_quiet", False)
+    monkeypatch.delenv("RAY_DEDUP_LOGS_SKIP_REGEX", raising=False)
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,13 @@ from flexkd.data.rows import ROW_SCHEMA, collate_batch, tokenize_rows, verbalize
 from flexkd.data.teacher_targets import cached_teacher_outputs, online_teacher_outputs, target_columns, units_column
 from flexkd.method.layers import forward_with_hidden_states
 from flexkd.method.losses import teacher_topk, topk_logit_distillation_loss
-from flexkd.method.objective import LayerPair, cached_topk_logprobs, distillation_loss, forward_scored
+from flexkd.method.objective import (
+    LayerPair,
+    cached_topk_logprobs,
+    class_logits,
+    distillation_loss,
+    forward_scored,
+)
 from flexkd.models.loading import TINY_TOKENIZER_DIR, build_random_model, load_tokenizer
 from flexkd.models.plan import build_student, count_teacher_loads
 from flexkd.pipeline.runner import run_pipeline
@@ -117,7 +123,17 @@ def test_cached_loss_equals_online_loss(tmp_path, kind, k):
         settings, batch, student_logits, student_hidden, cached_logits, cached_features, pairs, verbalizers
     )
 
-    assert float(cached["task"]) == float(online["task"])
+    # The task part is the student's own loss on the labels, the same with any teacher; what the
+    # cache stands in for is the teacher's targets, compared here directly. (A shift of every
+    # class score would leave the logit loss unchanged and still be a wrong cache.)
+    if kind == "classification":
+        online_scores = class_logits(online_logits, batch["attention_mask"], verbalizers)
+        torch.testing.assert_close(cached_logits.class_scores, online_scores, rtol=0, atol=1e-6)
+    else:
+        online_top = online_logits.topk(TOP_K, dim=-1)  # [N, V] at the response positions only
+        assert torch.equal(cached_logits.topk_ids, online_top.indices)
+        torch.testing.assert_close(cached_logits.topk_logits, online_top.values, rtol=0, atol=1e-5)
+        torch.testing.assert_close(cached_logits.logsumexp, online_logits.logsumexp(-1), rtol=0, atol=1e-4)
     assert abs(float(cached["feature"]) - float(online["feature"])) <= 2e-3
     for layer in layers:  # the features themselves: the first k selected units, to half precision
         valid = batch["attention_mask"].bool()

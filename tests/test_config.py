@@ -156,5 +156,14 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
 
 
 def test_cli_set_values_are_data_not_code(tmp_path, capsys):
-    assert main(["validate", str(PIPELINES / "debug.yaml"), "--set", "loss.gamma=__import__('os')"]) == 2
+    """Evaluated, the first value would write a file and give a valid gamma (0.5); loaded with
+    YAML's Python tags, the second would make a folder. As data, both are refused."""
+    evaluated, tagged = tmp_path / "evaluated", tmp_path / "tagged"
+    code = f"__import__('pathlib').Path('{evaluated}').write_text('x') and 0.5"
+    assert main(["validate", str(PIPELINES / "debug.yaml"), "--set", f"loss.gamma={code}"]) == 2
     assert "loss.gamma" in capsys.readouterr().err
+    assert not evaluated.exists()
+    tag = f"!!python/object/apply:os.mkdir ['{tagged}']"
+    assert main(["validate", str(PIPELINES / "debug.yaml"), "--set", f"loss.gamma={tag}"]) == 2
+    assert "loss.gamma" in capsys.readouterr().err
+    assert not tagged.exists()

@@ -212,7 +212,30 @@ def test_logit_losses_match_float64_reference(kind, tau):
     assert value.item() == pytest.approx(_reference(kind, student, teacher, tau, beta=0.3, alpha=0.2), rel=1e-5)
 
 
-def test_named_logit_losses_match_the_dispatcher():
+def _kl_functional(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) averaged over positions, by torch.nn.functional.kl_div (whose target is p)."""
+    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+
+
+def _functional_reference(kind: str, student, teacher, tau: float, beta: float = 0.5, alpha: float = 0.1):
+    """torch.nn.functional written out, independent of flexkd's dispatcher and its branches;
+    the jsd limits as TRL's GKD defines them (forward KL at beta 0, reverse KL at beta 1)."""
+    log_s, log_t = F.log_softmax(student.double() / tau, -1), F.log_softmax(teacher.double() / tau, -1)
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
+        value = _kl_functional(log_t, log_s)
+    elif kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
+        value = _kl_functional(log_s, log_t)
+    elif kind == "jsd":
+        log_m = (beta * log_t.exp() + (1 - beta) * log_s.exp()).log()
+        value = beta * _kl_functional(log_t, log_m) + (1 - beta) * _kl_functional(log_s, log_m)
+    elif kind == "skew_kl":
+        value = _kl_functional(log_t, (alpha * log_t.exp() + (1 - alpha) * log_s.exp()).log())
+    else:
+        value = 0.5 * (log_t.exp() - log_s.exp()).abs().sum(-1).mean()
+    return (value * tau**2).float()
+
+
+def test_named_logit_losses_match_functional_formulas():
     student, teacher = _logits(0), _logits(1)
     named = {
         "forward_kl": forward_kl(student, teacher, 2.0),
@@ -222,14 +245,18 @@ def test_named_logit_losses_match_the_dispatcher():
         "tvd": total_variation(student, teacher, 2.0),
     }
     for kind, value in named.items():
-        torch.testing.assert_close(value, logit_distillation_loss(kind, student, teacher, 2.0, 0.7, 0.3))
+        reference = _functional_reference(kind, student, teacher, 2.0, beta=0.7, alpha=0.3)
+        torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-6, msg=kind)
 
 
 def test_jsd_limits_follow_trl_and_skew_zero_is_forward_kl():
     student, teacher = _logits(0), _logits(1)
-    torch.testing.assert_close(generalized_jsd(student, teacher, beta=0.0), forward_kl(student, teacher))
-    torch.testing.assert_close(generalized_jsd(student, teacher, beta=1.0), reverse_kl(student, teacher))
-    torch.testing.assert_close(skew_kl(student, teacher, alpha=0.0), forward_kl(student, teacher))
+    forward = _functional_reference("forward_kl", student, teacher, 1.0)
+    reverse = _functional_reference("reverse_kl", student, teacher, 1.0)
+    assert abs(float(forward) - float(reverse)) > 0.1  # the two limits are told apart
+    torch.testing.assert_close(generalized_jsd(student, teacher, beta=0.0), forward, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(generalized_jsd(student, teacher, beta=1.0), reverse, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(skew_kl(student, teacher, alpha=0.0), forward, rtol=1e-5, atol=1e-6)
     assert torch.isfinite(generalized_jsd(student, teacher, beta=1e-12))
 
 

@@ -4,7 +4,6 @@ no secrets in what is logged."""
 from __future__ import annotations
 
 import ast
-import contextlib
 import ipaddress
 import json
 import os
@@ -14,15 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from flexkd.cli import main
 from flexkd.cluster import local
 from flexkd.config.schema import ConfigError, apply_overrides, load_config, parse_config
-from flexkd.data.rows import template_columns
+from flexkd.errors import StageError
 from flexkd.models.loading import load_model
 from flexkd.models.plan import load_pipeline_tokenizer, load_teacher, teacher_model_config
 from flexkd.pipeline import runner
+from flexkd.stages import tokenize as tokenize_stage
 from flexkd.tracking.runs import public_config, redact_value, ui_command
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -304,27 +303,39 @@ def test_a_python_tag_in_a_pipeline_file_is_refused_not_run(tmp_path):
     assert not marker.exists()
 
 
-def test_a_python_tag_in_set_is_not_run(tmp_path):
+def test_a_python_tag_in_set_is_not_run(tmp_path, capsys):
     marker = tmp_path / "code-ran"
-    with contextlib.suppress(yaml.YAMLError):  # refused, if with a traceback (see the test below)
-        main(["validate", str(PIPELINES / "debug.yaml"), "--set", "loss.gamma=" + _RUNS_CODE.format(marker=marker)])
+    code = _RUNS_CODE.format(marker=marker)
+    assert main(["validate", str(PIPELINES / "debug.yaml"), "--set", f"loss.gamma={code}"]) == 2
     assert not marker.exists()
 
 
-def test_a_python_tag_in_set_is_a_one_line_config_error(tmp_path, capsys):
+def test_a_python_tag_in_set_is_the_documented_one_line_config_error(capsys):
+    """The line docs/FAILURES.md shows."""
     assert (
         main(["validate", str(PIPELINES / "debug.yaml"), "--set", "loss.gamma=" + _RUNS_CODE.format(marker="x")]) == 2
     )
-    assert capsys.readouterr().err.count("\n") == 1
+    assert capsys.readouterr().err == (
+        "flexkd: config error: --set loss.gamma: not a YAML value (line 1, column 1: could not determine a "
+        "constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system')\n"
+    )
 
 
-def test_a_prompt_template_cannot_reach_attributes():
+def test_a_prompt_template_cannot_reach_attributes(tmp_path, capsys):
     """A format string may read any attribute of its arguments ({text.__class__...}); only plain
-    column names are allowed."""
-    with pytest.raises(ValueError, match="is not a column name"):
-        template_columns("Review: {sentence.__class__.__mro__}")
-    with pytest.raises(ValueError, match="is not a column name"):
-        template_columns("Review: {sentence[0]}")
+    column names are allowed: refused by preflight (flexkd validate) and again by the tokenize
+    stage itself, which a config that skipped preflight reaches (before Ray starts)."""
+    for template in ("Review: {sentence.__class__.__mro__}", "Review: {sentence[0]}"):
+        field = template.removeprefix("Review: ")
+        expected = f"task.prompt_template: '{field}' is not a column name; use {{column}} fields only"
+        override = f"task.prompt_template='{template}'"  # quoted: unquoted, YAML reads a mapping
+        assert main(["validate", str(PIPELINES / "debug.yaml"), "--set", override]) == 2
+        assert capsys.readouterr().err == f"flexkd: config error: {expected}\n"
+        config = load_config(PIPELINES / "debug.yaml", {"task.prompt_template": template})
+        with pytest.raises(StageError) as caught:
+            tokenize_stage.run(config, {}, tmp_path / "tokenize")
+        assert str(caught.value) == f"tokenize: {expected}"
+        assert not (tmp_path / "tokenize" / "train").exists()
 
 
 # --------------------------------------------------------------------------- secrets

@@ -1,5 +1,8 @@
 """flexkd watch against a real SQLite MLflow registry: tiny random teachers registered as versions
-of one model, the debug pipeline distilling each through a real local Ray. No mocks.
+of one model, the debug pipeline distilling each through a real local Ray. No mocks, but for one
+injected fault: test_a_claim_whose_heartbeat_write_collides_is_decided_by_reading_it_back patches
+Watcher.set_tags to make the heartbeat write collide after the claim tag landed, a race SQLite
+gives only now and then (its writes still go to the real registry).
 
 The registry-only tests (claims, version selection, promotion, errors) need no Ray and take seconds.
 """

@@ -37,6 +37,7 @@ from ray.job_submission import JobSubmissionClient
 from ray.util.state import list_nodes
 from ray.util.state.exception import RayStateApiException
 
+from flexkd import console
 from flexkd.cluster.storage import refuse_uri
 from flexkd.config.schema import ConfigError, PipelineConfig, parse_yaml, yaml_problem
 from flexkd.errors import StageError
@@ -113,8 +114,13 @@ def build_runtime_env(working_dir: Path, base: dict[str, Any] | None = None) -> 
         raise ConfigError("runtime_env: working_dir is set by flexkd submit (--working-dir); remove it")
     runtime_env["working_dir"] = str(working_dir)
     runtime_env["excludes"] = [*runtime_env.get("excludes", []), *WORKING_DIR_EXCLUDES]
-    # Unbuffered, so `--wait` shows the pipeline's progress as it happens.
-    runtime_env["env_vars"] = {"PYTHONUNBUFFERED": "1", **runtime_env.get("env_vars", {})}
+    # Unbuffered, so `--wait` shows the pipeline's progress as it happens; the warning filters of
+    # flexkd.console, which the job's workers then have as the job's driver does.
+    runtime_env["env_vars"] = {
+        "PYTHONUNBUFFERED": "1",
+        **console.worker_env_vars(),
+        **runtime_env.get("env_vars", {}),
+    }
     return runtime_env
 
 

@@ -17,6 +17,7 @@ import ray
 import ray.data
 from ray._private import ray_constants
 
+from flexkd import console
 from flexkd.errors import StageError
 from flexkd.testing import faults
 
@@ -39,6 +40,7 @@ def ensure_ray() -> None:
     RAY_ADDRESS is refused within seconds, in one line. FLEXKD_FAULT_* variables
     (flexkd.faults) are forwarded to the job's workers.
     """
+    console.hide_library_warnings()  # again: importing Ray put its own filter ahead
     if ray.is_initialized():
         return
     if not sys.stdout.isatty():
@@ -154,10 +156,11 @@ def _check_ray_reachable(address: str) -> None:
 
 
 def _forwarded_runtime_env() -> dict[str, Any] | None:
-    """The job runtime_env that carries FLEXKD_FAULT_* to the workers; None when there are none,
-    or when this driver is itself a Ray job (its runtime_env already sets them, and setting the
-    same variables twice is a conflict Ray refuses)."""
-    env_vars = faults.runtime_env_vars()
+    """The job runtime_env that carries FLEXKD_FAULT_* and the warning filters of
+    flexkd.console to the workers; None when there are none, or when this driver is itself a Ray
+    job (its runtime_env already sets them, and setting the same variables twice is a conflict
+    Ray refuses)."""
+    env_vars = faults.runtime_env_vars() | console.worker_env_vars()
     if not env_vars or "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
         return None
     return {"env_vars": env_vars}

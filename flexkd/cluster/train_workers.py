@@ -6,7 +6,6 @@ The per-worker loops are plain PyTorch calling the library; this module only bui
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,13 +17,6 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from flexkd import distributed
 from flexkd.config.schema import PipelineConfig
 from flexkd.errors import StageError
-
-
-def progress_bars_wanted() -> bool:
-    """Whether the driver's output is a terminal. Workers draw progress bars only then; into a
-    log file (CI, a Ray job, ``| tee``) a bar is a line per update, so they print a line per
-    logged step instead. Asked on the driver, since a worker's own stdout is never a terminal."""
-    return sys.stdout.isatty()
 
 
 def ordered_ingest_options() -> ray.data.ExecutionOptions:

@@ -13,12 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from ray.experimental.tqdm_ray import tqdm
 from rouge_score.rouge_scorer import RougeScorer
 
 from flexkd.config.schema import PipelineConfig
 from flexkd.data.rows import collate_batch
 from flexkd.method.objective import class_logits, scored_positions
+from flexkd.progress import Progress
 
 # The row columns that collate_batch turns into tensors; `reference` stays text.
 TOKEN_COLUMNS = ("example_id", "input_ids", "labels", "prompt_length", "class_label")
@@ -44,12 +44,14 @@ def classify(
     verbalizer_ids: list[int],
     device: torch.device,
     progress_label: str | None = None,
+    progress_bars: bool = False,
 ) -> tuple[dict[str, float], list[str]]:
     """Accuracy and macro-F1 of the argmax verbalizer score, and the predicted label names.
-    ``progress_label``: the progress bar's label; None draws no bar."""
+    ``progress_label``: the label of its progress (flexkd.progress: a bar if ``progress_bars``,
+    else lines); None reports none."""
     verbalizers = torch.tensor(verbalizer_ids, device=device)
     predicted: list[int] = []
-    for chunk in _batches(table, config.evaluation.batch_size, progress_label):
+    for chunk in _batches(table, config.evaluation.batch_size, progress_label, progress_bars):
         batch = _collate(chunk, pad_token_id, device)
         # Only the last prompt token's logits are read: projecting every position onto the
         # vocabulary would be most of the forward's cost.
@@ -73,11 +75,13 @@ def generate_and_score(
     pad_token_id: int,
     device: torch.device,
     progress_label: str | None = None,
+    progress_bars: bool = False,
 ) -> tuple[dict[str, float], list[str]]:
-    """ROUGE-L of greedy continuations and response perplexity, and the continuations."""
+    """ROUGE-L of greedy continuations and response perplexity, and the continuations.
+    ``progress_label``, ``progress_bars``: as in :func:`classify`."""
     continuations: list[str] = []
     summed_nll, response_tokens = 0.0, 0
-    for chunk in _batches(table, config.evaluation.batch_size, progress_label):
+    for chunk in _batches(table, config.evaluation.batch_size, progress_label, progress_bars):
         generated = greedy_continuations(model, chunk, pad_token_id, config.evaluation.max_new_tokens, device)
         continuations += tokenizer.batch_decode(generated, skip_special_tokens=True)
         batch = _collate(chunk, pad_token_id, device)
@@ -166,11 +170,15 @@ def macro_f1(predicted: Sequence[int], actual: Sequence[int]) -> float:
     return float(np.mean(scores))
 
 
-def _batches(table: pa.Table, batch_size: int, progress_label: str | None):
-    # Ray's tqdm: a plain tqdm bar in a Ray task reaches the driver as garbled log lines.
-    starts = range(0, table.num_rows, batch_size)
-    for start in starts if progress_label is None else tqdm(starts, total=len(starts), desc=progress_label):
-        yield table.slice(start, batch_size)
+def _batches(table: pa.Table, batch_size: int, progress_label: str | None, progress_bars: bool):
+    progress = None if progress_label is None else Progress(progress_label, table.num_rows, terminal=progress_bars)
+    for start in range(0, table.num_rows, batch_size):
+        chunk = table.slice(start, batch_size)
+        yield chunk
+        if progress is not None:
+            progress.update(chunk.num_rows)
+    if progress is not None:
+        progress.close()
 
 
 def _collate(chunk: pa.Table, pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:
