@@ -147,6 +147,10 @@ def _tokenize_and_write(
         # Half a CPU each: on a small machine the reader and the writer still get CPU.
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),
         num_cpus=0.5,
+        # Not restarted: an actor made from object-store arguments (Ray Data puts its map function
+        # there) and allowed restarts makes Ray print an error-looking core_worker line on every
+        # run. Tokenizing is cheap: a lost actor fails the stage, and a rerun redoes it.
+        max_restarts=0,
     )
     try:
         tokenized.write_parquet(str(split_dir), min_rows_per_file=data.shard_rows, max_rows_per_file=data.shard_rows)
