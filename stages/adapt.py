@@ -55,6 +55,7 @@ from flexkd import distributed
 from flexkd.cluster.train_workers import run_workers
 from flexkd.config.schema import PipelineConfig
 from flexkd.data.rows import collate_batch
+from flexkd.data.shards import shard_files
 from flexkd.errors import StageError
 from flexkd.method.objective import class_logits, scored_positions, summed_task_loss
 from flexkd.models.loading import untie_output_embeddings
@@ -317,7 +318,7 @@ def _full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _read_rows(rows_dir: Path) -> dict[str, list]:
     """Every tokenized row of ``rows_dir``, in the tokenize stage's order (its shards sort by name)."""
-    files = sorted(Path(rows_dir).glob("*.parquet"))
+    files = shard_files(rows_dir)
     if not files:
         raise FileNotFoundError(f"adapt: no parquet shards in {rows_dir}")
     return pa.concat_tables([pq.read_table(file) for file in files]).to_pydict()

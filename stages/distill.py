@@ -54,6 +54,7 @@ from flexkd.cluster.train_workers import run_workers
 from flexkd.config.schema import ConfigError, PipelineConfig
 from flexkd.data.directions_files import distilled_ks, read_directions
 from flexkd.data.rows import ROW_SCHEMA, TRANSFER_SPLIT, collate_batch
+from flexkd.data.shards import read_shards
 from flexkd.data.teacher_targets import cached_teacher_outputs, online_teacher_outputs, units_column
 from flexkd.evaluation.periodic import StudentEvaluator
 from flexkd.method.objective import LayerPair, ObjectiveSettings, StudentWithObjective, objective_module
@@ -220,12 +221,12 @@ def train_student(
             selected = json.loads((inputs["score"] / "selected.json").read_text())
             selected_units = {int(layer): entry["indices"] for layer, entry in selected["layers"].items()}
         columns, rows_dir = None, inputs["tokenize"]
-    train = ray.data.read_parquet(str(rows_dir / "train"), columns=columns) if train_data is None else train_data
+    train = read_shards(rows_dir / "train", columns) if train_data is None else train_data
     datasets = {"train": train}
     transfer_split = None
     if config.data.transfer is not None:
         # Unlabeled rows: every batch holds their share of all rows (transfer_rows_per_batch).
-        datasets[TRANSFER_SPLIT] = ray.data.read_parquet(str(rows_dir / TRANSFER_SPLIT), columns=columns)
+        datasets[TRANSFER_SPLIT] = read_shards(rows_dir / TRANSFER_SPLIT, columns)
         transfer_split = (tokenized["rows"]["train"], tokenized["rows"][TRANSFER_SPLIT])
         # A batch too small for both kinds of rows is refused here, not in a worker.
         transfer_rows_per_batch(config.training.batch_size, *transfer_split)

@@ -42,9 +42,11 @@ import torch
 from transformers import GenerationConfig
 
 from flexkd import distributed
+from flexkd.cluster.local import ACTOR_POOL_OPTIONS
 from flexkd.config.schema import ConfigError, PipelineConfig, TaskConfig
-from flexkd.data.numbered import numbered_dataset, ordered_execution
+from flexkd.data.numbered import numbered_dataset
 from flexkd.data.rows import prompt_token_ids, template_columns
+from flexkd.data.shards import ordered_execution
 from flexkd.data.sources import RowRules
 from flexkd.data.splits import GENERATED_TRAIN_FILE, check_split, split_task
 from flexkd.errors import StageError
@@ -84,6 +86,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
                 compute=ray.data.ActorPoolStrategy(size=config.resources.num_workers),
                 num_cpus=config.resources.cpus_per_worker,
                 num_gpus=1 if config.resources.use_gpu else 0,
+                **ACTOR_POOL_OPTIONS,
             )
             written = _write_responses(answered, task, output_dir / GENERATED_TRAIN_FILE)
     except ConfigError as error:  # DataError included: "data.train (<path>): <cause>"

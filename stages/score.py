@@ -69,6 +69,7 @@ from flexkd.cluster.train_workers import run_workers
 from flexkd.config.schema import PipelineConfig
 from flexkd.data.directions_files import distilled_ks, write_directions
 from flexkd.data.rows import collate_batch
+from flexkd.data.shards import read_shards
 from flexkd.errors import StageError
 from flexkd.method.directions import direction_energy_share, gradient_gram, top_directions, unit_energy_share
 from flexkd.method.importance import finalize_importance, hidden_state_gradients, unit_importance_sum
@@ -130,7 +131,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
             "rows": tokenized["outputs"]["rows"]["score"],
             "progress_bars": progress_bars_wanted(),
         },
-        datasets={"score": ray.data.read_parquet(str(inputs["tokenize"] / "score"))},
+        datasets={"score": read_shards(inputs["tokenize"] / "score")},
         run_name="score",
         storage=output_dir / "ray",
     )

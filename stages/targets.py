@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -38,9 +38,11 @@ import ray
 import torch
 
 from flexkd import distributed
+from flexkd.cluster.local import ACTOR_POOL_OPTIONS
 from flexkd.config.schema import ConfigError, PipelineConfig, stable_hash
 from flexkd.data.directions_files import DIRECTIONS_DIR, distilled_ks, read_directions
 from flexkd.data.rows import ROW_SCHEMA, TRANSFER_SPLIT, collate_batch
+from flexkd.data.shards import ordered_execution, read_shards, shard_files, write_shards
 from flexkd.data.teacher_targets import target_columns, units_column
 from flexkd.method.objective import forward_scored
 from flexkd.models.plan import load_pipeline_tokenizer, load_teacher, plan_models
@@ -84,7 +86,6 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
         if split not in tokenized["outputs"]["rows"]:  # no data.transfer
             continue
         split_dir = output_dir / split
-        shutil.rmtree(split_dir, ignore_errors=True)  # a crashed attempt may have left shards
         # On a terminal Ray Data draws its bars; elsewhere the writers count their rows for progress lines.
         counter = None if progress_bars_wanted() else RowCounter.remote()
         progress = (
@@ -95,8 +96,8 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
                 partial(_counted_rows, counter),
             )
         )
-        with _ordered_execution(), progress:  # cache rows in the order of the training rows
-            rows = ray.data.read_parquet(str(inputs["tokenize"] / split))
+        with ordered_execution(), progress:  # cache rows in the order of the training rows
+            rows = read_shards(inputs["tokenize"] / split)
             with_targets = rows.map_batches(
                 TeacherTargetWriter,
                 batch_format="numpy",
@@ -114,11 +115,10 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
                 num_cpus=resources.cpus_per_worker,
                 num_gpus=1 if resources.use_gpu else 0,
                 udf_modifying_row_count=False,
+                **ACTOR_POOL_OPTIONS,
             )
-            with_targets.write_parquet(
-                str(split_dir), min_rows_per_file=config.data.shard_rows, max_rows_per_file=config.data.shard_rows
-            )
-        split_shards = sorted(split_dir.glob("*.parquet"))
+            write_shards(with_targets, split_dir, config.data.shard_rows)
+        split_shards = shard_files(split_dir)
         written[split] = sum(pq.ParquetFile(shard).metadata.num_rows for shard in split_shards)
         if written[split] != tokenized["outputs"]["rows"][split]:
             raise RuntimeError(
@@ -222,16 +222,6 @@ def _cache_schema(layers: list[int], task: str) -> pa.Schema:
             ("teacher_logsumexp", pa.list_(pa.float32())),
         ]
     return pa.schema(list(ROW_SCHEMA) + [pa.field(name, kind) for name, kind in fields])
-
-
-@contextmanager
-def _ordered_execution():
-    options = ray.data.DataContext.get_current().execution_options
-    previous, options.preserve_order = options.preserve_order, True
-    try:
-        yield
-    finally:
-        options.preserve_order = previous
 
 
 def cache_identity(config: PipelineConfig, data_fingerprint: str) -> dict[str, Any]:

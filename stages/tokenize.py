@@ -2,7 +2,7 @@
 
 For each split (train, eval, score) Ray Data reads the source with its rows numbered, a pool of
 tokenizer actors turns them into training rows (``flexkd.data.tokenize_rows``) and
-``write_parquet`` writes them:
+``flexkd.data.shards.write_shards`` writes them, in row order:
 
     <output_dir>/<split>/*.parquet    rows in flexkd.data.ROW_SCHEMA, about data.shard_rows per file
 
@@ -39,9 +39,11 @@ import pyarrow.parquet as pq
 import ray
 from ray.exceptions import RayTaskError
 
+from flexkd.cluster.local import ACTOR_POOL_OPTIONS
 from flexkd.config.schema import ConfigError, DataConfig, DataSplit, PipelineConfig, TaskConfig
-from flexkd.data.numbered import numbered_dataset, ordered_execution
+from flexkd.data.numbered import numbered_dataset
 from flexkd.data.rows import ROW_SCHEMA, TRANSFER_SPLIT, tokenize_rows, verbalizer_token_ids
+from flexkd.data.shards import ordered_execution, shard_files, write_shards
 from flexkd.data.sources import RowRules
 from flexkd.data.splits import check_split, pipeline_splits, split_task
 from flexkd.errors import StageError
@@ -147,13 +149,10 @@ def _tokenize_and_write(
         # Half a CPU each: on a small machine the reader and the writer still get CPU.
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),
         num_cpus=0.5,
-        # Not restarted: an actor made from object-store arguments (Ray Data puts its map function
-        # there) and allowed restarts makes Ray print an error-looking core_worker line on every
-        # run. Tokenizing is cheap: a lost actor fails the stage, and a rerun redoes it.
-        max_restarts=0,
+        **ACTOR_POOL_OPTIONS,
     )
     try:
-        tokenized.write_parquet(str(split_dir), min_rows_per_file=data.shard_rows, max_rows_per_file=data.shard_rows)
+        write_shards(tokenized, split_dir, data.shard_rows)
     except Exception as error:  # e.g. a label outside the label set, raised in a tokenizer actor
         raise StageError(f"tokenize: data.{split} ({source.path}): {_root_message(error)}") from error
 
@@ -184,7 +183,7 @@ def _link_or_copy(source: str, target: str) -> None:
 def _count_rows_and_tokens(split_dir: Path) -> tuple[int, int]:
     """Rows and tokens written, read back from the shards one record batch at a time."""
     rows = tokens = 0
-    for file in sorted(split_dir.glob("*.parquet")):
+    for file in shard_files(split_dir):
         shard = pq.ParquetFile(file)
         rows += shard.metadata.num_rows
         for batch in shard.iter_batches(columns=["input_ids"]):

@@ -20,6 +20,7 @@ from test_tune import sweep_file
 from flexkd.config.schema import ConfigError, LossConfig, load_config, parse_config
 from flexkd.data.directions_files import directions_file, read_directions, write_directions
 from flexkd.data.rows import collate_batch
+from flexkd.data.shards import shard_files
 from flexkd.data.teacher_targets import cached_teacher_outputs, online_teacher_outputs
 from flexkd.method.directions import auto_k
 from flexkd.method.layers import forward_with_hidden_states
@@ -81,7 +82,8 @@ AUTO_DIRECTIONS = {"selection.method": "directions", "selection.k": "auto", "sel
 
 
 def test_debug_pipeline_distills_auto_k_directions_from_the_cache(tmp_path, local_ray):
-    config = debug_config(tmp_path, **AUTO_DIRECTIONS, **{"training.teacher": "cache"})
+    # Shards of 40 rows: the 128 training rows in several files, whose order must survive.
+    config = debug_config(tmp_path, **AUTO_DIRECTIONS, **{"training.teacher": "cache", "data.shard_rows": 40})
     result = run_pipeline(config, stages=("tokenize", "score", "targets", "distill"))
 
     score = result.stages["score"]
@@ -106,12 +108,14 @@ def test_debug_pipeline_distills_auto_k_directions_from_the_cache(tmp_path, loca
     assert logged["directions.layer_4.k"] == ks[4] and "directions.layer_2.energy_units" in logged
 
     targets = result.stages["targets"].directory
+    # The cache lists the training rows in their order, so a cached run sees the online run's batches.
+    assert _example_ids(targets / "train") == _example_ids(result.stages["tokenize"].directory / "train")
     info = json.loads((targets / "targets.json").read_text())
     assert info["directions"] and info["k_max"] == max(ks.values())  # no more coordinates than a layer takes
     assert info["units"] == {str(layer): max(ks.values()) for layer in ks}
     assert directions_file(targets, 4).is_file()  # the cache keeps the directions it was made with
     # The stored coordinates are the live teacher's projection, as the online step computes it.
-    rows = pq.read_table(sorted((targets / "train").glob("*.parquet"))[0]).slice(0, 16).to_pydict()
+    rows = pq.read_table(shard_files(targets / "train")[0]).slice(0, 16).to_pydict()
     rows = {name: [np.asarray(value) for value in values] for name, values in rows.items()}
     tokenized = json.loads((result.stages["tokenize"].directory / "manifest.json").read_text())["outputs"]
     batch = collate_batch(rows, tokenized["pad_token_id"])
@@ -127,6 +131,10 @@ def test_debug_pipeline_distills_auto_k_directions_from_the_cache(tmp_path, loca
     metrics = json.loads((result.stages["distill"].directory / "metrics.json").read_text())
     assert all(math.isfinite(metrics[name]) for name in ("total", "task", "logit", "feature"))
     assert metrics["feature"] > 0
+
+
+def _example_ids(split_dir) -> list[int]:
+    return [i for shard in shard_files(split_dir) for i in pq.read_table(shard).column("example_id").to_pylist()]
 
 
 @pytest.mark.integration  # two distill runs and a targets run: about 3 min

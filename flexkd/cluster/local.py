@@ -24,6 +24,11 @@ from flexkd.testing import faults
 log = logging.getLogger("flexkd")
 
 RAY_CONNECT_TIMEOUT_S = 5.0
+# The options of every Ray Data actor pool a stage starts (tokenize, generate, targets). Not
+# restarted: an actor made from object-store arguments (Ray Data puts its map function there) and
+# allowed restarts makes Ray print an error-looking core_worker line on every run. A lost actor
+# fails its stage; a rerun redoes that stage only, since the stages before it are cached.
+ACTOR_POOL_OPTIONS: dict[str, Any] = {"max_restarts": 0}
 # Ray's switch for local-only clusters on macOS and Windows: while it is "0", Ray takes the
 # loopback address as this node's IP instead of the address of the default route.
 _RAY_LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"

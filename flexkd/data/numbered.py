@@ -12,8 +12,6 @@ starts at 0). A retried read task starts its file again, so ids are exact on eve
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import ray
@@ -26,25 +24,13 @@ from flexkd.data.sources import BatchReader, RowRules, batch_readers, read_check
 
 def numbered_dataset(source: DataSplit, rules: RowRules) -> ray.data.Dataset:
     """The split's good rows (``rules``' columns and example_id), up to its limit; ``limit``
-    keeps the *first* rows when read inside ``ordered_execution``. Raises DataError for a
+    keeps the *first* rows when read inside ``flexkd.data.shards.ordered_execution``. Raises DataError for a
     missing, empty or unsupported source."""
     pieces = batch_readers(source.path)
     # One block stream per piece: Ray Data would otherwise cut a small file into ~200 blocks
     # of a few rows each, and per-block overhead would dominate the stage.
     dataset = ray.data.read_datasource(NumberedSource(pieces, rules), override_num_blocks=len(pieces))
     return dataset if source.limit is None else dataset.limit(source.limit)
-
-
-@contextmanager
-def ordered_execution() -> Iterator[None]:
-    """Datasets made inside keep rows in source order (each Dataset snapshots this setting)."""
-    options = ray.data.DataContext.get_current().execution_options
-    previous = options.preserve_order
-    options.preserve_order = True
-    try:
-        yield
-    finally:
-        options.preserve_order = previous
 
 
 class NumberedSource(Datasource):

@@ -17,6 +17,7 @@ from rouge_score.rouge_scorer import RougeScorer
 
 from flexkd.config.schema import PipelineConfig
 from flexkd.data.rows import collate_batch
+from flexkd.data.shards import shard_files
 from flexkd.method.objective import class_logits, scored_positions
 from flexkd.progress import Progress
 
@@ -26,7 +27,7 @@ TOKEN_COLUMNS = ("example_id", "input_ids", "labels", "prompt_length", "class_la
 
 def read_eval_rows(eval_dir: Path) -> pa.Table:
     """All eval rows, shard by shard in file-name order (the eval split is small)."""
-    shards = sorted(eval_dir.glob("*.parquet"))
+    shards = shard_files(eval_dir)
     if not shards:
         raise FileNotFoundError(f"{eval_dir}: no eval parquet shards")
     table = pa.concat_tables([pq.read_table(shard) for shard in shards])

@@ -50,6 +50,7 @@ from flexkd.config.schema import (
     parse_config,
     stable_hash,
 )
+from flexkd.data.shards import ordered_execution, read_shards
 from flexkd.errors import StageError
 from flexkd.evaluation.periodic import EVAL_METRICS
 from flexkd.method.registry import reads_whole_hidden
@@ -189,12 +190,11 @@ def run_sweep(config: PipelineConfig, pipeline_file: Path, teacher: str = "cache
     inputs = {key: _prepare(parse_config(raw), teacher) for key, raw in plan.prepare.items()}
     # Read once, here, for every trial: trials that each start a Ray Data read at the same time
     # can starve each other of the CPUs a small cluster has left beside their Train workers.
-    rows = {
-        key: ray.data.read_parquet(
-            str(Path(dirs["targets" if teacher == "cache" else "tokenize"]) / "train")
-        ).materialize()
-        for key, dirs in inputs.items()
-    }
+    with ordered_execution():
+        rows = {
+            key: read_shards(Path(dirs["targets" if teacher == "cache" else "tokenize"]) / "train").materialize()
+            for key, dirs in inputs.items()
+        }
     storage = Path(config.tune.storage_path or Path(config.artifact_root) / config.name / "tune")
     experiment_dir = storage / plan.name
     experiment_dir.mkdir(parents=True, exist_ok=True)
