@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from flexkd.config.schema import apply_overrides, load_config, parse_config
+from flexkd.models.plan import load_pipeline_tokenizer, load_teacher
 from flexkd.pipeline.runner import pipeline_stages, planned_fingerprint, read_manifest, run_pipeline, write_manifest
 from flexkd.pipeline.stages import STAGES
 
@@ -48,6 +49,49 @@ def test_a_data_file_changed_in_place_changes_every_stage_fingerprint(tmp_path):
     _edit_first_row(train)
     after = {stage: planned_fingerprint(config, stage) for stage in pipeline_stages(config)}
     assert all(before[stage] != after[stage] for stage in before), (before, after)
+
+
+def test_an_unlabeled_transfer_file_changed_in_place_changes_every_stage_fingerprint(tmp_path):
+    transfer = tmp_path / "unlabeled.jsonl"
+    shutil.copy(SAMPLES / "sst2_train.jsonl", transfer)
+    config = parse_config(
+        apply_overrides(
+            _debug_config(tmp_path, _copy_train(tmp_path)).model_dump(mode="json"),
+            {"data.transfer": {"path": str(transfer)}},
+        )
+    )
+    before = {stage: planned_fingerprint(config, stage) for stage in pipeline_stages(config)}
+    _edit_first_row(transfer)
+    after = {stage: planned_fingerprint(config, stage) for stage in pipeline_stages(config)}
+    assert all(before[stage] != after[stage] for stage in before), (before, after)
+
+
+def test_a_teacher_folder_or_tokenizer_changed_at_the_same_path_changes_every_stage_fingerprint(tmp_path):
+    """A new teacher release written over the old folder, or a retrained tokenizer, is a new input."""
+    debug = _debug_config(tmp_path, _copy_train(tmp_path))
+    folder, tokenizer_dir = tmp_path / "teacher", tmp_path / "tokenizer"
+    load_teacher(debug).save_pretrained(folder)
+    load_pipeline_tokenizer(debug).save_pretrained(tokenizer_dir)
+    config = parse_config(
+        apply_overrides(
+            debug.model_dump(mode="json"),
+            {"teacher": {"source": "hf", "path": str(folder), "tokenizer": str(tokenizer_dir), "architecture": None}},
+        )
+    )
+    stages = pipeline_stages(config)
+    first = {stage: planned_fingerprint(config, stage) for stage in stages}
+
+    weights = folder / "model.safetensors"
+    damaged = bytearray(weights.read_bytes())
+    damaged[-1] ^= 0xFF  # one weight's byte: same size, same path
+    weights.write_bytes(bytes(damaged))
+    second = {stage: planned_fingerprint(config, stage) for stage in stages}
+    assert all(first[stage] != second[stage] for stage in stages), (first, second)
+
+    vocabulary = tokenizer_dir / "tokenizer.json"
+    vocabulary.write_text(vocabulary.read_text().replace('"<|im_end|>"', '"<|im_stop|>"', 1))
+    third = {stage: planned_fingerprint(config, stage) for stage in stages}
+    assert all(second[stage] != third[stage] for stage in stages), (second, third)
 
 
 def test_a_touched_but_unchanged_file_keeps_its_fingerprint_and_is_hashed_again(tmp_path):

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from flexkd.config.schema import ConfigError, apply_overrides, load_config, parse_config
 from flexkd.data.rows import prompt_token_ids
 from flexkd.data.splits import GENERATED_TRAIN_FILE, check_data
+from flexkd.errors import StageError
 from flexkd.evaluation.metrics import distinct_n, fluency_scores, is_one_repeated_ngram
 from flexkd.models.plan import load_pipeline_tokenizer, load_teacher
 from flexkd.pipeline.runner import pipeline_stages, planned_fingerprint, run_pipeline
@@ -212,6 +213,27 @@ def test_blank_responses_are_left_out_and_a_kept_reference_stays(tmp_path):
         ("C", "data"),
         ("z", "teacher"),
     ]
+
+
+def test_a_teacher_whose_every_response_is_blank_stops_the_stage_in_one_line(tmp_path, local_ray):
+    """A teacher with a zeroed final norm gives all-zero logits, so greedy decoding picks token 0
+    (<|endoftext|>, a special token) at every step: every response decodes to blank text."""
+    random = generation_debug(tmp_path)
+    teacher = load_teacher(random)
+    with torch.no_grad():
+        teacher.model.norm.weight.zero_()
+    teacher.save_pretrained(tmp_path / "mute-teacher")
+    load_pipeline_tokenizer(random).save_pretrained(tmp_path / "mute-teacher")
+    config = generation_debug(
+        tmp_path, **{"teacher": {"source": "hf", "path": str(tmp_path / "mute-teacher"), "architecture": None}}
+    )
+    with pytest.raises(StageError) as raised:
+        run_pipeline(config, stages=("generate",))
+    message = str(raised.value)
+    assert message == (
+        "generate: the teacher's responses to all 24 prompts of data.train are blank; nothing is left to train on"
+    )
+    assert not [path for path in tmp_path.rglob("manifest.json") if "generate" in path.parts]  # not done: reruns
 
 
 def test_sampled_responses_are_seeded_per_batch(tmp_path):

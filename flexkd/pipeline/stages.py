@@ -91,7 +91,7 @@ STAGES: tuple[StageSpec, ...] = (
         inputs=("generate",),
         config_sections=("teacher", "data", "task"),
         ignored_fields={"teacher": ADAPTATION | COMPETENCE},
-        files=(*TEACHER_FILES, "data.train.path", "data.eval.path", "data.score.path"),
+        files=(*TEACHER_FILES, "data.train.path", "data.eval.path", "data.score.path", "data.transfer.path"),
     ),
     # Every stage that loads the teacher reads adapt (when enabled), so it runs with the adapted one.
     StageSpec(
