@@ -523,6 +523,23 @@ def test_run_refuses_bad_data_before_ray_starts(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_real_flexkd_validate_process_prints_one_line_for_a_missing_data_file(tmp_path):
+    """In a process of its own, as a user runs it: the in-process tests above share pytest's
+    logging and imports, so they could miss a line a fresh process prints (a warning at import)."""
+    missing = tmp_path / "nowhere.jsonl"
+    pipeline = pipeline_file(tmp_path, **{"data.train": {"path": str(missing)}})
+    done = subprocess.run(
+        [sys.executable, "-m", "flexkd.cli", "validate", str(pipeline)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONWARNINGS": "default"},
+    )
+    assert done.returncode != 0
+    assert done.stderr.splitlines() == [f"flexkd: data error: data.train ({missing}): file not found"], done.stderr
+
+
 DEBUG_TEXT = (PIPELINES / "debug.yaml").read_text()
 SCORING_LINE = DEBUG_TEXT.splitlines().index("scoring: {score: grad, batch_size: 16}") + 1
 LOSS_LINE = next(number for number, line in enumerate(DEBUG_TEXT.splitlines(), 1) if line.startswith("loss:"))

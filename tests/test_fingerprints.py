@@ -138,6 +138,40 @@ def test_a_truncated_manifest_means_not_done_with_a_warning_naming_it(tmp_path, 
     assert str(manifest) in caplog.text and "runs again" in caplog.text
 
 
+def test_a_truncated_stage_manifest_reruns_that_stage_with_one_warning(tmp_path, local_ray, caplog):
+    config = _debug_config(tmp_path, _copy_train(tmp_path))
+    first = run_pipeline(config, stages=("tokenize",)).stages["tokenize"]
+    manifest = first.directory / "manifest.json"
+    manifest.write_text(manifest.read_text()[:40])  # a crash or a full disk mid-write
+    with caplog.at_level(logging.WARNING, logger="flexkd"):
+        again = run_pipeline(config, stages=("tokenize",)).stages["tokenize"]
+    assert not again.cached and again.directory == first.directory
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert [line for line in warnings if str(manifest) in line] == [
+        next(line for line in warnings if line.startswith(f"{manifest} does not parse ("))
+    ]
+    assert read_manifest(first.directory)["done"]  # whole again
+
+
+def test_a_manifest_is_synced_before_its_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """The order that makes a crash leave the old manifest or the new one, never a torn one."""
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(descriptor):
+        calls.append("fsync folder" if os.path.isdir(f"/proc/self/fd/{descriptor}") else "fsync file")
+        real_fsync(descriptor)
+
+    def replace(source, target):
+        calls.append(f"rename {Path(source).parent == Path(target).parent}")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write_manifest(tmp_path, {"done": True, "outputs": {}})
+    assert calls == ["fsync file", "rename True", "fsync folder"]
+
+
 def test_write_manifest_replaces_the_old_one_whole_and_leaves_no_temporary(tmp_path):
     write_manifest(tmp_path, {"done": True, "outputs": {"n": 1}})
     write_manifest(tmp_path, {"done": True, "outputs": {"n": 2}})
