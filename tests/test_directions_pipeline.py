@@ -81,7 +81,7 @@ def test_cached_coordinates_give_the_online_loss_with_a_k_per_layer(tmp_path):
 AUTO_DIRECTIONS = {"selection.method": "directions", "selection.k": "auto", "selection.energy": 0.95}
 
 
-def test_debug_pipeline_distills_auto_k_directions_from_the_cache(tmp_path, local_ray):
+def test_debug_pipeline_distills_auto_k_directions_from_the_cache(tmp_path, local_ray, capfd):
     # Shards of 40 rows: the 128 training rows in several files, whose order must survive.
     config = debug_config(tmp_path, **AUTO_DIRECTIONS, **{"training.teacher": "cache", "data.shard_rows": 40})
     result = run_pipeline(config, stages=("tokenize", "score", "targets", "distill"))
@@ -107,6 +107,11 @@ def test_debug_pipeline_distills_auto_k_directions_from_the_cache(tmp_path, loca
     logged = client.get_run(score.run_id).data.metrics
     assert logged["directions.layer_4.k"] == ks[4] and "directions.layer_2.energy_units" in logged
 
+    # The targets stage's Ray Data actors (like tokenize's) must not make the driver print Ray's
+    # error-looking core_worker line for a restartable actor made from object-store arguments. (Ray
+    # Train's PreemptionWatcher prints it too, in a worker, where the CLI's log filter drops it.)
+    driver_lines = capfd.readouterr().err.splitlines()
+    assert not [line for line in driver_lines if "MapWorker" in line and "constructor arguments" in line]
     targets = result.stages["targets"].directory
     # The cache lists the training rows in their order, so a cached run sees the online run's batches.
     assert _example_ids(targets / "train") == _example_ids(result.stages["tokenize"].directory / "train")
