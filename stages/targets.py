@@ -33,7 +33,6 @@ from typing import Any
 import mlflow
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import torch
 
@@ -117,14 +116,12 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
                 udf_modifying_row_count=False,
                 **ACTOR_POOL_OPTIONS,
             )
-            write_shards(with_targets, split_dir, config.data.shard_rows)
-        split_shards = shard_files(split_dir)
-        written[split] = sum(pq.ParquetFile(shard).metadata.num_rows for shard in split_shards)
+            written[split] = write_shards(with_targets, split_dir, config.data.shard_rows)
         if written[split] != tokenized["outputs"]["rows"][split]:
             raise RuntimeError(
                 f"wrote {written[split]} cache rows for {tokenized['outputs']['rows'][split]} {split} rows"
             )
-        shards += split_shards
+        shards += shard_files(split_dir)
     if directions:
         shutil.rmtree(output_dir / DIRECTIONS_DIR, ignore_errors=True)
         shutil.copytree(inputs["score"] / DIRECTIONS_DIR, output_dir / DIRECTIONS_DIR)
