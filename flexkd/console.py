@@ -5,6 +5,8 @@
   Data's actors, whatever their arguments. Lines a Ray worker prints reach the driver through Ray's
   log monitor, which skips lines matching RAY_DEDUP_LOGS_SKIP_REGEX; they stay in the worker's
   log file (``/tmp/ray/session_latest/logs/worker-*.err``).
+* The raylet's warning that more Python workers started than its expected startup concurrency
+  (2 on 2 CPUs): every pipeline starts Ray Data and Ray Train actors beside its tasks.
 * DeprecationWarning and FutureWarning raised inside the libraries, e.g. Ray Train's
   ``DataConfig.default_ingest_options()`` setting the deprecated
   ``ExecutionOptions.exclude_resources`` (a RayDeprecationWarning in the driver and in Ray
@@ -22,8 +24,14 @@ from __future__ import annotations
 import os
 import warnings
 
-# Matched with re.search against each line a Ray worker prints.
-HARMLESS_RAY_LINES = r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store"
+# Matched with re.search against each line a Ray worker or raylet prints.
+HARMLESS_RAY_LINES = "|".join(
+    (
+        r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store",
+        # A pipeline's Ray Data and Ray Train actors outnumber 2 CPUs' "expected startup concurrency".
+        r"WARNING: \d+ PYTHON worker processes have been started on node",
+    )
+)
 HIDDEN_WARNINGS = (DeprecationWarning, FutureWarning)
 WORKER_PYTHONWARNINGS = ",".join(f"ignore::{category.__name__}" for category in HIDDEN_WARNINGS)
 

@@ -66,6 +66,7 @@ from flexkd.models.plan import (
     load_teacher,
     teacher_name,
 )
+from flexkd.progress import Progress, progress_bars_wanted
 from flexkd.tracking.model_registry import log_student
 
 HISTORY = "history.json"
@@ -81,6 +82,7 @@ class AdaptLoop:
     pad_token_id: int
     verbalizer_ids: list[int] | None
     output_dir: Path
+    progress_bars: bool  # the driver's output is a terminal (flexkd.progress)
 
 
 def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> dict[str, Any]:
@@ -101,6 +103,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
         pad_token_id=tokenized["pad_token_id"],
         verbalizer_ids=tokenized["verbalizer_ids"],
         output_dir=output_dir,
+        progress_bars=progress_bars_wanted(),
     )
     run_workers(
         "adapt",
@@ -278,6 +281,12 @@ def adapt_teacher(loop: AdaptLoop) -> None:
     measurements = [measure(0, 0)]
     kept, kept_state = measurements[0], _full_state(model)
     step = 0
+    # An epoch of a few thousand rows takes minutes on a CPU: a line at least every 30 s meanwhile.
+    progress = (
+        Progress("adapt", total_steps, terminal=loop.progress_bars, unit="steps")
+        if distributed.is_main_process()
+        else None
+    )
     for epoch in count(1):
         order = np.random.default_rng(np.random.SeedSequence([settings.seed, epoch])).permutation(train_rows)
         for start in range(0, steps_per_epoch * settings.batch_size, settings.batch_size):
@@ -292,6 +301,8 @@ def adapt_teacher(loop: AdaptLoop) -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if progress is not None:
+                progress.update(1)
         measurements.append(measure(step, epoch))
         if score(measurements[-1]) > score(kept):  # every rank decides alike: the metrics are all-reduced
             kept, kept_state = measurements[-1], _full_state(model)
@@ -300,6 +311,7 @@ def adapt_teacher(loop: AdaptLoop) -> None:
 
     if not distributed.is_main_process():
         return
+    progress.close()
     output_dir = loop.output_dir
     teacher = trainable_teacher(config)
     teacher.load_state_dict(kept_state)

@@ -94,14 +94,17 @@ def _adapt_in_process(config, tmp_path: Path) -> dict:
         pad_token_id=tokenizer.pad_token_id,
         verbalizer_ids=verbalizer_token_ids(tokenizer, config.task.label_names),
         output_dir=tmp_path,
+        progress_bars=False,
     )
     adapt_teacher(loop)
     return json.loads((tmp_path / HISTORY).read_text())
 
 
-def test_the_adapted_teacher_beats_the_random_one_on_its_held_out_rows(tmp_path):
+def test_the_adapted_teacher_beats_the_random_one_on_its_held_out_rows(tmp_path, capfd):
     config = debug_config(tmp_path, **{"teacher.adapt": ADAPT})
     history = _adapt_in_process(config, tmp_path)
+    # Off a terminal the steps show as progress lines (one at least where the loop ended).
+    assert "adapt: 32/32 steps (100%)" in capfd.readouterr().out
     before, kept = history["measurements"][0], history["kept"]
     assert history["steps"] == 4 * (128 // 16) and len(history["measurements"]) == 5
     assert kept["accuracy"] >= before["accuracy"] + 0.2 and kept["epoch"] >= 1, history

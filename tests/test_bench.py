@@ -750,7 +750,7 @@ def test_generation_page_shows_the_first_output_of_each_model_on_each_set(tmp_pa
 
 
 def test_the_regime_page_shows_its_command_table_and_every_comparison_with_its_statistics(tmp_path):
-    from benchmarks.quality import plot_quality, quality_markdown
+    from benchmarks.quality import TEACHER_ADAPT, plot_quality, quality_markdown
 
     runs = [
         {
@@ -767,14 +767,13 @@ def test_the_regime_page_shows_its_command_table_and_every_comparison_with_its_s
         for seed in range(5)
     ]
     teacher = {
-        "train_rows": 3000,
-        "l2": 0.01,
-        "top_layers": 4,
-        "epochs": [{"epoch": 1, "held_out_accuracy": 0.85, "kept": True}],
-        "held_out_rows": 300,
-        "zero_shot_held_out_accuracy": 0.78,
-        "probe_held_out_accuracy": {"0.01": 0.81},
-        "held_out_accuracy": 0.85,
+        "train_rows": 2700,
+        "heldout_rows": 300,
+        "steps": 252,
+        "kept_epoch": 2,
+        "heldout_before": {"accuracy": 0.553, "loss": 0.9},
+        "heldout_after": {"accuracy": 0.85, "loss": 0.35},
+        "settings": TEACHER_ADAPT,
         "seconds": 176.0,
     }
     settings = QualitySettings.for_regime("low-label")
@@ -797,6 +796,9 @@ def test_the_regime_page_shows_its_command_table_and_every_comparison_with_its_s
     page = quality_markdown(results)
     assert page.startswith("## Quality: SST-2 classification, regime `low-label`")
     assert "Command: `flexkd bench quality --regime low-label`" in page
+    assert "through the pipeline's adapt stage (`teacher.adapt`: the top 4 blocks, the final norm" in page
+    assert "252 steps over 3 epochs of 2700 SST-2 training sentences" in page
+    assert "55.30% before and 85.00% after, kept epoch 2" in page
     assert "first 256 training sentences are labeled; the next 744" in page and "8 labeled and 24 unlabeled" in page
     assert "8->1, 15->2, 23->3, 30->4" in page and "120 distill steps" in page
     assert "| kd+projector | 72.00 ± 1.58 (n=5) | 70.00, 71.00, 72.00, 73.00, 74.00 | 444,672 | 80 |" in page

@@ -15,6 +15,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 README = REPO_ROOT / "clusters" / "README.md"
+ENV_SH = REPO_ROOT / "clusters" / "local" / "env.sh"
 
 
 def readme_local_commands() -> str:
@@ -23,9 +24,26 @@ def readme_local_commands() -> str:
     return re.search(r"```bash\n(.*?)```", section, re.DOTALL).group(1)
 
 
+def local_default_ports() -> dict[str, int]:
+    """Every port clusters/local/env.sh uses when nothing overrides it, agents included."""
+    pattern = re.compile(r"^(\w+_PORT)=\$\{\1:-(\d+)\}", re.MULTILINE)
+    return {name: int(port) for name, port in pattern.findall(ENV_SH.read_text())}
+
+
 def _port_in_use(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_every_default_port_is_read_from_env_sh():
+    assert set(local_default_ports()) == {
+        "RAY_PORT",
+        "DASHBOARD_PORT",
+        "CLIENT_PORT",
+        "HEAD_AGENT_PORT",
+        "WORKER_AGENT_PORT",
+        "MLFLOW_PORT",
+    }
 
 
 def test_the_readme_block_starts_the_cluster_submits_and_stops():
@@ -36,8 +54,9 @@ def test_the_readme_block_starts_the_cluster_submits_and_stops():
 
 @pytest.mark.slow
 def test_the_readme_commands_run_as_written_with_the_default_ports(tmp_path):
-    busy = [port for port in (6390, 8266, 10001, 5000) if _port_in_use(port)]
+    busy = {name: port for name, port in local_default_ports().items() if _port_in_use(port)}
     if busy:
+        # Not a pass: the summary line shows the skip and the ports that blocked it.
         pytest.skip(f"the README's default ports are taken on this machine: {busy}")
     # The README activates .venv; the test's own interpreter is that environment.
     script = readme_local_commands().replace(

@@ -20,6 +20,10 @@ HARMLESS_LINE = (
     "max_restarts > 0. If the arguments in the object store go out of scope or are lost, the actor restart "
     "will fail. See https://github.com/ray-project/ray/issues/53727 for more details."
 )
+RAYLET_LINE = (
+    "WARNING: 8 PYTHON worker processes have been started on node: 2b0f02985976 with address: 127.0.0.1, "
+    "which is 4x the maximum expected startup concurrency (2)."
+)
 REAL_LINE = "[2026-12-06 07:48:49,335 E 6027 6060] core_worker.cc:812: The actor died unexpectedly"
 
 
@@ -93,7 +97,8 @@ def test_rays_log_monitor_skips_the_harmless_lines_only():
         "console.quiet()\n"
         "from ray._private.ray_logging import stdout_deduplicator\n"
         f"batch = {{'ip': '127.0.0.1', 'pid': 1, 'lines': [{HARMLESS_LINE!r}, {REAL_LINE!r}]}}\n"
-        "print([line for out in stdout_deduplicator.deduplicate(batch) for line in out['lines']])\n"
+        f"raylet = {{'ip': '127.0.0.1', 'pid': 'raylet', 'lines': [{RAYLET_LINE!r}]}}\n"
+        "print([line for b in (batch, raylet) for out in stdout_deduplicator.deduplicate(b) for line in out['lines']])\n"
     )
     result = _python(code)
     assert result.returncode == 0, result.stderr
