@@ -12,6 +12,7 @@ import yaml
 
 from benchmarks.page import write_results_page
 from flexkd.cli import build_parser
+from flexkd.pipeline.stages import STAGE_NAMES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 README = REPO_ROOT / "README.md"
@@ -83,6 +84,7 @@ def test_the_readme_shows_every_subcommand_and_the_test_command():
     [subcommands] = [action for action in parser._actions if action.dest == "command"]
     cli = _section(README.read_text(), "The CLI")
     assert [name for name in subcommands.choices if f"flexkd {name} " not in cli] == []
+    assert " ".join(STAGE_NAMES) in cli  # what --stages and --force take, in the order they run
     assert "make test " in _section(README.read_text(), "The two commands")  # CI's .ci/run calls it
 
 
