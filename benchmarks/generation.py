@@ -9,13 +9,18 @@ students, through the real pipeline.
     eval      SAMSum (200 dialogues) and Self-Instruct (252 user-oriented tasks) in one eval split
               (benchmarks/results keeps which row is which); greedy decoding, ROUGE-L F1 x100 per
               set, computed from the evaluate stage's own predictions of every row
-    methods   kd, kd+projector, kd+projector_std, kd+flexkd on the final hidden states (layer_map last; cached
-              teacher targets, full width), the same steps, learning rate, data and seed for all.
-              kd+flexkd is Flex-KD's correlation loss between each of the student's 384 units and
-              the teacher unit it was cut from (the pruned student's ``selection: identity``).
-              Which teacher units those are was decided by the pruning (|grad x activation|
-              summed over every block), not by Flex-KD's ranking at the mapped layer, and with
-              k = 384 = the student's width nothing further is selected.
+    methods   kd, kd+projector, kd+projector_std, kd+flexkd and kd+flexkd-dir on the final hidden
+              states (layer_map last; cached teacher targets), the same steps, learning rate, data
+              and seeds for all. kd+flexkd is Flex-KD's correlation loss between each of the
+              student's 384 units and one of the teacher's 384 most important units at that layer
+              (``selection: importance``, the pairing the method learns, not the pruned student's
+              default ``identity``); kd+flexkd-dir pairs them with the teacher's coordinates on its
+              top 384 task-gradient directions (``selection: directions``, a cache of its own).
+    fluency   a student's comparison counts only if its outputs pass a bar (FLUENCY_BAR):
+              distinct-2 >= 0.5, no output one repeated n-gram, SAMSum ROUGE-L >= half the teacher's
+    judged    per eval set, kd+flexkd(-dir) against kd and both projectors: the paired (same seed)
+              difference of ROUGE-L, its mean and std, and a 95% bootstrap interval of the mean
+              (benchmarks.stats)
     baseline  the pruned student before any distillation, scored by the same evaluation code
 
 Writes benchmarks/results/generation.{json,md,png} and logs them to MLflow.
@@ -43,6 +48,7 @@ from benchmarks.common import (
     stage_seconds,
     write_results,
 )
+from benchmarks.stats import bootstrap_mean_interval, paired_differences, verdict_word
 
 log = logging.getLogger("flexkd")
 
@@ -52,11 +58,23 @@ METHODS: dict[str, dict[str, Any]] = {
     "kd+projector": {"loss.feature": "projector"},  # the paper's: MSE on the raw teacher features
     # MSE on per-unit standardized teacher features: "kd+projector" in results recorded before it had its own name.
     "kd+projector_std": {"loss.feature": "projector_std"},
+    # Flex-KD, units: selection.method importance for every method (pipeline_overrides).
     "kd+flexkd": {"loss.feature": "correlation"},
+    # Flex-KD, directions: the schema refuses directions with a full-width cache (their coordinates
+    # are not columns of it), so this method builds a cache of its own, and its own score stage.
+    "kd+flexkd-dir": {"loss.feature": "correlation", "selection.method": "directions", "targets.full_width": False},
 }
 PRUNED_START = "pruned, no distillation"
 EVAL_SETS = ("samsum", "self_instruct")
+EVAL_SET_NAMES = {"samsum": "SAMSum", "self_instruct": "Self-Instruct"}
 SHARED_STAGES = ("tokenize", "score", "targets")
+BASELINES = ("kd", "kd+projector", "kd+projector_std")
+COMPARISONS = tuple((a, b) for a in ("kd+flexkd", "kd+flexkd-dir") for b in BASELINES)
+# The fluency bar (issue 20): a student whose outputs fail it does not count in a comparison.
+MIN_DISTINCT_2 = 0.5
+MIN_SHARE_OF_TEACHER_SAMSUM = 0.5  # of the teacher's SAMSum ROUGE-L
+FIRST_OUTPUTS = 2  # outputs of each model shown per eval set
+FLUENCY_MEASURES = ("distinct_2", "repeated_ngram_outputs")  # the evaluate stage's metric names
 
 
 @dataclass(frozen=True)
@@ -168,6 +186,14 @@ def pipeline_overrides(settings: GenerationSettings, work_dir: Path, eval_path: 
         # The paper's default pairing (final hidden states) rather than the pruned student's every
         # block with its source: it keeps the full-width cache one layer deep (16 would take gigabytes).
         "layer_map": "last",
+        # The pairing Flex-KD learns: the teacher's most important units at that layer, not the pruned
+        # student's default ``identity`` (each unit with the one it was cut from, decided by the pruning).
+        # The schema allows it with the full-width cache the projectors need. Set for every method:
+        # only the correlation loss reads the selection (kd has no feature loss, the projectors read
+        # every unit in index order), so one score stage and one cache serve kd, both projectors and
+        # kd+flexkd. Risk worth watching: a pruned student's unit i is then held to a teacher unit
+        # other than the one its weights came from.
+        "selection.method": "importance",
         "training.steps": settings.steps,
         "training.batch_size": settings.batch_size,
         "training.learning_rate": settings.learning_rate,
@@ -214,12 +240,17 @@ def run_generation(
                         Path(result.stages["score"].directory),
                         sources,
                     )
-                    # Every method reuses these by fingerprint; an earlier invocation may have built them.
-                    shared = {
-                        stage: {"seconds": stage_seconds(result.stages[stage]), "reused": result.stages[stage].cached}
-                        for stage in SHARED_STAGES
-                    }
+                # Every method of one selection reuses these by fingerprint (directions have their own score
+                # and cache); an earlier invocation may have built them.
+                for stage in SHARED_STAGES:
+                    key = stage if stage == "tokenize" else f"{stage}/{config.selection.method}"
+                    if key not in shared:
+                        shared[key] = {
+                            "seconds": stage_seconds(result.stages[stage]),
+                            "reused": result.stages[stage].cached,
+                        }
                 distill, evaluate = result.stages["distill"], result.stages["evaluate"]
+                metrics = evaluate.outputs["metrics"]
                 predictions = read_predictions(evaluate.directory / "predictions.jsonl", sources)
                 scores = rouge_by_source(predictions, sources)
                 runs.append(
@@ -227,11 +258,12 @@ def run_generation(
                         "method": method,
                         "seed": seed,
                         "rougeL": scores,
-                        "rougeL_all": {
-                            role: evaluate.outputs["metrics"][f"{role}.rougeL"] for role in ("teacher", "student")
-                        },
-                        "perplexity": {
-                            role: evaluate.outputs["metrics"][f"{role}.perplexity"] for role in ("teacher", "student")
+                        "rougeL_all": {role: metrics[f"{role}.rougeL"] for role in ("teacher", "student")},
+                        "perplexity": {role: metrics[f"{role}.perplexity"] for role in ("teacher", "student")},
+                        # Over every eval row, both sets (flexkd.evaluation.metrics.fluency_scores).
+                        "fluency": {
+                            role: {name: metrics[f"{role}.{name}"] for name in FLUENCY_MEASURES}
+                            for role in ("teacher", "student")
                         },
                         "extra_trainable_parameters": distill.outputs["extra_trainable_parameters"],
                         "student_parameters": distill.outputs["student_parameters"],
@@ -258,6 +290,7 @@ def run_generation(
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     results["table"] = table(runs, pruned_start)
+    results["comparisons"] = compare(runs)
     results["headline"] = {
         f"rougeL.{name}.{role}": row[role]
         for name, row in results["table"].items()
@@ -273,7 +306,7 @@ def evaluate_pruned_start(config, tokenize_dir: Path, score_dir: Path, sources: 
     evaluate stage's own code on every eval row: what distillation has to improve on."""
     import torch
 
-    from flexkd.evaluation.metrics import generate_and_score, read_eval_rows
+    from flexkd.evaluation.metrics import fluency_scores, generate_and_score, read_eval_rows
     from flexkd.models.loading import load_model, parameter_count
     from flexkd.models.plan import PRUNED_STUDENT_DIR, load_pipeline_tokenizer
 
@@ -294,9 +327,13 @@ def evaluate_pruned_start(config, tokenize_dir: Path, score_dir: Path, sources: 
         "rougeL": by_source,
         "rougeL_all": scores["rougeL"],
         "perplexity": scores["perplexity"],
+        "fluency": fluency_scores(outputs),
         "parameters": parameter_count(model),
         "seconds": round(time.time() - started, 1),
-        "first_outputs": {source: outputs[row_sources.index(source)] for source in EVAL_SETS},
+        "first_outputs": {
+            source: [output for output, row_source in zip(outputs, row_sources) if row_source == source][:FIRST_OUTPUTS]
+            for source in EVAL_SETS
+        },
     }
 
 
@@ -308,12 +345,16 @@ def read_predictions(predictions_file: Path, sources: list[str]) -> list[dict[st
     return rows
 
 
-def first_outputs(rows: list[dict[str, Any]], sources: list[str]) -> dict[str, dict[str, str]]:
-    """The first prediction of each eval set: reference, teacher and student, to read beside the scores."""
-    first = {}
+def first_outputs(
+    rows: list[dict[str, Any]], sources: list[str], count: int = FIRST_OUTPUTS
+) -> dict[str, list[dict[str, str]]]:
+    """The first ``count`` predictions of each eval set: reference, teacher and student, to read
+    beside the scores."""
+    first: dict[str, list[dict[str, str]]] = {}
     for row in rows:
-        source = sources[row["example_id"]]
-        first.setdefault(source, {key: row[key] for key in ("reference", "teacher", "student")})
+        kept = first.setdefault(sources[row["example_id"]], [])
+        if len(kept) < count:
+            kept.append({key: row[key] for key in ("reference", "teacher", "student")})
     return first
 
 
@@ -341,8 +382,53 @@ def rouge_by_source(rows: list[dict[str, Any]], sources: list[str]) -> dict[str,
     }
 
 
+def fluency_failures(fluency: dict[str, float], samsum_rouge: float, teacher_samsum_rouge: float) -> list[str]:
+    """The parts of the fluency bar a model misses, in words; none: it passes. ``fluency``: the
+    evaluate stage's measures of its outputs (FLUENCY_MEASURES); ``samsum_rouge``: its ROUGE-L on
+    SAMSum, held against ``teacher_samsum_rouge``."""
+    failures = []
+    if fluency["distinct_2"] < MIN_DISTINCT_2:
+        failures.append(f"distinct-2 below {MIN_DISTINCT_2}")
+    if fluency["repeated_ngram_outputs"] > 0:
+        failures.append(f"{fluency['repeated_ngram_outputs']:.0f} outputs one repeated n-gram")
+    if samsum_rouge < MIN_SHARE_OF_TEACHER_SAMSUM * teacher_samsum_rouge:
+        failures.append("SAMSum ROUGE-L below half the teacher's")
+    return failures
+
+
+def _run_failures(run: dict[str, Any]) -> list[str]:
+    """The fluency bar's failures of one (method, seed) run's student."""
+    rouge = run["rougeL"]
+    return fluency_failures(run["fluency"]["student"], rouge["student"]["samsum"], rouge["teacher"]["samsum"])
+
+
+def fluency_rows(runs: list[dict[str, Any]], pruned_start: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Per model (the teacher, the pruned start, every method and seed): its fluency measures,
+    SAMSum ROUGE-L and the bar's failures."""
+    if not runs:
+        return []
+    teacher_samsum = runs[0]["rougeL"]["teacher"]["samsum"]
+    models = [("teacher", None, runs[0]["fluency"]["teacher"], teacher_samsum)]
+    if pruned_start:
+        models.append((PRUNED_START, None, pruned_start["fluency"], pruned_start["rougeL"]["samsum"]))
+    models += [
+        (run["method"], run["seed"], run["fluency"]["student"], run["rougeL"]["student"]["samsum"]) for run in runs
+    ]
+    return [
+        {
+            "model": name,
+            "seed": seed,
+            **{measure: fluency[measure] for measure in FLUENCY_MEASURES},
+            "samsum": samsum,
+            "failures": fluency_failures(fluency, samsum, teacher_samsum),
+        }
+        for name, seed, fluency, samsum in models
+    ]
+
+
 def table(runs: list[dict[str, Any]], pruned_start: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     rows: dict[str, dict[str, Any]] = {}
+    fluency = {(row["model"], row["seed"]): row for row in fluency_rows(runs, pruned_start)}
     teacher = runs[0]["rougeL"]["teacher"] if runs else {}
     rows["teacher"] = {
         **teacher,
@@ -350,6 +436,7 @@ def table(runs: list[dict[str, Any]], pruned_start: dict[str, Any] | None = None
         "extra_trainable_parameters": 0,
         "parameters": None,
         "perplexity": runs[0]["perplexity"]["teacher"] if runs else None,
+        "fluent_seeds": int(not fluency[("teacher", None)]["failures"]) if runs else 0,
     }
     if pruned_start:
         rows[PRUNED_START] = {
@@ -358,6 +445,7 @@ def table(runs: list[dict[str, Any]], pruned_start: dict[str, Any] | None = None
             "extra_trainable_parameters": 0,
             "parameters": pruned_start["parameters"],
             "perplexity": pruned_start["perplexity"],
+            "fluent_seeds": int(not fluency[(PRUNED_START, None)]["failures"]) if runs else 0,
         }
     for method in dict.fromkeys(run["method"] for run in runs):
         mine = [run for run in runs if run["method"] == method]
@@ -373,16 +461,107 @@ def table(runs: list[dict[str, Any]], pruned_start: dict[str, Any] | None = None
             "extra_trainable_parameters": mine[0]["extra_trainable_parameters"],
             "parameters": mine[0]["student_parameters"],
             "perplexity": mean_std([run["perplexity"]["student"] for run in mine])[0],
+            "fluent_seeds": sum(not fluency[(method, run["seed"])]["failures"] for run in mine),
         }
     return rows
 
 
+def compare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per eval set and comparison (A, B) of COMPARISONS that both ran: the paired (same seed)
+    differences of the students' ROUGE-L, their mean and std, a 95% bootstrap interval of the mean
+    and its verdict (from two seeds on: one seed gives neither), and the compared students that
+    fail the fluency bar (the comparison does not count while any does)."""
+    rouge = {
+        (run["method"], run["seed"], source): run["rougeL"]["student"][source] for run in runs for source in EVAL_SETS
+    }
+    failing = {(run["method"], run["seed"]) for run in runs if _run_failures(run)}
+    comparisons = []
+    for source in EVAL_SETS:
+        for a, b in COMPARISONS:
+            per_seed = [
+                {seed: value for (method, seed, where), value in rouge.items() if method == name and where == source}
+                for name in (a, b)
+            ]
+            paired = paired_differences(*reversed(per_seed))
+            if not paired:
+                continue
+            mean, std = mean_std(list(paired.values()))
+            interval = bootstrap_mean_interval(list(paired.values())) if len(paired) > 1 else None
+            comparisons.append(
+                {
+                    "eval_set": source,
+                    "a": a,
+                    "b": b,
+                    "seeds": len(paired),
+                    "paired_difference": {seed: round(value, 2) for seed, value in paired.items()},
+                    "paired_difference_mean": round(mean, 2),
+                    "paired_difference_std": round(std, 2),
+                    "ci95": [round(bound, 2) for bound in interval] if interval else None,
+                    "ci_excludes_zero": interval is not None and (interval[0] > 0 or interval[1] < 0),
+                    "a_wins_seeds": sum(value > 0 for value in paired.values()),
+                    "verdict": verdict_word(interval) if interval else None,
+                    "not_fluent": [
+                        f"{name} seed {seed}" for name in (a, b) for seed in paired if (name, seed) in failing
+                    ],
+                }
+            )
+    return comparisons
+
+
+def comparison_sentence(comparison: dict[str, Any]) -> str:
+    """One comparison in words: the verdict follows the 95% interval (beats / trails where it
+    excludes 0 on that side, ties otherwise), then the numbers behind it."""
+    a, b, seeds = comparison["a"], comparison["b"], comparison["seeds"]
+    where, mean = EVAL_SET_NAMES[comparison["eval_set"]], comparison["paired_difference_mean"]
+    if comparison["ci95"] is None:
+        sentence = (
+            f"**{where}: {a} against {b}, one seed**: difference {mean:+.2f} ROUGE-L points; one seed gives "
+            "no interval and no verdict"
+        )
+    else:
+        low, high = comparison["ci95"]
+        sentence = (
+            f"**{where}: {a} {comparison['verdict']} {b}**: paired difference {mean:+.2f} ± "
+            f"{comparison['paired_difference_std']:.2f} ROUGE-L points over {seeds} seeds, 95% bootstrap CI "
+            f"[{low:+.2f}, {high:+.2f}], which {'excludes' if comparison['ci_excludes_zero'] else 'includes'} 0; "
+            f"{a} ahead on {comparison['a_wins_seeds']} of {seeds} seeds"
+        )
+    if comparison["not_fluent"]:
+        sentence += f"; it does not count, since these fail the fluency bar: {', '.join(comparison['not_fluent'])}"
+    return sentence + "."
+
+
+def standing_sentence(comparisons: list[dict[str, Any]], eval_set: str, a: str) -> str | None:
+    """Whether ``a`` beats every baseline (kd and both projectors) on ``eval_set``, plainly; None
+    where ``a`` was not compared there."""
+    mine = {c["b"]: c for c in comparisons if c["eval_set"] == eval_set and c["a"] == a}
+    if not mine:
+        return None
+    where = EVAL_SET_NAMES[eval_set]
+    if any(c["verdict"] is None for c in mine.values()):
+        return f"On {where}, {a} ran one seed: no interval, so no verdict against {', '.join(mine)}."
+    missing = [b for b in BASELINES if b not in mine]
+    beats_all = not missing and all(c["verdict"] == "beats" for c in mine.values())
+    parts = [
+        f"{c['verdict']} {b} (CI {'excludes' if c['ci_excludes_zero'] else 'includes'} 0)" for b, c in mine.items()
+    ]
+    sentence = (
+        f"On {where}, {a} {'beats' if beats_all else 'does not beat'} every baseline "
+        f"({', '.join(BASELINES)}): it {', '.join(parts)}"
+    )
+    if missing:
+        sentence += f"; {', '.join(missing)} did not run"
+    if any(c["not_fluent"] for c in mine.values()):
+        sentence += "; not a finding while a compared student fails the fluency bar"
+    return sentence + "."
+
+
 def generation_markdown(results: dict[str, Any]) -> str:
-    settings, load = results["settings"], results["load"]
+    settings, load, command = results["settings"], results["load"], results["command"]
     lines = [
         "## Generation: SAMSum and Self-Instruct ROUGE-L",
         "",
-        f"Command: `{results['command']}` (finished {results['finished_at']}, wall time {results['wall_seconds'] / 60:.1f} min"
+        f"Command: `{command}` (finished {results['finished_at']}, wall time {results['wall_seconds'] / 60:.1f} min"
         f"{_reused_sentence(results.get('shared_stage_seconds') or {}, results['wall_seconds'])})",
         "",
         f"Machine: {results['machine']['cpus']} CPUs ({results['machine']['cpu_model']}), GPU: {results['machine']['gpu']}, "
@@ -391,10 +570,12 @@ def generation_markdown(results: dict[str, Any]) -> str:
         "",
         f"Teacher SmolLM2-135M-Instruct as is (576 wide, 30 blocks). Students **cut out of the teacher** "
         f"(`student.init: prune_from_teacher`): hidden 384, {settings['num_layers']} blocks "
-        f"(layer_selection {settings['layer_selection']}), MLP 1024, 6 heads / 2 KV groups; pruning scored on "
-        f"{settings['score_rows']} T0 rows. Feature losses on the final hidden states (layer_map last); kd+flexkd "
-        "is the correlation loss between each student unit and the teacher unit it was cut from (units chosen by "
-        "the pruning's importance summed over all blocks; k = 384, the student's width, so no further selection), "
+        f"(layer_selection {settings['layer_selection']}), MLP 1024, 6 heads / 2 KV groups; pruning and selection "
+        f"scored on {settings['score_rows']} T0 rows. Feature losses on the final hidden states (layer_map last); "
+        "kd+flexkd is the correlation loss between each of the student's 384 units and one of the teacher's 384 "
+        "most important units there (`selection: importance`, the task gradient's mean magnitude: student unit i "
+        "with the i-th most important, not with the unit it was cut from), kd+flexkd-dir between them and the "
+        "teacher's coordinates on its top 384 task-gradient directions (`selection: directions`); "
         "kd+projector and kd+projector_std learn a 384 -> 576 map, regressing the raw and the per-unit "
         "standardized teacher features. "
         f"Distilled on {settings['train_rows']} T0-mixture prompt/completion pairs (chat template, max length "
@@ -403,21 +584,86 @@ def generation_markdown(results: dict[str, Any]) -> str:
         f"at most {settings['max_new_tokens']} new tokens; ROUGE-L F1 x100.",
         "",
         "| model | ROUGE-L SAMSum (200) | ROUGE-L Self-Instruct (252) | perplexity of the references | seeds | "
-        "extra trainable params |",
-        "|---|---|---|---|---|---|",
+        "extra trainable params | fluency bar passed |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, row in results["table"].items():
         lines.append(
             f"| {name} | {row['samsum']:.2f} | {row['self_instruct']:.2f} | {row['perplexity']:.4g} | "
-            f"{row['seeds']} | {row['extra_trainable_parameters']:,} |"
+            f"{row['seeds']} | {row['extra_trainable_parameters']:,} | {row['fluent_seeds']} of {row['seeds']} |"
         )
     lines += ["", "![generation](results/generation.png)", ""]
+    lines += _fluency_table(fluency_rows(results["runs"], results.get("pruned_start")), command)
+    lines += _comparisons_section(results.get("comparisons") or [], command)
     lines += _first_outputs_table(results)
     return "\n".join(lines)
 
 
+def _fluency_table(rows: list[dict[str, Any]], command: str) -> list[str]:
+    """The fluency bar's numbers and verdict for every model."""
+    if not rows:
+        return []
+    half = MIN_SHARE_OF_TEACHER_SAMSUM * rows[0]["samsum"]
+    lines = [
+        f"Fluency bar per model, from `{command}`: a comparison counts only where each student's outputs have "
+        f"distinct-2 of at least {MIN_DISTINCT_2}, none that is one n-gram repeated, and ROUGE-L on SAMSum at "
+        f"least half the teacher's ({half:.2f}). Distinct-2 and the repeated outputs are the evaluate stage's, "
+        "over every output of both sets.",
+        "",
+        f"| model | seed | distinct-2 (>= {MIN_DISTINCT_2}) | outputs one repeated n-gram (0) | "
+        f"ROUGE-L SAMSum (>= {half:.2f}) | fluency bar |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        bar = "fail: " + "; ".join(row["failures"]) if row["failures"] else "pass"
+        seed = "-" if row["seed"] is None else row["seed"]
+        lines.append(
+            f"| {row['model']} | {seed} | {row['distinct_2']:.3f} | {row['repeated_ngram_outputs']:.0f} | "
+            f"{row['samsum']:.2f} | {bar} |"
+        )
+    return [*lines, ""]
+
+
+def _comparisons_section(comparisons: list[dict[str, Any]], command: str) -> list[str]:
+    """Per test set, whether each Flex-KD variant beats kd and both projectors, the table of the
+    paired comparisons, and each one as a sentence."""
+    if not comparisons:
+        return []
+    lines = [
+        f"Flex-KD against kd and both projectors, from `{command}`: per test set the paired (same seed) "
+        "differences of ROUGE-L (A minus B, points), their mean ± std, and a 95% percentile-bootstrap interval "
+        "of the mean (10,000 resamples of the seeds; benchmarks/stats.py). The verdict is `beats` or `trails` "
+        "where the interval excludes 0, `ties` where it does not.",
+        "",
+    ]
+    for source in EVAL_SETS:
+        for a in dict.fromkeys(c["a"] for c in comparisons):
+            standing = standing_sentence(comparisons, source, a)
+            if standing:
+                lines.append(f"- {standing}")
+    lines += [
+        "",
+        "| test set | A | B | A minus B per seed | mean ± std | 95% CI | A ahead (seeds) | verdict | fluency bar |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in comparisons:
+        per_seed = ", ".join(f"seed {seed} {value:+.2f}" for seed, value in c["paired_difference"].items())
+        interval = "-" if c["ci95"] is None else f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}]"
+        if c["ci95"] is not None:
+            interval += " (excludes 0)" if c["ci_excludes_zero"] else " (includes 0)"
+        lines.append(
+            f"| {EVAL_SET_NAMES[c['eval_set']]} | {c['a']} | {c['b']} | {per_seed} | "
+            f"{c['paired_difference_mean']:+.2f} ± {c['paired_difference_std']:.2f} | {interval} | "
+            f"{c['a_wins_seeds']} of {c['seeds']} | {c['verdict'] or '-'} | "
+            f"{'fail: ' + ', '.join(c['not_fluent']) if c['not_fluent'] else 'pass'} |"
+        )
+    lines += ["", *(f"- {comparison_sentence(c)}" for c in comparisons), ""]
+    return lines
+
+
 def _first_outputs_table(results: dict[str, Any], width: int = 90) -> list[str]:
-    """The first greedy output of every model on each eval set, cut to ``width`` characters."""
+    """The first greedy outputs of every model on each eval set beside the references, one table
+    per set, cut to ``width`` characters."""
     runs = [run for run in results["runs"] if run.get("first_outputs") and run["seed"] == results["runs"][0]["seed"]]
     if not runs:
         return []
@@ -426,23 +672,27 @@ def _first_outputs_table(results: dict[str, Any], width: int = 90) -> list[str]:
         text = " ".join(text.split())
         return (text[:width] + "..." if len(text) > width else text).replace("|", "\\|")
 
-    lines = [
-        f"First output on each set, seed {runs[0]['seed']} (greedy; read beside the scores):",
-        "",
-        "| model | " + " | ".join(EVAL_SETS) + " |",
-        "|---|" + "---|" * len(EVAL_SETS),
-    ]
-    first = runs[0]["first_outputs"]
-    lines.append("| reference | " + " | ".join(cell(first[s]["reference"]) for s in EVAL_SETS) + " |")
-    lines.append("| teacher | " + " | ".join(cell(first[s]["teacher"]) for s in EVAL_SETS) + " |")
+    def row(name: str, outputs: list[str]) -> str:
+        return f"| {name} | " + " | ".join(cell(text) for text in outputs) + " |"
+
     pruned = (results.get("pruned_start") or {}).get("first_outputs")
-    if pruned:
-        lines.append(f"| {PRUNED_START} | " + " | ".join(cell(pruned[s]) for s in EVAL_SETS) + " |")
-    lines += [
-        f"| {run['method']} | " + " | ".join(cell(run["first_outputs"][s]["student"]) for s in EVAL_SETS) + " |"
-        for run in runs
-    ]
-    return [*lines, ""]
+    lines = []
+    for source in EVAL_SETS:
+        first = runs[0]["first_outputs"][source]
+        lines += [
+            f"First {len(first)} outputs on {EVAL_SET_NAMES[source]}, seed {runs[0]['seed']} (greedy; read beside "
+            "the scores):",
+            "",
+            "| model | " + " | ".join(f"example {i + 1}" for i in range(len(first))) + " |",
+            "|---|" + "---|" * len(first),
+            row("reference", [example["reference"] for example in first]),
+            row("teacher", [example["teacher"] for example in first]),
+        ]
+        if pruned:
+            lines.append(row(PRUNED_START, pruned[source]))
+        lines += [row(run["method"], [example["student"] for example in run["first_outputs"][source]]) for run in runs]
+        lines.append("")
+    return lines
 
 
 def _reused_sentence(shared: dict[str, dict[str, Any]], wall_seconds: float) -> str:

@@ -459,7 +459,7 @@ def test_method_names_become_metric_names_mlflow_accepts(tmp_path):
     assert set(client.get_run(run.info.run_id).data.metrics) == set(names)
 
 
-def test_generation_students_are_pruned_from_the_teacher_and_share_every_teacher_side_stage(tmp_path):
+def test_generation_students_are_pruned_from_the_teacher_and_unit_selections_share_every_teacher_side_stage(tmp_path):
     from benchmarks.generation import METHODS as GENERATION_METHODS
     from benchmarks.generation import PIPELINE, GenerationSettings, pipeline_overrides
     from flexkd.config.schema import load_config
@@ -468,8 +468,11 @@ def test_generation_students_are_pruned_from_the_teacher_and_share_every_teacher
     configs = {method: load_config(PIPELINE, overrides | extra) for method, extra in GENERATION_METHODS.items()}
     for method, config in configs.items():
         assert (config.student.init, config.student.layer_selection) == ("prune_from_teacher", "importance"), method
-        assert config.layer_map == "last" and config.selection.method == "identity", method
+        selection = "directions" if method == "kd+flexkd-dir" else "importance"
+        assert config.layer_map == "last" and config.selection.method == selection, method
     assert configs["kd"].loss.uses_features is False and configs["kd+flexkd"].loss.feature == "correlation"
+    # Directions have a score stage and a cache of their own; every unit selection shares one.
+    del configs["kd+flexkd-dir"]
     fingerprints = {}
     for stage in ("tokenize", "score", "targets"):
         inputs = {name: fingerprints[name] for name in ("tokenize", "score") if name in fingerprints}
@@ -720,33 +723,6 @@ def test_the_tuned_page_shows_each_methods_grid_best_values_and_every_trial():
         "temperature 2.0 | 66.50 | 10.0 |" in text
     )
     assert "learning_rate 0.0005, temperature 1.0 -> failed" in text and "872 dev.tsv sentences" in text
-
-
-def test_generation_page_shows_the_first_output_of_each_model_on_each_set(tmp_path):
-    import json
-
-    from benchmarks.generation import _first_outputs_table, first_outputs, read_predictions
-
-    predictions = tmp_path / "predictions.jsonl"
-    rows = [
-        {"example_id": 0, "reference": "a | b", "teacher": "t0", "student": "s0"},
-        {"example_id": 1, "reference": "r1", "teacher": "t1", "student": "s1"},
-        {"example_id": 2, "reference": "r2", "teacher": "t2", "student": "x " * 100},
-    ]
-    predictions.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    sources = ["samsum", "self_instruct", "self_instruct"]
-    first = first_outputs(read_predictions(predictions, sources), sources)
-    assert first == {
-        "samsum": {"reference": "a | b", "teacher": "t0", "student": "s0"},
-        "self_instruct": {"reference": "r1", "teacher": "t1", "student": "s1"},
-    }
-    results = {
-        "runs": [{"method": "kd", "seed": 0, "first_outputs": first}],
-        "pruned_start": {"first_outputs": {"samsum": "p0", "self_instruct": "p1"}},
-    }
-    table = "\n".join(_first_outputs_table(results))
-    assert "| reference | a \\| b | r1 |" in table and "| pruned, no distillation | p0 | p1 |" in table
-    assert "| kd | s0 | s1 |" in table
 
 
 def test_the_regime_page_shows_its_command_table_and_every_comparison_with_its_statistics(tmp_path):
