@@ -482,7 +482,7 @@ def compare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 {seed: value for (method, seed, where), value in rouge.items() if method == name and where == source}
                 for name in (a, b)
             ]
-            paired = paired_differences(*reversed(per_seed))
+            paired = paired_differences(*per_seed)
             if not paired:
                 continue
             mean, std = mean_std(list(paired.values()))
