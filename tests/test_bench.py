@@ -1,6 +1,6 @@
 """The benchmark harness without running a benchmark: its configs validate, every method differs
 from the others only where it should, seeds share the teacher-side stages, the summary and the
-verdict say what the numbers say, and the teacher's verbalizer fit learns a separable task."""
+verdict say what the numbers say, and the teacher comes from the pipeline's adapt stage."""
 
 from __future__ import annotations
 
@@ -197,17 +197,26 @@ def test_mean_std_is_the_sample_std():
     assert mean_std([5.0]) == (5.0, 0.0)
 
 
-def test_verbalizer_fit_learns_a_separable_task():
-    from benchmarks.teacher import _accuracy, _fit
+def test_the_teacher_is_the_adapt_stages_on_the_teachers_rows(tmp_path, monkeypatch):
+    from benchmarks import quality
+    from flexkd.pipeline.runner import PipelineResult, StageRecord, pipeline_stages
 
-    generator = torch.Generator().manual_seed(0)
-    features = torch.randn(400, 16, generator=generator)
-    features[:, 3] *= 100.0  # one huge unit, as in a real final hidden state
-    labels = (features[:, 0] > 0).long()
-    start = torch.zeros(2, 16)
-    weight = _fit(features, labels, start, l2=1e-4)
-    assert _accuracy(start, features, labels) < 0.6
-    assert _accuracy(weight, features, labels) > 0.95
+    settings = QualitySettings.cpu()
+    config = quality.teacher_config(settings, tmp_path)
+    assert pipeline_stages(config)[:2] == ("tokenize", "adapt")
+    assert config.teacher.adapt.trainable == "top_blocks" and config.teacher.adapt.top_blocks == 4
+    assert config.data.train.limit == settings.teacher_rows and config.teacher.source == "demo"
+    ran = []
+
+    def adapt_only(config, stages):
+        ran.append(stages)
+        record = StageRecord("adapt", tmp_path, "f", {"teacher_dir": str(tmp_path / "teacher")}, 9.0, False, "r")
+        return PipelineResult(config, "run", "uri", {"adapt": record})
+
+    monkeypatch.setattr("flexkd.pipeline.runner.run_pipeline", adapt_only)
+    folder, record = quality.sst2_teacher(settings, tmp_path)
+    assert ran == [("tokenize", "adapt")] and folder == tmp_path / "teacher"
+    assert record["made_now"] and record["seconds"] == 9.0 and record["settings"] == quality.TEACHER_ADAPT
 
 
 def test_bench_command_parses_and_the_page_lists_every_section(tmp_path):
@@ -239,79 +248,6 @@ def test_a_quality_variant_is_kept_beside_the_main_table_and_its_options_belong_
         results_name("pruned", "../escape")
     with pytest.raises(ConfigError, match="--gamma is an option of 'flexkd bench quality' only"):
         run_benchmark(build_parser().parse_args(["bench", "speed", "--gamma", "2"]))
-
-
-def test_adapted_teacher_is_an_untied_hf_folder_with_the_trained_rows(tmp_path):
-    """A tiny random tied teacher goes through the real recipe: features, fit, untie, save, reload."""
-    from benchmarks.teacher import DONE_FILE, adapted_teacher
-    from flexkd.config.schema import TaskConfig
-    from flexkd.models.loading import TINY_TOKENIZER_DIR, build_random_model, load_model, load_tokenizer
-
-    tokenizer = load_tokenizer(TINY_TOKENIZER_DIR)
-    base = tmp_path / "base"
-    teacher = build_random_model(
-        {
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "intermediate_size": 64,
-            "tie_word_embeddings": True,
-        },
-        vocab_size=len(tokenizer),
-        seed=0,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    teacher.save_pretrained(base)
-    tokenizer.save_pretrained(base)
-    data = tmp_path / "train.tsv"
-    data.write_text(
-        "sentence\tlabel\n" + "".join(f"{'great fun' if i % 2 else 'dull and bad'} {i}\t{i % 2}\n" for i in range(60))
-    )
-    task = TaskConfig(
-        kind="classification", prompt_template="Review: {sentence}\nSentiment:", label_names=["negative", "positive"]
-    )
-    folder, record = adapted_teacher(base, data, 60, task, 32, tmp_path / "cache", top_layers=1, epochs=2)
-    assert (folder / DONE_FILE).is_file() and record["train_rows"] == 60
-    assert record["probe_train_accuracy"] > 0.9  # the two phrasings are trivially separable
-    assert [epoch["epoch"] for epoch in record["epochs"]] == [1, 2] and record["held_out_accuracy"] > 0.9
-    adapted, original = load_model(folder), load_model(base)
-    assert not adapted.config.tie_word_embeddings
-    assert torch.equal(adapted.model.embed_tokens.weight, original.model.embed_tokens.weight)
-    assert torch.equal(adapted.model.layers[0].mlp.up_proj.weight, original.model.layers[0].mlp.up_proj.weight)
-    kept_an_epoch = any(epoch["kept"] for epoch in record["epochs"])
-    top_changed = not torch.equal(
-        adapted.model.layers[1].mlp.up_proj.weight, original.model.layers[1].mlp.up_proj.weight
-    )
-    assert top_changed == kept_an_epoch  # the top block is trained only if an epoch was kept
-    assert adapted_teacher(base, data, 60, task, 32, tmp_path / "cache", top_layers=1, epochs=2)[0] == folder  # cached
-
-    # The record's held-out accuracy is the saved model's own, computed here with the whole model.
-    from benchmarks.teacher import _features, _forward, read_tsv
-    from flexkd.data.rows import verbalizer_token_ids
-
-    held_out = _forward(adapted, tokenizer, read_tsv(data, 60, "label")[54:], task, 32, first_trained=2)
-    features, labels = _features(held_out)
-    rows = adapted.lm_head.weight[verbalizer_token_ids(tokenizer, task.label_names)]
-    assert float(((features @ rows.T).argmax(dim=1) == labels).float().mean()) == record["held_out_accuracy"]
-
-
-def test_the_top_blocks_run_alone_reproduce_the_full_model(build_tiny_llama, tiny_tokenizer):
-    from benchmarks.teacher import _top_blocks_only
-
-    model = build_tiny_llama(num_hidden_layers=3)
-    batch = tiny_tokenizer(["a short one", "a somewhat longer sentence here"], return_tensors="pt", padding=True)
-    with torch.no_grad():
-        full = model.model(**batch, output_hidden_states=True)
-        with _top_blocks_only(model, 1) as top:
-            alone = top(
-                inputs_embeds=full.hidden_states[1], attention_mask=batch["attention_mask"], use_cache=False
-            ).last_hidden_state
-            with pytest.raises(ValueError, match="already runs its top blocks only"), _top_blocks_only(model, 1):
-                pass  # nested, it would run no block at all
-    real = batch["attention_mask"].bool()
-    torch.testing.assert_close(alone[real], full.last_hidden_state[real], atol=1e-5, rtol=1e-5)
-    assert len(model.model.layers) == 3 and model.config.num_hidden_layers == 3  # put back
 
 
 def test_a_full_width_cache_serves_another_selection_and_a_partial_one_refuses():
