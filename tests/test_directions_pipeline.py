@@ -81,6 +81,7 @@ def test_cached_coordinates_give_the_online_loss_with_a_k_per_layer(tmp_path):
 AUTO_DIRECTIONS = {"selection.method": "directions", "selection.k": "auto", "selection.energy": 0.95}
 
 
+@pytest.mark.integration  # about 100 s of local Ray (score, targets, distill, evaluate): kept out of make test's 10 min
 def test_debug_pipeline_distills_auto_k_directions_from_the_cache(tmp_path, local_ray, capfd):
     # Shards of 40 rows: the 128 training rows in several files, whose order must survive.
     config = debug_config(tmp_path, **AUTO_DIRECTIONS, **{"training.teacher": "cache", "data.shard_rows": 40})
