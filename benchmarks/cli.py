@@ -84,6 +84,17 @@ def run_benchmark(args: argparse.Namespace) -> int:
             work_dir,
             only=_names(args.only, dict.fromkeys(PARTS), default_all=False),
         )
+    elif args.benchmark == "generation-recipe":
+        from benchmarks.generation_recipe import RECIPES, recipe_settings, run_generation_recipe
+
+        if args.gpu or args.methods or args.seeds:
+            raise ConfigError(
+                "flexkd bench generation-recipe runs plain kd, seed 0, on the CPU: no --gpu, --methods, --seeds"
+            )
+        settings = recipe_settings().with_overrides(
+            steps=args.steps, train_rows=args.train_rows, threads_per_worker=args.threads
+        )
+        run_generation_recipe(settings, work_dir, tuple(RECIPES))
     else:
         from benchmarks.generation import METHODS, GenerationSettings, run_generation
 

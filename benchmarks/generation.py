@@ -87,6 +87,13 @@ class GenerationSettings:
     max_new_tokens: int
     num_layers: int
     seeds: tuple[int, ...]
+    # The student's shape, cut out of the teacher's 576 wide, 30 blocks, MLP 1536, 3 KV groups.
+    hidden_size: int = 384
+    num_key_value_heads: int = 2  # of the teacher's 3; each keeps its 3 query heads
+    intermediate_size: int = 1024
+    # Sequence-level KD: the generate stage's teacher responses, up to this many tokens, replace
+    # the T0 completions as the training targets (0: train on the completions).
+    seqkd_max_new_tokens: int = 0
     # A pruned student starts from the teacher's weights: a small step size keeps what it inherits.
     learning_rate: float = 2e-4
     layer_selection: str = "importance"
@@ -136,12 +143,18 @@ def tracking_uri(work_dir: Path) -> str:
     return f"sqlite:///{work_dir / 'mlflow.db'}"
 
 
-def write_eval_set(work_dir: Path) -> tuple[Path, list[str]]:
-    """SAMSum and Self-Instruct as one jsonl of prompt / response, and the source of each row."""
+def write_eval_set(work_dir: Path, samsum_only: int | None = None) -> tuple[Path, list[str]]:
+    """SAMSum and Self-Instruct as one jsonl of prompt / response, and the source of each row;
+    ``samsum_only``: the first that many SAMSum dialogues and nothing else."""
     rows = [
         {"prompt": f"Summarize this dialogue.\n{row['dialogue']}", "response": row["summary"], "source": "samsum"}
         for row in map(json.loads, (SHARED_DATA / "samsum" / "samsum.jsonl").read_text().splitlines())
     ]
+    if samsum_only is not None:
+        path = work_dir / f"generation_eval_samsum_{samsum_only}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows[:samsum_only]))
+        return path, ["samsum"] * len(rows[:samsum_only])
     for line in (SHARED_DATA / "self_instruct" / "user_oriented_instructions.jsonl").read_text().splitlines():
         task = json.loads(line)
         instance = task["instances"][0]
@@ -163,11 +176,11 @@ def pipeline_overrides(settings: GenerationSettings, work_dir: Path, eval_path: 
         "student.init": "prune_from_teacher",
         "student.layer_selection": settings.layer_selection,
         "student.architecture": {
-            "hidden_size": 384,
+            "hidden_size": settings.hidden_size,
             "num_hidden_layers": settings.num_layers,
-            "num_attention_heads": 6,
-            "num_key_value_heads": 2,
-            "intermediate_size": 1024,
+            "num_attention_heads": 3 * settings.num_key_value_heads,
+            "num_key_value_heads": settings.num_key_value_heads,
+            "intermediate_size": settings.intermediate_size,
         },
         "data.train": {
             "path": t0,
@@ -210,7 +223,13 @@ def pipeline_overrides(settings: GenerationSettings, work_dir: Path, eval_path: 
         "resources.cpus_per_worker": settings.cpus_per_worker,
         "resources.use_gpu": settings.use_gpu,
         "resources.threads_per_worker": settings.threads_per_worker,
-    }
+    } | ({"generate": {"max_new_tokens": settings.seqkd_max_new_tokens}} if settings.seqkd_max_new_tokens else {})
+
+
+def pipeline_stages(settings: GenerationSettings) -> tuple[str, ...]:
+    """The stages each run needs: with SeqKD, generate first (its responses become the train rows)."""
+    training = ("tokenize", "score", "targets", "distill", "evaluate")
+    return ("generate", *training) if settings.seqkd_max_new_tokens else training
 
 
 def run_generation(
@@ -232,7 +251,7 @@ def run_generation(
             for method in methods:
                 overrides = pipeline_overrides(settings, work_dir, eval_path, len(sources)) | METHODS[method]
                 config = load_config(PIPELINE, overrides | {"student.seed": seed, "training.seed": seed})
-                result = run_pipeline(config, stages=("tokenize", "score", "targets", "distill", "evaluate"))
+                result = run_pipeline(config, stages=pipeline_stages(settings))
                 if not pruned_start:
                     pruned_start = evaluate_pruned_start(
                         config,
@@ -333,6 +352,7 @@ def evaluate_pruned_start(config, tokenize_dir: Path, score_dir: Path, sources: 
         "first_outputs": {
             source: [output for output, row_source in zip(outputs, row_sources) if row_source == source][:FIRST_OUTPUTS]
             for source in EVAL_SETS
+            if source in row_sources
         },
     }
 
@@ -359,12 +379,12 @@ def first_outputs(
 
 
 def rouge_per_source(references: list[str], outputs: list[str], row_sources: list[str]) -> dict[str, float]:
-    """ROUGE-L F1 x100 of ``outputs`` per eval set."""
+    """ROUGE-L F1 x100 of ``outputs`` per eval set (those present)."""
     from rouge_score.rouge_scorer import RougeScorer
 
     scorer = RougeScorer(["rougeL"], use_stemmer=True)
     scores = {}
-    for source in EVAL_SETS:
+    for source in (name for name in EVAL_SETS if name in row_sources):
         values = [
             scorer.score(reference, output)["rougeL"].fmeasure
             for reference, output, row_source in zip(references, outputs, row_sources)

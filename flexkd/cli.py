@@ -9,7 +9,7 @@ flexkd tune pipelines/x.yaml [--num-samples 16]   Ray Tune sweep of its tune.sea
 flexkd submit pipelines/x.yaml --address http://HEAD:8265 [--wait]   run it on a Ray cluster
 flexkd status|logs|stop JOB --address http://HEAD:8265              follow a submitted pipeline
 flexkd watch pipelines/x.yaml [--once] [--interval 300] [--address URL]   distill each new teacher release
-flexkd bench quality|speed|generation [--gpu]   benchmarks -> benchmarks/results/, benchmarks/RESULTS.md
+flexkd bench quality|speed|generation[-recipe] [--gpu]   benchmarks -> benchmarks/results/, benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         job.set_defaults(handler=handler)
 
     bench = commands.add_parser("bench", help="run a benchmark; writes benchmarks/results/ and benchmarks/RESULTS.md")
-    bench.add_argument("benchmark", choices=("quality", "speed", "generation"))
+    bench.add_argument("benchmark", choices=("quality", "speed", "generation", "generation-recipe"))
     bench.add_argument("--gpu", action="store_true", help="the larger GPU setting (use_gpu, bigger data and batches)")
     bench.add_argument("--seeds", help="comma-separated seeds (quality, generation)")
     bench.add_argument("--steps", type=int, help="distill steps per run")

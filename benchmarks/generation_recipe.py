@@ -1,0 +1,202 @@
+"""``flexkd bench generation-recipe``: which pruned student can speak once distilled on these CPUs.
+
+Before the generation comparison means anything, its students must pass the fluency bar (issue
+20; ``benchmarks.generation.fluency_failures``). This benchmark holds the levers against it:
+
+    pruning   how much of SmolLM2-135M-Instruct (576 wide, 30 blocks, MLP 1536, 3 KV groups)
+              the student keeps (``student.init: prune_from_teacher``, blocks by importance)
+    data      the T0 completions (median 2 tokens: most rows teach a one-word answer) or the
+              teacher's own responses to the same prompts (SeqKD, the ``generate`` stage)
+    steps     the pruned start (0 steps) and after the recipe's distill steps, plain kd
+
+Each recipe runs the real pipeline (kd, seed 0) and is scored by the evaluate stage's code on the
+first SAMSum dialogues: ROUGE-L, perplexity of the references, distinct-2 and outputs that are one
+repeated n-gram, with the bar's verdict. Writes benchmarks/results/generation-recipe.{json,md}.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import RESULTS, LoadMonitor, command_line, load_sentence, machine, stage_seconds, write_results
+from benchmarks.generation import (
+    FLUENCY_MEASURES,
+    METHODS,
+    PIPELINE,
+    GenerationSettings,
+    evaluate_pruned_start,
+    fluency_failures,
+    pipeline_overrides,
+    pipeline_stages,
+    read_predictions,
+    rouge_by_source,
+    tracking_uri,
+    write_eval_set,
+)
+
+# name -> the GenerationSettings fields it changes. The first is the generation table's student.
+RECIPES: dict[str, dict[str, Any]] = {
+    "384 wide, 16 blocks, T0 completions": {},
+    "384 wide, 16 blocks, teacher responses": {"seqkd_max_new_tokens": 64},
+    "504 wide, 30 blocks, teacher responses": {
+        "hidden_size": 504,
+        "num_layers": 30,
+        "num_key_value_heads": 3,
+        "intermediate_size": 1536,
+        "seqkd_max_new_tokens": 64,
+    },
+}
+EVAL_DIALOGUES = 60  # SAMSum rows scored per model: six models' greedy decoding must fit the hour
+
+
+def recipe_settings() -> GenerationSettings:
+    """The generation benchmark's CPU settings on fewer rows and steps, seed 0, two threads: the
+    whole table, SeqKD's teacher responses included, in about an hour on 2 cores."""
+    return GenerationSettings.cpu().with_overrides(train_rows=320, steps=100, seeds=(0,), threads_per_worker=2)
+
+
+def run_generation_recipe(
+    settings: GenerationSettings,
+    work_dir: Path,
+    recipes: tuple[str, ...] = tuple(RECIPES),
+    eval_dialogues: int = EVAL_DIALOGUES,
+    results_dir: Path = RESULTS,
+) -> dict[str, Any]:
+    from flexkd.config.schema import load_config
+    from flexkd.models.plan import PRUNING_SELECTION
+    from flexkd.pipeline.runner import run_pipeline
+
+    command, started = command_line(), time.time()
+    eval_path, sources = write_eval_set(work_dir, samsum_only=eval_dialogues)
+    rows: list[dict[str, Any]] = []
+    teacher: dict[str, Any] = {}
+    starts: dict[str, dict[str, Any]] = {}  # the pruning's selection.json -> its start's scores
+    with LoadMonitor() as load:
+        for name in recipes:
+            recipe = settings.with_overrides(**RECIPES[name])
+            overrides = pipeline_overrides(recipe, work_dir, eval_path, len(sources)) | METHODS["kd"]
+            overrides["name"] = "bench-generation-recipe"
+            seed = recipe.seeds[0]
+            config = load_config(PIPELINE, overrides | {"student.seed": seed, "training.seed": seed})
+            result = run_pipeline(config, stages=pipeline_stages(recipe))
+            stages = result.stages
+            # Recipes that differ only after pruning (the data, the steps) share their pruned start.
+            score_dir = Path(stages["score"].directory)
+            pruned = (score_dir / PRUNING_SELECTION).read_text()
+            if pruned not in starts:
+                starts[pruned] = evaluate_pruned_start(config, Path(stages["tokenize"].directory), score_dir, sources)
+                start = starts[pruned] | {"new": True}
+            else:
+                start = starts[pruned] | {"new": False}
+            metrics = stages["evaluate"].outputs["metrics"]
+            predictions = read_predictions(stages["evaluate"].directory / "predictions.jsonl", sources)
+            rouge = rouge_by_source(predictions, sources)
+            fluency = {
+                role: {measure: metrics[f"{role}.{measure}"] for measure in FLUENCY_MEASURES}
+                for role in ("teacher", "student")
+            }
+            teacher = teacher or {
+                "samsum": rouge["teacher"]["samsum"],
+                "perplexity": metrics["teacher.perplexity"],
+                **fluency["teacher"],
+                "first_output": predictions[0]["teacher"],
+            }
+            common = {"recipe": name, "parameters": start["parameters"], "settings": RECIPES[name]}
+            if start["new"]:
+                rows.append(
+                    common
+                    | {
+                        "steps": 0,
+                        "samsum": start["rougeL"]["samsum"],
+                        "perplexity": start["perplexity"],
+                        **start["fluency"],
+                        "first_output": start["first_outputs"]["samsum"][0],
+                    }
+                )
+            rows.append(
+                common
+                | {
+                    "steps": recipe.steps,
+                    "samsum": rouge["student"]["samsum"],
+                    "perplexity": metrics["student.perplexity"],
+                    **fluency["student"],
+                    "first_output": predictions[0]["student"],
+                    "seconds": {stage: stage_seconds(record) for stage, record in stages.items()},
+                }
+            )
+            (work_dir / "generation-recipe.partial.json").write_text(json.dumps(rows, indent=1))
+    for row in rows:
+        row["failures"] = fluency_failures(row, row["samsum"], teacher["samsum"])
+    results = {
+        "benchmark": "generation-recipe",
+        "command": command,
+        "machine": machine(),
+        "load": load.summary(),
+        "settings": asdict(settings),
+        "eval_dialogues": eval_dialogues,
+        "reference": predictions[0]["reference"],
+        "teacher": teacher,
+        "rows": rows,
+        "wall_seconds": round(time.time() - started, 1),
+        "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    results["headline"] = {f"rougeL.{row['recipe']}.{row['steps']}": row["samsum"] for row in rows}
+    write_results("generation-recipe", results, recipe_markdown(results), None, tracking_uri(work_dir), results_dir)
+    return results
+
+
+def _short(text: str, width: int = 70) -> str:
+    text = " ".join(text.split()).replace("|", "/")
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def recipe_markdown(results: dict[str, Any]) -> str:
+    settings, teacher = results["settings"], results["teacher"]
+    passing = [row for row in results["rows"] if not row["failures"] and row["steps"]]
+    lines = [
+        "### Generation: a student that can speak (the recipe)",
+        "",
+        f"Command: `{results['command']}` (finished {results['finished_at']}, wall time "
+        f"{results['wall_seconds'] / 60:.1f} min)",
+        "",
+        f"Machine: {results['machine']['cpus']} CPUs ({results['machine']['cpu_model']}), GPU: "
+        f"{results['machine']['gpu']}, commit {results['machine']['git_commit']}. "
+        f"{load_sentence(results['load']).capitalize()}.",
+        "",
+        f"Each recipe is one run of the generation pipeline with plain kd, seed 0: the student cut out of "
+        f"SmolLM2-135M-Instruct (blocks chosen by importance), {settings['train_rows']} T0 prompts, "
+        f"{settings['steps']} steps of batch {settings['batch_size']}, lr {settings['learning_rate']}, "
+        f"max length {settings['max_length']}. Scored on the first {results['eval_dialogues']} SAMSum "
+        f"dialogues, greedy, at most {settings['max_new_tokens']} new tokens. The fluency bar: distinct-2 "
+        "at least 0.5, no output that is one repeated n-gram, ROUGE-L at least half the teacher's.",
+        "",
+        "| recipe | steps | params | SAMSum ROUGE-L | perplexity of the references | distinct-2 "
+        "| one-n-gram outputs | fluency bar | first output |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| teacher | - | 134.5M | {teacher['samsum']:.2f} | {teacher['perplexity']:.1f} | "
+        f"{teacher['distinct_2']:.2f} | {teacher['repeated_ngram_outputs']:.0f} | - | "
+        f"{_short(teacher['first_output'])} |",
+    ]
+    for row in results["rows"]:
+        verdict = "passes" if not row["failures"] else "fails: " + "; ".join(row["failures"])
+        lines.append(
+            f"| {row['recipe']} | {row['steps']} | {row['parameters'] / 1e6:.1f}M | {row['samsum']:.2f} | "
+            f"{row['perplexity']:.1f} | {row['distinct_2']:.2f} | {row['repeated_ngram_outputs']:.0f} | "
+            f"{verdict} | {_short(row['first_output'])} |"
+        )
+    lines += [
+        "",
+        f"Reference of the first dialogue: {_short(results['reference'], 200)}",
+        "",
+        (
+            "Distilled recipes that pass the bar: " + ", ".join(f"**{row['recipe']}**" for row in passing) + "."
+            if passing
+            else "**No distilled recipe passes the bar.**"
+        ),
+        "",
+    ]
+    return "\n".join(lines)
