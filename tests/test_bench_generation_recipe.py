@@ -1,0 +1,125 @@
+"""``flexkd bench generation-recipe`` without running it: every recipe is a valid pipeline, and a
+run with the pipeline faked puts each model's fluency numbers and the bar's verdict on the page,
+with one pruned-start row per distinct pruning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from benchmarks import generation, generation_recipe
+from benchmarks.generation_recipe import RECIPES, recipe_settings
+from flexkd.cli import build_parser
+from flexkd.models.plan import PRUNING_SELECTION
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_every_recipe_is_a_pipeline_the_schema_accepts(name, tmp_path):
+    from flexkd.config.schema import load_config
+
+    recipe = recipe_settings().with_overrides(**RECIPES[name])
+    overrides = generation.pipeline_overrides(recipe, tmp_path, Path("eval.jsonl"), 60) | generation.METHODS["kd"]
+    config = load_config(generation.PIPELINE, overrides)
+    architecture = config.student.architecture
+    assert (architecture["hidden_size"], architecture["num_hidden_layers"]) == (recipe.hidden_size, recipe.num_layers)
+    # Heads go as whole KV groups of the teacher's 3 query heads each.
+    assert architecture["num_attention_heads"] == 3 * architecture["num_key_value_heads"]
+    seqkd = "teacher responses" in name
+    assert (config.generate is not None) == seqkd == ("generate" in generation.pipeline_stages(recipe))
+    if seqkd:
+        assert config.generate.max_new_tokens == 64
+    assert config.loss.gamma == 0.0 and config.training.steps == recipe.steps
+
+
+def _stage(directory: Path, outputs: dict | None = None) -> SimpleNamespace:
+    return SimpleNamespace(directory=directory, outputs=outputs or {}, seconds=2.0, cached=False)
+
+
+def test_a_run_shows_each_models_fluency_and_verdict_and_one_row_per_pruned_start(tmp_path, monkeypatch):
+    """The first two recipes cut the same student (one pruned-start row for both); the third
+    another. The first distilled student fails the bar on distinct-2, the others pass."""
+    selections = {384: "cut-384", 504: "cut-504"}
+    student_metrics = iter([(0.3, 0.0, 30.0), (0.7, 0.0, 12.0), (0.8, 0.0, 15.0)])
+    evaluated = []
+
+    def fake_pipeline(config, stages):
+        width = config.student.architecture["hidden_size"]
+        score_dir = tmp_path / f"score-{width}-{len(evaluated)}"
+        (score_dir / PRUNING_SELECTION).parent.mkdir(parents=True)
+        (score_dir / PRUNING_SELECTION).write_text(selections[width])
+        distinct, repeated, perplexity = next(student_metrics)
+        metrics = {"teacher.distinct_2": 0.9, "teacher.repeated_ngram_outputs": 0.0, "teacher.perplexity": 11.0}
+        metrics |= {"student.distinct_2": distinct, "student.repeated_ngram_outputs": repeated}
+        metrics["student.perplexity"] = perplexity
+        evaluate_dir = tmp_path / f"evaluate-{len(evaluated)}"
+        evaluate_dir.mkdir()
+        student = "Amanda bakes cookies" if distinct > 0.5 else "the the the"
+        row = {"reference": "Amanda baked cookies", "teacher": "Amanda baked cookies", "student": student}
+        (evaluate_dir / "predictions.jsonl").write_text(
+            "".join(json.dumps({"example_id": i} | row) + "\n" for i in range(3))
+        )
+        evaluated.append(tuple(stages))
+        found = {stage: _stage(tmp_path) for stage in stages}
+        return SimpleNamespace(
+            stages=found | {"score": _stage(score_dir), "evaluate": _stage(evaluate_dir, {"metrics": metrics})}
+        )
+
+    def fake_start(config, tokenize_dir, score_dir, sources):
+        width = config.student.architecture["hidden_size"]
+        return {
+            "rougeL": {"samsum": 1.0},
+            "perplexity": 900.0 if width == 384 else 50.0,
+            "parameters": width * 100_000,
+            "fluency": {"distinct_2": 0.2, "repeated_ngram_outputs": 2.0},
+            "first_outputs": {"samsum": [f"pruned {width}"]},
+        }
+
+    written = {}
+    monkeypatch.setattr("flexkd.pipeline.runner.run_pipeline", fake_pipeline)
+    monkeypatch.setattr(generation_recipe, "evaluate_pruned_start", fake_start)
+    monkeypatch.setattr(
+        generation_recipe, "write_results", lambda name, results, page, *args: written.update(page=page)
+    )
+    results = generation_recipe.run_generation_recipe(recipe_settings(), tmp_path, eval_dialogues=3)
+
+    assert evaluated[0][0] == "tokenize" and evaluated[1][0] == evaluated[2][0] == "generate"
+    assert [(row["recipe"].split(",")[0], row["steps"]) for row in results["rows"]] == [
+        ("384 wide", 0),
+        ("384 wide", 100),
+        ("384 wide", 100),
+        ("504 wide", 0),
+        ("504 wide", 100),
+    ]
+    page = written["page"]
+    assert "| teacher | - | 134.5M | 100.00 | 11.0 | 0.90 | 0 | - | Amanda baked cookies |" in page
+    assert (
+        "| 384 wide, 16 blocks, T0 completions | 100 | 38.4M | 0.00 | 30.0 | 0.30 | 0 | fails: distinct-2 below 0.5; "
+        "SAMSum ROUGE-L below half the teacher's | the the the |"
+    ) in page
+    assert "| 504 wide, 30 blocks, teacher responses | 100 | 50.4M | 100.00 | 15.0 | 0.80 | 0 | passes |" in page
+    assert "fails: distinct-2 below 0.5; 2 outputs one repeated n-gram; SAMSum ROUGE-L below half" in page
+    assert page.endswith(
+        "Distilled recipes that pass the bar: **384 wide, 16 blocks, teacher responses**, "
+        "**504 wide, 30 blocks, teacher responses**.\n"
+    )
+
+
+def test_the_recipe_benchmark_refuses_the_options_it_does_not_take(monkeypatch):
+    from benchmarks import cli as bench_cli
+    from flexkd.config.schema import ConfigError
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
+    captured = {}
+    monkeypatch.setattr(
+        generation_recipe, "run_generation_recipe", lambda settings, work_dir, recipes: captured.update(s=settings)
+    )
+    monkeypatch.setattr(bench_cli, "write_results_page", lambda: Path(__file__))
+    for option in (["--gpu"], ["--seeds", "0,1"], ["--methods", "kd"]):
+        with pytest.raises(ConfigError, match="generation-recipe runs plain kd, seed 0, on the CPU"):
+            bench_cli.run_benchmark(build_parser().parse_args(["bench", "generation-recipe", *option]))
+    bench_cli.run_benchmark(build_parser().parse_args(["bench", "generation-recipe", "--steps", "7"]))
+    assert captured["s"].steps == 7 and captured["s"].train_rows == recipe_settings().train_rows
