@@ -88,6 +88,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.integration  # four tokenize runs, 36 s: the fast tier stays under 10 min
 def test_sst2_from_jsonl_tsv_and_a_saved_dataset(tmp_path, tokenizer, capfd):
     import datasets
 
@@ -125,6 +126,7 @@ def test_sst2_from_jsonl_tsv_and_a_saved_dataset(tmp_path, tokenizer, capfd):
     assert "constructor arguments in the object store" not in capfd.readouterr().err
 
 
+@pytest.mark.integration  # 53 s: the fast tier stays under 10 min
 def test_samsum_masks_prompts_numbers_across_files_and_reruns_identically(tmp_path, tokenizer):
     source = read_jsonl(SAMPLES / "samsum.jsonl")
     parquet_dir = tmp_path / "eval_parquet"  # four-row files: the limit and the ids span files
