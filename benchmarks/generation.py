@@ -402,6 +402,12 @@ def rouge_by_source(rows: list[dict[str, Any]], sources: list[str]) -> dict[str,
     }
 
 
+def table_cell(text: str, width: int) -> str:
+    """A model output as one markdown table cell: whitespace folded, cut to ``width`` characters."""
+    text = " ".join(text.split())
+    return (text[:width] + "..." if len(text) > width else text).replace("|", "\\|")
+
+
 def fluency_failures(fluency: dict[str, float], samsum_rouge: float, teacher_samsum_rouge: float) -> list[str]:
     """The parts of the fluency bar a model misses, in words; none: it passes. ``fluency``: the
     evaluate stage's measures of its outputs (FLUENCY_MEASURES); ``samsum_rouge``: its ROUGE-L on
@@ -688,12 +694,8 @@ def _first_outputs_table(results: dict[str, Any], width: int = 90) -> list[str]:
     if not runs:
         return []
 
-    def cell(text: str) -> str:
-        text = " ".join(text.split())
-        return (text[:width] + "..." if len(text) > width else text).replace("|", "\\|")
-
     def row(name: str, outputs: list[str]) -> str:
-        return f"| {name} | " + " | ".join(cell(text) for text in outputs) + " |"
+        return f"| {name} | " + " | ".join(table_cell(text, width) for text in outputs) + " |"
 
     pruned = (results.get("pruned_start") or {}).get("first_outputs")
     lines = []

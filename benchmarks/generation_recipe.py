@@ -34,6 +34,7 @@ from benchmarks.generation import (
     pipeline_stages,
     read_predictions,
     rouge_by_source,
+    table_cell,
     tracking_uri,
     write_eval_set,
 )
@@ -149,11 +150,6 @@ def run_generation_recipe(
     return results
 
 
-def _short(text: str, width: int = 70) -> str:
-    text = " ".join(text.split()).replace("|", "/")
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
 def recipe_markdown(results: dict[str, Any]) -> str:
     settings, teacher = results["settings"], results["teacher"]
     passing = [row for row in results["rows"] if not row["failures"] and row["steps"]]
@@ -179,18 +175,18 @@ def recipe_markdown(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
         f"| teacher | - | 134.5M | {teacher['samsum']:.2f} | {teacher['perplexity']:.1f} | "
         f"{teacher['distinct_2']:.2f} | {teacher['repeated_ngram_outputs']:.0f} | - | "
-        f"{_short(teacher['first_output'])} |",
+        f"{table_cell(teacher['first_output'], 70)} |",
     ]
     for row in results["rows"]:
         verdict = "passes" if not row["failures"] else "fails: " + "; ".join(row["failures"])
         lines.append(
             f"| {row['recipe']} | {row['steps']} | {row['parameters'] / 1e6:.1f}M | {row['samsum']:.2f} | "
             f"{row['perplexity']:.1f} | {row['distinct_2']:.2f} | {row['repeated_ngram_outputs']:.0f} | "
-            f"{verdict} | {_short(row['first_output'])} |"
+            f"{verdict} | {table_cell(row['first_output'], 70)} |"
         )
     lines += [
         "",
-        f"Reference of the first dialogue: {_short(results['reference'], 200)}",
+        f"Reference of the first dialogue: {table_cell(results['reference'], 200)}",
         "",
         (
             "Distilled recipes that pass the bar: " + ", ".join(f"**{row['recipe']}**" for row in passing) + "."
