@@ -96,12 +96,13 @@ def run_benchmark(args: argparse.Namespace) -> int:
         )
         run_generation_recipe(settings, work_dir, tuple(RECIPES))
     else:
-        from benchmarks.generation import METHODS, GenerationSettings, run_generation
+        from benchmarks.generation import DEFAULT_METHODS, METHODS, GenerationSettings, run_generation
 
         settings = GenerationSettings.gpu() if args.gpu else GenerationSettings.cpu()
         settings = settings.with_overrides(
             seeds=_seeds(args.seeds), steps=args.steps, train_rows=args.train_rows, threads_per_worker=args.threads
         )
-        run_generation(settings, work_dir, _names(args.methods, METHODS))
+        # By default forward KL only; the logit-loss variants (kd-jsd, ...) run when named.
+        run_generation(settings, work_dir, _names(args.methods, METHODS, default_all=False) or DEFAULT_METHODS)
     print(write_results_page().read_text())
     return 0

@@ -64,12 +64,22 @@ METHODS: dict[str, dict[str, Any]] = {
     # are not columns of it), so this method builds a cache of its own, and its own score stage.
     "kd+flexkd-dir": {"loss.feature": "correlation", "selection.method": "directions", "targets.full_width": False},
 }
+# The default methods; the logit-loss variants below run when --methods names them.
+DEFAULT_METHODS = tuple(METHODS)
+# Better logit losses than forward KL (reverse KL, DistiLLM's skew KL, GKD-style JSD), each under kd
+# and kd+flexkd: whether Flex-KD's gain adds to the logit loss's, compared at the same logit loss.
+LOGIT_VARIANTS = ("reverse_kl", "skew_kl", "jsd")
+METHODS |= {
+    f"{base}-{logit}": METHODS[base] | {"loss.logit": logit} for logit in LOGIT_VARIANTS for base in ("kd", "kd+flexkd")
+}
 PRUNED_START = "pruned, no distillation"
 EVAL_SETS = ("samsum", "self_instruct")
 EVAL_SET_NAMES = {"samsum": "SAMSum", "self_instruct": "Self-Instruct"}
 SHARED_STAGES = ("tokenize", "score", "targets")
 BASELINES = ("kd", "kd+projector", "kd+projector_std")
-COMPARISONS = tuple((a, b) for a in ("kd+flexkd", "kd+flexkd-dir") for b in BASELINES)
+COMPARISONS = tuple((a, b) for a in ("kd+flexkd", "kd+flexkd-dir") for b in BASELINES) + tuple(
+    (f"kd+flexkd-{logit}", f"kd-{logit}") for logit in LOGIT_VARIANTS
+)
 # The fluency bar (issue 20): a student whose outputs fail it does not count in a comparison.
 MIN_DISTINCT_2 = 0.5
 MIN_SHARE_OF_TEACHER_SAMSUM = 0.5  # of the teacher's SAMSum ROUGE-L
@@ -94,6 +104,7 @@ class GenerationSettings:
     # Sequence-level KD: the generate stage's teacher responses, up to this many tokens, replace
     # the T0 completions as the training targets (0: train on the completions).
     seqkd_max_new_tokens: int = 0
+    generate_batch_size: int = 16  # prompts per teacher generate call
     # A pruned student starts from the teacher's weights: a small step size keeps what it inherits.
     learning_rate: float = 2e-4
     layer_selection: str = "importance"
@@ -120,15 +131,23 @@ class GenerationSettings:
 
     @classmethod
     def gpu(cls) -> GenerationSettings:
+        # The recipe table's closest-to-fluent student (benchmarks/results/generation-recipe.md: 504
+        # wide, 30 blocks, on the teacher's own responses; 100 CPU steps left it looping), trained ten
+        # times longer on five times the prompts. Not yet timed on a GPU: no GPU has been lent.
         return cls(
-            train_rows=7668,
-            score_rows=1024,
-            steps=3000,
-            batch_size=32,
-            max_length=512,
+            train_rows=4000,
+            score_rows=256,
+            steps=1000,
+            batch_size=16,
+            max_length=384,
             max_new_tokens=128,
-            num_layers=16,
+            num_layers=30,
             seeds=(0, 1, 2),
+            hidden_size=504,
+            num_key_value_heads=3,
+            intermediate_size=1536,
+            seqkd_max_new_tokens=128,
+            generate_batch_size=128,
             use_gpu=True,
             precision="bf16",
             cpus_per_worker=4,
@@ -223,7 +242,11 @@ def pipeline_overrides(settings: GenerationSettings, work_dir: Path, eval_path: 
         "resources.cpus_per_worker": settings.cpus_per_worker,
         "resources.use_gpu": settings.use_gpu,
         "resources.threads_per_worker": settings.threads_per_worker,
-    } | ({"generate": {"max_new_tokens": settings.seqkd_max_new_tokens}} if settings.seqkd_max_new_tokens else {})
+    } | (
+        {"generate": {"max_new_tokens": settings.seqkd_max_new_tokens, "batch_size": settings.generate_batch_size}}
+        if settings.seqkd_max_new_tokens
+        else {}
+    )
 
 
 def pipeline_stages(settings: GenerationSettings) -> tuple[str, ...]:
@@ -235,7 +258,7 @@ def pipeline_stages(settings: GenerationSettings) -> tuple[str, ...]:
 def run_generation(
     settings: GenerationSettings,
     work_dir: Path = DEFAULT_WORK_DIR,
-    methods: tuple[str, ...] = tuple(METHODS),
+    methods: tuple[str, ...] = DEFAULT_METHODS,
     results_dir: Path = RESULTS,
 ) -> dict[str, Any]:
     from flexkd.config.schema import load_config
@@ -558,28 +581,57 @@ def comparison_sentence(comparison: dict[str, Any]) -> str:
 
 
 def standing_sentence(comparisons: list[dict[str, Any]], eval_set: str, a: str) -> str | None:
-    """Whether ``a`` beats every baseline (kd and both projectors) on ``eval_set``, plainly; None
-    where ``a`` was not compared there."""
+    """Whether ``a`` beats every baseline it is compared with (COMPARISONS: kd and both projectors,
+    or kd at the same logit loss) on ``eval_set``, plainly; None where ``a`` was not compared there."""
     mine = {c["b"]: c for c in comparisons if c["eval_set"] == eval_set and c["a"] == a}
     if not mine:
         return None
     where = EVAL_SET_NAMES[eval_set]
     if any(c["verdict"] is None for c in mine.values()):
         return f"On {where}, {a} ran one seed: no interval, so no verdict against {', '.join(mine)}."
-    missing = [b for b in BASELINES if b not in mine]
+    baselines = [b for compared, b in COMPARISONS if compared == a]
+    missing = [b for b in baselines if b not in mine]
     beats_all = not missing and all(c["verdict"] == "beats" for c in mine.values())
     parts = [
         f"{c['verdict']} {b} (CI {'excludes' if c['ci_excludes_zero'] else 'includes'} 0)" for b, c in mine.items()
     ]
     sentence = (
-        f"On {where}, {a} {'beats' if beats_all else 'does not beat'} every baseline "
-        f"({', '.join(BASELINES)}): it {', '.join(parts)}"
+        f"On {where}, {a} {'beats' if beats_all else 'does not beat'} "
+        f"{'every baseline' if len(baselines) > 1 else 'its baseline'} ({', '.join(baselines)}): it {', '.join(parts)}"
     )
     if missing:
         sentence += f"; {', '.join(missing)} did not run"
     if any(c["not_fluent"] for c in mine.values()):
         sentence += "; not a finding while a compared student fails the fluency bar"
     return sentence + "."
+
+
+def student_sentence(settings: dict[str, Any]) -> str:
+    """The page's paragraph on the teacher, the students, their data and their decoding."""
+    width, heads = settings["hidden_size"], 3 * settings["num_key_value_heads"]
+    data = (
+        f"the teacher's own greedy responses (the generate stage, SeqKD, at most {settings['seqkd_max_new_tokens']} "
+        f"tokens) to {settings['train_rows']} T0-mixture prompts"
+        if settings["seqkd_max_new_tokens"]
+        else f"{settings['train_rows']} T0-mixture prompt/completion pairs"
+    )
+    return (
+        "Teacher SmolLM2-135M-Instruct as is (576 wide, 30 blocks). Students **cut out of the teacher** "
+        f"(`student.init: prune_from_teacher`): hidden {width}, {settings['num_layers']} blocks "
+        f"(layer_selection {settings['layer_selection']}), MLP {settings['intermediate_size']}, {heads} heads / "
+        f"{settings['num_key_value_heads']} KV groups; pruning and selection scored on {settings['score_rows']} T0 "
+        "rows. Feature losses on the final hidden states (layer_map last); "
+        f"kd+flexkd is the correlation loss between each of the student's {width} units and one of the teacher's "
+        f"{width} most important units there (`selection: importance`, the task gradient's mean magnitude: student "
+        "unit i with the i-th most important, not with the unit it was cut from), kd+flexkd-dir between them and "
+        f"the teacher's coordinates on its top {width} task-gradient directions (`selection: directions`); "
+        f"kd+projector and kd+projector_std learn a {width} -> 576 map, regressing the raw and the per-unit "
+        "standardized teacher features. The logit loss is forward KL, except in a method named after another "
+        f"(kd-jsd, kd+flexkd-jsd, ...: `loss.logit`). Distilled on {data} (chat template, max length "
+        f"{settings['max_length']}), {settings['steps']} steps of batch {settings['batch_size']}, lr "
+        f"{settings['learning_rate']}, teacher-target cache; seeds {list(settings['seeds'])}. Greedy decoding, "
+        f"at most {settings['max_new_tokens']} new tokens; ROUGE-L F1 x100."
+    )
 
 
 def generation_markdown(results: dict[str, Any]) -> str:
@@ -594,20 +646,7 @@ def generation_markdown(results: dict[str, Any]) -> str:
         f"commit {results['machine']['git_commit']}.",
         f"{load_sentence(load).capitalize()}.",
         "",
-        f"Teacher SmolLM2-135M-Instruct as is (576 wide, 30 blocks). Students **cut out of the teacher** "
-        f"(`student.init: prune_from_teacher`): hidden 384, {settings['num_layers']} blocks "
-        f"(layer_selection {settings['layer_selection']}), MLP 1024, 6 heads / 2 KV groups; pruning and selection "
-        f"scored on {settings['score_rows']} T0 rows. Feature losses on the final hidden states (layer_map last); "
-        "kd+flexkd is the correlation loss between each of the student's 384 units and one of the teacher's 384 "
-        "most important units there (`selection: importance`, the task gradient's mean magnitude: student unit i "
-        "with the i-th most important, not with the unit it was cut from), kd+flexkd-dir between them and the "
-        "teacher's coordinates on its top 384 task-gradient directions (`selection: directions`); "
-        "kd+projector and kd+projector_std learn a 384 -> 576 map, regressing the raw and the per-unit "
-        "standardized teacher features. "
-        f"Distilled on {settings['train_rows']} T0-mixture prompt/completion pairs (chat template, max length "
-        f"{settings['max_length']}), {settings['steps']} steps of batch {settings['batch_size']}, lr "
-        f"{settings['learning_rate']}, teacher-target cache; seeds {list(settings['seeds'])}. Greedy decoding, "
-        f"at most {settings['max_new_tokens']} new tokens; ROUGE-L F1 x100.",
+        student_sentence(settings),
         "",
         "| model | ROUGE-L SAMSum (200) | ROUGE-L Self-Instruct (252) | perplexity of the references | seeds | "
         "extra trainable params | fluency bar passed |",

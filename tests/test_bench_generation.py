@@ -293,3 +293,67 @@ def test_flexkd_learns_its_pairing_instead_of_the_pruned_students_identity(metho
     config = load_config(generation.PIPELINE, overrides | generation.METHODS[method])
     assert config.student.init == "prune_from_teacher" and config.loss.feature == "correlation"
     assert config.selection.method == ("directions" if method == "kd+flexkd-dir" else "importance")
+
+
+@pytest.mark.parametrize("logit", generation.LOGIT_VARIANTS)
+def test_a_logit_loss_variant_is_compared_with_kd_at_the_same_logit_loss(logit, tmp_path):
+    from flexkd.config.schema import load_config
+
+    overrides = generation.pipeline_overrides(GenerationSettings.cpu(), tmp_path, Path("eval.jsonl"), 452)
+    for method, feature in ((f"kd-{logit}", "none"), (f"kd+flexkd-{logit}", "correlation")):
+        config = load_config(generation.PIPELINE, overrides | generation.METHODS[method])
+        assert (config.loss.logit, config.loss.feature) == (logit, feature)
+    assert f"kd-{logit}" not in generation.DEFAULT_METHODS
+
+    ROUGE_WITH_VARIANT = ROUGE | {
+        f"kd-{logit}": {"samsum": (15.0, 16.0, 17.0), "self_instruct": (11.0, 11.0, 11.0)},
+        f"kd+flexkd-{logit}": {"samsum": (15.0, 17.0, 17.5), "self_instruct": (13.0, 13.0, 13.0)},
+    }
+    runs = []
+    for seed in range(3):
+        for method, values in ROUGE_WITH_VARIANT.items():
+            run = _run("kd", seed) | {"method": method}
+            run["rougeL"]["student"] = {source: rouge[seed] for source, rouge in values.items()}
+            runs.append(run)
+    comparisons = compare(runs)
+    mine = [c for c in comparisons if c["a"] == f"kd+flexkd-{logit}"]
+    # Only against kd at the same logit loss: the forward-KL baselines are another question.
+    assert {(c["eval_set"], c["b"]) for c in mine} == {
+        (source, f"kd-{logit}") for source in ("samsum", "self_instruct")
+    }
+    samsum = next(c for c in mine if c["eval_set"] == "samsum")
+    assert samsum["paired_difference"] == {0: 0.0, 1: 1.0, 2: 0.5} and samsum["verdict"] == "ties"
+
+    page = generation_markdown(_results(runs))
+    assert (
+        f"- On Self-Instruct, kd+flexkd-{logit} beats its baseline (kd-{logit}): it beats kd-{logit} (CI excludes 0)."
+        in page
+    )
+    assert f"- On SAMSum, kd+flexkd-{logit} does not beat its baseline (kd-{logit}): it ties kd-{logit}" in page
+
+
+def test_the_page_describes_the_students_shape_and_data_from_the_settings():
+    results = _results(_three_seeds())
+    results["settings"] |= {"hidden_size": 504, "num_layers": 30, "num_key_value_heads": 3, "intermediate_size": 1536}
+    completions = generation_markdown(results)
+    assert "hidden 504, 30 blocks (layer_selection importance), MLP 1536, 9 heads / 3 KV groups" in completions
+    assert "learn a 504 -> 576 map" in completions and "800 T0-mixture prompt/completion pairs" in completions
+
+    results["settings"]["seqkd_max_new_tokens"] = 64
+    seqkd = generation_markdown(results)
+    assert "the teacher's own greedy responses (the generate stage, SeqKD, at most 64 tokens) to 800" in seqkd
+    assert "prompt/completion pairs" not in seqkd
+
+
+def test_the_gpu_setting_trains_the_recipe_tables_student_on_the_teachers_responses(tmp_path):
+    from flexkd.config.schema import load_config
+
+    settings = GenerationSettings.gpu()
+    config = load_config(
+        generation.PIPELINE, generation.pipeline_overrides(settings, tmp_path, Path("eval.jsonl"), 452)
+    )
+    shape = config.student.architecture
+    assert (shape["hidden_size"], shape["num_hidden_layers"], shape["num_key_value_heads"]) == (504, 30, 3)
+    assert (config.generate.max_new_tokens, config.generate.batch_size) == (128, 128)
+    assert generation.pipeline_stages(settings)[0] == "generate"
+    assert generation.pipeline_stages(GenerationSettings.cpu())[0] == "tokenize"
