@@ -221,7 +221,7 @@ def train_student(
             selected = json.loads((inputs["score"] / "selected.json").read_text())
             selected_units = {int(layer): entry["indices"] for layer, entry in selected["layers"].items()}
         columns, rows_dir = None, inputs["tokenize"]
-    train = read_shards(rows_dir / "train", columns) if train_data is None else train_data
+    train = training_rows(rows_dir / "train", columns, train_data)
     datasets = {"train": train}
     transfer_split = None
     if config.data.transfer is not None:
@@ -305,6 +305,15 @@ def learning_rate_at(step: int, config: PipelineConfig) -> float:
         return training.learning_rate * (step + 1) / training.warmup_steps
     progress = (step - training.warmup_steps) / max(1, training.steps - training.warmup_steps)
     return training.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def training_rows(directory: Path, columns: list[str] | None, rows: ray.data.Dataset | None = None) -> ray.data.Dataset:
+    """The training rows of ``directory`` with only ``columns`` (None: all). ``rows``: those rows
+    already read with every column (a sweep reads them once for all its trials), narrowed here to
+    the columns this run reads, as its transfer rows are: a batch joins both kinds of row."""
+    if rows is None:
+        return read_shards(directory, columns)
+    return rows if columns is None else rows.select_columns(columns)
 
 
 def transfer_rows_per_batch(batch_size: int, labeled_rows: int, transfer_rows: int) -> int:

@@ -11,7 +11,7 @@ import pytest
 
 from flexkd.cluster.train_workers import ordered_ingest_options
 from flexkd.config.schema import ConfigError
-from flexkd.stages.distill import _endless_batches, joined_batch, transfer_rows_per_batch
+from flexkd.stages.distill import _endless_batches, joined_batch, training_rows, transfer_rows_per_batch
 
 
 def test_a_batch_holds_the_transfer_rows_share_and_at_least_one_row_of_each_kind():
@@ -83,3 +83,25 @@ def test_the_seeded_shuffle_of_a_ray_dataset_gives_the_same_order_again(local_ra
     assert first == again and first != other
     assert sorted(first[0]) == sorted(first[1]) == list(range(40))  # each epoch: every row once
     assert first[0] != first[1] and first[0] != list(range(40))
+
+
+def test_rows_a_sweep_read_once_are_narrowed_to_the_columns_the_run_reads(local_ray, tmp_path):
+    """A sweep reads a cache's rows once, every column; a kd trial, or one mapping other layers,
+    reads fewer from its transfer rows, and a batch joins both: the training rows must match them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    directory = tmp_path / "train"
+    directory.mkdir()
+    table = pa.table(
+        {"input_ids": [[1, 2]] * 4, "teacher_class_logits": [[0.1, 0.2]] * 4, "teacher_units_8": [[1.0]] * 4}
+    )
+    pq.write_table(table, directory / "part-0.parquet")
+    read_once = training_rows(directory, None).materialize()
+    columns = ["input_ids", "teacher_class_logits"]
+
+    narrowed = training_rows(directory, columns, read_once)
+    assert sorted(narrowed.columns()) == sorted(training_rows(directory, columns).columns()) == sorted(columns)
+    assert training_rows(directory, None, read_once) is read_once
+    batch = next(iter(narrowed.iter_batches(batch_size=2, batch_format="numpy")))
+    assert joined_batch(batch, batch)["input_ids"] == [*batch["input_ids"], *batch["input_ids"]]

@@ -190,3 +190,24 @@ def test_an_interrupted_sweep_resumes(tmp_path, local_ray):
     result = run_sweep(load_config(path), path)
     assert len(result.trials) == 4 and all(row["status"] != "error" for row in result.trials)
     assert result.teacher_loads_in_trials == 0
+
+
+@pytest.mark.integration  # a 2-trial sweep on local Ray: about 3 min
+def test_a_sweep_over_the_layer_map_with_unlabeled_transfer_rows_runs_every_trial(tmp_path, local_ray):
+    """The trials share one read of the cache's training rows (every mapped layer's units) and read
+    their own transfer rows (their layers' units only): a trial that maps fewer layers, or a kd
+    trial that reads none, must join batches of the same columns. It failed every such trial."""
+    samples = PIPELINES.parent / "flexkd" / "assets" / "samples" / "sst2_train.jsonl"
+    transfer = tmp_path / "unlabeled.jsonl"
+    transfer.write_text(
+        "".join(
+            json.dumps({"sentence": json.loads(line)["sentence"]}) + "\n"
+            for line in samples.read_text().splitlines()[16:48]
+        )
+    )
+    space = {"layer_map": {"grid": ["uniform", "last"]}}  # the shared read has both layers' units
+    overrides = {"data.train.limit": 16, "data.transfer": {"path": str(transfer)}, "training.teacher": "cache"}
+    path = sweep_file(tmp_path, space, **overrides | {"tune.asha": None})
+    result = run_sweep(load_config(path), path)
+
+    assert len(result.trials) == 2 and all(row["status"] != "error" for row in result.trials), result.trials
