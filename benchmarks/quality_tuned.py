@@ -104,6 +104,17 @@ def sweep_config(settings, teacher_dir: Path, work_dir: Path, method: str, selec
     )
 
 
+def check_every_trial_finished(method: str, trials: list[dict[str, Any]]) -> None:
+    """Raises StageError if a trial of ``method``'s sweep failed: its best would come from less of
+    the grid than the other methods', and they would no longer be tuned alike."""
+    from flexkd.errors import StageError
+    from flexkd.sweep.tune import failed_trials_sentence
+
+    failed = failed_trials_sentence(trials)
+    if failed:
+        raise StageError(f"bench quality --tune: {method} was not tuned over its whole grid: {failed}")
+
+
 def tune_methods(settings, teacher_dir: Path, work_dir: Path, methods: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     """One sweep per method; per method its grid, every trial's selection-set accuracy, and the best values."""
     from flexkd.sweep.tune import run_sweep
@@ -120,6 +131,7 @@ def tune_methods(settings, teacher_dir: Path, work_dir: Path, methods: tuple[str
         pipeline_file.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
         log.info("bench quality --tune: sweeping %s over %s", method, search_space(method))
         result = run_sweep(config, pipeline_file)
+        check_every_trial_finished(method, result.trials)
         tuning[method] = {
             "search_space": search_space(method),
             "trials": [

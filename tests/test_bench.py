@@ -723,3 +723,14 @@ def test_the_regime_page_shows_its_command_table_and_every_comparison_with_its_s
     )
     assert "**kd+flexkd beats kd**: paired difference +2.00" in page
     assert plot_quality(results, tmp_path / "page.png").is_file()
+
+
+def test_a_method_whose_sweep_lost_trials_stops_the_tuned_comparison():
+    from benchmarks.quality_tuned import check_every_trial_finished
+    from flexkd.errors import StageError
+
+    finished = [{"params": {"layer_map": "uniform"}, "error": ""}, {"params": {"layer_map": "last"}, "error": ""}]
+    check_every_trial_finished("kd", finished)
+    finished[1]["error"] = "ValueError: joined_batch: columns differ"
+    with pytest.raises(StageError, match=r"^bench quality --tune: kd was not tuned over its whole grid: tune: 1 of 2"):
+        check_every_trial_finished("kd", finished)

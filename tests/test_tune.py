@@ -21,7 +21,7 @@ from flexkd.config.schema import ConfigError, apply_overrides, load_config, pars
 from flexkd.models.plan import count_teacher_loads
 from flexkd.pipeline.runner import stage_fingerprint
 from flexkd.stages.targets import INFO_FILE, cache_identity
-from flexkd.sweep.tune import plan_sweep, run_sweep
+from flexkd.sweep.tune import failed_trials_sentence, plan_sweep, run_sweep
 
 PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 SPACE = {
@@ -128,6 +128,20 @@ def test_plan_caches_the_largest_k_and_every_mapped_layer(tmp_path):
     # "last" maps teacher layer 4; "uniform" maps teacher layers 2 and 4 (a 2-block student on 4 blocks)
     assert sorted({teacher for teacher, _ in prepare["layer_map"]}) == [2, 4]
     assert plan.metric == "eval.accuracy" and plan.mode == "max"
+
+
+def test_some_failed_trials_are_said_in_one_line_with_the_first_error():
+    def trial(layer_map: str, error: str = "") -> dict:
+        return {"params": {"layer_map": layer_map, "loss.gamma": 1.0}, "error": error}
+
+    assert failed_trials_sentence([trial("uniform"), trial("last")]) is None
+    sentence = failed_trials_sentence(
+        [trial("uniform"), trial("last", "ValueError: columns differ"), trial("last", "x")]
+    )
+    assert sentence == (
+        "tune: 2 of 3 trials failed, so the best is picked from the other 1 only; "
+        "first (layer_map = last, loss.gamma = 1.0): ValueError: columns differ"
+    )
 
 
 @pytest.mark.slow  # about 1.5 min of Ray Train runs: `make test-slow`

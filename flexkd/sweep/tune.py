@@ -253,6 +253,10 @@ def run_sweep(config: PipelineConfig, pipeline_file: Path, teacher: str = "cache
         if not finished:
             first_error = next((row["error"] for row in trials if row["error"]), "no trial reported the metric")
             raise StageError(f"tune: every trial failed; first: {first_error}")
+        failed = failed_trials_sentence(trials)
+        if failed:
+            log.warning("%s", failed)
+            mlflow.set_tag("flexkd.failed_trials", failed)
         best = (max if plan.mode == "max" else min)(finished, key=lambda row: row["metric"])
         best_path = write_best_pipeline(pipeline_file, best, plan, parent.info.run_id)
         report = write_report(trials, plan, best, experiment_dir, loads_in_trials)
@@ -278,6 +282,19 @@ def run_sweep(config: PipelineConfig, pipeline_file: Path, teacher: str = "cache
         loads_in_trials,
         time.time() - started,
         report / "report.md",
+    )
+
+
+def failed_trials_sentence(trials: list[dict[str, Any]]) -> str | None:
+    """One line when some trials failed: the best is then picked from the others only, over less of
+    the search space than was asked for. None when none failed."""
+    errors = [row for row in trials if row["error"]]
+    if not errors:
+        return None
+    values = ", ".join(f"{key} = {value}" for key, value in errors[0]["params"].items())
+    return (
+        f"tune: {len(errors)} of {len(trials)} trials failed, so the best is picked from the other "
+        f"{len(trials) - len(errors)} only; first ({values}): {errors[0]['error']}"
     )
 
 
