@@ -72,6 +72,7 @@ LOGIT_VARIANTS = ("reverse_kl", "skew_kl", "jsd")
 METHODS |= {
     f"{base}-{logit}": METHODS[base] | {"loss.logit": logit} for logit in LOGIT_VARIANTS for base in ("kd", "kd+flexkd")
 }
+QUERY_HEADS_PER_KV_GROUP = 3  # the teacher's 9 query heads share its 3 key/value heads
 PRUNED_START = "pruned, no distillation"
 EVAL_SETS = ("samsum", "self_instruct")
 EVAL_SET_NAMES = {"samsum": "SAMSum", "self_instruct": "Self-Instruct"}
@@ -99,7 +100,7 @@ class GenerationSettings:
     seeds: tuple[int, ...]
     # The student's shape, cut out of the teacher's 576 wide, 30 blocks, MLP 1536, 3 KV groups.
     hidden_size: int = 384
-    num_key_value_heads: int = 2  # of the teacher's 3; each keeps its 3 query heads
+    num_key_value_heads: int = 2  # of the teacher's 3; each keeps its QUERY_HEADS_PER_KV_GROUP query heads
     intermediate_size: int = 1024
     # Sequence-level KD: the generate stage's teacher responses, up to this many tokens, replace
     # the T0 completions as the training targets (0: train on the completions).
@@ -197,7 +198,7 @@ def pipeline_overrides(settings: GenerationSettings, work_dir: Path, eval_path: 
         "student.architecture": {
             "hidden_size": settings.hidden_size,
             "num_hidden_layers": settings.num_layers,
-            "num_attention_heads": 3 * settings.num_key_value_heads,
+            "num_attention_heads": QUERY_HEADS_PER_KV_GROUP * settings.num_key_value_heads,
             "num_key_value_heads": settings.num_key_value_heads,
             "intermediate_size": settings.intermediate_size,
         },
@@ -608,7 +609,7 @@ def standing_sentence(comparisons: list[dict[str, Any]], eval_set: str, a: str) 
 
 def student_sentence(settings: dict[str, Any]) -> str:
     """The page's paragraph on the teacher, the students, their data and their decoding."""
-    width, heads = settings["hidden_size"], 3 * settings["num_key_value_heads"]
+    width, heads = settings["hidden_size"], QUERY_HEADS_PER_KV_GROUP * settings["num_key_value_heads"]
     data = (
         f"the teacher's own greedy responses (the generate stage, SeqKD, at most {settings['seqkd_max_new_tokens']} "
         f"tokens) to {settings['train_rows']} T0-mixture prompts"
