@@ -94,7 +94,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         settings = recipe_settings().with_overrides(
             steps=args.steps, train_rows=args.train_rows, threads_per_worker=args.threads
         )
-        run_generation_recipe(settings, work_dir, tuple(RECIPES))
+        run_generation_recipe(settings, work_dir, _names(args.only, RECIPES))
     else:
         from benchmarks.generation import DEFAULT_METHODS, METHODS, GenerationSettings, run_generation
 

@@ -298,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--only",
         help="speed: re-measure only these parts (plain,feature,score,workers,trl), "
-        "keeping the others from the last benchmarks/results/speed.json",
+        "keeping the others from the last benchmarks/results/speed.json; generation-recipe: "
+        "run only these recipes (384x16-t0,384x16-seqkd,504x30-seqkd,576x30-mlp1024-seqkd)",
     )
     variant = bench.add_argument_group(
         "quality variants (an investigation run; with --label its results are kept "

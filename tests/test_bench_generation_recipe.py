@@ -21,14 +21,14 @@ from flexkd.models.plan import PRUNING_SELECTION
 def test_every_recipe_is_a_pipeline_the_schema_accepts(name, tmp_path):
     from flexkd.config.schema import load_config
 
-    recipe = recipe_settings().with_overrides(**RECIPES[name])
+    recipe = recipe_settings().with_overrides(**RECIPES[name].changes)
     overrides = generation.pipeline_overrides(recipe, tmp_path, Path("eval.jsonl"), 60) | generation.METHODS["kd"]
     config = load_config(generation.PIPELINE, overrides)
     architecture = config.student.architecture
     assert (architecture["hidden_size"], architecture["num_hidden_layers"]) == (recipe.hidden_size, recipe.num_layers)
     # Heads go as whole KV groups of the teacher's 3 query heads each.
     assert architecture["num_attention_heads"] == 3 * architecture["num_key_value_heads"]
-    seqkd = "teacher responses" in name
+    seqkd = "teacher responses" in RECIPES[name].name
     assert (config.generate is not None) == seqkd == ("generate" in generation.pipeline_stages(recipe))
     if seqkd:
         assert config.generate.max_new_tokens == 64
@@ -82,9 +82,10 @@ def test_a_run_shows_each_models_fluency_and_verdict_and_one_row_per_pruned_star
     monkeypatch.setattr("flexkd.pipeline.runner.run_pipeline", fake_pipeline)
     monkeypatch.setattr(generation_recipe, "evaluate_pruned_start", fake_start)
     monkeypatch.setattr(
-        generation_recipe, "write_results", lambda name, results, page, *args: written.update(page=page)
+        generation_recipe, "write_results", lambda name, results, page, *args: written.update(name=name, page=page)
     )
-    results = generation_recipe.run_generation_recipe(recipe_settings(), tmp_path, eval_dialogues=3)
+    recipes = ("384x16-t0", "384x16-seqkd", "504x30-seqkd")
+    results = generation_recipe.run_generation_recipe(recipe_settings(), tmp_path, recipes, eval_dialogues=3)
 
     assert evaluated[0][0] == "tokenize" and evaluated[1][0] == evaluated[2][0] == "generate"
     assert [(row["recipe"].split(",")[0], row["steps"]) for row in results["rows"]] == [
@@ -95,6 +96,9 @@ def test_a_run_shows_each_models_fluency_and_verdict_and_one_row_per_pruned_star
         ("504 wide", 100),
     ]
     page = written["page"]
+    # Not every recipe ran: a section of its own, named by the recipes it holds.
+    assert written["name"] == "generation-recipe_384x16-t0_384x16-seqkd_504x30-seqkd"
+    assert page.startswith("### Generation: a student that can speak (the recipe: 384 wide, 16 blocks, T0 comp")
     assert "| teacher | - | 134.5M | 100.00 | 11.0 | 0.90 | 0 | - | Amanda baked cookies |" in page
     assert (
         "| 384 wide, 16 blocks, T0 completions | 100 | 38.4M | 0.00 | 30.0 | 0.30 | 0 | fails: distinct-2 below 0.5; "
@@ -115,7 +119,9 @@ def test_the_recipe_benchmark_refuses_the_options_it_does_not_take(monkeypatch):
     monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
     captured = {}
     monkeypatch.setattr(
-        generation_recipe, "run_generation_recipe", lambda settings, work_dir, recipes: captured.update(s=settings)
+        generation_recipe,
+        "run_generation_recipe",
+        lambda settings, work_dir, recipes: captured.update(s=settings, recipes=recipes),
     )
     monkeypatch.setattr(bench_cli, "write_results_page", lambda: Path(__file__))
     for option in (["--gpu"], ["--seeds", "0,1"], ["--methods", "kd"]):
@@ -123,3 +129,8 @@ def test_the_recipe_benchmark_refuses_the_options_it_does_not_take(monkeypatch):
             bench_cli.run_benchmark(build_parser().parse_args(["bench", "generation-recipe", *option]))
     bench_cli.run_benchmark(build_parser().parse_args(["bench", "generation-recipe", "--steps", "7"]))
     assert captured["s"].steps == 7 and captured["s"].train_rows == recipe_settings().train_rows
+    assert captured["recipes"] == tuple(RECIPES)
+    bench_cli.run_benchmark(build_parser().parse_args(["bench", "generation-recipe", "--only", "504x30-seqkd"]))
+    assert captured["recipes"] == ("504x30-seqkd",)
+    with pytest.raises(ConfigError, match="unknown name '504x30'; known: 384x16-t0, "):
+        bench_cli.run_benchmark(build_parser().parse_args(["bench", "generation-recipe", "--only", "504x30"]))

@@ -67,14 +67,15 @@ def stage_inputs(config: PipelineConfig, stage: str) -> tuple[str, ...]:
 
 
 def stage_fingerprint(config: PipelineConfig, stage: str, input_fingerprints: dict[str, str]) -> str:
-    """The stage's config sections, the content of the files it reads, and its inputs' fingerprints."""
+    """The stage's config sections, the content of the files it reads, its inputs' fingerprints
+    and its code revision."""
     spec = SPECS[stage]
     exclude = {section: set(fields) for section, fields in spec.ignored_fields.items()} or None
     sections = config.model_dump(mode="json", include=set(spec.config_sections), exclude=exclude)
     files = content_fingerprints({name: _config_value(config, name) for name in spec.files}, config.artifact_root)
-    return stable_hash(
-        {"stage": stage, "flexkd": __version__, "config": sections, "files": files, "inputs": input_fingerprints}
-    )
+    hashed = {"stage": stage, "flexkd": __version__, "config": sections, "files": files, "inputs": input_fingerprints}
+    # Revision 0 adds nothing, so outputs written before revisions existed keep their fingerprints.
+    return stable_hash(hashed | ({"revision": spec.revision} if spec.revision else {}))
 
 
 def stage_config(config: PipelineConfig, stage: str, inputs: dict[str, Path]) -> PipelineConfig:

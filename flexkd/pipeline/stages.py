@@ -48,6 +48,8 @@ class StageSpec:
     rewrites_config  how the config of a stage that reads this one changes, given this stage's
                      directory (adapt: the teacher is its adapted folder); fingerprints are
                      always computed from the config as written
+    revision         raised when a change to the stage's code changes what it writes for the
+                     same config, so that outputs written before the change are not reused
     """
 
     name: str
@@ -59,6 +61,7 @@ class StageSpec:
     enabled: Callable[[PipelineConfig], bool] = _always
     given: Callable[[PipelineConfig], str | None] = _nowhere
     rewrites_config: Callable[[PipelineConfig, Path], PipelineConfig] | None = None
+    revision: int = 0
 
 
 def _reads_teacher_cache(config: PipelineConfig) -> bool:
@@ -113,6 +116,7 @@ STAGES: tuple[StageSpec, ...] = (
         # comparison share one scoring pass and one teacher-target cache.
         ignored_fields={"student": frozenset({"seed"}), "teacher": ADAPTATION},
         files=(*TEACHER_FILES, "student.path"),
+        revision=1,  # 1: a pruned student's units are ranked at every block it keeps, not the mapped ones
     ),
     StageSpec(
         "targets",
