@@ -51,6 +51,21 @@ def test_a_data_file_changed_in_place_changes_every_stage_fingerprint(tmp_path):
     assert all(before[stage] != after[stage] for stage in before), (before, after)
 
 
+def test_a_stages_code_revision_changes_its_fingerprint_and_every_later_ones(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from flexkd.pipeline import runner
+
+    config = _debug_config(tmp_path, _copy_train(tmp_path))
+    before = {stage: planned_fingerprint(config, stage) for stage in pipeline_stages(config)}
+    score = runner.SPECS["score"]
+    monkeypatch.setitem(runner.SPECS, "score", replace(score, revision=score.revision + 1))
+    after = {stage: planned_fingerprint(config, stage) for stage in pipeline_stages(config)}
+    changed = {stage for stage in before if before[stage] != after[stage]}
+    # The debug pipeline's stages: tokenize, then score and everything that reads it.
+    assert "score" in changed and changed == set(before) - {"tokenize"}, (before, after)
+
+
 def test_an_unlabeled_transfer_file_changed_in_place_changes_every_stage_fingerprint(tmp_path):
     transfer = tmp_path / "unlabeled.jsonl"
     shutil.copy(SAMPLES / "sst2_train.jsonl", transfer)
