@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import LoadMonitor, command_line, load_sentence, machine, write_results
+from benchmarks.common import LoadMonitor, load_sentence, machine, write_results
 from benchmarks.generation import (
     METHODS,
     PIPELINE,
@@ -76,7 +78,7 @@ def run_prune_shapes(work_dir: Path, eval_dialogues: int) -> dict[str, Any]:
     from flexkd.pipeline.runner import run_pipeline
     from flexkd.prune.student import PruneTargets, hidden_units_by_importance, kept_layer_indices, prune_llama
 
-    command, started = command_line(), time.time()
+    command, started = shlex.join(["python", "benchmarks/prune_shapes.py", *sys.argv[1:]]), time.time()
     torch.set_num_threads(2)
     settings = recipe_settings().with_overrides(**RECIPES[SCORING_RECIPE].changes)
     eval_path, sources = write_eval_set(work_dir, samsum_only=eval_dialogues)
