@@ -132,9 +132,11 @@ class GenerationSettings:
 
     @classmethod
     def gpu(cls) -> GenerationSettings:
-        # The recipe table's closest-to-fluent student (benchmarks/results/generation-recipe.md: 504
-        # wide, 30 blocks, on the teacher's own responses; 100 CPU steps left it looping), trained ten
-        # times longer on five times the prompts. Not yet timed on a GPU: no GPU has been lent.
+        # The recipe table's 504-wide, 30-block student on the teacher's own responses (100 CPU steps
+        # left it looping), trained ten times longer on five times the prompts. Narrower than the
+        # teacher, unlike the 576-wide MLP-1024 cut that starts better (benchmarks/results/
+        # prune_shapes.md), so the projectors have a width to bridge and Flex-KD's pairing has units
+        # to choose, as in the paper. Not yet timed on a GPU: no GPU has been lent.
         return cls(
             train_rows=4000,
             score_rows=256,
