@@ -11,7 +11,8 @@ Before the generation comparison means anything, its students must pass the flue
 
 Each recipe runs the real pipeline (kd, seed 0) and is scored by the evaluate stage's code on the
 first SAMSum dialogues: ROUGE-L, perplexity of the references, distinct-2 and outputs that are one
-repeated n-gram, with the bar's verdict. Writes benchmarks/results/generation-recipe.{json,md}.
+repeated n-gram, with the bar's verdict. Writes benchmarks/results/generation-recipe.{json,md}, or
+with ``--only`` a section of its own, generation-recipe_<ids>.{json,md} (``section_name``).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ SEQKD = {"seqkd_max_new_tokens": 64}
 # id (for --only) -> recipe. The first is the generation table's student.
 RECIPES: dict[str, Recipe] = {
     "384x16-t0": Recipe("384 wide, 16 blocks, T0 completions", {}),
-    "384x16-seqkd": Recipe("384 wide, 16 blocks, teacher responses", SEQKD),
+    "384x16-seqkd": Recipe("384 wide, 16 blocks, teacher responses", dict(SEQKD)),
     "504x30-seqkd": Recipe(
         "504 wide, 30 blocks, teacher responses",
         {"hidden_size": 504, "num_layers": 30, "num_key_value_heads": 3, "intermediate_size": 1536} | SEQKD,
@@ -150,6 +151,7 @@ def run_generation_recipe(
         "machine": machine(),
         "load": load.summary(),
         "settings": asdict(settings),
+        "recipes": list(recipes),
         "eval_dialogues": eval_dialogues,
         "reference": predictions[0]["reference"],
         "teacher": teacher,
@@ -158,20 +160,26 @@ def run_generation_recipe(
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     results["headline"] = {f"rougeL.{row['recipe']}.{row['steps']}": row["samsum"] for row in rows}
-    # A run of some recipes (--only) gets a section of its own beside the full table's.
-    label = "generation-recipe" if set(recipes) == set(RECIPES) else "_".join(("generation-recipe", *recipes))
-    write_results(label, results, recipe_markdown(results), None, tracking_uri(work_dir), results_dir)
+    write_results(section_name(recipes), results, recipe_markdown(results), None, tracking_uri(work_dir), results_dir)
     return results
+
+
+def section_name(recipes: tuple[str, ...]) -> str:
+    """The results file of a run of ``recipes`` (ids): the full table's, or for some of them
+    (--only) a section of its own beside it, named by their ids in the table's order."""
+    if set(recipes) == set(RECIPES):
+        return "generation-recipe"
+    return "_".join(("generation-recipe", *(recipe for recipe in RECIPES if recipe in recipes)))
 
 
 def recipe_markdown(results: dict[str, Any]) -> str:
     settings, teacher = results["settings"], results["teacher"]
     passing = [row for row in results["rows"] if not row["failures"] and row["steps"]]
-    recipes = list(dict.fromkeys(row["recipe"] for row in results["rows"]))
+    some = (
+        "" if set(results["recipes"]) == set(RECIPES) else ": " + "; ".join(RECIPES[i].name for i in results["recipes"])
+    )
     lines = [
-        "### Generation: a student that can speak (the recipe"
-        + ("" if len(recipes) == len(RECIPES) else ": " + "; ".join(recipes))
-        + ")",
+        f"### Generation: a student that can speak (the recipe{some})",
         "",
         f"Command: `{results['command']}` (finished {results['finished_at']}, wall time "
         f"{results['wall_seconds'] / 60:.1f} min)",

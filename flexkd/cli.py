@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--only",
         help="speed: re-measure only these parts (plain,feature,score,workers,trl), "
         "keeping the others from the last benchmarks/results/speed.json; generation-recipe: "
-        "run only these recipes (384x16-t0,384x16-seqkd,504x30-seqkd,576x30-mlp1024-seqkd)",
+        "run only these recipes (ids of RECIPES in benchmarks/generation_recipe.py)",
     )
     variant = bench.add_argument_group(
         "quality variants (an investigation run; with --label its results are kept "

@@ -28,7 +28,7 @@ def test_every_recipe_is_a_pipeline_the_schema_accepts(name, tmp_path):
     assert (architecture["hidden_size"], architecture["num_hidden_layers"]) == (recipe.hidden_size, recipe.num_layers)
     # Heads go as whole KV groups of the teacher's 3 query heads each.
     assert architecture["num_attention_heads"] == 3 * architecture["num_key_value_heads"]
-    seqkd = "teacher responses" in RECIPES[name].name
+    seqkd = "seqkd_max_new_tokens" in RECIPES[name].changes
     assert (config.generate is not None) == seqkd == ("generate" in generation.pipeline_stages(recipe))
     if seqkd:
         assert config.generate.max_new_tokens == 64
@@ -134,3 +134,12 @@ def test_the_recipe_benchmark_refuses_the_options_it_does_not_take(monkeypatch):
     assert captured["recipes"] == ("504x30-seqkd",)
     with pytest.raises(ConfigError, match="unknown name '504x30'; known: 384x16-t0, "):
         bench_cli.run_benchmark(build_parser().parse_args(["bench", "generation-recipe", "--only", "504x30"]))
+
+
+def test_a_run_of_every_recipe_writes_the_full_table_and_of_some_a_section_named_by_their_ids():
+    assert generation_recipe.section_name(tuple(reversed(RECIPES))) == "generation-recipe"
+    # In the table's order, whatever order --only named them in.
+    assert (
+        generation_recipe.section_name(("576x30-mlp1024-seqkd", "384x16-t0"))
+        == "generation-recipe_384x16-t0_576x30-mlp1024-seqkd"
+    )
