@@ -114,6 +114,19 @@ def load_sentence(load: dict[str, Any]) -> str:
     )
 
 
+def provenance_lines(results: dict[str, Any]) -> list[str]:
+    """A section's command, finish time, wall time, machine, commit and load, as page lines."""
+    machine = results["machine"]
+    return [
+        f"Command: `{results['command']}` (finished {results['finished_at']}, wall time "
+        f"{results['wall_seconds'] / 60:.1f} min)",
+        "",
+        f"Machine: {machine['cpus']} CPUs ({machine['cpu_model']}), GPU: {machine['gpu']}, commit "
+        f"{machine['git_commit']}. {load_sentence(results['load']).capitalize()}.",
+        "",
+    ]
+
+
 def metric_name(key: str) -> str:
     """``key`` as MLflow accepts a metric name: method names such as kd+flexkd hold a '+'."""
     return re.sub(r"[^\w\-. /]", "_", key.replace("+", "_plus_"))

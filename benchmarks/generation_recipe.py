@@ -23,7 +23,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, LoadMonitor, command_line, load_sentence, machine, stage_seconds, write_results
+from benchmarks.common import (
+    RESULTS,
+    LoadMonitor,
+    command_line,
+    machine,
+    provenance_lines,
+    stage_seconds,
+    write_results,
+)
 from benchmarks.generation import (
     FLUENCY_MEASURES,
     METHODS,
@@ -181,13 +189,7 @@ def recipe_markdown(results: dict[str, Any]) -> str:
     lines = [
         f"### Generation: a student that can speak (the recipe{some})",
         "",
-        f"Command: `{results['command']}` (finished {results['finished_at']}, wall time "
-        f"{results['wall_seconds'] / 60:.1f} min)",
-        "",
-        f"Machine: {results['machine']['cpus']} CPUs ({results['machine']['cpu_model']}), GPU: "
-        f"{results['machine']['gpu']}, commit {results['machine']['git_commit']}. "
-        f"{load_sentence(results['load']).capitalize()}.",
-        "",
+        *provenance_lines(results),
         f"Each recipe is one run of the generation pipeline with plain kd, seed 0: the student cut out of "
         f"SmolLM2-135M-Instruct (blocks chosen by importance), {settings['train_rows']} T0 prompts, "
         f"{settings['steps']} steps of batch {settings['batch_size']}, lr {settings['learning_rate']}, "

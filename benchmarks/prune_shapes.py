@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import LoadMonitor, load_sentence, machine, write_results
+from benchmarks.common import LoadMonitor, machine, provenance_lines, write_results
 from benchmarks.generation import (
     METHODS,
     PIPELINE,
@@ -142,19 +142,12 @@ def prune_shapes_markdown(results: dict[str, Any]) -> str:
     lines = [
         "## How hard to prune: the pruned starts of SmolLM2, before any training",
         "",
-        f"Command: `{results['command']}` (finished {results['finished_at']}, wall time "
-        f"{results['wall_seconds'] / 60:.1f} min)",
-        "",
-        f"Machine: {results['machine']['cpus']} CPUs ({results['machine']['cpu_model']}), GPU: "
-        f"{results['machine']['gpu']}, commit {results['machine']['git_commit']}. "
-        f"{load_sentence(results['load']).capitalize()}.",
-        "",
+        *provenance_lines(results),
         f"Every shape is cut from one scoring pass of the teacher ({results['scoring_examples']} T0 rows; "
         "blocks kept by importance, residual units ranked over the kept blocks unless the row says "
         f"otherwise) and scored, untrained, on the first {results['eval_dialogues']} SAMSum dialogues "
         f"by the evaluate stage's code (greedy, at most {results['max_new_tokens']} new tokens, as the recipe "
-        "table). A lower "
-        "perplexity of the references leaves distillation less to relearn.",
+        "table). A lower perplexity of the references leaves distillation less to relearn.",
         "",
         "| shape | params | SAMSum ROUGE-L | perplexity of the references | distinct-2 | one-n-gram outputs "
         "| first output |",
