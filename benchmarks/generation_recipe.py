@@ -12,7 +12,8 @@ Before the generation comparison means anything, its students must pass the flue
 Each recipe runs the real pipeline (kd, seed 0) and is scored by the evaluate stage's code on the
 first SAMSum dialogues: ROUGE-L, perplexity of the references, distinct-2 and outputs that are one
 repeated n-gram, with the bar's verdict. Writes benchmarks/results/generation-recipe.{json,md}, or
-with ``--only`` a section of its own, generation-recipe_<ids>.{json,md} (``section_name``).
+with ``--only``, ``--steps`` or ``--train-rows`` a section of its own, generation-recipe_<ids>_steps<N>_rows<M>.{json,md}
+(``section_name``).
 """
 
 from __future__ import annotations
@@ -174,23 +175,37 @@ def run_generation_recipe(
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     results["headline"] = {f"rougeL.{row['recipe']}.{row['steps']}": row["samsum"] for row in rows}
-    write_results(section_name(recipes), results, recipe_markdown(results), None, tracking_uri(work_dir), results_dir)
+    write_results(
+        section_name(recipes, settings), results, recipe_markdown(results), None, tracking_uri(work_dir), results_dir
+    )
     return results
 
 
-def section_name(recipes: tuple[str, ...]) -> str:
-    """The results file of a run of ``recipes`` (ids): the full table's, or for some of them
-    (--only) a section of its own beside it, named by their ids in the table's order."""
-    if set(recipes) == set(RECIPES):
-        return "generation-recipe"
-    return "_".join(("generation-recipe", *(recipe for recipe in RECIPES if recipe in recipes)))
+def section_name(recipes: tuple[str, ...], settings: GenerationSettings) -> str:
+    """The results file of a run of ``recipes`` (ids) under ``settings``: the full table's at the
+    default settings, else a section of its own beside it, named by the ids in the table's order
+    and by the steps and training prompts that differ from ``recipe_settings()``, so that a run
+    with other settings does not overwrite another's numbers."""
+    default = recipe_settings()
+    parts = ["generation-recipe"]
+    if set(recipes) != set(RECIPES):
+        parts += [recipe for recipe in RECIPES if recipe in recipes]
+    if settings.steps != default.steps:
+        parts.append(f"steps{settings.steps}")
+    if settings.train_rows != default.train_rows:
+        parts.append(f"rows{settings.train_rows}")
+    return "_".join(parts)
 
 
 def recipe_markdown(results: dict[str, Any]) -> str:
     settings, teacher = results["settings"], results["teacher"]
     passing = [row for row in results["rows"] if not row["failures"] and row["steps"]]
     some = (
-        "" if set(results["recipes"]) == set(RECIPES) else ": " + "; ".join(RECIPES[i].name for i in results["recipes"])
+        ""
+        if set(results["recipes"]) == set(RECIPES)
+        else ": "
+        + "; ".join(RECIPES[i].name for i in results["recipes"])
+        + f", {settings['steps']} steps on {settings['train_rows']} prompts"
     )
     lines = [
         f"### Generation: a student that can speak (the recipe{some})",

@@ -99,6 +99,7 @@ def test_a_run_shows_each_models_fluency_and_verdict_and_one_row_per_pruned_star
     # Not every recipe ran: a section of its own, named by the recipes it holds.
     assert written["name"] == "generation-recipe_384x16-t0_384x16-seqkd_504x30-seqkd"
     assert page.startswith("### Generation: a student that can speak (the recipe: 384 wide, 16 blocks, T0 comp")
+    assert "504 wide, 30 blocks, teacher responses, 100 steps on 320 prompts)\n" in page
     assert "| teacher | - | 134.5M | 100.00 | 11.0 | 0.90 | 0 | - | Amanda baked cookies |" in page
     assert (
         "| 384 wide, 16 blocks, T0 completions | 100 | 38.4M | 0.00 | 30.0 | 0.30 | 0 | fails: distinct-2 below 0.5; "
@@ -136,10 +137,19 @@ def test_the_recipe_benchmark_refuses_the_options_it_does_not_take(monkeypatch):
         bench_cli.run_benchmark(build_parser().parse_args(["bench", "generation-recipe", "--only", "504x30"]))
 
 
-def test_a_run_of_every_recipe_writes_the_full_table_and_of_some_a_section_named_by_their_ids():
-    assert generation_recipe.section_name(tuple(reversed(RECIPES))) == "generation-recipe"
+def test_a_run_of_every_recipe_writes_the_full_table_and_of_some_or_other_settings_a_section_of_its_own():
+    default = recipe_settings()
+    assert generation_recipe.section_name(tuple(reversed(RECIPES)), default) == "generation-recipe"
     # In the table's order, whatever order --only named them in.
     assert (
-        generation_recipe.section_name(("576x30-mlp1024-seqkd", "384x16-t0"))
+        generation_recipe.section_name(("576x30-mlp1024-seqkd", "384x16-t0"), default)
         == "generation-recipe_384x16-t0_576x30-mlp1024-seqkd"
+    )
+    # Other steps or prompts: their own section, so one run does not overwrite another's numbers.
+    assert (
+        generation_recipe.section_name(("576x27-seqkd",), default.with_overrides(steps=200, train_rows=1000))
+        == "generation-recipe_576x27-seqkd_steps200_rows1000"
+    )
+    assert generation_recipe.section_name(tuple(RECIPES), default.with_overrides(steps=150)) == (
+        "generation-recipe_steps150"
     )
