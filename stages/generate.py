@@ -18,12 +18,14 @@ keeps the data's references. A train row's example_id is then its position in th
 A prompt keeps its last ``data.max_length - min(max_new_tokens + 1, data.max_length // 2)``
 tokens: what tokenize keeps of it beside a response of max_new_tokens tokens and eos, so the
 teacher answers the prompt the student trains on. A response that decodes to blank text (the
-teacher stopped at once) is left out and counted. With ``do_sample``, each batch's sampling is
+teacher stopped at once) is left out and counted; so is one that is a single n-gram repeated
+(``flexkd.evaluation.metrics.is_one_repeated_ngram``; kept with ``generate.drop_looping: false``),
+since a greedy teacher loops on some prompts and a student trained on the loop learns it. With ``do_sample``, each batch's sampling is
 seeded with ``generate.seed`` plus its first row's example_id, so a rerun writes the same
 responses wherever the batches run.
 
 MLflow (the stage's run): the generate settings as params; the metrics rows, blank_responses,
-truncated_responses (those that reached max_new_tokens), mean_response_tokens, and distinct_2
+looping_responses (left out or, with drop_looping false, kept), truncated_responses (those that reached max_new_tokens), mean_response_tokens, and distinct_2
 of the first 1000 responses; the first 20 responses as the table ``responses.json``.
 """
 
@@ -50,13 +52,13 @@ from flexkd.data.shards import ordered_execution
 from flexkd.data.sources import RowRules
 from flexkd.data.splits import GENERATED_TRAIN_FILE, check_split, split_task
 from flexkd.errors import StageError
-from flexkd.evaluation.metrics import distinct_n
+from flexkd.evaluation.metrics import distinct_n, is_one_repeated_ngram
 from flexkd.models.plan import load_pipeline_tokenizer, load_teacher
 
 SAMPLE_ROWS = 20  # responses logged as the MLflow table
 DISTINCT_ROWS = 1000  # the responses whose distinct-2 is logged (the driver keeps their text)
 # Per-row facts the actors return beside the rows, dropped before the file is written.
-_TOKENS, _TRUNCATED = "_response_tokens", "_truncated"
+_TOKENS, _TRUNCATED, _LOOPING = "_response_tokens", "_truncated", "_looping"
 
 
 def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> dict[str, Any]:
@@ -88,18 +90,21 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
                 num_gpus=1 if config.resources.use_gpu else 0,
                 **ACTOR_POOL_OPTIONS,
             )
-            written = _write_responses(answered, task, output_dir / GENERATED_TRAIN_FILE)
+            written = _write_responses(answered, task, output_dir / GENERATED_TRAIN_FILE, settings.drop_looping)
     except ConfigError as error:  # DataError included: "data.train (<path>): <cause>"
         raise StageError(f"generate: {error}") from None
+    dropped = written["looping"] if settings.drop_looping else 0
     if written["rows"] == 0:
+        kinds = "blank or one n-gram repeated" if dropped else "blank"
         raise StageError(
-            f"generate: the teacher's responses to all {summary.good} prompts of data.train are blank; "
+            f"generate: the teacher's responses to all {summary.good} prompts of data.train are {kinds}; "
             "nothing is left to train on"
         )
     answers = written["teacher_rows"]
     counts = {
         "rows": written["rows"],
-        "blank_responses": summary.good - answers,
+        "blank_responses": summary.good - answers - dropped,
+        "looping_responses": written["looping"],
         "truncated_responses": written["truncated"],
     }
     scores = {
@@ -165,23 +170,27 @@ def _response_rows(
     rows: pa.Table, task: TaskConfig, responses: list[str], lengths: list[int], truncated: list[bool], keep_data: bool
 ) -> pa.Table:
     """The rows to write for one batch: prompt columns, the response column, its source, the row's
-    id; the teacher's blank responses left out; with ``keep_data`` (replace_references false) each
-    row's reference first, then the teacher's response."""
+    id; the teacher's blank responses left out, its looping ones marked (``_LOOPING``: the driver
+    counts them, then leaves them out or keeps them); with ``keep_data`` (replace_references false)
+    each row's reference first, then the teacher's response."""
     prompts = rows.select(template_columns(task.prompt_template))
     count = rows.num_rows
 
-    def rows_with(response: pa.Array, origin: str, tokens: list[int], cut: list[bool]) -> pa.Table:
+    def rows_with(response: pa.Array, origin: str, tokens: list[int], cut: list[bool], looping: list[bool]) -> pa.Table:
         return (
             prompts.append_column(task.response_column, response)
             .append_column("response_source", pa.array([origin] * count))
             .append_column("source_example_id", rows.column("example_id"))
             .append_column(_TOKENS, pa.array(tokens, pa.int64()))
             .append_column(_TRUNCATED, pa.array(cut))
+            .append_column(_LOOPING, pa.array(looping, pa.bool_()))
         )
 
-    teacher = rows_with(pa.array(responses, pa.string()), "teacher", lengths, truncated)
+    looping = [is_one_repeated_ngram(text) for text in responses]
+    teacher = rows_with(pa.array(responses, pa.string()), "teacher", lengths, truncated, looping)
     if keep_data:
-        data = rows_with(rows.column(task.response_column).cast(pa.string()), "data", [0] * count, [False] * count)
+        none = [False] * count
+        data = rows_with(rows.column(task.response_column).cast(pa.string()), "data", [0] * count, none, none)
         # Interleaved: row i's reference at 2i, its teacher response at 2i + 1.
         teacher = pa.concat_tables([data, teacher]).take(np.arange(2 * count).reshape(2, count).T.ravel())
     blank = pc.and_(
@@ -191,23 +200,28 @@ def _response_rows(
     return teacher.filter(pc.invert(blank))
 
 
-def _write_responses(answered: ray.data.Dataset, task: TaskConfig, path: Path) -> dict[str, Any]:
-    """Stream the answered rows into one parquet file, in order; returns the counts, the first
-    DISTINCT_ROWS teacher responses and the first SAMPLE_ROWS as a table (column -> values)."""
+def _write_responses(answered: ray.data.Dataset, task: TaskConfig, path: Path, drop_looping: bool) -> dict[str, Any]:
+    """Stream the answered rows into one parquet file, in order, the looping responses left out
+    with ``drop_looping``; returns the counts (of looping responses: all of them), and of the
+    teacher responses written the first DISTINCT_ROWS and the first SAMPLE_ROWS as a table
+    (column -> values)."""
     writer: pq.ParquetWriter | None = None
-    written: dict[str, Any] = {"rows": 0, "teacher_rows": 0, "truncated": 0, "response_tokens": 0}
+    written: dict[str, Any] = {"rows": 0, "teacher_rows": 0, "looping": 0, "truncated": 0, "response_tokens": 0}
     responses: list[str] = []
     shown = [*template_columns(task.prompt_template), task.response_column, "source_example_id"]
     sample: list[pa.Table] = []
     try:
         for batch in answered.iter_batches(batch_format="pyarrow", batch_size=None):
+            written["looping"] += pc.sum(batch.column(_LOOPING).cast(pa.int64())).as_py() or 0
+            if drop_looping:
+                batch = batch.filter(pc.invert(batch.column(_LOOPING)))
             answers = batch.filter(pc.equal(batch.column("response_source"), "teacher"))
             written["teacher_rows"] += answers.num_rows
             written["truncated"] += pc.sum(answers.column(_TRUNCATED).cast(pa.int64())).as_py() or 0
             written["response_tokens"] += pc.sum(answers.column(_TOKENS)).as_py() or 0
             responses += answers.column(task.response_column).to_pylist()[: DISTINCT_ROWS - len(responses)]
             sample.append(answers.select(shown).slice(0, SAMPLE_ROWS - sum(table.num_rows for table in sample)))
-            rows = batch.drop_columns([_TOKENS, _TRUNCATED])
+            rows = batch.drop_columns([_TOKENS, _TRUNCATED, _LOOPING])
             if rows.num_rows == 0:
                 continue
             if writer is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import pyarrow as pa
@@ -20,7 +21,7 @@ from flexkd.errors import StageError
 from flexkd.evaluation.metrics import distinct_n, fluency_scores, is_one_repeated_ngram
 from flexkd.models.plan import load_pipeline_tokenizer, load_teacher
 from flexkd.pipeline.runner import pipeline_stages, planned_fingerprint, run_pipeline
-from flexkd.stages.generate import TeacherResponses, _response_rows
+from flexkd.stages.generate import TeacherResponses, _response_rows, _write_responses
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = REPO_ROOT / "pipelines"
@@ -215,6 +216,28 @@ def test_blank_responses_are_left_out_and_a_kept_reference_stays(tmp_path):
     ]
 
 
+@pytest.mark.parametrize("drop_looping", [True, False])
+def test_looping_responses_are_counted_and_left_out_unless_kept(tmp_path, drop_looping):
+    task = generation_debug(tmp_path).task.model_copy(
+        update={"prompt_template": TEMPLATE, "response_column": "summary"}
+    )
+    rows = pa.table({"dialogue": ["a", "b", "c"], "summary": ["A", "B", "C"], "example_id": pa.array([0, 1, 2])})
+    # Row 1's reference "B" stays: only the teacher's responses are judged.
+    batch = _response_rows(rows, task, ["Amanda bakes.", "go on go on go", "Jerry: ok"], [3, 5, 3], [False] * 3, True)
+    answered = SimpleNamespace(iter_batches=lambda **options: iter([batch]))
+    written = _write_responses(answered, task, tmp_path / "responses.parquet", drop_looping)
+
+    kept = pq.read_table(tmp_path / "responses.parquet")
+    assert written["looping"] == 1
+    expected = ["A", "Amanda bakes.", "B", "go on go on go", "C", "Jerry: ok"]
+    if drop_looping:
+        expected.remove("go on go on go")
+    assert kept["summary"].to_pylist() == expected and written["rows"] == len(expected)
+    assert written["teacher_rows"] == len(expected) - 3 and written["response_tokens"] == (6 if drop_looping else 11)
+    assert ("go on go on go" in written["first_responses"]) is not drop_looping
+    assert kept.column_names == ["dialogue", "summary", "response_source", "source_example_id"]
+
+
 def test_a_teacher_whose_every_response_is_blank_stops_the_stage_in_one_line(tmp_path, local_ray):
     """A teacher with a zeroed final norm gives all-zero logits, so greedy decoding picks token 0
     (<|endoftext|>, a special token) at every step: every response decodes to blank text."""
@@ -272,7 +295,8 @@ def test_the_student_trains_on_the_teachers_responses_and_generate_is_reused(tmp
     generated = result.stages["generate"]
     responses = pq.read_table(generated.directory / GENERATED_TRAIN_FILE)
     assert generated.outputs["rows"] == responses.num_rows > 0
-    assert generated.outputs["prompts"] == 24 == responses.num_rows + generated.outputs["blank_responses"]
+    outputs = generated.outputs
+    assert outputs["prompts"] == 24 == responses.num_rows + outputs["blank_responses"] + outputs["looping_responses"]
     references = [json.loads(line)["summary"] for line in SAMSUM.read_text().splitlines()[:24]]
     assert not set(responses.column("summary").to_pylist()) & set(references)
     # tokenize's train rows (and the score rows, which default to them) hold the teacher's responses.

@@ -388,6 +388,11 @@ class GenerateConfig(_Section):
     top_p: float = Field(1.0, gt=0, le=1, description="do_sample: the nucleus sampling probability mass")
     batch_size: int = Field(16, gt=0, description="prompts per teacher generate call")
     seed: int = Field(0, description="do_sample: each batch's sampling is seeded with seed + its first row's id")
+    drop_looping: bool = Field(
+        True,
+        description="leave out the teacher's responses that are one n-gram repeated ('I am glad. I am glad. "
+        "I am'): trained on, they teach the student the loop",
+    )
     replace_references: bool = Field(
         True,
         description="true: the student trains on the teacher's responses instead of the data's references "
