@@ -78,6 +78,7 @@ RECIPES: dict[str, Recipe] = {
         {"hidden_size": 576, "num_layers": 27, "num_key_value_heads": 3, "intermediate_size": 1536} | SEQKD,
     ),
 }
+RESPONSE_COUNTS = ("rows", "looping_responses", "truncated_responses")  # the generate stage's, per SeqKD recipe
 EVAL_DIALOGUES = 60  # SAMSum rows scored per model: five models' greedy decoding within the 90 minutes
 
 
@@ -155,6 +156,12 @@ def run_generation_recipe(
                     **fluency["student"],
                     "first_output": predictions[0]["student"],
                     "seconds": {stage: stage_seconds(record) for stage, record in stages.items()},
+                    "teacher_responses": (
+                        {count: stages["generate"].outputs[count] for count in RESPONSE_COUNTS}
+                        | {"drop_looping": config.generate.drop_looping}
+                        if "generate" in stages
+                        else None
+                    ),
                 }
             )
             (work_dir / "generation-recipe.partial.json").write_text(json.dumps(rows, indent=1))
@@ -236,6 +243,13 @@ def recipe_markdown(results: dict[str, Any]) -> str:
         "",
         f"Reference of the first dialogue: {table_cell(results['reference'], 200)}",
         "",
+        *(
+            f"Teacher responses of {row['recipe']}: {counts['rows']} trained on, {counts['truncated_responses']} of "
+            f"them cut at {row['settings']['seqkd_max_new_tokens']} tokens; {counts['looping_responses']} that "
+            f"were one n-gram repeated {'left out' if counts['drop_looping'] else 'kept'}.\n"
+            for row in results["rows"]
+            if (counts := row.get("teacher_responses"))
+        ),
         (
             "Distilled recipes that pass the bar: " + ", ".join(f"**{row['recipe']}**" for row in passing) + "."
             if passing

@@ -64,6 +64,8 @@ def test_a_run_shows_each_models_fluency_and_verdict_and_one_row_per_pruned_star
         )
         evaluated.append(tuple(stages))
         found = {stage: _stage(tmp_path) for stage in stages}
+        if "generate" in found:
+            found["generate"] = _stage(tmp_path, {"rows": 300, "looping_responses": 10, "truncated_responses": 120})
         return SimpleNamespace(
             stages=found | {"score": _stage(score_dir), "evaluate": _stage(evaluate_dir, {"metrics": metrics})}
         )
@@ -107,6 +109,12 @@ def test_a_run_shows_each_models_fluency_and_verdict_and_one_row_per_pruned_star
     ) in page
     assert "| 504 wide, 30 blocks, teacher responses | 100 | 50.4M | 100.00 | 15.0 | 0.80 | 0 | passes |" in page
     assert "fails: distinct-2 below 0.5; 2 outputs one repeated n-gram; SAMSum ROUGE-L below half" in page
+    # The SeqKD recipes' teacher responses, and only theirs (the T0 recipe has no generate stage).
+    assert page.count("Teacher responses of") == 2
+    assert (
+        "Teacher responses of 504 wide, 30 blocks, teacher responses: 300 trained on, 120 of them cut at 64 "
+        "tokens; 10 that were one n-gram repeated left out.\n"
+    ) in page
     assert page.endswith(
         "Distilled recipes that pass the bar: **384 wide, 16 blocks, teacher responses**, "
         "**504 wide, 30 blocks, teacher responses**.\n"
