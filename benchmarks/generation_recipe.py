@@ -207,13 +207,13 @@ def section_name(recipes: tuple[str, ...], settings: GenerationSettings) -> str:
 def recipe_markdown(results: dict[str, Any]) -> str:
     settings, teacher = results["settings"], results["teacher"]
     passing = [row for row in results["rows"] if not row["failures"] and row["steps"]]
-    some = (
-        ""
-        if set(results["recipes"]) == set(RECIPES)
-        else ": "
-        + "; ".join(RECIPES[i].name for i in results["recipes"])
-        + f", {settings['steps']} steps on {settings['train_rows']} prompts"
-    )
+    # As section_name: a section other than the full table at the default settings names its scope.
+    default = recipe_settings()
+    subset = set(results["recipes"]) != set(RECIPES)
+    scope = ["; ".join(RECIPES[i].name for i in results["recipes"])] if subset else []
+    if subset or (settings["steps"], settings["train_rows"]) != (default.steps, default.train_rows):
+        scope.append(f"{settings['steps']} steps on {settings['train_rows']} prompts")
+    some = ": " + ", ".join(scope) if scope else ""
     lines = [
         f"### Generation: a student that can speak (the recipe{some})",
         "",

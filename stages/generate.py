@@ -20,13 +20,14 @@ tokens: what tokenize keeps of it beside a response of max_new_tokens tokens and
 teacher answers the prompt the student trains on. A response that decodes to blank text (the
 teacher stopped at once) is left out and counted; so is one that is a single n-gram repeated
 (``flexkd.evaluation.metrics.is_one_repeated_ngram``; kept with ``generate.drop_looping: false``),
-since a greedy teacher loops on some prompts and a student trained on the loop learns it. With ``do_sample``, each batch's sampling is
-seeded with ``generate.seed`` plus its first row's example_id, so a rerun writes the same
-responses wherever the batches run.
+since a greedy teacher loops on some prompts and a student trained on the loop learns it. With
+``do_sample``, each batch's sampling is seeded with ``generate.seed`` plus its first row's
+example_id, so a rerun writes the same responses wherever the batches run.
 
 MLflow (the stage's run): the generate settings as params; the metrics rows, blank_responses,
-looping_responses (left out or, with drop_looping false, kept), truncated_responses (those that reached max_new_tokens), mean_response_tokens, and distinct_2
-of the first 1000 responses; the first 20 responses as the table ``responses.json``.
+looping_responses (left out or, with drop_looping false, kept), truncated_responses (those that
+reached max_new_tokens), mean_response_tokens, and distinct_2 of the first 1000 responses
+written; the first 20 responses written as the table ``responses.json``.
 """
 
 from __future__ import annotations
@@ -93,29 +94,36 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
             written = _write_responses(answered, task, output_dir / GENERATED_TRAIN_FILE, settings.drop_looping)
     except ConfigError as error:  # DataError included: "data.train (<path>): <cause>"
         raise StageError(f"generate: {error}") from None
-    dropped = written["looping"] if settings.drop_looping else 0
-    if written["rows"] == 0:
-        kinds = "blank or one n-gram repeated" if dropped else "blank"
+    counts = _response_counts(summary.good, written, settings.drop_looping)
+    if counts["rows"] == 0:
+        kinds = "blank or one n-gram repeated" if settings.drop_looping and counts["looping_responses"] else "blank"
         raise StageError(
             f"generate: the teacher's responses to all {summary.good} prompts of data.train are {kinds}; "
             "nothing is left to train on"
         )
     answers = written["teacher_rows"]
-    counts = {
-        "rows": written["rows"],
-        "blank_responses": summary.good - answers - dropped,
-        "looping_responses": written["looping"],
-        "truncated_responses": written["truncated"],
-    }
     scores = {
         "mean_response_tokens": written["response_tokens"] / max(answers, 1),
         "distinct_2": distinct_n(written["first_responses"], 2),
     }
     mlflow.log_params({f"generate.{name}": value for name, value in settings.model_dump().items()})
     mlflow.log_metrics({name: float(value) for name, value in (counts | scores).items()})
-    if written["sample"]:  # empty when every response is blank beside kept references
+    if written["sample"]:  # empty when no response is written beside kept references
         mlflow.log_table(written["sample"], artifact_file="responses.json")
     return {"file": GENERATED_TRAIN_FILE, "prompts": summary.good, "bad_rows_skipped": summary.bad} | counts | scores
+
+
+def _response_counts(prompts: int, written: dict[str, Any], drop_looping: bool) -> dict[str, int]:
+    """The counts of the manifest: rows written (kept references included); the teacher's blank
+    responses (never written), its looping ones (written only without ``drop_looping``) and those
+    cut at max_new_tokens, of the ``prompts`` it answered."""
+    left_out = written["looping"] if drop_looping else 0
+    return {
+        "rows": written["rows"],
+        "blank_responses": prompts - written["teacher_rows"] - left_out,
+        "looping_responses": written["looping"],
+        "truncated_responses": written["truncated"],
+    }
 
 
 class TeacherResponses:
@@ -186,7 +194,7 @@ def _response_rows(
             .append_column(_LOOPING, pa.array(looping, pa.bool_()))
         )
 
-    looping = [is_one_repeated_ngram(text) for text in responses]
+    looping = [is_one_repeated_ngram(text, cut) for text, cut in zip(responses, truncated, strict=True)]
     teacher = rows_with(pa.array(responses, pa.string()), "teacher", lengths, truncated, looping)
     if keep_data:
         none = [False] * count

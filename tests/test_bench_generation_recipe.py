@@ -5,6 +5,7 @@ with one pruned-start row per distinct pruning."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -160,4 +161,37 @@ def test_a_run_of_every_recipe_writes_the_full_table_and_of_some_or_other_settin
     )
     assert generation_recipe.section_name(tuple(RECIPES), default.with_overrides(steps=150)) == (
         "generation-recipe_steps150"
+    )
+
+
+def test_a_sections_heading_names_its_recipes_and_its_steps_and_prompts_unless_it_is_the_full_default_table():
+    def heading(recipes, **settings):
+        results = {
+            "settings": asdict(recipe_settings().with_overrides(**settings)),
+            "recipes": list(recipes),
+            "teacher": {
+                "samsum": 10.0,
+                "perplexity": 9.0,
+                "distinct_2": 0.6,
+                "repeated_ngram_outputs": 0,
+                "first_output": "x",
+            },
+            "rows": [],
+            "eval_dialogues": 3,
+            "reference": "y",
+            "command": "c",
+            "machine": {"cpus": 2, "cpu_model": "m", "gpu": None, "git_commit": "abc"},
+            "finished_at": "t",
+            "wall_seconds": 60.0,
+            "load": {"cpus": 2, "load1_mean": 1.0, "load1_min": 1.0, "load1_max": 1.0, "seconds": 60.0},
+        }
+        return generation_recipe.recipe_markdown(results).splitlines()[0]
+
+    assert heading(RECIPES) == "### Generation: a student that can speak (the recipe)"
+    assert (
+        heading(RECIPES, steps=150) == "### Generation: a student that can speak (the recipe: 150 steps on 320 prompts)"
+    )
+    assert heading(["576x27-seqkd"], train_rows=1000) == (
+        "### Generation: a student that can speak (the recipe: 576 wide, 27 blocks, teacher responses, "
+        "100 steps on 1000 prompts)"
     )

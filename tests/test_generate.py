@@ -21,7 +21,7 @@ from flexkd.errors import StageError
 from flexkd.evaluation.metrics import distinct_n, fluency_scores, is_one_repeated_ngram
 from flexkd.models.plan import load_pipeline_tokenizer, load_teacher
 from flexkd.pipeline.runner import pipeline_stages, planned_fingerprint, run_pipeline
-from flexkd.stages.generate import TeacherResponses, _response_rows, _write_responses
+from flexkd.stages.generate import TeacherResponses, _response_counts, _response_rows, _write_responses
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = REPO_ROOT / "pipelines"
@@ -128,6 +128,7 @@ def test_distinct_2_counts_distinct_word_bigrams_over_all_outputs():
         ("I am I am I am", True),
         ("I am I am I", True),  # cut at max_new_tokens after a whole word
         ("Amanda: Amanda: Aman", True),  # ... or inside one
+        ("and a", True),  # as far as the text alone tells
         ("a b c a b c", True),
         ("a b c a b d", False),
         ("Amanda baked cookies for Jerry.", False),
@@ -138,6 +139,13 @@ def test_distinct_2_counts_distinct_word_bigrams_over_all_outputs():
 )
 def test_an_output_that_is_one_repeated_ngram(text, repeated):
     assert is_one_repeated_ngram(text) is repeated
+
+
+def test_an_output_that_ended_by_itself_must_end_on_a_whole_word_to_be_a_loop():
+    assert not is_one_repeated_ngram("and a", cut=False) and not is_one_repeated_ngram(
+        "Amanda: Amanda: Aman", cut=False
+    )
+    assert is_one_repeated_ngram("I am I am", cut=False) and is_one_repeated_ngram("ok ok ok", cut=False)
 
 
 def test_fluency_scores_of_a_set_of_outputs():
@@ -221,21 +229,31 @@ def test_looping_responses_are_counted_and_left_out_unless_kept(tmp_path, drop_l
     task = generation_debug(tmp_path).task.model_copy(
         update={"prompt_template": TEMPLATE, "response_column": "summary"}
     )
-    rows = pa.table({"dialogue": ["a", "b", "c"], "summary": ["A", "B", "C"], "example_id": pa.array([0, 1, 2])})
-    # Row 1's reference "B" stays: only the teacher's responses are judged.
-    batch = _response_rows(rows, task, ["Amanda bakes.", "go on go on go", "Jerry: ok"], [3, 5, 3], [False] * 3, True)
+    rows = pa.table({"dialogue": [*"abcd"], "summary": [*"ABCD"], "example_id": pa.array([0, 1, 2, 3])})
+    # Row 1's reference "B" stays: only the teacher's responses are judged. Row 2's "and a" ended
+    # by itself (not cut at max_new_tokens), so its last word is whole: no loop. Row 3's is blank.
+    responses = ["Amanda bakes.", "go on go on go", "and a", ""]
+    batch = _response_rows(rows, task, responses, [3, 5, 2, 0], [False, True, False, False], True)
     answered = SimpleNamespace(iter_batches=lambda **options: iter([batch]))
     written = _write_responses(answered, task, tmp_path / "responses.parquet", drop_looping)
 
     kept = pq.read_table(tmp_path / "responses.parquet")
-    assert written["looping"] == 1
-    expected = ["A", "Amanda bakes.", "B", "go on go on go", "C", "Jerry: ok"]
+    expected = ["A", "Amanda bakes.", "B", "go on go on go", "C", "and a", "D"]
     if drop_looping:
         expected.remove("go on go on go")
-    assert kept["summary"].to_pylist() == expected and written["rows"] == len(expected)
-    assert written["teacher_rows"] == len(expected) - 3 and written["response_tokens"] == (6 if drop_looping else 11)
-    assert ("go on go on go" in written["first_responses"]) is not drop_looping
+    assert kept["summary"].to_pylist() == expected
     assert kept.column_names == ["dialogue", "summary", "response_source", "source_example_id"]
+    assert written["response_tokens"] == (5 if drop_looping else 10)
+    assert ("go on go on go" in written["first_responses"]) is not drop_looping
+    # Of the 4 prompts: 1 blank, 1 looping (left out or kept), whichever way the loop went; the
+    # truncated are counted among the responses written (the loop was the one cut).
+    counts = _response_counts(4, written, drop_looping)
+    assert counts == {
+        "rows": len(expected),
+        "blank_responses": 1,
+        "looping_responses": 1,
+        "truncated_responses": 0 if drop_looping else 1,
+    }
 
 
 def test_a_teacher_whose_every_response_is_blank_stops_the_stage_in_one_line(tmp_path, local_ray):

@@ -137,14 +137,16 @@ def distinct_n(outputs: Sequence[str], n: int = 2) -> float:
     return len(set(ngrams)) / len(ngrams) if ngrams else 0.0
 
 
-def is_one_repeated_ngram(text: str) -> bool:
+def is_one_repeated_ngram(text: str, cut: bool = True) -> bool:
     """Whether an output is a single n-gram of words said at least twice and nothing else ("the the
-    the", "I am I am I"): its words repeat with a period n <= half their count. The last word may
-    be a prefix of the word due there, since generation stops at max_new_tokens mid-word."""
+    the", "I am I am I"): its words repeat with a period n <= half their count. With ``cut`` (the
+    output may have stopped at max_new_tokens, mid-word) the last word may be a prefix of the word
+    due there; an output that ended by itself must end on the whole word ("and a" is no loop)."""
     words = text.split()
     for n in range(1, len(words) // 2 + 1):
         periodic = all(words[i] == words[i % n] for i in range(len(words) - 1))
-        if periodic and words[(len(words) - 1) % n].startswith(words[-1]):
+        due = words[(len(words) - 1) % n]
+        if periodic and (due.startswith(words[-1]) if cut else due == words[-1]):
             return True
     return False
 
