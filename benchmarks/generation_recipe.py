@@ -12,8 +12,8 @@ Before the generation comparison means anything, its students must pass the flue
 Each recipe runs the real pipeline (kd, seed 0) and is scored by the evaluate stage's code on the
 first SAMSum dialogues: ROUGE-L, perplexity of the references, distinct-2 and outputs that are one
 repeated n-gram, with the bar's verdict. Writes benchmarks/results/generation-recipe.{json,md}, or
-with ``--only``, ``--steps`` or ``--train-rows`` a section of its own, generation-recipe_<ids>_steps<N>_rows<M>.{json,md}
-(``section_name``).
+with ``--only``, ``--steps`` or ``--train-rows`` a section of its own,
+generation-recipe_<ids>_steps<N>_rows<M>.{json,md} (``section_name``).
 """
 
 from __future__ import annotations
@@ -193,25 +193,29 @@ def section_name(recipes: tuple[str, ...], settings: GenerationSettings) -> str:
     default settings, else a section of its own beside it, named by the ids in the table's order
     and by the steps and training prompts that differ from ``recipe_settings()``, so that a run
     with other settings does not overwrite another's numbers."""
-    default = recipe_settings()
     parts = ["generation-recipe"]
     if set(recipes) != set(RECIPES):
         parts += [recipe for recipe in RECIPES if recipe in recipes]
-    if settings.steps != default.steps:
-        parts.append(f"steps{settings.steps}")
-    if settings.train_rows != default.train_rows:
-        parts.append(f"rows{settings.train_rows}")
-    return "_".join(parts)
+    return "_".join(parts + _changed_settings(settings.steps, settings.train_rows))
+
+
+def _changed_settings(steps: int, train_rows: int) -> list[str]:
+    """The steps and training prompts of a run that differ from ``recipe_settings()``, as name parts."""
+    default = recipe_settings()
+    return [
+        f"{name}{value}"
+        for name, value, default_value in (("steps", steps, default.steps), ("rows", train_rows, default.train_rows))
+        if value != default_value
+    ]
 
 
 def recipe_markdown(results: dict[str, Any]) -> str:
     settings, teacher = results["settings"], results["teacher"]
     passing = [row for row in results["rows"] if not row["failures"] and row["steps"]]
     # As section_name: a section other than the full table at the default settings names its scope.
-    default = recipe_settings()
     subset = set(results["recipes"]) != set(RECIPES)
     scope = ["; ".join(RECIPES[i].name for i in results["recipes"])] if subset else []
-    if subset or (settings["steps"], settings["train_rows"]) != (default.steps, default.train_rows):
+    if subset or _changed_settings(settings["steps"], settings["train_rows"]):
         scope.append(f"{settings['steps']} steps on {settings['train_rows']} prompts")
     some = ": " + ", ".join(scope) if scope else ""
     lines = [

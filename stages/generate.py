@@ -197,8 +197,8 @@ def _response_rows(
     looping = [is_one_repeated_ngram(text, cut) for text, cut in zip(responses, truncated, strict=True)]
     teacher = rows_with(pa.array(responses, pa.string()), "teacher", lengths, truncated, looping)
     if keep_data:
-        none = [False] * count
-        data = rows_with(rows.column(task.response_column).cast(pa.string()), "data", [0] * count, none, none)
+        no = [False] * count  # a reference is neither cut nor a loop
+        data = rows_with(rows.column(task.response_column).cast(pa.string()), "data", [0] * count, no, no)
         # Interleaved: row i's reference at 2i, its teacher response at 2i + 1.
         teacher = pa.concat_tables([data, teacher]).take(np.arange(2 * count).reshape(2, count).T.ravel())
     blank = pc.and_(
