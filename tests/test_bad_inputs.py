@@ -248,6 +248,14 @@ def _write_jsonl(path: Path) -> Path:
     return path.with_suffix(".jsonl")
 
 
+def _write_json_array(path: Path) -> Path:
+    """Alpaca-style: one array of objects, with a byte-order mark."""
+    rows = [json.dumps({"sentence": text, "label": i % 2}).encode() for i, text in enumerate(SENTENCES)]
+    rows[2] = b'{"sentence": "caf\xe9", "label": 0}'
+    path.with_suffix(".json").write_bytes(b"\xef\xbb\xbf[\n" + b",\n".join(rows) + b"\n]\n")
+    return path.with_suffix(".json")
+
+
 def _write_tsv(path: Path) -> Path:
     path.with_suffix(".tsv").write_bytes(_text_with_one_latin1_row("\t"))
     return path.with_suffix(".tsv")
@@ -292,6 +300,7 @@ def _write_saved_dataset(path: Path) -> Path:
     "write",
     [
         _write_jsonl,
+        _write_json_array,
         _write_tsv,
         _write_csv,
         _write_parquet_binary,
@@ -299,7 +308,7 @@ def _write_saved_dataset(path: Path) -> Path:
         _write_parquet_folder,
         _write_saved_dataset,
     ],
-    ids=["jsonl", "tsv", "csv", "parquet-binary", "parquet-string", "parquet-folder", "saved-dataset"],
+    ids=["jsonl", "json-array", "tsv", "csv", "parquet-binary", "parquet-string", "parquet-folder", "saved-dataset"],
 )
 def test_text_that_is_not_utf8_is_one_line_naming_file_row_and_column_in_every_format(tmp_path, capsys, write):
     data = write(tmp_path / "train")

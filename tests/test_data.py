@@ -20,7 +20,7 @@ from flexkd.data.rows import (
     tokenize_rows,
     verbalizer_token_ids,
 )
-from flexkd.data.sources import RowRules, batch_readers, read_checked, scan_source
+from flexkd.data.sources import DataError, RowRules, batch_readers, read_checked, scan_source
 from flexkd.method.losses import UNLABELED
 
 SST2_TASK = TaskConfig(
@@ -235,3 +235,33 @@ def test_a_generation_row_needs_a_response(tmp_path):
     )
     summary = scan_source(str(tmp_path / "x.jsonl"), RowRules.for_task(SAMSUM_TASK))
     assert (summary.good, summary.bad, str(summary.first_bad)) == (1, 1, "row 1, column 'summary': empty text")
+
+
+def test_a_json_array_of_objects_reads_like_json_lines(tmp_path):
+    """Alpaca's data.json shape; a key missing from a row is a null there, and so a bad row."""
+    (tmp_path / "x.json").write_text(
+        ' [{"dialogue": "A: hi", "summary": "A greets."},\n'
+        ' {"dialogue": "B: yo", "summary": "B greets.", "id": 7},\n'
+        ' {"dialogue": "C: hey"}]'
+    )
+    rules = RowRules.for_task(SAMSUM_TASK)
+    summary = scan_source(str(tmp_path / "x.json"), rules)
+    assert (summary.good, summary.bad, str(summary.first_bad)) == (2, 1, "row 2, column 'summary': empty (null)")
+    ((read, first_id),) = batch_readers(str(tmp_path / "x.json"))
+    rows = pa.concat_tables(read_checked(read, first_id, rules)).to_pydict()
+    assert rows == {"dialogue": ["A: hi", "B: yo"], "summary": ["A greets.", "B greets."], "example_id": [0, 1]}
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        ('[{"dialogue": "A: hi", "summary": "x"}, "B: yo"]', "row 1: not a JSON object"),
+        ('[{"dialogue": "A: hi", "summary": "x"}, {"dialogue": 3.5, "summary": "y"}]', "a column mixes types"),
+        ('[{"dialogue": "A: hi", "summary": "x"},]', "JSON parse error: Expecting value: line 1 column 40"),
+    ],
+)
+def test_a_json_array_that_is_not_rows_is_one_line(tmp_path, content, reason):
+    (tmp_path / "x.json").write_text(content)
+    with pytest.raises(DataError) as error:
+        scan_source(str(tmp_path / "x.json"), RowRules.for_task(SAMSUM_TASK))
+    assert str(error.value).startswith(reason) and "\n" not in str(error.value)

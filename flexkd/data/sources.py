@@ -17,7 +17,9 @@ decimal string: CSV and TSV labels are strings).
 
 from __future__ import annotations
 
+import codecs
 import functools
+import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,10 +38,8 @@ import pyarrow.parquet as pq
 from flexkd.config.schema import ConfigError, TaskConfig
 from flexkd.data.rows import class_index, template_columns
 
-FORMATS = (
-    ".jsonl or .json (JSON lines), .tsv, .csv, .parquet, a folder of parquet files, a datasets save_to_disk folder"
-)
-SAVED_DATASET_ROWS_PER_READ = 8192
+FORMATS = ".jsonl or .json (JSON lines, or one array of objects), .tsv, .csv, .parquet, a folder of parquet files, a datasets save_to_disk folder"
+ROWS_PER_READ = 8192  # rows per record batch where flexkd, not pyarrow, cuts a source into batches
 
 BatchReader = Callable[[], Iterator[pa.RecordBatch]]
 
@@ -66,8 +66,8 @@ def batch_readers(path: str) -> list[tuple[BatchReader, int]]:
             # load_from_disk memory-maps the arrow files: the length costs no reading.
             total = len(datasets.load_from_disk(path))
             return [
-                (functools.partial(_saved_dataset_batches, path, start, start + SAVED_DATASET_ROWS_PER_READ), start)
-                for start in range(0, total, SAVED_DATASET_ROWS_PER_READ)
+                (functools.partial(_saved_dataset_batches, path, start, start + ROWS_PER_READ), start)
+                for start in range(0, total, ROWS_PER_READ)
             ]
         entries = filesystem.get_file_info(pyarrow.fs.FileSelector(location, recursive=True))
         files = sorted(entry.path for entry in entries if entry.path.endswith(".parquet"))
@@ -97,7 +97,47 @@ def batch_readers(path: str) -> list[tuple[BatchReader, int]]:
 
 def _json_batches(filesystem: pyarrow.fs.FileSystem, path: str) -> Iterator[pa.RecordBatch]:
     with filesystem.open_input_stream(path) as stream:
+        start = stream.read(4096).lstrip(codecs.BOM_UTF8 + b" \t\r\n")
+    if start.startswith(b"["):
+        yield from _json_array_batches(filesystem, path)
+        return
+    with filesystem.open_input_stream(path) as stream:
         yield from pyarrow.json.open_json(stream)
+
+
+def _json_array_batches(filesystem: pyarrow.fs.FileSystem, path: str) -> Iterator[pa.RecordBatch]:
+    # One array of row objects (Alpaca's data.json), which pyarrow's JSON-lines reader refuses.
+    # Read whole, as any JSON document must be; the struct array takes every key of every row.
+    with filesystem.open_input_stream(path) as stream:
+        raw = stream.read()
+    try:
+        rows = json.loads(raw.removeprefix(codecs.BOM_UTF8).decode("utf-8", "surrogateescape"))
+    except json.JSONDecodeError as error:
+        raise DataError(f"JSON parse error: {error}") from None
+    not_object = next((index for index, value in enumerate(rows) if not isinstance(value, dict)), None)
+    if not_object is not None:
+        raise DataError(f"row {not_object}: not a JSON object; a .json array must hold one object per row")
+    # A byte that is not UTF-8 was kept as a lone surrogate: its column goes on as bytes, and
+    # check_rows names the row, as for every other format.
+    for key in {key for row in rows for key, value in row.items() if isinstance(value, str) and _not_utf8(value)}:
+        for row in rows:
+            if isinstance(row.get(key), str):
+                row[key] = row[key].encode("utf-8", "surrogateescape")
+    if not rows:
+        return
+    try:
+        table = pa.Table.from_struct_array(pa.array(rows))
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:  # a column with a string in one row, a number in another
+        raise DataError(f"a column mixes types: {str(error).splitlines()[0]}") from None
+    yield from table.to_batches(max_chunksize=ROWS_PER_READ)
+
+
+def _not_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _csv_batches(
