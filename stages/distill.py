@@ -55,6 +55,7 @@ from flexkd.config.schema import ConfigError, PipelineConfig
 from flexkd.data.directions_files import distilled_ks, read_directions
 from flexkd.data.rows import ROW_SCHEMA, TRANSFER_SPLIT, collate_batch
 from flexkd.data.shards import read_shards
+from flexkd.data.splits import transfer_rows_per_batch
 from flexkd.data.teacher_targets import cached_teacher_outputs, online_teacher_outputs, units_column
 from flexkd.evaluation.periodic import StudentEvaluator
 from flexkd.method.objective import LayerPair, ObjectiveSettings, StudentWithObjective, objective_module
@@ -314,17 +315,6 @@ def training_rows(directory: Path, columns: list[str] | None, rows: ray.data.Dat
     if rows is None:
         return read_shards(directory, columns)
     return rows if columns is None else rows.select_columns(columns)
-
-
-def transfer_rows_per_batch(batch_size: int, labeled_rows: int, transfer_rows: int) -> int:
-    """How many of a batch's rows are unlabeled transfer rows: their share of all rows, rounded,
-    leaving at least one row of each kind. Raises ConfigError if a batch cannot hold both."""
-    if batch_size < 2:
-        raise ConfigError(
-            f"training.batch_size = {batch_size}: with data.transfer a batch holds labeled and unlabeled rows, "
-            "so it needs at least 2"
-        )
-    return min(batch_size - 1, max(1, round(batch_size * transfer_rows / (labeled_rows + transfer_rows))))
 
 
 def joined_batch(first: dict[str, Any], second: dict[str, Any]) -> dict[str, list]:

@@ -345,7 +345,9 @@ def test_a_bad_row_is_one_line_naming_file_row_column_and_count(tmp_path, capsys
 
 def test_on_bad_rows_skip_logs_the_count_and_validates(tmp_path, capsys, caplog):
     data = _write_tsv(tmp_path / "train")
-    pipeline = pipeline_file(tmp_path, **{"data.train": {"path": str(data)}, "data.on_bad_rows": "skip"})
+    # Five good rows: a batch of four, so that the rows left are enough to train on.
+    settings = {"data.train": {"path": str(data)}, "data.on_bad_rows": "skip", "training.batch_size": 4}
+    pipeline = pipeline_file(tmp_path, **settings)
     assert main(["validate", str(pipeline)]) == 0
     assert capsys.readouterr().out.startswith(f"{pipeline}: valid.")
     assert f"data.train ({data}): skipping 1 bad rows of 6 (data.on_bad_rows: skip); the first: row 2" in caplog.text
@@ -366,10 +368,14 @@ def test_bad_rows_after_the_limit_do_not_count(tmp_path, capsys):
     rows[4]["label"] = 9
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    assert main(["validate", str(pipeline_file(tmp_path, **{"data.train": {"path": str(data), "limit": 4}}))]) == 0
-    assert refused(
-        capsys, "validate", str(pipeline_file(tmp_path, **{"data.train": {"path": str(data), "limit": 5}}))
-    ).endswith(  # row 5 is the fifth good row: six rows read
+
+    def limited(rows: int) -> str:
+        return str(
+            pipeline_file(tmp_path, **{"data.train": {"path": str(data), "limit": rows}, "training.batch_size": 4})
+        )
+
+    assert main(["validate", limited(4)]) == 0
+    assert refused(capsys, "validate", limited(5)).endswith(  # row 5 is the fifth good row: six rows read
         "row 4, column 'label': label 9 is not in the label set 0..1 / negative, positive; 1 of 6 rows are bad; "
         "fix them, or set data.on_bad_rows: skip"
     )
@@ -496,6 +502,37 @@ def _columns_text_label(tmp_path: Path) -> Path:
                 f"{tmp / 'pipeline.yaml'} is a file, not a folder"
             ),
         ),
+        (
+            lambda tmp: {
+                "data.train": {"path": str(REPO_ROOT / "flexkd/assets/samples/sst2_train.jsonl"), "limit": 15},
+                "training.batch_size": 16,
+                "resources.num_workers": 2,
+            },
+            lambda tmp: (
+                f"flexkd: data error: data.train ({REPO_ROOT / 'flexkd/assets/samples/sst2_train.jsonl'}): 15 rows "
+                "cannot give each of 2 workers (resources.num_workers) the 8 it takes per batch (training.batch_size "
+                "16); use more rows, a smaller batch or fewer workers"
+            ),
+        ),
+        (
+            lambda tmp: {
+                "data.transfer": {"path": str(REPO_ROOT / "flexkd/assets/samples/sst2_test.jsonl"), "limit": 1},
+                "training.batch_size": 16,
+                "resources.num_workers": 2,
+            },
+            lambda tmp: (
+                f"flexkd: data error: data.transfer ({REPO_ROOT / 'flexkd/assets/samples/sst2_test.jsonl'}): 1 rows "
+                "cannot give each of 2 workers (resources.num_workers) the 1 it takes per batch (training.batch_size "
+                "16); use more rows, a smaller batch or fewer workers"
+            ),
+        ),
+        (
+            lambda tmp: {"training.batch_size": 6, "resources.num_workers": 4},
+            lambda tmp: (
+                f"flexkd: config error: {tmp / 'pipeline.yaml'}: <top level>: training.batch_size = 6 is not a "
+                "multiple of resources.num_workers = 4 (each worker takes an equal slice of every batch)"
+            ),
+        ),
     ],
     ids=[
         "missing-data-file",
@@ -515,6 +552,9 @@ def _columns_text_label(tmp_path: Path) -> Path:
         "missing-student-path",
         "architecture-of-a-pretrained-student",
         "artifact-root-under-a-file",
+        "train-rows-fewer-than-a-batch-per-worker",
+        "transfer-rows-fewer-than-their-share-per-worker",
+        "batch-not-a-multiple-of-the-workers",
     ],
 )
 def test_validate_refuses_in_one_line_what_would_fail_after_ray_started(tmp_path, capsys, overrides, expected):

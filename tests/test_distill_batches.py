@@ -11,7 +11,8 @@ import pytest
 
 from flexkd.cluster.train_workers import ordered_ingest_options
 from flexkd.config.schema import ConfigError
-from flexkd.stages.distill import _endless_batches, joined_batch, training_rows, transfer_rows_per_batch
+from flexkd.data.splits import transfer_rows_per_batch
+from flexkd.stages.distill import _endless_batches, joined_batch, training_rows
 
 
 def test_a_batch_holds_the_transfer_rows_share_and_at_least_one_row_of_each_kind():

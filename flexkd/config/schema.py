@@ -612,12 +612,19 @@ class PipelineConfig(_Section):
     def _teacher_checks_fit(self) -> PipelineConfig:
         if self.teacher.min_accuracy is not None and self.task.kind != "classification":
             raise ValueError("teacher.min_accuracy needs task.kind 'classification' (generation has no accuracy)")
-        adapt = self.teacher.adapt
-        if adapt is not None and adapt.batch_size % self.resources.num_workers:
-            raise ValueError(
-                f"teacher.adapt.batch_size = {adapt.batch_size} is not a multiple of resources.num_workers = "
-                f"{self.resources.num_workers} (each worker takes an equal slice of every batch)"
-            )
+        return self
+
+    @model_validator(mode="after")
+    def _batches_split_evenly(self) -> PipelineConfig:
+        batches = {"training.batch_size": self.training.batch_size}
+        if self.teacher.adapt is not None:
+            batches["teacher.adapt.batch_size"] = self.teacher.adapt.batch_size
+        for field, batch_size in batches.items():
+            if batch_size % self.resources.num_workers:
+                raise ValueError(
+                    f"{field} = {batch_size} is not a multiple of resources.num_workers = "
+                    f"{self.resources.num_workers} (each worker takes an equal slice of every batch)"
+                )
         return self
 
     @model_validator(mode="after")

@@ -92,14 +92,49 @@ def check_split(
     return summary
 
 
+def transfer_rows_per_batch(batch_size: int, labeled_rows: int, transfer_rows: int) -> int:
+    """How many of a batch's rows are unlabeled transfer rows: their share of all rows, rounded,
+    leaving at least one row of each kind. Raises ConfigError if a batch cannot hold both."""
+    if batch_size < 2:
+        raise ConfigError(
+            f"training.batch_size = {batch_size}: with data.transfer a batch holds labeled and unlabeled rows, "
+            "so it needs at least 2"
+        )
+    return min(batch_size - 1, max(1, round(batch_size * transfer_rows / (labeled_rows + transfer_rows))))
+
+
+def check_batches(config: PipelineConfig, summaries: dict[str, SourceSummary]) -> None:
+    """Refuse training rows too few to fill one batch on every worker: distill drops a last short
+    batch, so such a worker would have nothing to train on. With data.transfer, each batch holds
+    both kinds of row (``transfer_rows_per_batch``), and each kind must fill its share."""
+    workers = config.resources.num_workers
+    per_worker = max(1, config.training.batch_size // workers)
+    shares = {"train": per_worker}
+    if TRANSFER_SPLIT in summaries:
+        unlabeled = transfer_rows_per_batch(per_worker, summaries["train"].good, summaries[TRANSFER_SPLIT].good)
+        shares = {"train": per_worker - unlabeled, TRANSFER_SPLIT: unlabeled}
+    splits = pipeline_splits(config)
+    for split, share in shares.items():
+        rows = summaries[split].good
+        if rows // workers < share:
+            raise DataError(
+                f"data.{split} ({splits[split].path}): {rows} rows cannot give each of {workers} workers "
+                f"(resources.num_workers) the {share} it takes per batch (training.batch_size "
+                f"{config.training.batch_size}); use more rows, a smaller batch or fewer workers"
+            )
+
+
 def check_data(config: PipelineConfig, tokenizer) -> dict[str, SourceSummary]:
-    """The verbalizers (classification) and every split; raises ConfigError or DataError (one line)."""
+    """The verbalizers (classification), every split, and enough training rows for one batch per
+    worker; raises ConfigError or DataError (one line)."""
     if config.task.kind == "classification":
         try:
             verbalizer_token_ids(tokenizer, config.task.label_names)
         except ValueError as error:
             raise ConfigError(str(error)) from None
-    return {
+    summaries = {
         split: check_split(split, source, config.task, config.data.on_bad_rows, reads_references(config, split))
         for split, source in pipeline_splits(config).items()
     }
+    check_batches(config, summaries)
+    return summaries
