@@ -527,6 +527,17 @@ def _columns_text_label(tmp_path: Path) -> Path:
             ),
         ),
         (
+            lambda tmp: {
+                "data.transfer": {"path": str(REPO_ROOT / "flexkd/assets/samples/sst2_test.jsonl")},
+                "training.batch_size": 2,
+                "resources.num_workers": 2,
+            },
+            lambda tmp: (
+                "flexkd: config error: training.batch_size = 2 gives each of 2 workers 1 row; with data.transfer "
+                "a worker's batch holds labeled and unlabeled rows, so it needs at least 2"
+            ),
+        ),
+        (
             lambda tmp: {"training.batch_size": 6, "resources.num_workers": 4},
             lambda tmp: (
                 f"flexkd: config error: {tmp / 'pipeline.yaml'}: <top level>: training.batch_size = 6 is not a "
@@ -554,6 +565,7 @@ def _columns_text_label(tmp_path: Path) -> Path:
         "artifact-root-under-a-file",
         "train-rows-fewer-than-a-batch-per-worker",
         "transfer-rows-fewer-than-their-share-per-worker",
+        "transfer-with-one-row-per-worker",
         "batch-not-a-multiple-of-the-workers",
     ],
 )
@@ -689,3 +701,23 @@ def test_a_bug_says_it_is_one_above_its_traceback(capsys, monkeypatch):
         "(KeyError: 'hidden_size')"
     )
     assert "Traceback" in err
+
+
+@pytest.mark.parametrize(("batch_sizes", "refused_at_once"), [([4, 8], False), ([24, 32], True)])
+def test_a_sweep_is_refused_for_too_few_rows_only_when_its_smallest_batch_cannot_fill(
+    tmp_path, capsys, batch_sizes, refused_at_once
+):
+    sst2 = str(REPO_ROOT / "flexkd/assets/samples/sst2_train.jsonl")
+    settings = {
+        "data.train": {"path": sst2, "limit": 20},
+        "training.batch_size": 32,
+        "tune": {"search_space": {"training.batch_size": {"choice": batch_sizes}}},
+    }
+    pipeline = pipeline_file(tmp_path, **settings)
+    if refused_at_once:
+        assert refused(capsys, "validate", str(pipeline)) == (
+            f"flexkd: data error: data.train ({sst2}): 20 rows cannot give each of 1 workers (resources.num_workers) "
+            "the 24 it takes per batch (training.batch_size 24); use more rows, a smaller batch or fewer workers"
+        )
+    else:
+        assert main(["validate", str(pipeline)]) == 0

@@ -258,10 +258,21 @@ def test_a_json_array_of_objects_reads_like_json_lines(tmp_path):
         ('[{"dialogue": "A: hi", "summary": "x"}, "B: yo"]', "row 1: not a JSON object"),
         ('[{"dialogue": "A: hi", "summary": "x"}, {"dialogue": 3.5, "summary": "y"}]', "a column mixes types"),
         ('[{"dialogue": "A: hi", "summary": "x"},]', "JSON parse error: Expecting value: line 1 column 40"),
+        ('[{"dialogue": "A: hi", "summary": "x", "meta": ["caf\xe9"]}]', "a key or a nested value is not UTF-8"),
+        ('[{"dialogue": "A: hi", "summary": "x", "id": 99999999999999999999}]', "a number does not fit in 64 bits"),
     ],
 )
 def test_a_json_array_that_is_not_rows_is_one_line(tmp_path, content, reason):
-    (tmp_path / "x.json").write_text(content)
+    (tmp_path / "x.json").write_bytes(content.encode("latin-1"))
     with pytest.raises(DataError) as error:
         scan_source(str(tmp_path / "x.json"), RowRules.for_task(SAMSUM_TASK))
     assert str(error.value).startswith(reason) and "\n" not in str(error.value)
+
+
+def test_a_json_array_after_much_whitespace_and_an_escaped_lone_surrogate_is_a_bad_row(tmp_path):
+    """The surrogate is valid JSON text but not UTF-8: one bad row, named, as a stray byte is."""
+    rows = '{"dialogue": "A: hi", "summary": "x"}, {"dialogue": "B: \\ud800", "summary": "y"}'
+    (tmp_path / "x.json").write_text(" " * 5000 + f"[{rows}]")
+    summary = scan_source(str(tmp_path / "x.json"), RowRules.for_task(SAMSUM_TASK))
+    assert (summary.good, summary.bad) == (1, 1)
+    assert str(summary.first_bad).startswith("row 1, column 'dialogue': not valid UTF-8")

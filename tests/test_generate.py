@@ -341,3 +341,21 @@ def test_the_student_trains_on_the_teachers_responses_and_generate_is_reused(tmp
     assert not any(record.cached for record in longer.stages.values())
     assert longer.stages["generate"].outputs["mean_response_tokens"] > generated.outputs["mean_response_tokens"]
     assert planned_fingerprint(longer_config, "distill") != result.stages["distill"].fingerprint
+
+
+@pytest.mark.parametrize(
+    ("replace_references", "rows", "refused"), [(True, 6, True), (False, 6, False), (False, 3, True)]
+)
+def test_too_few_train_prompts_for_a_batch_are_refused_unless_the_references_may_fill_it(
+    tmp_path, replace_references, rows, refused
+):
+    """Keeping the references, distill gets each reference and the teacher's response: up to twice the rows."""
+    split = {"path": str(SAMSUM), "prompt_template": TEMPLATE, "response_column": "summary", "limit": rows}
+    config = generation_debug(
+        tmp_path, **{"data.train": split, "generate.replace_references": replace_references, "training.batch_size": 8}
+    )
+    if refused:
+        with pytest.raises(ConfigError, match=rf"data.train .*: {rows} rows cannot give each of 1 workers"):
+            check_data(config, load_pipeline_tokenizer(config))
+    else:
+        assert check_data(config, load_pipeline_tokenizer(config))["train"].good == rows

@@ -97,7 +97,9 @@ def batch_readers(path: str) -> list[tuple[BatchReader, int]]:
 
 def _json_batches(filesystem: pyarrow.fs.FileSystem, path: str) -> Iterator[pa.RecordBatch]:
     with filesystem.open_input_stream(path) as stream:
-        start = stream.read(4096).lstrip(codecs.BOM_UTF8 + b" \t\r\n")
+        start = b""
+        while not start and (chunk := stream.read(4096)):  # past any leading whitespace
+            start = chunk.lstrip(codecs.BOM_UTF8 + b" \t\r\n")
     if start.startswith(b"["):
         yield from _json_array_batches(filesystem, path)
         return
@@ -122,14 +124,27 @@ def _json_array_batches(filesystem: pyarrow.fs.FileSystem, path: str) -> Iterato
     for key in {key for row in rows for key, value in row.items() if isinstance(value, str) and _not_utf8(value)}:
         for row in rows:
             if isinstance(row.get(key), str):
-                row[key] = row[key].encode("utf-8", "surrogateescape")
+                row[key] = _raw_bytes(row[key])
     if not rows:
         return
     try:
         table = pa.Table.from_struct_array(pa.array(rows))
     except (pa.ArrowInvalid, pa.ArrowTypeError) as error:  # a column with a string in one row, a number in another
         raise DataError(f"a column mixes types: {str(error).splitlines()[0]}") from None
+    except UnicodeEncodeError:  # a key, or text nested in a list or an object, that is not UTF-8
+        raise DataError("a key or a nested value is not UTF-8 text") from None
+    except OverflowError:
+        raise DataError("a number does not fit in 64 bits") from None
     yield from table.to_batches(max_chunksize=ROWS_PER_READ)
+
+
+def _raw_bytes(text: str) -> bytes:
+    """The bytes of text that is not UTF-8: each byte kept as a lone surrogate goes back to that
+    byte; a surrogate written as a JSON escape ("\\ud800") stays the invalid UTF-8 it encodes."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
 
 
 def _not_utf8(text: str) -> bool:

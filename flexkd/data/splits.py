@@ -106,21 +106,33 @@ def transfer_rows_per_batch(batch_size: int, labeled_rows: int, transfer_rows: i
 def check_batches(config: PipelineConfig, summaries: dict[str, SourceSummary]) -> None:
     """Refuse training rows too few to fill one batch on every worker: distill drops a last short
     batch, so such a worker would have nothing to train on. With data.transfer, each batch holds
-    both kinds of row (``transfer_rows_per_batch``), and each kind must fill its share."""
+    both kinds of row (``transfer_rows_per_batch``), and each kind must fill its share. Only what
+    would fail for certain is refused: a sweep is checked at the smallest batch it tries, and
+    SeqKD that keeps the references (``generate.replace_references: false``) at twice the rows."""
     workers = config.resources.num_workers
-    per_worker = max(1, config.training.batch_size // workers)
+    swept = config.tune.search_space.get("training.batch_size") if config.tune else None
+    batch_size = int(min(swept.values())) if swept else config.training.batch_size
+    per_worker = max(1, batch_size // workers)
     shares = {"train": per_worker}
     if TRANSFER_SPLIT in summaries:
+        if per_worker < 2:
+            raise ConfigError(
+                f"training.batch_size = {batch_size} gives each of {workers} workers {per_worker} row; with "
+                "data.transfer a worker's batch holds labeled and unlabeled rows, so it needs at least 2"
+            )
         unlabeled = transfer_rows_per_batch(per_worker, summaries["train"].good, summaries[TRANSFER_SPLIT].good)
         shares = {"train": per_worker - unlabeled, TRANSFER_SPLIT: unlabeled}
     splits = pipeline_splits(config)
     for split, share in shares.items():
         rows = summaries[split].good
-        if rows // workers < share:
+        most_rows = (
+            2 * rows if split == "train" and config.generate and not config.generate.replace_references else rows
+        )
+        if most_rows // workers < share:
             raise DataError(
                 f"data.{split} ({splits[split].path}): {rows} rows cannot give each of {workers} workers "
                 f"(resources.num_workers) the {share} it takes per batch (training.batch_size "
-                f"{config.training.batch_size}); use more rows, a smaller batch or fewer workers"
+                f"{batch_size}); use more rows, a smaller batch or fewer workers"
             )
 
 
