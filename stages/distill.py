@@ -230,7 +230,7 @@ def train_student(
         datasets[TRANSFER_SPLIT] = read_shards(rows_dir / TRANSFER_SPLIT, columns)
         transfer_split = (tokenized["rows"]["train"], tokenized["rows"][TRANSFER_SPLIT])
         # A batch too small for both kinds of rows is refused here, not in a worker.
-        transfer_rows_per_batch(config.training.batch_size, *transfer_split)
+        transfer_rows_per_batch(config.training.batch_size, *transfer_split, config.resources.num_workers)
     loop = DistillLoop(
         config=config,
         settings=config.loss.objective_settings(config.task.kind, plan.k),
@@ -448,7 +448,11 @@ def _distill_worker(loop_config: dict[str, DistillLoop]) -> None:
         else None
     )
     per_rank_batch = max(1, config.training.batch_size // distributed.world_size())
-    transfer_rows = transfer_rows_per_batch(per_rank_batch, *loop.transfer_split) if loop.transfer_split else 0
+    transfer_rows = (
+        transfer_rows_per_batch(config.training.batch_size, *loop.transfer_split, distributed.world_size())
+        if loop.transfer_split
+        else 0
+    )
     order = {"skip": start_step, "shuffle_buffer": config.training.shuffle_buffer, "seed": config.training.seed}
     batches = _endless_batches(ray.train.get_dataset_shard("train"), per_rank_batch - transfer_rows, **order)
     if transfer_rows:

@@ -92,15 +92,17 @@ def check_split(
     return summary
 
 
-def transfer_rows_per_batch(batch_size: int, labeled_rows: int, transfer_rows: int) -> int:
-    """How many of a batch's rows are unlabeled transfer rows: their share of all rows, rounded,
-    leaving at least one row of each kind. Raises ConfigError if a batch cannot hold both."""
-    if batch_size < 2:
+def transfer_rows_per_batch(batch_size: int, labeled_rows: int, transfer_rows: int, workers: int = 1) -> int:
+    """How many rows of each worker's share of a batch (``batch_size // workers``) are unlabeled
+    transfer rows: their share of all rows, rounded, leaving at least one row of each kind.
+    Raises ConfigError if a worker's share cannot hold both."""
+    per_worker = batch_size // workers
+    if per_worker < 2:
         raise ConfigError(
-            f"training.batch_size = {batch_size}: with data.transfer a batch holds labeled and unlabeled rows, "
-            "so it needs at least 2"
+            f"training.batch_size = {batch_size} gives each of {workers} workers {per_worker} row; with "
+            "data.transfer a worker's batch holds labeled and unlabeled rows, so it needs at least 2"
         )
-    return min(batch_size - 1, max(1, round(batch_size * transfer_rows / (labeled_rows + transfer_rows))))
+    return min(per_worker - 1, max(1, round(per_worker * transfer_rows / (labeled_rows + transfer_rows))))
 
 
 def check_batches(config: PipelineConfig, summaries: dict[str, SourceSummary]) -> None:
@@ -115,12 +117,8 @@ def check_batches(config: PipelineConfig, summaries: dict[str, SourceSummary]) -
     per_worker = max(1, batch_size // workers)
     shares = {"train": per_worker}
     if TRANSFER_SPLIT in summaries:
-        if per_worker < 2:
-            raise ConfigError(
-                f"training.batch_size = {batch_size} gives each of {workers} workers {per_worker} row; with "
-                "data.transfer a worker's batch holds labeled and unlabeled rows, so it needs at least 2"
-            )
-        unlabeled = transfer_rows_per_batch(per_worker, summaries["train"].good, summaries[TRANSFER_SPLIT].good)
+        labeled, transfer = summaries["train"].good, summaries[TRANSFER_SPLIT].good
+        unlabeled = transfer_rows_per_batch(batch_size, labeled, transfer, workers)
         shares = {"train": per_worker - unlabeled, TRANSFER_SPLIT: unlabeled}
     splits = pipeline_splits(config)
     for split, share in shares.items():
