@@ -81,6 +81,15 @@ BASELINES = ("kd", "kd+projector", "kd+projector_std")
 COMPARISONS = tuple((a, b) for a in ("kd+flexkd", "kd+flexkd-dir") for b in BASELINES) + tuple(
     (f"kd+flexkd-{logit}", f"kd-{logit}") for logit in LOGIT_VARIANTS
 )
+# The T0 prompts a student may train on, by template name: a template's rows are kept when its name
+# starts with one of the first tuple and with none of the second. "summaries": news summaries and
+# headlines (XSum, Gigaword) and dialogues read (DREAM); not the templates that go the other way (a
+# headline into an article) nor Multi-News, whose instruction comes first and is cut off with the
+# start of its 1,000-token documents (prompts keep their end).
+TRAIN_PROMPTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "t0": (("",), ()),
+    "summaries": (("xsum_", "gigaword_", "dream_"), ("gigaword_reverse_writing", "gigaword_write_an_article")),
+}
 # The fluency bar (issue 20): a student whose outputs fail it does not count in a comparison.
 MIN_DISTINCT_2 = 0.5
 MIN_SHARE_OF_TEACHER_SAMSUM = 0.5  # of the teacher's SAMSum ROUGE-L
@@ -105,6 +114,9 @@ class GenerationSettings:
     # Sequence-level KD: the generate stage's teacher responses, up to this many tokens, replace
     # the T0 completions as the training targets (0: train on the completions).
     seqkd_max_new_tokens: int = 0
+    # Which T0 prompts train the student (TRAIN_PROMPTS): all of the mixture, or only those that ask
+    # for a summary of a text or read a dialogue, the eval's domain (SAMSum has no train split here).
+    train_prompts: str = "t0"
     generate_batch_size: int = 16  # prompts per teacher generate call
     # A pruned student starts from the teacher's weights: a small step size keeps what it inherits.
     learning_rate: float = 2e-4
@@ -188,6 +200,24 @@ def write_eval_set(work_dir: Path, samsum_only: int | None = None) -> tuple[Path
     return path, [row["source"] for row in rows]
 
 
+def write_train_set(work_dir: Path, train_prompts: str) -> Path:
+    """The T0 mixture's rows of the ``train_prompts`` set (TRAIN_PROMPTS), in the mixture's order:
+    the mixture file itself for "t0", else a jsonl of its kept rows in ``work_dir``."""
+    t0 = SHARED_DATA / "t0_mix" / "train.jsonl"
+    if train_prompts == "t0":
+        return t0
+    kept, left_out = TRAIN_PROMPTS[train_prompts]
+    rows = [
+        line
+        for line in t0.read_text(encoding="utf-8").split("\n")  # not splitlines: text holds U+2028
+        if line and (template := json.loads(line)["template"]).startswith(kept) and not template.startswith(left_out)
+    ]
+    path = work_dir / f"t0_{train_prompts}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in rows))
+    return path
+
+
 def pipeline_overrides(settings: GenerationSettings, work_dir: Path, eval_path: Path, eval_rows: int) -> dict[str, Any]:
     t0 = str(SHARED_DATA / "t0_mix" / "train.jsonl")
     return {
@@ -205,7 +235,7 @@ def pipeline_overrides(settings: GenerationSettings, work_dir: Path, eval_path: 
             "intermediate_size": settings.intermediate_size,
         },
         "data.train": {
-            "path": t0,
+            "path": str(write_train_set(work_dir, settings.train_prompts)),
             "limit": settings.train_rows,
             "prompt_template": "{prompt}",
             "response_column": "completion",

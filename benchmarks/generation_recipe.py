@@ -6,7 +6,8 @@ Before the generation comparison means anything, its students must pass the flue
     pruning   how much of SmolLM2-135M-Instruct (576 wide, 30 blocks, MLP 1536, 3 KV groups)
               the student keeps (``student.init: prune_from_teacher``, blocks by importance)
     data      the T0 completions (median 2 tokens: most rows teach a one-word answer) or the
-              teacher's own responses to the same prompts (SeqKD, the ``generate`` stage)
+              teacher's own responses to the same prompts (SeqKD, the ``generate`` stage), to all
+              the mixture's prompts or to those of the eval's domain only (``TRAIN_PROMPTS``)
     steps     the pruned start (0 steps) and after the recipe's distill steps, plain kd
 
 Each recipe runs the real pipeline (kd, seed 0) and is scored by the evaluate stage's code on the
@@ -57,6 +58,7 @@ class Recipe:
 
 
 SEQKD = {"seqkd_max_new_tokens": 64}
+SHAPE_576X27 = {"hidden_size": 576, "num_layers": 27, "num_key_value_heads": 3, "intermediate_size": 1536}
 # id (for --only) -> recipe. The first is the generation table's student.
 RECIPES: dict[str, Recipe] = {
     "384x16-t0": Recipe("384 wide, 16 blocks, T0 completions", {}),
@@ -73,9 +75,12 @@ RECIPES: dict[str, Recipe] = {
     ),
     # Three blocks cut and nothing else: the best pruned start of benchmarks/results/prune_shapes.md
     # (perplexity 25.2 against the teacher's 13.6, ROUGE-L already above half the teacher's).
-    "576x27-seqkd": Recipe(
-        "576 wide, 27 blocks, teacher responses",
-        {"hidden_size": 576, "num_layers": 27, "num_key_value_heads": 3, "intermediate_size": 1536} | SEQKD,
+    "576x27-seqkd": Recipe("576 wide, 27 blocks, teacher responses", SHAPE_576X27 | SEQKD),
+    # The same student and SeqKD, on the T0 prompts of the eval's domain only (TRAIN_PROMPTS
+    # "summaries"): whether the stock phrases the mixture's responses teach give way to summaries.
+    "576x27-seqkd-summaries": Recipe(
+        "576 wide, 27 blocks, teacher responses to summary and dialogue prompts",
+        SHAPE_576X27 | SEQKD | {"train_prompts": "summaries"},
     ),
 }
 RESPONSE_COUNTS = ("rows", "looping_responses", "truncated_responses")  # the generate stage's, per SeqKD recipe
@@ -223,7 +228,8 @@ def recipe_markdown(results: dict[str, Any]) -> str:
         "",
         *provenance_lines(results),
         f"Each recipe is one run of the generation pipeline with plain kd, seed 0: the student cut out of "
-        f"SmolLM2-135M-Instruct (blocks chosen by importance), {settings['train_rows']} T0 prompts, "
+        f"SmolLM2-135M-Instruct (blocks chosen by importance), the first {settings['train_rows']} T0 prompts "
+        "(of the whole mixture unless the recipe names a part of it), "
         f"{settings['steps']} steps of batch {settings['batch_size']}, lr {settings['learning_rate']}, "
         f"max length {settings['max_length']}. Scored on the first {results['eval_dialogues']} SAMSum "
         f"dialogues, greedy, at most {settings['max_new_tokens']} new tokens. The fluency bar: distinct-2 "
