@@ -357,3 +357,26 @@ def test_the_gpu_setting_trains_the_recipe_tables_student_on_the_teachers_respon
     assert (config.generate.max_new_tokens, config.generate.batch_size) == (128, 128)
     assert generation.pipeline_stages(settings)[0] == "generate"
     assert generation.pipeline_stages(GenerationSettings.cpu())[0] == "tokenize"
+
+
+def test_a_part_of_the_mixture_trains_only_its_templates_in_the_mixtures_order(tmp_path, monkeypatch):
+    templates = ["xsum_tldr", "app_reviews_rate", "gigaword_reverse_writing", "dream_baseline", "gigaword_TLDR"]
+    mixture = tmp_path / "shared" / "t0_mix" / "train.jsonl"
+    mixture.parent.mkdir(parents=True)
+    # A line separator inside a prompt is text, not the end of a row.
+    rows = [
+        {"template": name, "prompt": f"row {i}\u2028of {name}", "completion": "c"} for i, name in enumerate(templates)
+    ]
+    mixture.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    monkeypatch.setattr(generation, "SHARED_DATA", tmp_path / "shared")
+
+    summaries = generation.write_train_set(tmp_path / "work", "summaries")
+    kept = [json.loads(line) for line in summaries.read_text(encoding="utf-8").split("\n") if line]
+    assert [row["template"] for row in kept] == ["xsum_tldr", "dream_baseline", "gigaword_TLDR"]
+    assert kept[0]["prompt"] == "row 0\u2028of xsum_tldr"
+    assert generation.write_train_set(tmp_path / "work", "t0") == mixture
+    overrides = generation.pipeline_overrides(
+        GenerationSettings.cpu().with_overrides(train_prompts="summaries"), tmp_path / "work", tmp_path / "e.jsonl", 3
+    )
+    assert overrides["data.train"]["path"] == str(summaries)
+    assert overrides["data.score"]["path"] == str(mixture)  # the same pruned start as the whole mixture's
