@@ -1,4 +1,4 @@
-"""Progress of a long stage, one helper for all of them (score, targets, distill, evaluate).
+"""Progress of a long stage, one helper for all of them (generate, score, targets, distill, evaluate).
 
 On a terminal it is a progress bar. Into a log file (CI, a Ray job, ``| tee``) a bar is a line per
 update, so there it is a line at least every ``PROGRESS_INTERVAL_S`` instead: what is done, the

@@ -55,11 +55,12 @@ from flexkd.data.splits import GENERATED_TRAIN_FILE, check_split, split_task
 from flexkd.errors import StageError
 from flexkd.evaluation.metrics import distinct_n, is_one_repeated_ngram
 from flexkd.models.plan import load_pipeline_tokenizer, load_teacher
+from flexkd.progress import Progress, progress_bars_wanted
 
 SAMPLE_ROWS = 20  # responses logged as the MLflow table
 DISTINCT_ROWS = 1000  # the responses whose distinct-2 is logged (the driver keeps their text)
 # Per-row facts the actors return beside the rows, dropped before the file is written.
-_TOKENS, _TRUNCATED, _LOOPING = "_response_tokens", "_truncated", "_looping"
+_TOKENS, _TRUNCATED, _LOOPING, _BLANK = "_response_tokens", "_truncated", "_looping", "_blank"
 
 
 def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> dict[str, Any]:
@@ -91,10 +92,14 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
                 num_gpus=1 if config.resources.use_gpu else 0,
                 **ACTOR_POOL_OPTIONS,
             )
-            written = _write_responses(answered, task, output_dir / GENERATED_TRAIN_FILE, settings.drop_looping)
+            # Only the driver sees every batch come back: the prompts answered are counted here.
+            with Progress("generate", summary.good, terminal=progress_bars_wanted(), unit="prompts") as progress:
+                written = _write_responses(
+                    answered, task, output_dir / GENERATED_TRAIN_FILE, settings.drop_looping, progress
+                )
     except ConfigError as error:  # DataError included: "data.train (<path>): <cause>"
         raise StageError(f"generate: {error}") from None
-    counts = _response_counts(summary.good, written, settings.drop_looping)
+    counts = _response_counts(written, settings.drop_looping)
     if counts["rows"] == 0:
         kinds = "blank or one n-gram repeated" if settings.drop_looping and counts["looping_responses"] else "blank"
         raise StageError(
@@ -113,14 +118,13 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
     return {"file": GENERATED_TRAIN_FILE, "prompts": summary.good, "bad_rows_skipped": summary.bad} | counts | scores
 
 
-def _response_counts(prompts: int, written: dict[str, Any], drop_looping: bool) -> dict[str, int]:
+def _response_counts(written: dict[str, Any], drop_looping: bool) -> dict[str, int]:
     """The counts of the manifest: rows written (kept references included); the teacher's blank
     responses (never written), its looping ones (written only without ``drop_looping``) and those
-    cut at max_new_tokens, of the ``prompts`` it answered."""
-    left_out = written["looping"] if drop_looping else 0
+    cut at max_new_tokens."""
     return {
         "rows": written["rows"],
-        "blank_responses": prompts - written["teacher_rows"] - left_out,
+        "blank_responses": written["blank"],
         "looping_responses": written["looping"],
         "truncated_responses": written["truncated"],
     }
@@ -178,13 +182,15 @@ def _response_rows(
     rows: pa.Table, task: TaskConfig, responses: list[str], lengths: list[int], truncated: list[bool], keep_data: bool
 ) -> pa.Table:
     """The rows to write for one batch: prompt columns, the response column, its source, the row's
-    id; the teacher's blank responses left out, its looping ones marked (``_LOOPING``: the driver
-    counts them, then leaves them out or keeps them); with ``keep_data`` (replace_references false)
-    each row's reference first, then the teacher's response."""
+    id; the teacher's blank responses (``_BLANK``) and looping ones (``_LOOPING``) marked, for the
+    driver to count and leave out (looping ones unless kept); with ``keep_data``
+    (replace_references false) each row's reference first, then the teacher's response."""
     prompts = rows.select(template_columns(task.prompt_template))
     count = rows.num_rows
 
-    def rows_with(response: pa.Array, origin: str, tokens: list[int], cut: list[bool], looping: list[bool]) -> pa.Table:
+    def rows_with(
+        response: pa.Array, origin: str, tokens: list[int], cut: list[bool], looping: list[bool], blank: list[bool]
+    ) -> pa.Table:
         return (
             prompts.append_column(task.response_column, response)
             .append_column("response_source", pa.array([origin] * count))
@@ -192,44 +198,51 @@ def _response_rows(
             .append_column(_TOKENS, pa.array(tokens, pa.int64()))
             .append_column(_TRUNCATED, pa.array(cut))
             .append_column(_LOOPING, pa.array(looping, pa.bool_()))
+            .append_column(_BLANK, pa.array(blank, pa.bool_()))
         )
 
     looping = [is_one_repeated_ngram(text, cut) for text, cut in zip(responses, truncated, strict=True)]
-    teacher = rows_with(pa.array(responses, pa.string()), "teacher", lengths, truncated, looping)
+    blank = [not text.strip() for text in responses]
+    teacher = rows_with(pa.array(responses, pa.string()), "teacher", lengths, truncated, looping, blank)
     if keep_data:
-        no = [False] * count  # a reference is neither cut nor a loop
-        data = rows_with(rows.column(task.response_column).cast(pa.string()), "data", [0] * count, no, no)
+        no = [False] * count  # a reference is neither cut, nor a loop, nor blank (check_split saw to that)
+        data = rows_with(rows.column(task.response_column).cast(pa.string()), "data", [0] * count, no, no, no)
         # Interleaved: row i's reference at 2i, its teacher response at 2i + 1.
         teacher = pa.concat_tables([data, teacher]).take(np.arange(2 * count).reshape(2, count).T.ravel())
-    blank = pc.and_(
-        pc.equal(teacher.column("response_source"), "teacher"),
-        pc.equal(pc.utf8_trim_whitespace(teacher.column(task.response_column)), ""),
-    )
-    return teacher.filter(pc.invert(blank))
+    return teacher
 
 
-def _write_responses(answered: ray.data.Dataset, task: TaskConfig, path: Path, drop_looping: bool) -> dict[str, Any]:
-    """Stream the answered rows into one parquet file, in order, the looping responses left out
-    with ``drop_looping``; returns the counts (of looping responses: all of them), and of the
-    teacher responses written the first DISTINCT_ROWS and the first SAMPLE_ROWS as a table
-    (column -> values)."""
+def _write_responses(
+    answered: ray.data.Dataset, task: TaskConfig, path: Path, drop_looping: bool, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Stream the answered rows into one parquet file, in order, the blank responses left out and
+    the looping ones too with ``drop_looping``; returns the counts (of looping responses: all of
+    them), and of the teacher responses written the first DISTINCT_ROWS and the first SAMPLE_ROWS
+    as a table (column -> values). ``progress``: told of the prompts answered, batch by batch."""
     writer: pq.ParquetWriter | None = None
-    written: dict[str, Any] = {"rows": 0, "teacher_rows": 0, "looping": 0, "truncated": 0, "response_tokens": 0}
+    written: dict[str, Any] = dict.fromkeys(
+        ("rows", "teacher_rows", "blank", "looping", "truncated", "response_tokens"), 0
+    )
     responses: list[str] = []
     shown = [*template_columns(task.prompt_template), task.response_column, "source_example_id"]
     sample: list[pa.Table] = []
     try:
         for batch in answered.iter_batches(batch_format="pyarrow", batch_size=None):
+            if progress is not None:
+                progress.update(
+                    pc.sum(pc.equal(batch.column("response_source"), "teacher").cast(pa.int64())).as_py() or 0
+                )
+            written["blank"] += pc.sum(batch.column(_BLANK).cast(pa.int64())).as_py() or 0
             written["looping"] += pc.sum(batch.column(_LOOPING).cast(pa.int64())).as_py() or 0
-            if drop_looping:
-                batch = batch.filter(pc.invert(batch.column(_LOOPING)))
+            left_out = pc.or_(batch.column(_BLANK), batch.column(_LOOPING)) if drop_looping else batch.column(_BLANK)
+            batch = batch.filter(pc.invert(left_out))
             answers = batch.filter(pc.equal(batch.column("response_source"), "teacher"))
             written["teacher_rows"] += answers.num_rows
             written["truncated"] += pc.sum(answers.column(_TRUNCATED).cast(pa.int64())).as_py() or 0
             written["response_tokens"] += pc.sum(answers.column(_TOKENS)).as_py() or 0
             responses += answers.column(task.response_column).to_pylist()[: DISTINCT_ROWS - len(responses)]
             sample.append(answers.select(shown).slice(0, SAMPLE_ROWS - sum(table.num_rows for table in sample)))
-            rows = batch.drop_columns([_TOKENS, _TRUNCATED, _LOOPING])
+            rows = batch.drop_columns([_TOKENS, _TRUNCATED, _LOOPING, _BLANK])
             if rows.num_rows == 0:
                 continue
             if writer is None:

@@ -3,6 +3,7 @@ config section, and the fluency measures the evaluate stage reports for generati
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,6 +22,7 @@ from flexkd.errors import StageError
 from flexkd.evaluation.metrics import distinct_n, fluency_scores, is_one_repeated_ngram
 from flexkd.models.plan import load_pipeline_tokenizer, load_teacher
 from flexkd.pipeline.runner import pipeline_stages, planned_fingerprint, run_pipeline
+from flexkd.progress import Progress
 from flexkd.stages.generate import TeacherResponses, _response_counts, _response_rows, _write_responses
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -210,17 +212,46 @@ def test_blank_responses_are_left_out_and_a_kept_reference_stays(tmp_path):
         update={"prompt_template": TEMPLATE, "response_column": "summary"}
     )
     rows = pa.table({"dialogue": ["a", "b", "c"], "summary": ["A", "B", "C"], "example_id": pa.array([0, 1, 2])})
-    replaced = _response_rows(
-        rows.drop_columns(["summary"]), task, ["x", " \n", ""], [1, 1, 0], [True, False, False], False
+
+    def written(batch: pa.Table) -> tuple[pa.Table, dict]:
+        answered = SimpleNamespace(iter_batches=lambda **options: iter([batch]))
+        counts = _write_responses(answered, task, tmp_path / "responses.parquet", drop_looping=True)
+        return pq.read_table(tmp_path / "responses.parquet"), counts
+
+    replaced, counts = written(
+        _response_rows(rows.drop_columns(["summary"]), task, ["x", " \n", ""], [1, 1, 0], [True, False, False], False)
     )
     assert replaced.column("summary").to_pylist() == ["x"] and replaced["source_example_id"].to_pylist() == [0]
-    kept = _response_rows(rows, task, ["x", " ", "z"], [1, 1, 1], [False] * 3, True)
+    assert _response_counts(counts, drop_looping=True)["blank_responses"] == 2
+    kept, counts = written(_response_rows(rows, task, ["x", " ", "z"], [1, 1, 1], [False] * 3, True))
     assert list(zip(kept["summary"].to_pylist(), kept["response_source"].to_pylist())) == [
         ("A", "data"),
         ("x", "teacher"),
         ("B", "data"),
         ("C", "data"),
         ("z", "teacher"),
+    ]
+    assert _response_counts(counts, drop_looping=True)["blank_responses"] == 1
+
+
+def test_the_driver_shows_the_prompts_answered_as_they_come_back(tmp_path):
+    task = generation_debug(tmp_path).task.model_copy(
+        update={"prompt_template": TEMPLATE, "response_column": "summary"}
+    )
+    rows = pa.table({"dialogue": [*"abc"], "summary": [*"ABC"], "example_id": pa.array([0, 1, 2])})
+    # Two batches, references kept (two rows a prompt), one response blank: still 3 prompts answered.
+    batches = [
+        _response_rows(rows.slice(0, 2), task, ["x", ""], [1, 0], [False, False], True),
+        _response_rows(rows.slice(2), task, ["z"], [1], [False], True),
+    ]
+    answered = SimpleNamespace(iter_batches=lambda **options: iter(batches))
+    lines = io.StringIO()
+    progress = Progress("generate", 3, terminal=False, unit="prompts", interval_s=0.0, stream=lines)
+    _write_responses(answered, task, tmp_path / "responses.parquet", True, progress)
+    progress.close()
+    assert [line.split(" (")[0] for line in lines.getvalue().splitlines()] == [
+        "generate: 2/3 prompts",
+        "generate: 3/3 prompts",
     ]
 
 
@@ -247,7 +278,7 @@ def test_looping_responses_are_counted_and_left_out_unless_kept(tmp_path, drop_l
     assert ("go on go on go" in written["first_responses"]) is not drop_looping
     # Of the 4 prompts: 1 blank, 1 looping (left out or kept), whichever way the loop went; the
     # truncated are counted among the responses written (the loop was the one cut).
-    counts = _response_counts(4, written, drop_looping)
+    counts = _response_counts(written, drop_looping)
     assert counts == {
         "rows": len(expected),
         "blank_responses": 1,
