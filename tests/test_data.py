@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -276,3 +278,49 @@ def test_a_json_array_after_much_whitespace_and_an_escaped_lone_surrogate_is_a_b
     summary = scan_source(str(tmp_path / "x.json"), RowRules.for_task(SAMSUM_TASK))
     assert (summary.good, summary.bad) == (1, 1)
     assert str(summary.first_bad).startswith("row 1, column 'dialogue': not valid UTF-8")
+
+
+@pytest.mark.parametrize("name", ["x.jsonl.gz", "x.json.bz2", "x.tsv.zst", "x.csv.gz"])
+def test_a_compressed_text_file_reads_as_the_file_inside(tmp_path, name):
+    """Hub datasets often ship train.jsonl.gz; pyarrow decompresses by the last suffix."""
+    text = {
+        ".jsonl": '{"sentence": "fine", "label": 1}\n{"sentence": "dull", "label": 0}\n',
+        ".json": '[{"sentence": "fine", "label": 1}, {"sentence": "dull", "label": 0}]',
+        ".tsv": "sentence\tlabel\nfine\t1\ndull\t0\n",
+        ".csv": "sentence,label\nfine,1\ndull,0\n",
+    }[Path(Path(name).stem).suffix]
+    codec = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd"}[Path(name).suffix]
+    with pa.output_stream(str(tmp_path / name), compression=codec) as stream:
+        stream.write(text.encode())
+    ((read, first_id),) = batch_readers(str(tmp_path / name))
+    rows = pa.concat_tables(read_checked(read, first_id, RowRules.for_task(SST2_TASK))).to_pydict()
+    assert rows["sentence"] == ["fine", "dull"] and [str(label) for label in rows["label"]] == ["1", "0"]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "reason"),
+    [
+        ("x.parquet.gz", b"PAR1", "unsupported format '.parquet.gz'"),
+        ("x.gz", b"\x1f\x8b", "unsupported format '.gz'"),
+        ("x.jsonl", b"\n \n", "the split is empty"),  # blank lines, as an empty file
+    ],
+)
+def test_what_cannot_be_read_inside_a_compressed_or_blank_file_is_one_line(tmp_path, name, content, reason):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError) as error:
+        scan_source(str(tmp_path / name), RowRules.for_task(SST2_TASK))
+    assert str(error.value).startswith(reason) and "\n" not in str(error.value)
+
+
+def test_a_dataset_dict_folder_is_refused_naming_its_splits(tmp_path):
+    import datasets
+
+    rows = datasets.Dataset.from_dict({"sentence": ["fine", "dull"], "label": [1, 0]})
+    datasets.DatasetDict({"train": rows, "validation": rows}).save_to_disk(str(tmp_path / "sst2"))
+    with pytest.raises(DataError, match=r"^a datasets DatasetDict; .* split folders: train, validation$"):
+        batch_readers(str(tmp_path / "sst2"))
+    ((read, first_id),) = batch_readers(str(tmp_path / "sst2" / "train"))
+    assert pa.concat_tables(read_checked(read, first_id, RowRules.for_task(SST2_TASK)))["sentence"].to_pylist() == [
+        "fine",
+        "dull",
+    ]

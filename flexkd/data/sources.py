@@ -38,7 +38,13 @@ import pyarrow.parquet as pq
 from flexkd.config.schema import ConfigError, TaskConfig
 from flexkd.data.rows import class_index, template_columns
 
-FORMATS = ".jsonl or .json (JSON lines, or one array of objects), .tsv, .csv, .parquet, a folder of parquet files, a datasets save_to_disk folder"
+FORMATS = (
+    ".jsonl or .json (JSON lines, or one array of objects), .tsv, .csv (these three also compressed: .gz, .bz2, "
+    ".zst), .parquet, a folder of parquet files, a datasets save_to_disk folder"
+)
+# Compressed text files, by their last suffix. The readers' open_input_stream decompresses them
+# by that same suffix (pyarrow's compression="detect").
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".zst")
 ROWS_PER_READ = 8192  # rows per record batch where flexkd, not pyarrow, cuts a source into batches
 
 BatchReader = Callable[[], Iterator[pa.RecordBatch]]
@@ -61,7 +67,8 @@ def batch_readers(path: str) -> list[tuple[BatchReader, int]]:
     if info.type == pyarrow.fs.FileType.Directory:
         names = {entry.base_name for entry in filesystem.get_file_info(pyarrow.fs.FileSelector(location))}
         if "dataset_dict.json" in names:
-            raise DataError("a datasets DatasetDict; point the path at one of its split folders")
+            splits = sorted(name for name in names if name != "dataset_dict.json")
+            raise DataError(f"a datasets DatasetDict; point the path at one of its split folders: {', '.join(splits)}")
         if names & {"dataset_info.json", "state.json"}:
             # load_from_disk memory-maps the arrow files: the length costs no reading.
             total = len(datasets.load_from_disk(path))
@@ -80,6 +87,10 @@ def batch_readers(path: str) -> list[tuple[BatchReader, int]]:
                 first_id += pq.ParquetFile(handle).metadata.num_rows
         return pieces
     suffix = Path(location).suffix
+    if suffix in COMPRESSED_SUFFIXES:
+        suffix = Path(Path(location).stem).suffix
+        if suffix not in (".jsonl", ".json", ".tsv", ".csv"):
+            raise DataError(f"unsupported format '{suffix}{Path(location).suffix}'; formats are: {FORMATS}")
     if suffix in (".jsonl", ".json"):
         return [(functools.partial(_json_batches, filesystem, location), 0)]
     if suffix in (".tsv", ".csv"):
@@ -100,6 +111,8 @@ def _json_batches(filesystem: pyarrow.fs.FileSystem, path: str) -> Iterator[pa.R
         start = b""
         while not start and (chunk := stream.read(4096)):  # past any leading whitespace
             start = chunk.lstrip(codecs.BOM_UTF8 + b" \t\r\n")
+    if not start:  # blank lines only: no rows, as an empty file (pyarrow would say "Empty JSON stream")
+        return
     if start.startswith(b"["):
         yield from _json_array_batches(filesystem, path)
         return
