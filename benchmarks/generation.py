@@ -72,6 +72,7 @@ LOGIT_VARIANTS = ("reverse_kl", "skew_kl", "jsd")
 METHODS |= {
     f"{base}-{logit}": METHODS[base] | {"loss.logit": logit} for logit in LOGIT_VARIANTS for base in ("kd", "kd+flexkd")
 }
+SEQKD_TOP_P = 0.9  # nucleus of a sampling SeqKD teacher (GenerationSettings.seqkd_temperature)
 QUERY_HEADS_PER_KV_GROUP = 3  # the teacher's 9 query heads share its 3 key/value heads
 PRUNED_START = "pruned, no distillation"
 EVAL_SETS = ("samsum", "self_instruct")
@@ -118,6 +119,8 @@ class GenerationSettings:
     # for a summary of a text or read a dialogue, the eval's domain (SAMSum has no train split here).
     train_prompts: str = "t0"
     generate_batch_size: int = 16  # prompts per teacher generate call
+    # SeqKD's teacher samples its responses at this temperature (top_p SEQKD_TOP_P); 0: greedy.
+    seqkd_temperature: float = 0.0
     # A pruned student starts from the teacher's weights: a small step size keeps what it inherits.
     learning_rate: float = 2e-4
     layer_selection: str = "importance"
@@ -276,7 +279,14 @@ def pipeline_overrides(settings: GenerationSettings, work_dir: Path, eval_path: 
         "resources.use_gpu": settings.use_gpu,
         "resources.threads_per_worker": settings.threads_per_worker,
     } | (
-        {"generate": {"max_new_tokens": settings.seqkd_max_new_tokens, "batch_size": settings.generate_batch_size}}
+        {
+            "generate": {"max_new_tokens": settings.seqkd_max_new_tokens, "batch_size": settings.generate_batch_size}
+            | (
+                {"do_sample": True, "temperature": settings.seqkd_temperature, "top_p": SEQKD_TOP_P}
+                if settings.seqkd_temperature
+                else {}
+            )
+        }
         if settings.seqkd_max_new_tokens
         else {}
     )

@@ -82,6 +82,12 @@ RECIPES: dict[str, Recipe] = {
         "576 wide, 27 blocks, teacher responses to summary and dialogue prompts",
         SHAPE_576X27 | SEQKD | {"train_prompts": "summaries"},
     ),
+    # And the teacher's responses sampled rather than greedy: greedy responses repeat the teacher's
+    # most likely phrasing across prompts, which a student imitates the more closely it trains.
+    "576x27-seqkd-summaries-sampled": Recipe(
+        "576 wide, 27 blocks, sampled teacher responses (temperature 0.7) to summary and dialogue prompts",
+        SHAPE_576X27 | SEQKD | {"train_prompts": "summaries", "seqkd_temperature": 0.7},
+    ),
 }
 RESPONSE_COUNTS = ("rows", "looping_responses", "truncated_responses")  # the generate stage's, per SeqKD recipe
 EVAL_DIALOGUES = 60  # SAMSum rows scored per model: five models' greedy decoding within the 90 minutes

@@ -380,3 +380,16 @@ def test_a_part_of_the_mixture_trains_only_its_templates_in_the_mixtures_order(t
     )
     assert overrides["data.train"]["path"] == str(summaries)
     assert overrides["data.score"]["path"] == str(mixture)  # the same pruned start as the whole mixture's
+
+
+def test_a_sampling_seqkd_teacher_is_set_only_with_a_temperature(tmp_path):
+    from flexkd.config.schema import load_config
+
+    def generate(**changes):
+        settings = GenerationSettings.cpu().with_overrides(seqkd_max_new_tokens=64, **changes)
+        overrides = generation.pipeline_overrides(settings, tmp_path, tmp_path / "e.jsonl", 3)
+        return load_config(generation.PIPELINE, overrides).generate
+
+    assert generate().do_sample is False
+    sampled = generate(seqkd_temperature=0.7)
+    assert (sampled.do_sample, sampled.temperature, sampled.top_p) == (True, 0.7, generation.SEQKD_TOP_P)
