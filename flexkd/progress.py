@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TextIO
 
+import ray
 from ray.experimental.tqdm_ray import tqdm as ray_tqdm
 from tqdm import tqdm
 
@@ -113,3 +114,31 @@ def progress_of(progress: Progress, count: Callable[[], int]) -> Iterator[Progre
         thread.join()
     progress.set(count())  # after a failure, no final line: the error is the news
     progress.close()
+
+
+@ray.remote(num_cpus=0)
+class RowCounter:
+    """Rows that Ray Data actors have finished. The driver cannot count them as they come back: a
+    map task holds its outputs until a whole block is full, often the whole split."""
+
+    def __init__(self):
+        self.rows = 0
+
+    def add(self, rows: int) -> None:
+        self.rows += rows
+
+    def count(self) -> int:
+        return self.rows
+
+
+@contextmanager
+def actor_progress(label: str, total: int, unit: str = "rows") -> Iterator[ray.actor.ActorHandle | None]:
+    """Progress lines of the ``total`` rows a pool of Ray Data actors works through: yields a
+    RowCounter for the actors to ``add.remote(rows)`` to, which the driver polls. On a terminal,
+    where Ray Data draws its own bars, it yields None and prints nothing."""
+    if progress_bars_wanted():
+        yield None
+        return
+    counter = RowCounter.remote()
+    with progress_of(Progress(label, total, terminal=False, unit=unit), lambda: ray.get(counter.count.remote())):
+        yield counter

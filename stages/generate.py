@@ -55,7 +55,7 @@ from flexkd.data.splits import GENERATED_TRAIN_FILE, check_split, split_task
 from flexkd.errors import StageError
 from flexkd.evaluation.metrics import distinct_n, is_one_repeated_ngram
 from flexkd.models.plan import load_pipeline_tokenizer, load_teacher
-from flexkd.progress import Progress, progress_bars_wanted
+from flexkd.progress import actor_progress
 
 SAMPLE_ROWS = 20  # responses logged as the MLflow table
 DISTINCT_ROWS = 1000  # the responses whose distinct-2 is logged (the driver keeps their text)
@@ -76,7 +76,8 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
     try:
         summary = check_split("train", source, config.task, config.data.on_bad_rows, labeled=labeled)
         rules = RowRules.for_task(task, labeled=labeled)
-        with ordered_execution():  # responses in the order of the source's rows
+        # ordered: responses in the order of the source's rows
+        with ordered_execution(), actor_progress("generate", summary.good, unit="prompts") as counter:
             answered = numbered_dataset(source, rules).map_batches(
                 TeacherResponses,
                 fn_constructor_kwargs={
@@ -84,6 +85,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
                     "task": task,
                     "tokenizer": tokenizer,
                     "prompt_budget": prompt_budget,
+                    "counter": counter,
                 },
                 batch_format="pyarrow",
                 batch_size=settings.batch_size,
@@ -92,11 +94,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
                 num_gpus=1 if config.resources.use_gpu else 0,
                 **ACTOR_POOL_OPTIONS,
             )
-            # Only the driver sees every batch come back: the prompts answered are counted here.
-            with Progress("generate", summary.good, terminal=progress_bars_wanted(), unit="prompts") as progress:
-                written = _write_responses(
-                    answered, task, output_dir / GENERATED_TRAIN_FILE, settings.drop_looping, progress
-                )
+            written = _write_responses(answered, task, output_dir / GENERATED_TRAIN_FILE, settings.drop_looping)
     except ConfigError as error:  # DataError included: "data.train (<path>): <cause>"
         raise StageError(f"generate: {error}") from None
     counts = _response_counts(written, settings.drop_looping)
@@ -131,13 +129,21 @@ def _response_counts(written: dict[str, Any], drop_looping: bool) -> dict[str, i
 
 
 class TeacherResponses:
-    """A Ray Data actor: loads the teacher once, then answers batches of numbered raw rows."""
+    """A Ray Data actor: loads the teacher once, then answers batches of numbered raw rows, and
+    counts them on ``counter`` (a flexkd.progress.RowCounter), if given."""
 
-    def __init__(self, config: PipelineConfig, task: TaskConfig, tokenizer, prompt_budget: int):
+    def __init__(
+        self,
+        config: PipelineConfig,
+        task: TaskConfig,
+        tokenizer,
+        prompt_budget: int,
+        counter: ray.actor.ActorHandle | None = None,
+    ):
         distributed.use_threads(config.resources.threads_per_worker)
         self.device = distributed.task_device(config.resources.use_gpu)
         self.teacher = load_teacher(config).to(self.device)
-        self.task, self.tokenizer, self.prompt_budget = task, tokenizer, prompt_budget
+        self.task, self.tokenizer, self.prompt_budget, self.counter = task, tokenizer, prompt_budget, counter
         self.settings = config.generate
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         sampling = {"temperature": self.settings.temperature, "top_p": self.settings.top_p}
@@ -175,6 +181,8 @@ class TeacherResponses:
             responses.append(self.tokenizer.decode(ids, skip_special_tokens=True))
             lengths.append(len(ids))
             truncated.append(not ended)
+        if self.counter is not None:
+            self.counter.add.remote(rows.num_rows)
         return _response_rows(rows, self.task, responses, lengths, truncated, not self.settings.replace_references)
 
 
@@ -212,13 +220,11 @@ def _response_rows(
     return teacher
 
 
-def _write_responses(
-    answered: ray.data.Dataset, task: TaskConfig, path: Path, drop_looping: bool, progress: Progress | None = None
-) -> dict[str, Any]:
+def _write_responses(answered: ray.data.Dataset, task: TaskConfig, path: Path, drop_looping: bool) -> dict[str, Any]:
     """Stream the answered rows into one parquet file, in order, the blank responses left out and
     the looping ones too with ``drop_looping``; returns the counts (of looping responses: all of
     them), and of the teacher responses written the first DISTINCT_ROWS and the first SAMPLE_ROWS
-    as a table (column -> values). ``progress``: told of the prompts answered, batch by batch."""
+    as a table (column -> values)."""
     writer: pq.ParquetWriter | None = None
     written: dict[str, Any] = dict.fromkeys(
         ("rows", "teacher_rows", "blank", "looping", "truncated", "response_tokens"), 0
@@ -228,10 +234,6 @@ def _write_responses(
     sample: list[pa.Table] = []
     try:
         for batch in answered.iter_batches(batch_format="pyarrow", batch_size=None):
-            if progress is not None:
-                progress.update(
-                    pc.sum(pc.equal(batch.column("response_source"), "teacher").cast(pa.int64())).as_py() or 0
-                )
             written["blank"] += pc.sum(batch.column(_BLANK).cast(pa.int64())).as_py() or 0
             written["looping"] += pc.sum(batch.column(_LOOPING).cast(pa.int64())).as_py() or 0
             left_out = pc.or_(batch.column(_BLANK), batch.column(_LOOPING)) if drop_looping else batch.column(_BLANK)

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from contextlib import nullcontext
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +43,7 @@ from flexkd.data.shards import ordered_execution, read_shards, shard_files, writ
 from flexkd.data.teacher_targets import target_columns, units_column
 from flexkd.method.objective import forward_scored
 from flexkd.models.plan import load_pipeline_tokenizer, load_teacher, plan_models
-from flexkd.progress import Progress, progress_bars_wanted, progress_of
+from flexkd.progress import actor_progress
 
 INFO_FILE = "targets.json"
 CACHED_SPLITS = ("train", TRANSFER_SPLIT)  # the training rows, and the unlabeled rows of data.transfer if any
@@ -85,17 +83,9 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
         if split not in tokenized["outputs"]["rows"]:  # no data.transfer
             continue
         split_dir = output_dir / split
-        # On a terminal Ray Data draws its bars; elsewhere the writers count their rows for progress lines.
-        counter = None if progress_bars_wanted() else RowCounter.remote()
-        progress = (
-            nullcontext()
-            if counter is None
-            else progress_of(
-                Progress(f"targets {split}", tokenized["outputs"]["rows"][split], terminal=False),
-                partial(_counted_rows, counter),
-            )
-        )
-        with ordered_execution(), progress:  # cache rows in the order of the training rows
+        rows_to_write = tokenized["outputs"]["rows"][split]
+        # ordered: cache rows in the order of the training rows
+        with ordered_execution(), actor_progress(f"targets {split}", rows_to_write) as counter:
             rows = read_shards(inputs["tokenize"] / split)
             with_targets = rows.map_batches(
                 TeacherTargetWriter,
@@ -117,10 +107,8 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
                 **ACTOR_POOL_OPTIONS,
             )
             written[split] = write_shards(with_targets, split_dir, config.data.shard_rows)
-        if written[split] != tokenized["outputs"]["rows"][split]:
-            raise RuntimeError(
-                f"wrote {written[split]} cache rows for {tokenized['outputs']['rows'][split]} {split} rows"
-            )
+        if written[split] != rows_to_write:
+            raise RuntimeError(f"wrote {written[split]} cache rows for {rows_to_write} {split} rows")
         shards += shard_files(split_dir)
     if directions:
         shutil.rmtree(output_dir / DIRECTIONS_DIR, ignore_errors=True)
@@ -147,24 +135,6 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
     return {
         key: info[key] for key in ("k_max", "full_width", "top_k_logits", "layers", "rows", "transfer_rows", "bytes")
     }
-
-
-@ray.remote(num_cpus=0)
-class RowCounter:
-    """Rows the writers have finished, for the driver's progress lines."""
-
-    def __init__(self):
-        self.rows = 0
-
-    def add(self, rows: int) -> None:
-        self.rows += rows
-
-    def count(self) -> int:
-        return self.rows
-
-
-def _counted_rows(counter: ray.actor.ActorHandle) -> int:
-    return ray.get(counter.count.remote())
 
 
 class TeacherTargetWriter:

@@ -3,7 +3,6 @@ config section, and the fluency measures the evaluate stage reports for generati
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,8 +21,7 @@ from flexkd.errors import StageError
 from flexkd.evaluation.metrics import distinct_n, fluency_scores, is_one_repeated_ngram
 from flexkd.models.plan import load_pipeline_tokenizer, load_teacher
 from flexkd.pipeline.runner import pipeline_stages, planned_fingerprint, run_pipeline
-from flexkd.progress import Progress
-from flexkd.stages.generate import TeacherResponses, _response_counts, _response_rows, _write_responses
+from flexkd.stages.generate import _BLANK, TeacherResponses, _response_counts, _response_rows, _write_responses
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = REPO_ROOT / "pipelines"
@@ -167,7 +165,10 @@ def test_batched_left_padded_responses_equal_one_prompt_at_a_time(tmp_path):
     )
     task = config.task.model_copy(update={"prompt_template": TEMPLATE, "response_column": "summary"})
     budget = 96 - 7
-    answered = TeacherResponses(config, task, tokenizer, budget)(rows)
+    counted = []
+    counter = SimpleNamespace(add=SimpleNamespace(remote=counted.append))  # a RowCounter's handle, in-process
+    answered = TeacherResponses(config, task, tokenizer, budget, counter)(rows)
+    assert counted == [4]  # the prompts answered, for the driver's progress lines
 
     teacher = load_teacher(config)
     _, prompts = prompt_token_ids(rows.to_pydict(), tokenizer, task)
@@ -179,9 +180,9 @@ def test_batched_left_padded_responses_equal_one_prompt_at_a_time(tmp_path):
         )[0, len(prompt[-budget:]) :].tolist()
         new = new[: new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
         expected.append(tokenizer.decode(new, skip_special_tokens=True))
-    kept = [text for text in expected if text.strip()]
-    assert answered.column("summary").to_pylist() == kept
-    assert answered.column("source_example_id").to_pylist() == [i for i, text in enumerate(expected) if text.strip()]
+    assert answered.column("summary").to_pylist() == expected
+    assert answered.column("source_example_id").to_pylist() == [0, 1, 2, 3]
+    assert answered.column(_BLANK).to_pylist() == [not text.strip() for text in expected]  # the driver leaves them out
     assert set(answered.column("response_source").to_pylist()) == {"teacher"}
 
 
@@ -232,27 +233,6 @@ def test_blank_responses_are_left_out_and_a_kept_reference_stays(tmp_path):
         ("z", "teacher"),
     ]
     assert _response_counts(counts, drop_looping=True)["blank_responses"] == 1
-
-
-def test_the_driver_shows_the_prompts_answered_as_they_come_back(tmp_path):
-    task = generation_debug(tmp_path).task.model_copy(
-        update={"prompt_template": TEMPLATE, "response_column": "summary"}
-    )
-    rows = pa.table({"dialogue": [*"abc"], "summary": [*"ABC"], "example_id": pa.array([0, 1, 2])})
-    # Two batches, references kept (two rows a prompt), one response blank: still 3 prompts answered.
-    batches = [
-        _response_rows(rows.slice(0, 2), task, ["x", ""], [1, 0], [False, False], True),
-        _response_rows(rows.slice(2), task, ["z"], [1], [False], True),
-    ]
-    answered = SimpleNamespace(iter_batches=lambda **options: iter(batches))
-    lines = io.StringIO()
-    progress = Progress("generate", 3, terminal=False, unit="prompts", interval_s=0.0, stream=lines)
-    _write_responses(answered, task, tmp_path / "responses.parquet", True, progress)
-    progress.close()
-    assert [line.split(" (")[0] for line in lines.getvalue().splitlines()] == [
-        "generate: 2/3 prompts",
-        "generate: 3/3 prompts",
-    ]
 
 
 @pytest.mark.parametrize("drop_looping", [True, False])

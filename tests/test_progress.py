@@ -97,3 +97,24 @@ def test_no_final_line_after_a_failure():
         pass
     time.sleep(0.01)
     assert out.getvalue() == ""
+
+
+def test_actors_count_their_rows_for_the_drivers_lines(local_ray, capfd, monkeypatch):
+    """Ray Data hands a map task's outputs back only once a block is full, so the generate and
+    targets actors add to a RowCounter, and the driver prints lines from it while it waits."""
+    import ray
+
+    from flexkd import progress
+
+    monkeypatch.setattr(progress, "progress_bars_wanted", lambda: False)
+
+    @ray.remote
+    def answer(counter, rows: int) -> None:
+        ray.get(counter.add.remote(rows))
+
+    with progress.actor_progress("generate", 10, unit="prompts") as counter:
+        ray.get([answer.remote(counter, 4), answer.remote(counter, 6)])
+    assert capfd.readouterr().out.splitlines()[-1].startswith("generate: 10/10 prompts (100%)")
+    monkeypatch.setattr(progress, "progress_bars_wanted", lambda: True)
+    with progress.actor_progress("generate", 10) as counter:
+        assert counter is None  # on a terminal Ray Data draws its bars
