@@ -76,6 +76,14 @@ def test_unknown_key_names_the_field(tmp_path):
     assert one_error(raw, tmp_path) == f"{tmp_path / 'pipeline.yaml'}: loss.gama: unknown key"
 
 
+def test_text_that_yaml_read_as_a_mapping_says_to_quote_it(tmp_path):
+    raw = debug_raw()
+    raw["task"]["prompt_template"] = {"Review": {"sentence": None}}  # Review: {sentence}, unquoted
+    message = one_error(raw, tmp_path)
+    assert message.startswith(f"{tmp_path / 'pipeline.yaml'}: task.prompt_template: Input should be a valid string")
+    assert "not a mapping; quote text" in message
+
+
 def test_wrong_type_names_the_field(tmp_path):
     raw = debug_raw()
     raw["training"]["steps"] = "many"

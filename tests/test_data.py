@@ -73,6 +73,12 @@ def test_templates_may_only_name_columns(template):
         template_columns(template)
 
 
+def test_a_template_that_names_no_column_is_refused():
+    """Every row would get the same prompt: a model trained on it learns nothing from the data."""
+    with pytest.raises(ValueError, match=r"^task.prompt_template: 'Sentiment:' names no column"):
+        template_columns("Sentiment:")
+
+
 def test_required_columns_are_the_template_columns_and_the_target():
     assert required_columns(SST2_TASK) == ["sentence", "label"]
     assert required_columns(SAMSUM_TASK) == ["dialogue", "summary"]

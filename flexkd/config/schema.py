@@ -726,6 +726,10 @@ def _format_errors(source: str, error: ValidationError) -> str:
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
+        elif item["type"] == "string_type" and isinstance(item["input"], dict | list):
+            # "Review: {sentence}" unquoted is YAML for a mapping: the user meant text.
+            kind = "a mapping" if isinstance(item["input"], dict) else "a list"
+            message += f", not {kind}; quote text that holds ': ', '{{' or '[' (in --set too: --set 'key=\"...\"')"
         lines.append(f"{source}: {field or '<top level>'}: {message}")
     return "\n".join(lines)
 

@@ -64,6 +64,11 @@ def template_columns(template: str) -> list[str]:
             raise ValueError(f"task.prompt_template: '{{{field}}}' is not a column name; use {{column}} fields only")
         if field not in columns:
             columns.append(field)
+    if not columns:
+        raise ValueError(
+            f"task.prompt_template: {template!r} names no column, so every row would get the same prompt; "
+            "use {column} fields"
+        )
     return columns
 
 
