@@ -84,6 +84,15 @@ def test_text_that_yaml_read_as_a_mapping_says_to_quote_it(tmp_path):
     assert "not a mapping; quote text" in message
 
 
+@pytest.mark.parametrize("feature_off", [{"gamma": 0.0}, {"feature": "none"}])
+def test_losses_that_would_not_train_the_student_are_refused(tmp_path, feature_off):
+    raw = debug_raw()
+    raw["loss"] |= {"alpha": 0.0, "beta": 0.0} | feature_off
+    assert one_error(raw, tmp_path).endswith("are all 0: nothing would train the student")
+    raw["loss"]["beta"] = 0.5  # logit KD alone trains it
+    parse_config(raw, str(tmp_path / "pipeline.yaml"))
+
+
 def test_wrong_type_names_the_field(tmp_path):
     raw = debug_raw()
     raw["training"]["steps"] = "many"

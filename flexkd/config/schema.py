@@ -284,6 +284,14 @@ class LossConfig(_Section):
             raise ValueError(f"{name!r} is not a registered feature loss: one of {[*FEATURE_LOSSES, NO_FEATURE_LOSS]}")
         return name
 
+    @model_validator(mode="after")
+    def _something_trains_the_student(self) -> LossConfig:
+        if self.alpha == 0 and self.beta == 0 and not self.uses_features:
+            raise ValueError(
+                "loss.alpha, loss.beta and loss.gamma (with a feature loss) are all 0: nothing would train the student"
+            )
+        return self
+
     @property
     def uses_features(self) -> bool:
         """Whether a step reads the teacher's hidden units."""
