@@ -330,3 +330,15 @@ def test_a_dataset_dict_folder_is_refused_naming_its_splits(tmp_path):
         "fine",
         "dull",
     ]
+
+
+@pytest.mark.parametrize(
+    ("task", "template", "column"),
+    [
+        (SST2_TASK, "Review: {sentence} ({label})\nSentiment:", "'label', task.label_column"),
+        (SAMSUM_TASK, "{dialogue}\nSummary: {summary}", "'summary', task.response_column"),
+    ],
+)
+def test_a_template_that_reads_the_answer_is_refused(task, template, column):
+    with pytest.raises(ValueError, match=rf"^task.prompt_template reads {column}: the answer would be in the prompt$"):
+        RowRules.for_task(task.model_copy(update={"prompt_template": template}))

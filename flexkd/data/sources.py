@@ -202,10 +202,17 @@ class RowRules:
 
     @classmethod
     def for_task(cls, task: TaskConfig, labeled: bool = True) -> RowRules:
-        """Raises ValueError for a prompt template that names anything but columns. ``labeled=False``
-        (data.transfer; train prompts the teacher answers, stage generate): the label or response
-        column is neither needed nor read."""
+        """Raises ValueError for a prompt template that names anything but columns, or names the
+        label or response column. ``labeled=False`` (data.transfer; train prompts the teacher
+        answers, stage generate): the label or response column is neither needed nor read."""
         template = tuple(template_columns(task.prompt_template))
+        answer, setting = (
+            (task.response_column, "task.response_column")
+            if task.kind == "generation"
+            else (task.label_column, "task.label_column")
+        )
+        if answer in template:  # a model that reads its answer learns to copy it, and scores as if it knew it
+            raise ValueError(f"task.prompt_template reads '{answer}', {setting}: the answer would be in the prompt")
         if task.kind == "generation":
             return cls(template, response_column=task.response_column if labeled else None)
         if not labeled:
