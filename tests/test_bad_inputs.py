@@ -353,6 +353,19 @@ def test_on_bad_rows_skip_logs_the_count_and_validates(tmp_path, capsys, caplog)
     assert f"data.train ({data}): skipping 1 bad rows of 6 (data.on_bad_rows: skip); the first: row 2" in caplog.text
 
 
+def test_scoring_on_the_training_file_is_warned_of(tmp_path, capsys, caplog):
+    data = _write_tsv(tmp_path / "train")
+    settings = {"data.train": {"path": str(data)}, "data.on_bad_rows": "skip", "training.batch_size": 4}
+    pipeline = pipeline_file(tmp_path, **settings, **{"data.eval": {"path": str(data)}})
+    assert main(["validate", str(pipeline)]) == 0
+    assert f"data.eval ({data}) is the file data.train reads: the student is scored on rows it trained on" in (
+        caplog.text
+    )
+    caplog.clear()
+    assert main(["validate", str(pipeline_file(tmp_path, **settings))]) == 0
+    assert "scored on rows it trained on" not in caplog.text
+
+
 def test_a_split_with_only_bad_rows_is_refused_even_when_skipping(tmp_path, capsys):
     data = tmp_path / "train.jsonl"
     data.write_text('{"sentence": "", "label": 1}\n{"sentence": "fine", "label": 5}\n')

@@ -147,4 +147,15 @@ def check_data(config: PipelineConfig, tokenizer) -> dict[str, SourceSummary]:
         for split, source in pipeline_splits(config).items()
     }
     check_batches(config, summaries)
+    _warn_if_scored_on_training_rows(config)
     return summaries
+
+
+def _warn_if_scored_on_training_rows(config: PipelineConfig) -> None:
+    """A warning, not an error: a smoke run may well score on its training file, but a real run
+    that does reports how well the student memorized, not how well it learned."""
+    train, held_out = Path(config.data.train.path), Path(config.data.eval.path)
+    if train.exists() and held_out.exists() and train.samefile(held_out):
+        log.warning(
+            "data.eval (%s) is the file data.train reads: the student is scored on rows it trained on", held_out
+        )
