@@ -597,6 +597,31 @@ def test_run_refuses_bad_data_before_ray_starts(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(
+    ("resources", "expected"),
+    [
+        (
+            {"num_workers": 3},
+            "3 workers (resources.num_workers) x 1 CPUs (resources.cpus_per_worker) need 3 CPUs; the Ray on this "
+            "machine has 2",
+        ),
+        ({"cpus_per_worker": 2.5}, "1 workers (resources.num_workers) x 2.5 CPUs (resources.cpus_per_worker) need 2.5"),
+        ({"use_gpu": True}, "1 workers (resources.num_workers) x 1 GPU (resources.use_gpu) need 1 GPUs; the Ray"),
+    ],
+)
+def test_run_refuses_workers_the_local_ray_cannot_hold(tmp_path, capsys, monkeypatch, local_ray, resources, expected):
+    """Ray would wait for them forever; the suite's Ray has 2 CPUs and no GPU."""
+
+    def past_the_check(root):  # without the check, fail here rather than hang in a stage
+        raise StageError("the run went past the capacity check")
+
+    monkeypatch.setattr(runner, "check_artifact_root", past_the_check)
+    pipeline = pipeline_file(tmp_path, **{f"resources.{key}": value for key, value in resources.items()})
+    args = ["--set", "training.batch_size=6"] if resources.get("num_workers") == 3 else []
+    assert refused(capsys, "run", str(pipeline), *args).startswith(f"flexkd: resources: {expected}")
+    assert not (tmp_path / "runs" / "debug").exists()
+
+
 def test_a_real_flexkd_validate_process_prints_one_line_for_a_missing_data_file(tmp_path):
     """In a process of its own, as a user runs it: the in-process tests above share pytest's
     logging and imports, so they could miss a line a fresh process prints (a warning at import)."""

@@ -64,6 +64,25 @@ def ensure_ray() -> None:
     start_local_ray(log_to_driver=True, runtime_env=runtime_env)
 
 
+def check_local_capacity(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> None:
+    """On a Ray of this machine alone (no RAY_ADDRESS, so no autoscaler to add nodes), refuse
+    workers that do not fit in it: Ray would wait for their CPUs or GPUs forever, and say so only
+    in a log line every few seconds. Raises StageError naming the resources settings."""
+    if os.environ.get("RAY_ADDRESS", "").strip():
+        return
+    have = ray.cluster_resources()
+    needs = {"CPU": (num_workers * cpus_per_worker, f"{cpus_per_worker:g} CPUs (resources.cpus_per_worker)")}
+    if use_gpu:
+        needs["GPU"] = (num_workers, "1 GPU (resources.use_gpu)")
+    for resource, (need, each) in needs.items():
+        if need > have.get(resource, 0):
+            raise StageError(
+                f"resources: {num_workers} workers (resources.num_workers) x {each} need {need:g} {resource}s; "
+                f"the Ray on this machine has {have.get(resource, 0):g}; use fewer or smaller workers, or a "
+                "cluster (RAY_ADDRESS, flexkd submit)"
+            )
+
+
 def start_local_ray(**options: Any) -> None:
     """Start a new Ray on this machine that listens on 127.0.0.1 only (``options`` go to
     ``ray.init``), even if ``ray start`` left another one running here."""

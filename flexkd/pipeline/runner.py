@@ -22,7 +22,7 @@ from typing import Any
 import mlflow
 
 from flexkd import __version__
-from flexkd.cluster.local import ensure_ray
+from flexkd.cluster.local import check_local_capacity, ensure_ray
 from flexkd.cluster.storage import check_artifact_root
 from flexkd.config.schema import PipelineConfig, stable_hash
 from flexkd.errors import StageError
@@ -139,6 +139,8 @@ def run_pipeline(
     """Run ``stages`` in order; stages already done (same fingerprint) are skipped unless forced."""
     preflight(config)  # refuse a bad k, layer map, model path or tokenizer before any work starts
     ensure_ray()
+    resources = config.resources
+    check_local_capacity(resources.num_workers, resources.cpus_per_worker, resources.use_gpu)
     check_artifact_root(config.artifact_root)  # on a multi-node cluster, refuse node-local storage
     uri = tracking_uri(config)
     experiment_id = use_experiment(config)
