@@ -7,6 +7,7 @@ missing file, empty file and missing column in tests/test_tokenize_stage.py).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -610,16 +611,29 @@ def test_run_refuses_bad_data_before_ray_starts(tmp_path, capsys, monkeypatch):
     ],
 )
 def test_run_refuses_workers_the_local_ray_cannot_hold(tmp_path, capsys, monkeypatch, local_ray, resources, expected):
-    """Ray would wait for them forever; the suite's Ray has 2 CPUs and no GPU."""
+    """Ray would wait for them forever. Checked as the first stage that starts workers (score)
+    begins, on a Ray of 2 CPUs and no GPU that flexkd started itself (no autoscaler can grow it)."""
+    from flexkd.cluster import local
 
-    def past_the_check(root):  # without the check, fail here rather than hang in a stage
+    monkeypatch.setattr(local, "_started_here", True)
+    monkeypatch.setattr(local.ray, "cluster_resources", lambda: {"CPU": 2.0})
+
+    def past_the_check(*args):  # without the check, fail here rather than hang in the stage
         raise StageError("the run went past the capacity check")
 
-    monkeypatch.setattr(runner, "check_artifact_root", past_the_check)
+    monkeypatch.setitem(runner.SPECS, "score", dataclasses.replace(runner.SPECS["score"], run=past_the_check))
     pipeline = pipeline_file(tmp_path, **{f"resources.{key}": value for key, value in resources.items()})
     args = ["--set", "training.batch_size=6"] if resources.get("num_workers") == 3 else []
-    assert refused(capsys, "run", str(pipeline), *args).startswith(f"flexkd: resources: {expected}")
-    assert not (tmp_path / "runs" / "debug").exists()
+
+    def last_line() -> str:  # tokenize ran first, and MLflow may say it made its database
+        assert main(["run", str(pipeline), *args]) != 0
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, err
+        return err.splitlines()[-1]
+
+    assert last_line().startswith(f"flexkd: resources: {expected}")
+    monkeypatch.setattr(local, "_started_here", False)  # a Ray joined, which an autoscaler may grow
+    assert last_line() == "flexkd: the run went past the capacity check"
 
 
 def test_a_real_flexkd_validate_process_prints_one_line_for_a_missing_data_file(tmp_path):

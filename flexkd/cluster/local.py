@@ -32,6 +32,9 @@ ACTOR_POOL_OPTIONS: dict[str, Any] = {"max_restarts": 0}
 # Ray's switch for local-only clusters on macOS and Windows: while it is "0", Ray takes the
 # loopback address as this node's IP instead of the address of the default route.
 _RAY_LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Whether this process started the Ray it uses (start_local_ray), rather than joining one that an
+# autoscaler may grow: only then does check_local_capacity know the Ray's size is final.
+_started_here = False
 
 
 def ensure_ray() -> None:
@@ -65,10 +68,10 @@ def ensure_ray() -> None:
 
 
 def check_local_capacity(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> None:
-    """On a Ray of this machine alone (no RAY_ADDRESS, so no autoscaler to add nodes), refuse
-    workers that do not fit in it: Ray would wait for their CPUs or GPUs forever, and say so only
-    in a log line every few seconds. Raises StageError naming the resources settings."""
-    if os.environ.get("RAY_ADDRESS", "").strip():
+    """On a Ray that flexkd started on this machine (no autoscaler to add nodes), refuse workers
+    that do not fit in it: Ray would wait for their CPUs or GPUs forever, and say so only in a log
+    line every few seconds. Raises StageError naming the resources settings."""
+    if not _started_here:
         return
     have = ray.cluster_resources()
     needs = {"CPU": (num_workers * cpus_per_worker, f"{cpus_per_worker:g} CPUs (resources.cpus_per_worker)")}
@@ -88,9 +91,11 @@ def start_local_ray(**options: Any) -> None:
     ``ray.init``), even if ``ray start`` left another one running here."""
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         log.warning("RAY_AUTH_MODE=disabled: the local Ray accepts unauthenticated clients on 127.0.0.1")
+    global _started_here
     options = {"dashboard_host": "127.0.0.1", **options}
     with _loopback_only(True):
         ray.init(address="local", _node_ip_address="127.0.0.1", **options)
+    _started_here = True
     _restrict_token_file()
 
 

@@ -32,6 +32,11 @@ from flexkd.pipeline.stages import SPECS, STAGE_NAMES, STAGES
 from flexkd.tracking.runs import log_config, public_config, tracking_uri, ui_command, use_experiment
 
 log = logging.getLogger("flexkd")
+# The workers a stage starts, each of resources.cpus_per_worker CPUs and, with use_gpu, a GPU;
+# None: resources.num_workers. tokenize and register start none of that size.
+WORKERS_OF_STAGE: dict[str, int | None] = dict.fromkeys(("generate", "adapt", "score", "targets", "distill")) | {
+    "evaluate": 1
+}
 
 
 @dataclass
@@ -139,8 +144,6 @@ def run_pipeline(
     """Run ``stages`` in order; stages already done (same fingerprint) are skipped unless forced."""
     preflight(config)  # refuse a bad k, layer map, model path or tokenizer before any work starts
     ensure_ray()
-    resources = config.resources
-    check_local_capacity(resources.num_workers, resources.cpus_per_worker, resources.use_gpu)
     check_artifact_root(config.artifact_root)  # on a multi-node cluster, refuse node-local storage
     uri = tracking_uri(config)
     experiment_id = use_experiment(config)
@@ -227,6 +230,10 @@ def _run_stage(
         # A forced stage starts over: left in place, a finished run's checkpoints would make
         # distill "resume" at its last step and redo nothing.
         shutil.rmtree(directory)
+    if stage in WORKERS_OF_STAGE:  # checked only for a stage that will run: a cached one needs no workers
+        resources = config.resources
+        workers = WORKERS_OF_STAGE[stage] or resources.num_workers
+        check_local_capacity(workers, resources.cpus_per_worker, resources.use_gpu)
     directory.mkdir(parents=True, exist_ok=True)
     log.info("%s: running -> %s", stage, directory)
     started = time.time()
