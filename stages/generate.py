@@ -50,7 +50,7 @@ from flexkd.config.schema import ConfigError, PipelineConfig, TaskConfig
 from flexkd.data.numbered import numbered_dataset
 from flexkd.data.rows import prompt_token_ids, template_columns
 from flexkd.data.shards import ordered_execution
-from flexkd.data.sources import RowRules
+from flexkd.data.sources import RowRules, blank_text
 from flexkd.data.splits import GENERATED_TRAIN_FILE, check_split, split_task
 from flexkd.errors import StageError
 from flexkd.evaluation.metrics import distinct_n, is_one_repeated_ngram
@@ -210,8 +210,9 @@ def _response_rows(
         )
 
     looping = [is_one_repeated_ngram(text, cut) for text, cut in zip(responses, truncated, strict=True)]
-    blank = [not text.strip() for text in responses]
-    teacher = rows_with(pa.array(responses, pa.string()), "teacher", lengths, truncated, looping, blank)
+    # Blank as check_rows has it: a response tokenize would refuse as "empty text".
+    answers = pa.array(responses, pa.string())
+    teacher = rows_with(answers, "teacher", lengths, truncated, looping, blank_text(answers).to_pylist())
     if keep_data:
         no = [False] * count  # a reference is neither cut, nor a loop, nor blank (check_split saw to that)
         data = rows_with(rows.column(task.response_column).cast(pa.string()), "data", [0] * count, no, no, no)

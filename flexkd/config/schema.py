@@ -212,6 +212,11 @@ class TaskConfig(_Section):
     response_column: str = "response"
     chat_template: bool = Field(False, description="wrap the prompt in the tokenizer's chat template")
 
+    @property
+    def answer_column(self) -> str:
+        """The column a model must not see in its prompt: the label or the reference response."""
+        return self.label_column if self.kind == "classification" else self.response_column
+
     @model_validator(mode="after")
     def _kind_needs(self) -> TaskConfig:
         if self.kind == "classification" and (not self.label_names or len(self.label_names) < 2):

@@ -75,7 +75,7 @@ def template_columns(template: str) -> list[str]:
 def required_columns(task: TaskConfig, labeled: bool = True) -> list[str]:
     """Every column a row needs for ``task``: the template's, then the label or response (not for
     ``labeled=False``, the unlabeled rows of data.transfer)."""
-    target = task.label_column if task.kind == "classification" else task.response_column
+    target = task.answer_column
     columns = template_columns(task.prompt_template)
     return columns + ([target] if labeled and target not in columns else [])
 

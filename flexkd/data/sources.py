@@ -206,13 +206,13 @@ class RowRules:
         label or response column. ``labeled=False`` (data.transfer; train prompts the teacher
         answers, stage generate): the label or response column is neither needed nor read."""
         template = tuple(template_columns(task.prompt_template))
-        answer, setting = (
-            (task.response_column, "task.response_column")
-            if task.kind == "generation"
-            else (task.label_column, "task.label_column")
-        )
-        if answer in template:  # a model that reads its answer learns to copy it, and scores as if it knew it
-            raise ValueError(f"task.prompt_template reads '{answer}', {setting}: the answer would be in the prompt")
+        if (
+            task.answer_column in template
+        ):  # a model that reads its answer learns to copy it, and scores as if it knew it
+            setting = "task.response_column" if task.kind == "generation" else "task.label_column"
+            raise ValueError(
+                f"task.prompt_template reads '{task.answer_column}', {setting}: the answer would be in the prompt"
+            )
         if task.kind == "generation":
             return cls(template, response_column=task.response_column if labeled else None)
         if not labeled:
@@ -322,7 +322,7 @@ def _text_checks(column: pa.Array) -> tuple[pa.Array, list[_Check]]:
                 invalid[index], errors[index] = True, error
                 values.append(None)
         text = pa.array(values, type=target)
-    blank = _mask(pc.equal(pc.utf8_trim_whitespace(text), ""))
+    blank = _mask(blank_text(text))
     nul = _mask(pc.match_substring(text, "\x00"))
 
     def not_utf8(index: int) -> str:
@@ -366,6 +366,11 @@ class SourceSummary:
     good: int
     bad: int
     first_bad: BadRow | None
+
+
+def blank_text(text: pa.Array) -> pa.Array:
+    """Which strings are empty or whitespace only: what check_rows refuses as "empty text"."""
+    return pc.equal(pc.utf8_trim_whitespace(text), "")
 
 
 def numbered(batch: pa.RecordBatch, first_id: int) -> pa.Table:
