@@ -31,9 +31,13 @@ MLP channels and key/value groups, and each block's change of the hidden state; 
 like the importance), and rank 0 cuts the student out of the teacher:
 
     pruning/scores.safetensors  the collector's summed scores (residual [L, d], mlp [L, I],
-                                attention [L, KV], block_change [L], examples, tokens)
+                                attention [L, KV], block_change [L], examples, tokens); with
+                                student.layer_selection 'perplexity' also skip_loss [L] (the
+                                summed task loss with each block skipped, one more no-grad forward
+                                per block and batch) and task_loss (with none skipped)
     pruning/selection.json      kept teacher blocks, kept residual units (ordered: student unit i
-                                is teacher unit hidden_units[i]), target sizes, layer pairs
+                                is teacher unit hidden_units[i]), target sizes, layer pairs (and
+                                each block's loss increase when skipped, per row)
     pruned_student/             the pruned student, Hugging Face format: distill starts from it
 
 The residual units are ranked by their importance summed over every block the student keeps
@@ -92,8 +96,14 @@ from flexkd.models.plan import (
     prune_targets,
 )
 from flexkd.progress import Progress, progress_bars_wanted
-from flexkd.prune.scores import PruningScoreCollector
-from flexkd.prune.student import hidden_units_by_importance, kept_layer_indices, prune_llama, pruned_student_layer_map
+from flexkd.prune.scores import PruningScoreCollector, skipped_block_loss_sums
+from flexkd.prune.student import (
+    BLOCK_SCORE_KEYS,
+    hidden_units_by_importance,
+    kept_layer_indices,
+    prune_llama,
+    pruned_student_layer_map,
+)
 from flexkd.tracking.plots import plot_importance
 
 log = logging.getLogger("flexkd")
@@ -125,6 +135,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
             "raw_dir": str(raw_dir),
             "output_dir": str(output_dir),
             "prune": prune,
+            "skip_loss": prune and config.student.layer_selection == "perplexity",
             "gram": config.selection.method == "directions" or plan.teacher_hidden <= GRAM_DIAGNOSTICS_MAX_WIDTH,
             "pad_token_id": tokenized["outputs"]["pad_token_id"],
             "verbalizer_ids": tokenized["outputs"]["verbalizer_ids"],
@@ -345,6 +356,12 @@ def _score_worker(loop_config: dict[str, Any]) -> None:
     verbalizer_ids = torch.tensor(verbalizer_ids, device=device) if verbalizer_ids else None
     collector = PruningScoreCollector(teacher) if loop_config["prune"] else None
 
+    def task_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return summed_task_loss(config.task.kind, logits, batch, verbalizer_ids)
+
+    # student.layer_selection 'perplexity': the summed task loss with each block skipped in turn.
+    skip_loss = torch.zeros(teacher.config.num_hidden_layers, dtype=torch.float64, device=device)
+
     d_teacher = teacher.config.hidden_size
     importance = {layer: torch.zeros(d_teacher, dtype=torch.float32, device=device) for layer in layers}
     moments = {
@@ -383,10 +400,13 @@ def _score_worker(loop_config: dict[str, Any]) -> None:
             last_rows = rows
             batch = {key: value.to(device) for key, value in collate_batch(rows, loop_config["pad_token_id"]).items()}
             logits, hidden = forward_with_hidden_states(teacher, batch["input_ids"], batch["attention_mask"], layers)
-            loss = summed_task_loss(config.task.kind, logits, batch, verbalizer_ids)
+            loss = task_loss(logits, batch)
             # One backward serves both: the collector's activations are asked for with the hidden states.
             pruning_activations = collector.activations() if collector is not None else []
             gradients = hidden_state_gradients(loss, [hidden[layer] for layer in layers] + pruning_activations)
+            if loop_config["skip_loss"]:
+                with collector.paused():  # the collector scores the whole teacher, not these forwards
+                    skip_loss += weight * skipped_block_loss_sums(teacher, batch, task_loss).to(device)
             if progress is not None:  # the step's work is done, on every rank
                 progress.update(step_rows)
             if weight == 0.0:
@@ -411,7 +431,7 @@ def _score_worker(loop_config: dict[str, Any]) -> None:
     if progress is not None:
         progress.close()
 
-    pruning_sums = list(collector.sums.values()) if collector is not None else []
+    pruning_sums = [*collector.sums.values(), skip_loss] if collector is not None else []
     moment_sums = [m for parts in moments.values() for m in parts]
     for tensor in [examples, competence, *importance.values(), *moment_sums, *grams.values(), *pruning_sums]:
         distributed.all_reduce_sum_(tensor)
@@ -432,15 +452,22 @@ def _score_worker(loop_config: dict[str, Any]) -> None:
             if distributed.world_size() > 1:  # a sharded teacher holds 1/N of each weight: prune a whole one
                 del teacher
                 teacher = load_teacher(config)
-            _prune_student(config, teacher, collector.state(), Path(loop_config["output_dir"]))
+            scores = collector.state()
+            if loop_config["skip_loss"]:
+                scores |= {"skip_loss": skip_loss.cpu(), "task_loss": competence[0].cpu()}
+            _prune_student(config, teacher, scores, Path(loop_config["output_dir"]))
 
 
 def _prune_student(config: PipelineConfig, teacher, scores: dict[str, torch.Tensor], output_dir: Path) -> None:
     """Choose what the student keeps, cut it out of ``teacher`` and write it with its scores."""
     teacher_config = teacher.config
     targets = prune_targets(config, teacher_config)
+    block_key = BLOCK_SCORE_KEYS.get(targets.layer_selection)
     kept = kept_layer_indices(
-        teacher_config.num_hidden_layers, targets.num_layers, targets.layer_selection, scores["block_change"]
+        teacher_config.num_hidden_layers,
+        targets.num_layers,
+        targets.layer_selection,
+        scores[block_key] if block_key is not None else None,
     )
     if config.layer_map == "source":
         pairs = pruned_student_layer_map(kept)
@@ -467,6 +494,9 @@ def _prune_student(config: PipelineConfig, teacher, scores: dict[str, torch.Tens
         "examples": int(scores["examples"]),
         "tokens": int(scores["tokens"]),
     }
+    if "skip_loss" in scores:  # what each block is worth, per scoring row, for the MLflow artifact
+        increase = (scores["skip_loss"] - scores["task_loss"]) / scores["examples"]
+        selection["loss_increase_when_skipped"] = [round(float(value), 5) for value in increase]
     (output_dir / PRUNING_SELECTION).write_text(json.dumps(selection, indent=1))
 
 

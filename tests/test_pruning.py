@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from flexkd.prune.scores import (
     kv_group_importance_sum,
     merge_pruning_scores,
     mlp_channel_importance_sum,
+    skipped_block,
+    skipped_block_loss_sums,
 )
 from flexkd.prune.student import (
     PruneTargets,
@@ -176,8 +179,15 @@ def test_importance_layers_keep_the_last_block_and_the_largest_changes():
     change = torch.tensor([0.9, 0.1, 0.5, 0.05, 0.3, 0.01])
     assert kept_layer_indices(6, 4, "importance", change) == [0, 2, 4, 5]
     assert kept_layer_indices(6, 1, "importance", change) == [5]
-    with pytest.raises(ValueError, match="needs block-change scores for all 6"):
+    with pytest.raises(ValueError, match="'importance' needs 'block_change' scores for all 6"):
         kept_layer_indices(6, 4, "importance", None)
+
+
+def test_perplexity_layers_keep_the_last_block_and_those_whose_skipping_costs_most():
+    loss_when_skipped = torch.tensor([9.0, 2.0, 1.5, 4.0, 1.0, 3.0])
+    assert kept_layer_indices(6, 4, "perplexity", loss_when_skipped) == [0, 1, 3, 5]
+    with pytest.raises(ValueError, match="'perplexity' needs 'skip_loss' scores for all 6"):
+        kept_layer_indices(6, 4, "perplexity", torch.ones(5))
 
 
 def test_student_layer_map_pairs_each_block_with_its_source():
@@ -232,6 +242,34 @@ def test_keeping_everything_reproduces_the_teacher_exactly(family, teacher_and_s
     batch = _batch(tiny_tokenizer, TEXTS)
     with torch.no_grad():
         assert torch.equal(student(**batch).logits, teacher(**batch).logits)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_the_loss_with_a_block_skipped_is_the_loss_of_the_student_cut_without_it(
+    family, teacher_and_scores, tiny_tokenizer
+):
+    """What layer_selection 'perplexity' ranks blocks by is exactly what dropping them costs."""
+    teacher, scores = teacher_and_scores(family)
+    hooks = [(len(block._forward_hooks), len(block._forward_pre_hooks)) for block in teacher.model.layers]
+    batch = _batch(tiny_tokenizer, TEXTS)
+    loss_when_skipped = skipped_block_loss_sums(teacher, batch, _lm_loss)
+    five_blocks = replace(PruneTargets.from_model_config(teacher.config, "perplexity"), num_layers=5)
+    for block in range(5):  # the last block is always kept
+        ranking = torch.ones(6)
+        ranking[block] = 0.0
+        student = prune_llama(teacher, torch.arange(64), five_blocks, scores | {"skip_loss": ranking})
+        with torch.no_grad():
+            cut = _lm_loss(student(**batch, use_cache=False).logits, batch).double()
+        torch.testing.assert_close(loss_when_skipped[block], cut, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        whole = _lm_loss(teacher(**batch).logits, batch).double()
+        with skipped_block(teacher, 5):
+            assert not torch.isclose(_lm_loss(teacher(**batch).logits, batch).double(), whole)
+        # Leaving the context removes the hooks: the teacher is whole again.
+        torch.testing.assert_close(_lm_loss(teacher(**batch).logits, batch).double(), whole, rtol=0, atol=0)
+    assert [(len(block._forward_hooks), len(block._forward_pre_hooks)) for block in teacher.model.layers] == hooks
+    with pytest.raises(ValueError, match="block 6 is not one of the model's 6 blocks"), skipped_block(teacher, 6):
+        pass
 
 
 @pytest.mark.parametrize("family", ["llama", "llama-tied", "qwen3"])

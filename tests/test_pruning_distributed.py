@@ -4,7 +4,8 @@ The collector hooks the blocks and their ``o_proj`` / ``down_proj``. Under FSDP2
 ``fully_shard`` unit whose parameters are gathered in its own pre-forward hook and freed after
 it, and re-gathered for the backward. The collector reads activations only, so the sharded
 teacher must give the same sums as a whole one; this fails if a hook saw a sharded tensor, fired
-in the wrong order, or lost its gradient.
+in the wrong order, or lost its gradient. The loss with each block skipped (layer_selection
+'perplexity') runs every block, skipped or not, so its all-gathers stay in step on both ranks.
 """
 
 from __future__ import annotations
@@ -17,7 +18,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from flexkd import distributed as fd
 from flexkd.method.layers import forward_with_hidden_states
-from flexkd.prune.scores import SCORE_KEYS, PruningScoreCollector, collect_pruning_scores
+from flexkd.prune.scores import (
+    SCORE_KEYS,
+    PruningScoreCollector,
+    collect_pruning_scores,
+    skipped_block_loss_sums,
+)
 
 
 def _teacher() -> LlamaForCausalLM:
@@ -60,11 +66,13 @@ def _scores_on_this_rank(out: str) -> None:
     with PruningScoreCollector(teacher) as collector, torch.enable_grad():
         logits, hidden = forward_with_hidden_states(teacher, batch["input_ids"], batch["attention_mask"], [3])
         torch.autograd.grad(_lm_loss(logits, batch), [hidden[3]] + collector.activations())
+        with collector.paused():  # as the score worker does, before it accumulates
+            skip_loss = skipped_block_loss_sums(teacher, batch, _lm_loss)
         collector.accumulate(batch["attention_mask"])
-    for tensor in collector.sums.values():
+    for tensor in [*collector.sums.values(), skip_loss]:
         fd.all_reduce_sum_(tensor)
     if fd.is_main_process():
-        torch.save(collector.state(), Path(out) / "sharded.pt")
+        torch.save(collector.state() | {"skip_loss": skip_loss}, Path(out) / "sharded.pt")
 
 
 def test_a_sharded_teacher_gives_the_scores_of_a_whole_one(tmp_path: Path) -> None:
@@ -75,3 +83,5 @@ def test_a_sharded_teacher_gives_the_scores_of_a_whole_one(tmp_path: Path) -> No
         assert sharded[key].shape == whole[key].shape, key
         torch.testing.assert_close(sharded[key], whole[key], rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
     assert (whole["residual"] > 0).all() and (whole["mlp"] > 0).any() and (whole["attention"] > 0).all()
+    whole_skip_loss = skipped_block_loss_sums(_teacher(), _batch(), _lm_loss)
+    torch.testing.assert_close(sharded["skip_loss"], whole_skip_loss, rtol=1e-4, atol=1e-4)

@@ -247,3 +247,34 @@ def test_blocks_kept_by_their_block_change_set_the_layer_pairs_of_distill(tmp_pa
     assert sorted(json.loads((score / "selected.json").read_text())["layers"]) == sorted(str(t) for t, _ in pairs)
     assert plan_models(config, score).layer_pairs == tuple(map(tuple, pairs))
     assert result.stages["distill"].outputs["steps"] == 12
+
+
+@pytest.mark.integration  # the debug pipeline's tokenize and score stages: about 30 s
+def test_blocks_kept_by_perplexity_are_those_whose_skipping_raises_the_score_rows_loss_most(tmp_path, local_ray):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from flexkd.data.rows import collate_batch
+    from flexkd.data.shards import shard_files
+    from flexkd.method.objective import summed_task_loss
+    from flexkd.prune.scores import skipped_block_loss_sums
+
+    config = pruned_debug_config(tmp_path, **{"student.layer_selection": "perplexity"})
+    result = run_pipeline(config, stages=("tokenize", "score"))
+    score, tokenize = result.stages["score"].directory, result.stages["tokenize"].directory
+    scores = load_file(score / "pruning" / "scores.safetensors")
+    selection = json.loads((score / "pruning" / "selection.json").read_text())
+    assert selection["kept_layers"] == kept_layer_indices(4, 2, "perplexity", scores["skip_loss"])
+
+    # The worker's sums are the loss of every score row with each block skipped, recomputed here.
+    manifest = json.loads((tokenize / "manifest.json").read_text())["outputs"]
+    verbalizers = torch.tensor(manifest["verbalizer_ids"])
+    rows = pa.concat_tables([pq.read_table(shard) for shard in shard_files(tokenize / "score")]).to_pydict()
+    batch = collate_batch(rows, manifest["pad_token_id"])
+    teacher = load_teacher(config).eval()
+    expected = skipped_block_loss_sums(
+        teacher, batch, lambda logits, rows: summed_task_loss(config.task.kind, logits, rows, verbalizers)
+    )
+    torch.testing.assert_close(scores["skip_loss"].double(), expected, rtol=1e-4, atol=1e-3)
+    increase = (expected - scores["task_loss"].double()) / int(scores["examples"])
+    assert selection["loss_increase_when_skipped"] == pytest.approx(increase.tolist(), abs=1e-3)

@@ -143,10 +143,12 @@ class StudentConfig(_Section):
     init: Literal["random", "pretrained", "prune_from_teacher"] = "random"
     path: str | None = None
     architecture: dict[str, Any] = Field(default_factory=dict)
-    layer_selection: Literal["uniform", "importance"] = Field(
+    layer_selection: Literal["uniform", "importance", "perplexity"] = Field(
         "uniform",
-        description="prune_from_teacher: the teacher blocks kept: spread evenly, or those that "
-        "change the hidden state most (the last block always)",
+        description="prune_from_teacher: the teacher blocks kept: spread evenly; those that "
+        "change the hidden state most (importance); or those whose skipping raises the teacher's "
+        "task loss on the scoring rows most (perplexity: one more forward per teacher block per "
+        "scoring batch). The last block always",
     )
     seed: int = 0
 

@@ -54,7 +54,7 @@ class ModelPlan:
     teacher_layers: int
     student_hidden: int
     student_layers: int
-    # None only for layer_map 'source' with student.layer_selection 'importance' before the score
+    # None only for layer_map 'source' with a ranked student.layer_selection before the score
     # stage has chosen the teacher blocks (plan_models without score_dir).
     layer_pairs: tuple[tuple[int, int], ...] | None
     k: int
@@ -63,7 +63,7 @@ class ModelPlan:
     def teacher_layer_indices(self) -> list[int]:
         if self.layer_pairs is None:
             raise ConfigError(
-                "layer_map 'source' with student.layer_selection 'importance': the layer pairs are "
+                "layer_map 'source' with student.layer_selection importance or perplexity: the layer pairs are "
                 "the teacher blocks the score stage keeps, not known before it ran"
             )
         return sorted({teacher for teacher, _ in self.layer_pairs})
@@ -260,7 +260,7 @@ def plan_models(config: PipelineConfig, score_dir: Path | None = None) -> ModelP
     """Resolve shapes, layer pairs and k; raises ConfigError naming the field at fault.
 
     ``score_dir``: the score stage's output, which holds the teacher blocks a pruned student
-    keeps (needed for layer_map 'source' with student.layer_selection 'importance').
+    keeps (needed for layer_map 'source' with a ranked student.layer_selection).
     """
     teacher, student = teacher_model_config(config), student_model_config(config)
     adapt = config.teacher.adapt

@@ -7,7 +7,8 @@ default; ``"grad"`` and ``"fisher"`` are accepted too). A residual unit is remov
 block at once, so it is scored at every block's output (aggregate the rows with
 :func:`flexkd.pruning.hidden_units_by_importance`). A block's score is how much it changes the
 hidden state, ``1 - cos(h_in, h_out)`` per token (blocks that barely rotate the residual stream
-are the cheapest to drop).
+are the cheapest to drop). A block can also be scored by what skipping it costs: the task loss
+with its output replaced by its input (:func:`skipped_block_loss_sums`, one forward per block).
 
 As in :mod:`flexkd.importance`, everything is a sum with its counts kept apart, so that ranks
 can all-reduce the sums before anyone ranks anything.
@@ -15,7 +16,8 @@ can all-reduce the sums before anyone ranks anything.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -98,6 +100,57 @@ def block_change_sum(h_in: Tensor, h_out: Tensor, mask: Tensor, eps: float = 1e-
     return torch.where(valid, 1.0 - cosine, 0.0).sum()
 
 
+@contextmanager
+def skipped_block(model: PreTrainedModel, index: int) -> Iterator[None]:
+    """Inside, block ``index`` of ``model`` is the identity: its output is replaced by its input.
+
+    The block still runs (its output is discarded), so a sharded model's collectives stay in step
+    on every rank; the model itself is not modified.
+    """
+    blocks = model.base_model.layers
+    if not 0 <= index < len(blocks):
+        raise ValueError(f"block {index} is not one of the model's {len(blocks)} blocks")
+    captured: list[Tensor] = []
+
+    def keep_input(_module, args, kwargs):
+        captured[:] = [args[0] if args else kwargs["hidden_states"]]
+
+    def return_input(_module, _args, output):
+        return (captured[0], *output[1:]) if isinstance(output, tuple) else captured[0]
+
+    handles = [
+        blocks[index].register_forward_pre_hook(keep_input, with_kwargs=True),
+        blocks[index].register_forward_hook(return_input),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def skipped_block_loss_sums(
+    model: PreTrainedModel, batch: dict[str, Tensor], task_loss_fn: Callable[[Tensor, dict[str, Tensor]], Tensor]
+) -> Tensor:
+    """The task loss of ``batch`` with each block skipped in turn (Kim et al. 2024, "Shortened
+    LLaMA": the blocks whose removal raises the loss least are the cheapest to drop).
+
+    Args:
+        batch: ``input_ids`` and ``attention_mask`` [B, T] (plus whatever the loss reads).
+        task_loss_fn: ``(logits [B, T, V], batch) -> []``, a SUM over examples.
+
+    Returns:
+        [L] float64: entry l is the summed loss with block l skipped. One forward per block.
+    """
+    sums = torch.zeros(len(model.base_model.layers), dtype=torch.float64)
+    for index in range(len(sums)):
+        with skipped_block(model, index):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        sums[index] = float(task_loss_fn(logits, batch))
+    return sums
+
+
 class PruningScoreCollector:
     """Accumulates the importance of each block's output units (``residual``, [L, d]), MLP
     channels (``mlp``, [L, I]), KV groups (``attention``, [L, KV]) and its block change
@@ -138,6 +191,7 @@ class PruningScoreCollector:
         }
         self._captured: dict[tuple[str, int], list[Tensor | None]] = {}
         self._handles: list[Any] = []
+        self._paused = False
 
     def __enter__(self) -> PruningScoreCollector:
         for index, block in enumerate(self.blocks):
@@ -155,7 +209,19 @@ class PruningScoreCollector:
         self._handles.clear()
         self._captured.clear()
 
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Forwards inside capture nothing (say, :func:`skipped_block_loss_sums` between a
+        batch's :meth:`accumulate` and the next batch)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
     def _keep_with_grad(self, kind: str, index: int, activation: Tensor) -> None:
+        if self._paused:
+            return
         if not activation.requires_grad:
             raise RuntimeError(
                 "pruning scores need gradients: run the forward with grad enabled and the "
@@ -173,6 +239,8 @@ class PruningScoreCollector:
 
     def _capture_block_input(self, index: int) -> Callable:
         def hook(_module, args, kwargs):
+            if self._paused:
+                return
             hidden = args[0] if args else kwargs["hidden_states"]
             self._captured[("block_in", index)] = [hidden.detach()]
 

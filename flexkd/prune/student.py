@@ -26,8 +26,11 @@ from transformers import PretrainedConfig, PreTrainedModel
 from flexkd.method.selection import select_top_k_units
 from flexkd.prune.scores import check_supported_architecture
 
-LayerSelection = Literal["uniform", "importance"]
-LAYER_SELECTIONS = ("uniform", "importance")
+LayerSelection = Literal["uniform", "importance", "perplexity"]
+LAYER_SELECTIONS = ("uniform", "importance", "perplexity")
+# The block score each ranked selection keeps the largest of (flexkd.prune.scores): how much a
+# block changes the hidden state, or the task loss with the block skipped.
+BLOCK_SCORE_KEYS = {"importance": "block_change", "perplexity": "skip_loss"}
 # The pipeline-config field each target comes from (flexkd.resolve.prune_targets), so that an
 # error names what to change in the pipeline file.
 CONFIG_FIELDS = {
@@ -140,14 +143,17 @@ def hidden_units_by_importance(importance_per_layer: Mapping[int, Tensor], k: in
 
 
 def kept_layer_indices(
-    teacher_layers: int, student_layers: int, selection: LayerSelection = "uniform", block_change: Tensor | None = None
+    teacher_layers: int, student_layers: int, selection: LayerSelection = "uniform", block_scores: Tensor | None = None
 ) -> list[int]:
     """Teacher blocks (0-based, ascending) that the student keeps.
 
     ``uniform`` spreads them evenly from the first block to the last (block 0 writes the
     embedding into the residual stream and the last feeds the head; dropping either costs the
-    most). ``importance`` keeps the last block and the others with the largest ``block_change``
-    ([L_T], see :func:`flexkd.pruning_scores.block_change_sum`).
+    most). The ranked selections keep the last block and the others with the largest
+    ``block_scores`` ([L_T], the scores of ``BLOCK_SCORE_KEYS[selection]``): for ``importance``
+    how much a block changes the hidden state (:func:`flexkd.prune.scores.block_change_sum`), for
+    ``perplexity`` the task loss with the block skipped
+    (:func:`flexkd.prune.scores.skipped_block_loss_sums`).
     """
     if not 1 <= student_layers <= teacher_layers:
         raise ValueError(
@@ -159,14 +165,14 @@ def kept_layer_indices(
         span, steps = teacher_layers - 1, student_layers - 1
         # Integer round-half-up of j * span / steps; a step of at least 1 keeps the indices distinct.
         return [(2 * j * span + steps) // (2 * steps) for j in range(student_layers)]
-    if selection != "importance":
+    if selection not in BLOCK_SCORE_KEYS:
         raise ValueError(f"{CONFIG_FIELDS['layer_selection']} = {selection!r} is not one of {LAYER_SELECTIONS}")
-    if block_change is None or block_change.shape != (teacher_layers,):
+    if block_scores is None or block_scores.shape != (teacher_layers,):
         raise ValueError(
-            f"{CONFIG_FIELDS['layer_selection']} = 'importance' needs block-change scores for all "
-            f"{teacher_layers} teacher blocks (collect_pruning_scores)"
+            f"{CONFIG_FIELDS['layer_selection']} = {selection!r} needs '{BLOCK_SCORE_KEYS[selection]}' scores "
+            f"for all {teacher_layers} teacher blocks (flexkd.prune.scores)"
         )
-    others = select_top_k_units(block_change[:-1].float(), student_layers - 1) if student_layers > 1 else []
+    others = select_top_k_units(block_scores[:-1].float(), student_layers - 1) if student_layers > 1 else []
     return sorted([int(index) for index in others] + [teacher_layers - 1])
 
 
@@ -220,7 +226,7 @@ def prune_llama(
         targets: the student's shape.
         scores: a :func:`~flexkd.pruning_scores.collect_pruning_scores` state (sums are enough:
             ranks within a layer do not depend on the count). Needed to drop MLP channels or
-            KV groups, or for ``layer_selection="importance"``.
+            KV groups, or for a ranked ``layer_selection`` (``BLOCK_SCORE_KEYS``).
 
     Note that RMSNorm over a subset of units is not the same function as over all of them (the
     mean square changes), so a narrower student's states differ from the teacher's at the same
@@ -234,13 +240,15 @@ def prune_llama(
     needs = {
         "mlp": targets.intermediate_size < config.intermediate_size,
         "attention": targets.num_key_value_heads < kv_heads,
-        "block_change": targets.layer_selection == "importance",
     }
     reasons = {
         "mlp": f"{CONFIG_FIELDS['intermediate_size']} = {targets.intermediate_size}",
         "attention": f"{CONFIG_FIELDS['num_key_value_heads']} = {targets.num_key_value_heads}",
-        "block_change": f"{CONFIG_FIELDS['layer_selection']} = 'importance'",
     }
+    block_key = BLOCK_SCORE_KEYS.get(targets.layer_selection)
+    if block_key is not None:
+        needs[block_key] = True
+        reasons[block_key] = f"{CONFIG_FIELDS['layer_selection']} = {targets.layer_selection!r}"
     for key, needed in needs.items():
         if needed and (scores is None or key not in scores):
             raise ValueError(f"{reasons[key]} needs '{key}' pruning scores (collect_pruning_scores)")
@@ -248,7 +256,7 @@ def prune_llama(
         config.num_hidden_layers,
         targets.num_layers,
         targets.layer_selection,
-        scores["block_change"] if needs["block_change"] else None,
+        scores[block_key] if block_key is not None else None,
     )
 
     def top_sorted(key: str, layer: int, count: int, total: int) -> Tensor:
