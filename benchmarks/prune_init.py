@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=20, help="teacher blocks the student keeps (of 30)")
     # Measured on the teacher alone (16 SAMSum summaries): 20 blocks kept uniformly give perplexity
     # 48,000, the 20 that change the hidden state most 140 (the teacher: 19).
-    parser.add_argument("--layer-selection", choices=("uniform", "importance"), default="importance")
+    parser.add_argument("--layer-selection", choices=("uniform", "importance", "perplexity"), default="importance")
     parser.add_argument("--eval-rows", type=int, default=50, help="SAMSum test dialogues")
     parser.add_argument("--train-rows", type=int, default=64, help="SAMSum training dialogues (cached teacher targets)")
     parser.add_argument("--score-rows", type=int, default=16, help="training dialogues the score stage reads")

@@ -404,30 +404,32 @@ def _score_worker(loop_config: dict[str, Any]) -> None:
             # One backward serves both: the collector's activations are asked for with the hidden states.
             pruning_activations = collector.activations() if collector is not None else []
             gradients = hidden_state_gradients(loss, [hidden[layer] for layer in layers] + pruning_activations)
+            if weight:
+                competence[0] += float(loss.detach())
+                if verbalizer_ids is not None:
+                    predicted = class_logits(logits.detach(), batch["attention_mask"], verbalizer_ids).argmax(dim=-1)
+                    competence[1] += float((predicted == batch["class_label"]).sum())
+                for layer, gradient in zip(layers, gradients):
+                    importance[layer] += unit_importance_sum(
+                        gradient, hidden[layer].detach(), batch["attention_mask"], config.scoring.score
+                    )
+                    for total, part in zip(
+                        moments[layer], activation_moments(hidden[layer].detach(), batch["attention_mask"])
+                    ):
+                        total += part.to(total.dtype)
+                    if layer in grams:
+                        grams[layer] += gradient_gram(gradient, batch["attention_mask"])
+                if collector is not None:
+                    collector.accumulate(batch["attention_mask"])
+                examples += batch["input_ids"].shape[0]
             if loop_config["skip_loss"]:
+                # Every rank, its shard run out or not, runs them (each block's all-gather is
+                # collective), after the step's graph is freed: its logits and states stay out of the peak.
+                del logits, hidden, gradients, loss, pruning_activations
                 with collector.paused():  # the collector scores the whole teacher, not these forwards
                     skip_loss += weight * skipped_block_loss_sums(teacher, batch, task_loss).to(device)
             if progress is not None:  # the step's work is done, on every rank
                 progress.update(step_rows)
-            if weight == 0.0:
-                continue
-            competence[0] += float(loss.detach())
-            if verbalizer_ids is not None:
-                predicted = class_logits(logits.detach(), batch["attention_mask"], verbalizer_ids).argmax(dim=-1)
-                competence[1] += float((predicted == batch["class_label"]).sum())
-            for layer, gradient in zip(layers, gradients):
-                importance[layer] += unit_importance_sum(
-                    gradient, hidden[layer].detach(), batch["attention_mask"], config.scoring.score
-                )
-                for total, part in zip(
-                    moments[layer], activation_moments(hidden[layer].detach(), batch["attention_mask"])
-                ):
-                    total += part.to(total.dtype)
-                if layer in grams:
-                    grams[layer] += gradient_gram(gradient, batch["attention_mask"])
-            if collector is not None:
-                collector.accumulate(batch["attention_mask"])
-            examples += batch["input_ids"].shape[0]
     if progress is not None:
         progress.close()
 

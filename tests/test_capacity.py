@@ -143,6 +143,10 @@ def test_flops_are_6_p_tokens_for_training_and_2_p_tokens_for_a_forward():
     assert cached.flops == 6 * student.parameters * tokens
     online = plan_distill(student, teacher, hardware, 8, 2048, 2, 2, "generation", checkpointing=True)
     assert online.flops == (8 * student.parameters + 2 * teacher.parameters) * tokens  # + one recompute
+    score = plan_score(teacher, hardware, 8, 2048, 2, "generation", checkpointing=False)
+    assert score.flops == 4 * teacher.parameters * tokens  # forward and backward to the hidden states
+    ranked = plan_score(teacher, hardware, 8, 2048, 2, "generation", False, skipped_block_forwards=True)
+    assert ranked.flops == (4 + 2 * 32) * teacher.parameters * tokens and ranked.memory == score.memory
 
 
 def test_the_cache_stores_k_float16_units_per_mapped_layer_and_token():

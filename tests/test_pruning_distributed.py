@@ -66,9 +66,9 @@ def _scores_on_this_rank(out: str) -> None:
     with PruningScoreCollector(teacher) as collector, torch.enable_grad():
         logits, hidden = forward_with_hidden_states(teacher, batch["input_ids"], batch["attention_mask"], [3])
         torch.autograd.grad(_lm_loss(logits, batch), [hidden[3]] + collector.activations())
-        with collector.paused():  # as the score worker does, before it accumulates
-            skip_loss = skipped_block_loss_sums(teacher, batch, _lm_loss)
         collector.accumulate(batch["attention_mask"])
+        with collector.paused():  # as the score worker does, once the step's scores are in
+            skip_loss = skipped_block_loss_sums(teacher, batch, _lm_loss)
     for tensor in [*collector.sums.values(), skip_loss]:
         fd.all_reduce_sum_(tensor)
     if fd.is_main_process():

@@ -276,5 +276,13 @@ def test_blocks_kept_by_perplexity_are_those_whose_skipping_raises_the_score_row
         teacher, batch, lambda logits, rows: summed_task_loss(config.task.kind, logits, rows, verbalizers)
     )
     torch.testing.assert_close(scores["skip_loss"].double(), expected, rtol=1e-4, atol=1e-3)
+    with torch.no_grad():  # the baseline of the increases: the loss with no block skipped
+        whole = summed_task_loss(
+            config.task.kind,
+            teacher(batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits,
+            batch,
+            verbalizers,
+        )
+    torch.testing.assert_close(scores["task_loss"].double(), whole.double(), rtol=1e-4, atol=1e-3)
     increase = (expected - scores["task_loss"].double()) / int(scores["examples"])
     assert selection["loss_increase_when_skipped"] == pytest.approx(increase.tolist(), abs=1e-3)

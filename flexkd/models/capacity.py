@@ -185,9 +185,12 @@ def plan_score(
     task: str,
     checkpointing: bool,
     sharded: bool = True,
+    skipped_block_forwards: bool = False,
 ) -> StagePlan:
     """Score: the frozen teacher, FSDP-sharded over every GPU, forward and backward to its hidden
-    states; ``rows`` per rank (scoring.batch_size is per worker)."""
+    states; ``rows`` per rank (scoring.batch_size is per worker). ``skipped_block_forwards``
+    (student.layer_selection perplexity): one more no-grad forward per block, each with that block
+    skipped, after the step's graph is freed, so they add time and not memory."""
     shards = hardware.gpus if sharded else 1
     tokens = rows * sequence
     logit_bytes = 2 * teacher_bytes if task == "classification" else 2 * teacher_bytes + 12
@@ -198,9 +201,10 @@ def plan_score(
         "activations": _activations(teacher, tokens, teacher_bytes, checkpointing, backward=True),
         "logits": tokens * teacher.vocab * logit_bytes,
     }
-    factor = 4 + (2 if checkpointing else 0)
+    factor = 4 + (2 if checkpointing else 0) + (2 * teacher.layers if skipped_block_forwards else 0)
+    note = f"+ {teacher.layers} forwards with a block skipped" if skipped_block_forwards else ""
     return StagePlan(
-        "score", hardware.gpus, rows, sequence, memory, factor * teacher.parameters * tokens * hardware.gpus
+        "score", hardware.gpus, rows, sequence, memory, factor * teacher.parameters * tokens * hardware.gpus, note=note
     )
 
 
@@ -338,7 +342,17 @@ def plan_pipeline(config: PipelineConfig, hardware: Hardware, source: str = "<co
     distill_rows = max(1, config.training.batch_size // hardware.gpus)
     targets = plan_targets(teacher, hardware, config.targets.batch_size, sequence, teacher_bytes, task)
     stages = [
-        plan_score(teacher, hardware, config.scoring.batch_size, sequence, teacher_bytes, task, score_checkpointing),
+        plan_score(
+            teacher,
+            hardware,
+            config.scoring.batch_size,
+            sequence,
+            teacher_bytes,
+            task,
+            score_checkpointing,
+            skipped_block_forwards=config.student.init == "prune_from_teacher"
+            and config.student.layer_selection == "perplexity",
+        ),
         replace(targets, runs=cached, note="" if cached else "runs with training.teacher: cache"),
         plan_distill(
             student,

@@ -3,8 +3,8 @@ models, the layer pairs and k. Everything here needs only model *configs*, never
 bad k or layer index is refused in a second, before any stage starts.
 
 A pruned student (``student.init: prune_from_teacher``) is the exception that proves the rule:
-its shape is known from the configs, but its weights, and with ``student.layer_selection:
-importance`` the teacher blocks it keeps, come from the score stage, which writes them to
+its shape is known from the configs, but its weights, and with a ranked ``student.layer_selection``
+(importance, perplexity) the teacher blocks it keeps, come from the score stage, which writes them to
 ``<score>/pruned_student/`` and ``<score>/pruning/selection.json``. Every later stage reads them
 from there (``score_dir`` below), so the teacher is pruned once, not once per worker."""
 
@@ -296,7 +296,7 @@ def kept_teacher_blocks(
     config: PipelineConfig, teacher_layers: int, student_layers: int, score_dir: Path | None
 ) -> list[int] | None:
     """The teacher blocks (0-based) a pruned student keeps: as the score stage chose them, else
-    the uniform spread; None when they depend on block-change scores not collected yet."""
+    the uniform spread; None when they depend on block scores not collected yet."""
     if score_dir is not None:
         selection = Path(score_dir) / PRUNING_SELECTION
         if not selection.is_file():

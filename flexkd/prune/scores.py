@@ -146,7 +146,7 @@ def skipped_block_loss_sums(
     sums = torch.zeros(len(model.base_model.layers), dtype=torch.float64)
     for index in range(len(sums)):
         with skipped_block(model, index):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         sums[index] = float(task_loss_fn(logits, batch))
     return sums
 
@@ -211,8 +211,8 @@ class PruningScoreCollector:
 
     @contextmanager
     def paused(self) -> Iterator[None]:
-        """Forwards inside capture nothing (say, :func:`skipped_block_loss_sums` between a
-        batch's :meth:`accumulate` and the next batch)."""
+        """Forwards inside capture nothing (say, :func:`skipped_block_loss_sums` after a batch's
+        :meth:`accumulate`)."""
         self._paused = True
         try:
             yield
@@ -291,7 +291,8 @@ class PruningScoreCollector:
 
 
 def merge_pruning_scores(states: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """Sums the states of several collectors (data shards); the same as an all-reduce."""
+    """Sums the states of several collectors (data shards); the same as an all-reduce. Only the
+    collector's ``SCORE_KEYS``: sum :func:`skipped_block_loss_sums` results apart."""
     if not states:
         raise ValueError("no pruning score states to merge")
     return {name: sum(state[name] for state in states) for name in SCORE_KEYS}

@@ -8,7 +8,8 @@ their task importance summed over the output of every block the student keeps (t
 pruning scores): a unit is removed from all blocks at once, and on SmolLM2 the last layer's |grad| alone keeps a student
 whose last state barely correlates with the teacher's (0.02 against 0.16, see tests). MLP
 channels and key/value groups are chosen per kept block by their own importance
-(:mod:`flexkd.pruning_scores`), blocks uniformly or by how much they change the hidden state.
+(:mod:`flexkd.pruning_scores`), blocks uniformly, by how much they change the hidden state or by
+what skipping them costs the task loss.
 The result is a plain Hugging Face model of the teacher's class.
 """
 
@@ -251,7 +252,8 @@ def prune_llama(
         reasons[block_key] = f"{CONFIG_FIELDS['layer_selection']} = {targets.layer_selection!r}"
     for key, needed in needs.items():
         if needed and (scores is None or key not in scores):
-            raise ValueError(f"{reasons[key]} needs '{key}' pruning scores (collect_pruning_scores)")
+            source = "skipped_block_loss_sums" if key == "skip_loss" else "collect_pruning_scores"
+            raise ValueError(f"{reasons[key]} needs '{key}' pruning scores ({source})")
     kept = kept_layer_indices(
         config.num_hidden_layers,
         targets.num_layers,
