@@ -276,7 +276,7 @@ def recipe_markdown(results: dict[str, Any]) -> str:
         f"Reference of the first dialogue: {table_cell(results['reference'], 200)}",
         "",
         *(
-            f"Teacher blocks cut (0-based) for {row['recipe']}: {', '.join(map(str, row['cut_blocks']))}.\n"
+            f"Teacher blocks cut (0-based) for {row['recipe']}: {', '.join(map(str, row['cut_blocks'])) or 'none'}.\n"
             for row in results["rows"]
             if row["steps"] == 0 and "cut_blocks" in row
         ),

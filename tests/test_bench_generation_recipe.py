@@ -43,7 +43,11 @@ def _stage(directory: Path, outputs: dict | None = None) -> SimpleNamespace:
 def test_a_run_shows_each_models_fluency_and_verdict_and_one_row_per_pruned_start(tmp_path, monkeypatch):
     """The first two recipes cut the same student (one pruned-start row for both); the third
     another. The first distilled student fails the bar on distinct-2, the others pass."""
-    selections = {384: "cut-384", 504: "cut-504"}
+    # selection.json of each cut: the 384-wide student keeps 16 of the 30 blocks, the 504-wide all.
+    selections = {
+        384: json.dumps({"kept_layers": [*range(15), 29]}),
+        504: json.dumps({"kept_layers": list(range(30))}),
+    }
     student_metrics = iter([(0.3, 0.0, 30.0), (0.7, 0.0, 12.0), (0.8, 0.0, 15.0)])
     evaluated = []
 
@@ -110,6 +114,10 @@ def test_a_run_shows_each_models_fluency_and_verdict_and_one_row_per_pruned_star
     ) in page
     assert "| 504 wide, 30 blocks, teacher responses | 100 | 50.4M | 100.00 | 15.0 | 0.80 | 0 | passes |" in page
     assert "fails: distinct-2 below 0.5; 2 outputs one repeated n-gram; SAMSum ROUGE-L below half" in page
+    # The blocks each pruned start cut, once per start.
+    assert page.count("Teacher blocks cut (0-based)") == 2
+    assert "Teacher blocks cut (0-based) for 384 wide, 16 blocks, T0 completions: 15, 16, 17, 18, 19, 20, " in page
+    assert "Teacher blocks cut (0-based) for 504 wide, 30 blocks, teacher responses: none.\n" in page
     # The SeqKD recipes' teacher responses, and only theirs (the T0 recipe has no generate stage).
     assert page.count("Teacher responses of") == 2
     assert (
