@@ -249,8 +249,13 @@ def test_blocks_kept_by_their_block_change_set_the_layer_pairs_of_distill(tmp_pa
     assert result.stages["distill"].outputs["steps"] == 12
 
 
-@pytest.mark.integration  # the debug pipeline's tokenize and score stages: about 30 s
-def test_blocks_kept_by_perplexity_are_those_whose_skipping_raises_the_score_rows_loss_most(tmp_path, local_ray):
+@pytest.mark.integration  # the debug pipeline's tokenize and score stages: about 30 s each
+@pytest.mark.parametrize("workers", [1, 2])
+def test_blocks_kept_by_perplexity_are_those_whose_skipping_raises_the_score_rows_loss_most(
+    tmp_path, local_ray, workers
+):
+    """With two workers the teacher is FSDP2-sharded and each worker scores 4 of the 8 rows, in
+    batches of 3 (3 + 1 rows each): the skip losses are all-reduced to those of all 8 rows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -259,8 +264,18 @@ def test_blocks_kept_by_perplexity_are_those_whose_skipping_raises_the_score_row
     from flexkd.method.objective import summed_task_loss
     from flexkd.prune.scores import skipped_block_loss_sums
 
-    config = pruned_debug_config(tmp_path, **{"student.layer_selection": "perplexity"})
+    config = pruned_debug_config(
+        tmp_path,
+        **{
+            "student.layer_selection": "perplexity",
+            "data.score": {"path": "../flexkd/assets/samples/sst2_train.jsonl", "limit": 8},
+            "scoring.batch_size": 3,
+            "resources.num_workers": workers,
+            "resources.cpus_per_worker": 0.5,
+        },
+    )
     result = run_pipeline(config, stages=("tokenize", "score"))
+    assert int(load_file(result.stages["score"].directory / "pruning" / "scores.safetensors")["examples"]) == 8
     score, tokenize = result.stages["score"].directory, result.stages["tokenize"].directory
     scores = load_file(score / "pruning" / "scores.safetensors")
     selection = json.loads((score / "pruning" / "selection.json").read_text())
