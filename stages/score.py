@@ -135,7 +135,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
             "raw_dir": str(raw_dir),
             "output_dir": str(output_dir),
             "prune": prune,
-            "skip_loss": prune and config.student.layer_selection == "perplexity",
+            "skip_loss": config.student.layer_selection == "perplexity",  # only a pruned student's
             "gram": config.selection.method == "directions" or plan.teacher_hidden <= GRAM_DIAGNOSTICS_MAX_WIDTH,
             "pad_token_id": tokenized["outputs"]["pad_token_id"],
             "verbalizer_ids": tokenized["outputs"]["verbalizer_ids"],

@@ -350,8 +350,7 @@ def plan_pipeline(config: PipelineConfig, hardware: Hardware, source: str = "<co
             teacher_bytes,
             task,
             score_checkpointing,
-            skipped_block_forwards=config.student.init == "prune_from_teacher"
-            and config.student.layer_selection == "perplexity",
+            skipped_block_forwards=config.student.layer_selection == "perplexity",  # only a pruned student's
         ),
         replace(targets, runs=cached, note="" if cached else "runs with training.teacher: cache"),
         plan_distill(

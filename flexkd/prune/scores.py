@@ -110,23 +110,16 @@ def skipped_block(model: PreTrainedModel, index: int) -> Iterator[None]:
     blocks = model.base_model.layers
     if not 0 <= index < len(blocks):
         raise ValueError(f"block {index} is not one of the model's {len(blocks)} blocks")
-    captured: list[Tensor] = []
 
-    def keep_input(_module, args, kwargs):
-        captured[:] = [args[0] if args else kwargs["hidden_states"]]
+    def return_input(_module, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
-    def return_input(_module, _args, output):
-        return (captured[0], *output[1:]) if isinstance(output, tuple) else captured[0]
-
-    handles = [
-        blocks[index].register_forward_pre_hook(keep_input, with_kwargs=True),
-        blocks[index].register_forward_hook(return_input),
-    ]
+    handle = blocks[index].register_forward_hook(return_input, with_kwargs=True)
     try:
         yield
     finally:
-        for handle in handles:
-            handle.remove()
+        handle.remove()
 
 
 @torch.no_grad()
