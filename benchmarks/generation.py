@@ -121,6 +121,8 @@ class GenerationSettings:
     generate_batch_size: int = 16  # prompts per teacher generate call
     # SeqKD's teacher samples its responses at this temperature (top_p SEQKD_TOP_P); 0: greedy.
     seqkd_temperature: float = 0.0
+    # SeqKD leaves out the teacher's responses cut at seqkd_max_new_tokens (generate.drop_truncated).
+    seqkd_drop_truncated: bool = False
     # A pruned student starts from the teacher's weights: a small step size keeps what it inherits.
     learning_rate: float = 2e-4
     layer_selection: str = "importance"
@@ -286,6 +288,7 @@ def pipeline_overrides(settings: GenerationSettings, work_dir: Path, eval_path: 
                 if settings.seqkd_temperature
                 else {}
             )
+            | ({"drop_truncated": True} if settings.seqkd_drop_truncated else {})
         }
         if settings.seqkd_max_new_tokens
         else {}

@@ -97,6 +97,20 @@ RECIPES: dict[str, Recipe] = {
         | SEQKD
         | {"train_prompts": "summaries", "seqkd_temperature": 0.7, "layer_selection": "perplexity"},
     ),
+    # And only the responses that ended within the 64 tokens: the cut ones, followed by eos like
+    # every response, teach the student to stop mid-sentence and never where a summary ends.
+    "576x27-ppl-seqkd-summaries-sampled-ended": Recipe(
+        "576 wide, 27 blocks chosen by perplexity, sampled teacher responses (temperature 0.7) to summary "
+        "and dialogue prompts, only those that ended within 64 tokens",
+        SHAPE_576X27
+        | SEQKD
+        | {
+            "train_prompts": "summaries",
+            "seqkd_temperature": 0.7,
+            "layer_selection": "perplexity",
+            "seqkd_drop_truncated": True,
+        },
+    ),
 }
 RESPONSE_COUNTS = ("rows", "looping_responses", "truncated_responses")  # the generate stage's, per SeqKD recipe
 EVAL_DIALOGUES = 60  # SAMSum rows scored per model: five models' greedy decoding within the 90 minutes
@@ -185,7 +199,10 @@ def run_generation_recipe(
                     "seconds": {stage: stage_seconds(record) for stage, record in stages.items()},
                     "teacher_responses": (
                         {count: stages["generate"].outputs[count] for count in RESPONSE_COUNTS}
-                        | {"drop_looping": config.generate.drop_looping}
+                        | {
+                            "drop_looping": config.generate.drop_looping,
+                            "drop_truncated": config.generate.drop_truncated,
+                        }
                         if "generate" in stages
                         else None
                     ),
@@ -281,8 +298,9 @@ def recipe_markdown(results: dict[str, Any]) -> str:
             if row["steps"] == 0 and "cut_blocks" in row
         ),
         *(
-            f"Teacher responses of {row['recipe']}: {counts['rows']} trained on, {counts['truncated_responses']} of "
-            f"them cut at {row['settings']['seqkd_max_new_tokens']} tokens; {counts['looping_responses']} that "
+            f"Teacher responses of {row['recipe']}: {counts['rows']} trained on; {counts['truncated_responses']} cut "
+            f"at {row['settings']['seqkd_max_new_tokens']} tokens "
+            f"{'left out' if counts.get('drop_truncated') else 'kept'}; {counts['looping_responses']} that "
             f"were one n-gram repeated {'left out' if counts['drop_looping'] else 'kept'}.\n"
             for row in results["rows"]
             if (counts := row.get("teacher_responses"))

@@ -20,14 +20,17 @@ tokens: what tokenize keeps of it beside a response of max_new_tokens tokens and
 teacher answers the prompt the student trains on. A response that decodes to blank text (the
 teacher stopped at once) is left out and counted; so is one that is a single n-gram repeated
 (``flexkd.evaluation.metrics.is_one_repeated_ngram``; kept with ``generate.drop_looping: false``),
-since a greedy teacher loops on some prompts and a student trained on the loop learns it. With
+since a greedy teacher loops on some prompts and a student trained on the loop learns it. One
+cut at max_new_tokens is kept unless ``generate.drop_truncated``: tokenize ends every response
+with eos, so a cut one teaches the student to stop mid-sentence, and only responses that ended
+by themselves teach it where to stop. With
 ``do_sample``, each batch's sampling is seeded with ``generate.seed`` plus its first row's
 example_id, so a rerun writes the same responses wherever the batches run.
 
 MLflow (the stage's run): the generate settings as params; the metrics rows, blank_responses,
 looping_responses (left out or, with drop_looping false, kept), truncated_responses (those that
-reached max_new_tokens), mean_response_tokens, and distinct_2 of the first 1000 responses
-written; the first 20 responses written as the table ``responses.json``.
+reached max_new_tokens, left out or kept), mean_response_tokens, and distinct_2 of the first
+1000 responses written; the first 20 responses written as the table ``responses.json``.
 """
 
 from __future__ import annotations
@@ -94,12 +97,19 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
                 num_gpus=1 if config.resources.use_gpu else 0,
                 **ACTOR_POOL_OPTIONS,
             )
-            written = _write_responses(answered, task, output_dir / GENERATED_TRAIN_FILE, settings.drop_looping)
+            written = _write_responses(
+                answered, task, output_dir / GENERATED_TRAIN_FILE, settings.drop_looping, settings.drop_truncated
+            )
     except ConfigError as error:  # DataError included: "data.train (<path>): <cause>"
         raise StageError(f"generate: {error}") from None
     counts = _response_counts(written, settings.drop_looping)
     if counts["rows"] == 0:
-        kinds = "blank or one n-gram repeated" if settings.drop_looping and counts["looping_responses"] else "blank"
+        left_out = {
+            "blank": True,
+            "one n-gram repeated": settings.drop_looping and counts["looping_responses"],
+            "cut at generate.max_new_tokens": settings.drop_truncated and counts["truncated_responses"],
+        }
+        kinds = " or ".join(kind for kind, happened in left_out.items() if happened)
         raise StageError(
             f"generate: the teacher's responses to all {summary.good} prompts of data.train are {kinds}; "
             "nothing is left to train on"
@@ -119,7 +129,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
 def _response_counts(written: dict[str, Any], drop_looping: bool) -> dict[str, int]:
     """The counts of the manifest: rows written (kept references included); the teacher's blank
     responses (never written), its looping ones (written only without ``drop_looping``) and those
-    cut at max_new_tokens."""
+    cut at max_new_tokens (written only without ``drop_truncated``)."""
     return {
         "rows": written["rows"],
         "blank_responses": written["blank"],
@@ -221,11 +231,14 @@ def _response_rows(
     return teacher
 
 
-def _write_responses(answered: ray.data.Dataset, task: TaskConfig, path: Path, drop_looping: bool) -> dict[str, Any]:
-    """Stream the answered rows into one parquet file, in order, the blank responses left out and
-    the looping ones too with ``drop_looping``; returns the counts (of looping responses: all of
-    them), and of the teacher responses written the first DISTINCT_ROWS and the first SAMPLE_ROWS
-    as a table (column -> values)."""
+def _write_responses(
+    answered: ray.data.Dataset, task: TaskConfig, path: Path, drop_looping: bool, drop_truncated: bool = False
+) -> dict[str, Any]:
+    """Stream the answered rows into one parquet file, in order, the blank responses left out, the
+    looping ones too with ``drop_looping`` and those cut at max_new_tokens with ``drop_truncated``;
+    returns the counts (of looping responses: all of them; of truncated ones: all that are neither
+    blank nor left out as loops), and of the teacher responses written the first DISTINCT_ROWS and
+    the first SAMPLE_ROWS as a table (column -> values)."""
     writer: pq.ParquetWriter | None = None
     written: dict[str, Any] = dict.fromkeys(
         ("rows", "teacher_rows", "blank", "looping", "truncated", "response_tokens"), 0
@@ -239,9 +252,11 @@ def _write_responses(answered: ray.data.Dataset, task: TaskConfig, path: Path, d
             written["looping"] += pc.sum(batch.column(_LOOPING).cast(pa.int64())).as_py() or 0
             left_out = pc.or_(batch.column(_BLANK), batch.column(_LOOPING)) if drop_looping else batch.column(_BLANK)
             batch = batch.filter(pc.invert(left_out))
+            written["truncated"] += pc.sum(batch.column(_TRUNCATED).cast(pa.int64())).as_py() or 0  # a reference: never
+            if drop_truncated:
+                batch = batch.filter(pc.invert(batch.column(_TRUNCATED)))
             answers = batch.filter(pc.equal(batch.column("response_source"), "teacher"))
             written["teacher_rows"] += answers.num_rows
-            written["truncated"] += pc.sum(answers.column(_TRUNCATED).cast(pa.int64())).as_py() or 0
             written["response_tokens"] += pc.sum(answers.column(_TOKENS)).as_py() or 0
             responses += answers.column(task.response_column).to_pylist()[: DISTINCT_ROWS - len(responses)]
             sample.append(answers.select(shown).slice(0, SAMPLE_ROWS - sum(table.num_rows for table in sample)))

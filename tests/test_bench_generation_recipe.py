@@ -121,8 +121,8 @@ def test_a_run_shows_each_models_fluency_and_verdict_and_one_row_per_pruned_star
     # The SeqKD recipes' teacher responses, and only theirs (the T0 recipe has no generate stage).
     assert page.count("Teacher responses of") == 2
     assert (
-        "Teacher responses of 504 wide, 30 blocks, teacher responses: 300 trained on, 120 of them cut at 64 "
-        "tokens; 10 that were one n-gram repeated left out.\n"
+        "Teacher responses of 504 wide, 30 blocks, teacher responses: 300 trained on; 120 cut at 64 tokens "
+        "kept; 10 that were one n-gram repeated left out.\n"
     ) in page
     assert page.endswith(
         "Distilled recipes that pass the bar: **384 wide, 16 blocks, teacher responses**, "

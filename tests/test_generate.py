@@ -267,6 +267,29 @@ def test_looping_responses_are_counted_and_left_out_unless_kept(tmp_path, drop_l
     }
 
 
+def test_responses_cut_at_max_new_tokens_are_left_out_with_drop_truncated(tmp_path):
+    task = generation_debug(tmp_path).task.model_copy(
+        update={"prompt_template": TEMPLATE, "response_column": "summary"}
+    )
+    rows = pa.table({"dialogue": [*"abcd"], "summary": [*"ABCD"], "example_id": pa.array([0, 1, 2, 3])})
+    # Rows 1 and 3 reached max_new_tokens; row 3's is also a loop, left out as one (and not
+    # counted as cut). The references stay: they are never cut.
+    responses = ["Amanda bakes.", "Jerry will get some of the", "They meet.", "go on go on go"]
+    batch = _response_rows(rows, task, responses, [3, 6, 2, 5], [False, True, False, True], True)
+    answered = SimpleNamespace(iter_batches=lambda **options: iter([batch]))
+    written = _write_responses(answered, task, tmp_path / "responses.parquet", True, drop_truncated=True)
+
+    kept = pq.read_table(tmp_path / "responses.parquet")
+    assert kept["summary"].to_pylist() == ["A", "Amanda bakes.", "B", "C", "They meet.", "D"]
+    assert written["response_tokens"] == 5 and written["first_responses"] == ["Amanda bakes.", "They meet."]
+    assert _response_counts(written, drop_looping=True) == {
+        "rows": 6,
+        "blank_responses": 0,
+        "looping_responses": 1,
+        "truncated_responses": 1,
+    }
+
+
 def test_a_teacher_whose_every_response_is_blank_stops_the_stage_in_one_line(tmp_path, local_ray):
     """A teacher with a zeroed final norm gives all-zero logits, so greedy decoding picks token 0
     (<|endoftext|>, a special token) at every step: every response decodes to blank text."""

@@ -408,6 +408,11 @@ class GenerateConfig(_Section):
         description="leave out the teacher's responses that are one n-gram repeated ('I am glad. I am glad. "
         "I am'): trained on, they teach the student the loop",
     )
+    drop_truncated: bool = Field(
+        False,
+        description="leave out the teacher's responses cut at max_new_tokens: each response ends with eos, so a "
+        "cut one teaches the student to stop mid-sentence",
+    )
     replace_references: bool = Field(
         True,
         description="true: the student trains on the teacher's responses instead of the data's references "
