@@ -1,7 +1,7 @@
 """score: which teacher units matter for the task.
 
 Ray Train workers hold the frozen teacher (FSDP2-sharded across them), each reads its shard of
-the scoring data, and for every mapped teacher layer accumulates the per-unit importance
+the scoring data (every row once, ``split_every_row``), and for every mapped teacher layer accumulates the per-unit importance
 (default: the paper's mean |dL_task/dh| over examples and tokens) plus activation moments for
 the variance baseline. Sums and counts are all-reduced, so 1 worker and N workers give the same
 vector. The driver then orders the units and writes:
@@ -64,12 +64,11 @@ from typing import Any
 
 import mlflow
 import numpy as np
-import ray
 import torch
 from safetensors.torch import save_file
 
 from flexkd import distributed
-from flexkd.cluster.train_workers import run_workers
+from flexkd.cluster.train_workers import every_row_batches, run_workers, split_every_row
 from flexkd.config.schema import PipelineConfig
 from flexkd.data.directions_files import distilled_ks, write_directions
 from flexkd.data.rows import collate_batch
@@ -142,7 +141,12 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
             "rows": tokenized["outputs"]["rows"]["score"],
             "progress_bars": progress_bars_wanted(),
         },
-        datasets={"score": read_shards(inputs["tokenize"] / "score")},
+        datasets=split_every_row(
+            "score",
+            read_shards(inputs["tokenize"] / "score"),
+            tokenized["outputs"]["rows"]["score"],
+            config.resources.num_workers,
+        ),
         run_name="score",
         storage=output_dir / "ray",
     )
@@ -381,8 +385,7 @@ def _score_worker(loop_config: dict[str, Any]) -> None:
     # The teacher's own competence on these rows: summed task loss and (classification) correct rows.
     competence = torch.zeros(2, dtype=torch.float64, device=device)
 
-    shard = ray.train.get_dataset_shard("score")
-    batches = shard.iter_batches(batch_size=config.scoring.batch_size, batch_format="numpy")
+    batches = every_row_batches("score", config.scoring.batch_size)
     last_rows = None
     progress = (
         Progress("score", loop_config["rows"], terminal=loop_config["progress_bars"])

@@ -552,6 +552,16 @@ def _columns_text_label(tmp_path: Path) -> Path:
             ),
         ),
         (
+            lambda tmp: {
+                "data.score": {"path": str(REPO_ROOT / "flexkd/assets/samples/sst2_train.jsonl"), "limit": 1},
+                "resources.num_workers": 2,
+            },
+            lambda tmp: (
+                f"flexkd: data error: data.score ({REPO_ROOT / 'flexkd/assets/samples/sst2_train.jsonl'}): 1 rows "
+                "cannot give each of 2 workers (resources.num_workers) one to score; use more rows or fewer workers"
+            ),
+        ),
+        (
             lambda tmp: {"training.batch_size": 6, "resources.num_workers": 4},
             lambda tmp: (
                 f"flexkd: config error: {tmp / 'pipeline.yaml'}: <top level>: training.batch_size = 6 is not a "
@@ -580,6 +590,7 @@ def _columns_text_label(tmp_path: Path) -> Path:
         "train-rows-fewer-than-a-batch-per-worker",
         "transfer-rows-fewer-than-their-share-per-worker",
         "transfer-with-one-row-per-worker",
+        "score-rows-fewer-than-the-workers",
         "batch-not-a-multiple-of-the-workers",
     ],
 )

@@ -98,6 +98,7 @@ def test_debug_pipeline_end_to_end(tmp_path, local_ray):
 
 @pytest.mark.integration  # two score runs: about 1.5 min
 def test_two_scoring_workers_give_the_same_importance(tmp_path, local_ray):
+    """41 rows: an odd count, so the two workers' shards differ by one row and none is dropped."""
     vectors = {}
     for workers in (1, 2):
         config = debug_config(
@@ -105,11 +106,11 @@ def test_two_scoring_workers_give_the_same_importance(tmp_path, local_ray):
             **{
                 "resources.num_workers": workers,
                 "resources.cpus_per_worker": 0.5,
-                "data.score": {"path": str(PIPELINES.parent / "flexkd/assets/samples/sst2_train.jsonl"), "limit": 40},
+                "data.score": {"path": str(PIPELINES.parent / "flexkd/assets/samples/sst2_train.jsonl"), "limit": 41},
             },
         )
         result = run_pipeline(config, stages=("tokenize", "score"))
-        assert result.stages["score"].outputs["examples"] == 40
+        assert result.stages["score"].outputs["examples"] == 41
         vectors[workers] = np.load(result.stages["score"].directory / "importance" / "layer_4.npy")
     np.testing.assert_allclose(vectors[2], vectors[1], rtol=1e-4, atol=1e-7)
 

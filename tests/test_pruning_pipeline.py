@@ -254,8 +254,9 @@ def test_blocks_kept_by_their_block_change_set_the_layer_pairs_of_distill(tmp_pa
 def test_blocks_kept_by_perplexity_are_those_whose_skipping_raises_the_score_rows_loss_most(
     tmp_path, local_ray, workers
 ):
-    """With two workers the teacher is FSDP2-sharded and each worker scores 4 of the 8 rows, in
-    batches of 3 (3 + 1 rows each): the skip losses are all-reduced to those of all 8 rows."""
+    """With two workers the teacher is FSDP2-sharded: each worker scores 4 of the 9 rows in
+    batches of 3 (3 + 1 rows), then worker 0 the ninth, alone, while worker 1, run out, repeats
+    its last batch with weight 0. The skip losses are all-reduced to those of all 9 rows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -268,14 +269,14 @@ def test_blocks_kept_by_perplexity_are_those_whose_skipping_raises_the_score_row
         tmp_path,
         **{
             "student.layer_selection": "perplexity",
-            "data.score": {"path": "../flexkd/assets/samples/sst2_train.jsonl", "limit": 8},
+            "data.score": {"path": "../flexkd/assets/samples/sst2_train.jsonl", "limit": 9},
             "scoring.batch_size": 3,
             "resources.num_workers": workers,
             "resources.cpus_per_worker": 0.5,
         },
     )
     result = run_pipeline(config, stages=("tokenize", "score"))
-    assert int(load_file(result.stages["score"].directory / "pruning" / "scores.safetensors")["examples"]) == 8
+    assert int(load_file(result.stages["score"].directory / "pruning" / "scores.safetensors")["examples"]) == 9
     score, tokenize = result.stages["score"].directory, result.stages["tokenize"].directory
     scores = load_file(score / "pruning" / "scores.safetensors")
     selection = json.loads((score / "pruning" / "selection.json").read_text())

@@ -1,12 +1,13 @@
 """Ray at the stage edges: how the score and distill stages launch their Ray Train workers.
 
 The per-worker loops are plain PyTorch calling the library; this module only builds the
-``TorchTrainer`` around them and turns a failed run into one readable line.
+``TorchTrainer`` around them, feeds them their data shards and turns a failed run into one
+readable line.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,35 @@ def ordered_ingest_options() -> ray.data.ExecutionOptions:
     options = DataConfig.default_ingest_options()
     options.preserve_order = True
     return options
+
+
+REMAINDER_SUFFIX = ".remainder"  # a dataset every worker reads whole (split_every_row)
+
+
+def split_every_row(name: str, dataset: ray.data.Dataset, rows: int, workers: int) -> dict[str, ray.data.Dataset]:
+    """``dataset`` (``rows`` rows) as the datasets ``run_workers`` needs for every row of it to
+    reach one worker once (``every_row_batches``).
+
+    Ray Train splits a dataset into equal shards and drops the ``rows % workers`` rows left over
+    (``streaming_split(equal=True)``): harmless for endless training, wrong for a pass that sums
+    over every row. Those rows travel unsplit as ``<name>.remainder``, fewer than ``workers``."""
+    whole = rows - rows % workers
+    if whole == rows:
+        return {name: dataset, name + REMAINDER_SUFFIX: dataset.limit(0)}
+    head, tail = dataset.split_at_indices([whole])
+    return {name: head, name + REMAINDER_SUFFIX: tail}
+
+
+def every_row_batches(name: str, batch_size: int) -> Iterator[dict]:
+    """Inside a worker: its shard of ``name`` in numpy batches of ``batch_size`` rows, then, as a
+    batch of one, the remainder row whose position is its rank (``split_every_row``)."""
+    yield from ray.train.get_dataset_shard(name).iter_batches(batch_size=batch_size, batch_format="numpy")
+    rank = ray.train.get_context().get_world_rank()
+    remainder = ray.train.get_dataset_shard(name + REMAINDER_SUFFIX)
+    for rows in remainder.iter_batches(batch_size=rank + 1, batch_format="numpy"):
+        if len(next(iter(rows.values()))) > rank:
+            yield {column: values[rank : rank + 1] for column, values in rows.items()}
+        return
 
 
 def scaling(config: PipelineConfig) -> ScalingConfig:
@@ -68,7 +98,10 @@ def run_workers(
             callbacks=callbacks,
         ),
         datasets=datasets,
-        dataset_config=DataConfig(execution_options=ordered_ingest_options()),
+        dataset_config=DataConfig(
+            datasets_to_split=[name for name in datasets if not name.endswith(REMAINDER_SUFFIX)],
+            execution_options=ordered_ingest_options(),
+        ),
     )
     try:
         result = trainer.fit()

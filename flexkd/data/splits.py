@@ -110,7 +110,9 @@ def check_batches(config: PipelineConfig, summaries: dict[str, SourceSummary]) -
     batch, so such a worker would have nothing to train on. With data.transfer, each batch holds
     both kinds of row (``transfer_rows_per_batch``), and each kind must fill its share. Only what
     would fail for certain is refused: a sweep is checked at the smallest batch it tries, and
-    SeqKD that keeps the references (``generate.replace_references: false``) at twice the rows."""
+    SeqKD that keeps the references (``generate.replace_references: false``) at twice the rows.
+    A ``data.score`` of its own needs a row for every worker: each holds a shard of the teacher,
+    and one with no row to score has nothing to run the collective forwards on."""
     workers = config.resources.num_workers
     swept = config.tune.search_space.get("training.batch_size") if config.tune else None
     batch_size = int(min(swept.values())) if swept else config.training.batch_size
@@ -132,6 +134,11 @@ def check_batches(config: PipelineConfig, summaries: dict[str, SourceSummary]) -
                 f"(resources.num_workers) the {share} it takes per batch (training.batch_size "
                 f"{batch_size}); use more rows, a smaller batch or fewer workers"
             )
+    if "score" in summaries and summaries["score"].good < workers:
+        raise DataError(
+            f"data.score ({splits['score'].path}): {summaries['score'].good} rows cannot give each of {workers} "
+            "workers (resources.num_workers) one to score; use more rows or fewer workers"
+        )
 
 
 def check_data(config: PipelineConfig, tokenizer) -> dict[str, SourceSummary]:
