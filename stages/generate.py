@@ -23,9 +23,10 @@ teacher stopped at once) is left out and counted; so is one that is a single n-g
 since a greedy teacher loops on some prompts and a student trained on the loop learns it. One
 cut at max_new_tokens is kept unless ``generate.drop_truncated``: tokenize ends every response
 with eos, so a cut one teaches the student to stop mid-sentence, and only responses that ended
-by themselves teach it where to stop. With
-``do_sample``, each batch's sampling is seeded with ``generate.seed`` plus its first row's
-example_id, so a rerun writes the same responses wherever the batches run.
+by themselves teach it where to stop. The stage stops, in one line, when too few rows are left
+to fill a batch on every worker. With ``do_sample``, each batch's sampling is seeded with
+``generate.seed`` plus its first row's example_id, so a rerun writes the same responses wherever
+the batches run.
 
 MLflow (the stage's run): the generate settings as params; the metrics rows, blank_responses,
 looping_responses (left out or, with drop_looping false, kept), truncated_responses (those that
@@ -49,12 +50,12 @@ from transformers import GenerationConfig
 
 from flexkd import distributed
 from flexkd.cluster.local import ACTOR_POOL_OPTIONS
-from flexkd.config.schema import ConfigError, PipelineConfig, TaskConfig
+from flexkd.config.schema import ConfigError, GenerateConfig, PipelineConfig, TaskConfig
 from flexkd.data.numbered import numbered_dataset
 from flexkd.data.rows import prompt_token_ids, template_columns
 from flexkd.data.shards import ordered_execution
 from flexkd.data.sources import RowRules, blank_text
-from flexkd.data.splits import GENERATED_TRAIN_FILE, check_split, split_task
+from flexkd.data.splits import GENERATED_TRAIN_FILE, check_split, split_task, train_rows_per_worker
 from flexkd.errors import StageError
 from flexkd.evaluation.metrics import distinct_n, is_one_repeated_ngram
 from flexkd.models.plan import load_pipeline_tokenizer, load_teacher
@@ -103,17 +104,11 @@ def run(config: PipelineConfig, inputs: dict[str, Path], output_dir: Path) -> di
     except ConfigError as error:  # DataError included: "data.train (<path>): <cause>"
         raise StageError(f"generate: {error}") from None
     counts = _response_counts(written, settings.drop_looping)
-    if counts["rows"] == 0:
-        left_out = {
-            "blank": True,
-            "one n-gram repeated": settings.drop_looping and counts["looping_responses"],
-            "cut at generate.max_new_tokens": settings.drop_truncated and counts["truncated_responses"],
-        }
-        kinds = " or ".join(kind for kind, happened in left_out.items() if happened)
-        raise StageError(
-            f"generate: the teacher's responses to all {summary.good} prompts of data.train are {kinds}; "
-            "nothing is left to train on"
-        )
+    refusal = _too_few_responses(
+        counts, settings, summary.good, config.resources.num_workers, train_rows_per_worker(config)
+    )
+    if refusal:
+        raise StageError(refusal)
     answers = written["teacher_rows"]
     scores = {
         "mean_response_tokens": written["response_tokens"] / max(answers, 1),
@@ -136,6 +131,30 @@ def _response_counts(written: dict[str, Any], drop_looping: bool) -> dict[str, i
         "looping_responses": written["looping"],
         "truncated_responses": written["truncated"],
     }
+
+
+def _too_few_responses(
+    counts: dict[str, int], settings: GenerateConfig, prompts: int, workers: int, share: int
+) -> str | None:
+    """The stage's one-line refusal when the rows written cannot give each of ``workers`` the
+    ``share`` of a batch it trains on (none at all included), naming what was left out; else None.
+    Only the stage can tell: how many responses are blank, loops or cut is known once written."""
+    left_out = {
+        "blank": counts["blank_responses"],
+        "one n-gram repeated": settings.drop_looping and counts["looping_responses"],
+        "cut at generate.max_new_tokens": settings.drop_truncated and counts["truncated_responses"],
+    }
+    kinds = " or ".join(kind for kind, count in left_out.items() if count)
+    if counts["rows"] == 0:
+        return f"generate: the teacher's responses to all {prompts} prompts of data.train are {kinds}; nothing is left to train on"
+    if counts["rows"] < workers * share:
+        return (
+            f"generate: {counts['rows']} rows are left of the teacher's responses to {prompts} prompts of data.train"
+            + (f" (those {kinds} left out)" if kinds else "")
+            + f", too few to give each of {workers} workers (resources.num_workers) the {share} it trains on per "
+            "batch; use more prompts or fewer workers"
+        )
+    return None
 
 
 class TeacherResponses:
@@ -200,8 +219,9 @@ def _response_rows(
     rows: pa.Table, task: TaskConfig, responses: list[str], lengths: list[int], truncated: list[bool], keep_data: bool
 ) -> pa.Table:
     """The rows to write for one batch: prompt columns, the response column, its source, the row's
-    id; the teacher's blank responses (``_BLANK``) and looping ones (``_LOOPING``) marked, for the
-    driver to count and leave out (looping ones unless kept); with ``keep_data``
+    id; the teacher's blank responses (``_BLANK``), looping ones (``_LOOPING``) and those cut at
+    max_new_tokens (``_TRUNCATED``) marked, for the driver to count and leave out (blank ones
+    always, the others as drop_looping and drop_truncated say); with ``keep_data``
     (replace_references false) each row's reference first, then the teacher's response."""
     prompts = rows.select(template_columns(task.prompt_template))
     count = rows.num_rows
@@ -232,7 +252,7 @@ def _response_rows(
 
 
 def _write_responses(
-    answered: ray.data.Dataset, task: TaskConfig, path: Path, drop_looping: bool, drop_truncated: bool = False
+    answered: ray.data.Dataset, task: TaskConfig, path: Path, drop_looping: bool, drop_truncated: bool
 ) -> dict[str, Any]:
     """Stream the answered rows into one parquet file, in order, the blank responses left out, the
     looping ones too with ``drop_looping`` and those cut at max_new_tokens with ``drop_truncated``;
@@ -252,7 +272,8 @@ def _write_responses(
             written["looping"] += pc.sum(batch.column(_LOOPING).cast(pa.int64())).as_py() or 0
             left_out = pc.or_(batch.column(_BLANK), batch.column(_LOOPING)) if drop_looping else batch.column(_BLANK)
             batch = batch.filter(pc.invert(left_out))
-            written["truncated"] += pc.sum(batch.column(_TRUNCATED).cast(pa.int64())).as_py() or 0  # a reference: never
+            # References are never marked cut: this counts the teacher's responses only.
+            written["truncated"] += pc.sum(batch.column(_TRUNCATED).cast(pa.int64())).as_py() or 0
             if drop_truncated:
                 batch = batch.filter(pc.invert(batch.column(_TRUNCATED)))
             answers = batch.filter(pc.equal(batch.column("response_source"), "teacher"))

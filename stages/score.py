@@ -1,9 +1,9 @@
 """score: which teacher units matter for the task.
 
 Ray Train workers hold the frozen teacher (FSDP2-sharded across them), each reads its shard of
-the scoring data (every row once, ``split_every_row``), and for every mapped teacher layer accumulates the per-unit importance
-(default: the paper's mean |dL_task/dh| over examples and tokens) plus activation moments for
-the variance baseline. Sums and counts are all-reduced, so 1 worker and N workers give the same
+the scoring data (every row reaches one worker, ``split_every_row``), and for every mapped
+teacher layer accumulates the per-unit importance (default: the paper's mean |dL_task/dh| over
+examples and tokens) plus activation moments for the variance baseline. Sums and counts are all-reduced, so 1 worker and N workers give the same
 vector. The driver then orders the units and writes:
 
     importance/layer_<l>.npy   float32 [d_teacher], per teacher layer
@@ -399,7 +399,7 @@ def _score_worker(loop_config: dict[str, Any]) -> None:
             weight = 0.0 if rows is None else 1.0
             rows = last_rows if rows is None else rows
             if rows is None:
-                raise RuntimeError("a scoring worker got no data: use fewer workers than scoring examples")
+                raise RuntimeError("a scoring worker got no data: use at most as many workers as scoring rows")
             last_rows = rows
             batch = {key: value.to(device) for key, value in collate_batch(rows, loop_config["pad_token_id"]).items()}
             logits, hidden = forward_with_hidden_states(teacher, batch["input_ids"], batch["attention_mask"], layers)

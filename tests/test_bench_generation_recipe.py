@@ -33,6 +33,7 @@ def test_every_recipe_is_a_pipeline_the_schema_accepts(name, tmp_path):
     assert (config.generate is not None) == seqkd == ("generate" in generation.pipeline_stages(recipe))
     if seqkd:
         assert config.generate.max_new_tokens == 64
+        assert config.generate.drop_truncated == recipe.seqkd_drop_truncated
     assert config.loss.gamma == 0.0 and config.training.steps == recipe.steps
 
 

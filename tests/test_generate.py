@@ -14,14 +14,21 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from flexkd.config.schema import ConfigError, apply_overrides, load_config, parse_config
+from flexkd.config.schema import ConfigError, GenerateConfig, apply_overrides, load_config, parse_config
 from flexkd.data.rows import prompt_token_ids
 from flexkd.data.splits import GENERATED_TRAIN_FILE, check_data
 from flexkd.errors import StageError
 from flexkd.evaluation.metrics import distinct_n, fluency_scores, is_one_repeated_ngram
 from flexkd.models.plan import load_pipeline_tokenizer, load_teacher
 from flexkd.pipeline.runner import pipeline_stages, planned_fingerprint, run_pipeline
-from flexkd.stages.generate import _BLANK, TeacherResponses, _response_counts, _response_rows, _write_responses
+from flexkd.stages.generate import (
+    _BLANK,
+    TeacherResponses,
+    _response_counts,
+    _response_rows,
+    _too_few_responses,
+    _write_responses,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = REPO_ROOT / "pipelines"
@@ -216,7 +223,9 @@ def test_blank_responses_are_left_out_and_a_kept_reference_stays(tmp_path):
 
     def written(batch: pa.Table) -> tuple[pa.Table, dict]:
         answered = SimpleNamespace(iter_batches=lambda **options: iter([batch]))
-        counts = _write_responses(answered, task, tmp_path / "responses.parquet", drop_looping=True)
+        counts = _write_responses(
+            answered, task, tmp_path / "responses.parquet", drop_looping=True, drop_truncated=False
+        )
         return pq.read_table(tmp_path / "responses.parquet"), counts
 
     replaced, counts = written(
@@ -246,7 +255,7 @@ def test_looping_responses_are_counted_and_left_out_unless_kept(tmp_path, drop_l
     responses = ["Amanda bakes.", "go on go on go", "and a", ""]
     batch = _response_rows(rows, task, responses, [3, 5, 2, 0], [False, True, False, False], True)
     answered = SimpleNamespace(iter_batches=lambda **options: iter([batch]))
-    written = _write_responses(answered, task, tmp_path / "responses.parquet", drop_looping)
+    written = _write_responses(answered, task, tmp_path / "responses.parquet", drop_looping, drop_truncated=False)
 
     kept = pq.read_table(tmp_path / "responses.parquet")
     expected = ["A", "Amanda bakes.", "B", "go on go on go", "C", "and a", "D"]
@@ -277,7 +286,7 @@ def test_responses_cut_at_max_new_tokens_are_left_out_with_drop_truncated(tmp_pa
     responses = ["Amanda bakes.", "Jerry will get some of the", "They meet.", "go on go on go"]
     batch = _response_rows(rows, task, responses, [3, 6, 2, 5], [False, True, False, True], True)
     answered = SimpleNamespace(iter_batches=lambda **options: iter([batch]))
-    written = _write_responses(answered, task, tmp_path / "responses.parquet", True, drop_truncated=True)
+    written = _write_responses(answered, task, tmp_path / "responses.parquet", drop_looping=True, drop_truncated=True)
 
     kept = pq.read_table(tmp_path / "responses.parquet")
     assert kept["summary"].to_pylist() == ["A", "Amanda bakes.", "B", "C", "They meet.", "D"]
@@ -288,6 +297,25 @@ def test_responses_cut_at_max_new_tokens_are_left_out_with_drop_truncated(tmp_pa
         "looping_responses": 1,
         "truncated_responses": 1,
     }
+
+
+def test_too_few_responses_left_stop_the_stage_naming_what_was_left_out():
+    settings = GenerateConfig(drop_looping=True, drop_truncated=True)
+    counts = {"rows": 0, "blank_responses": 0, "looping_responses": 2, "truncated_responses": 22}
+    assert _too_few_responses(counts, settings, 24, workers=2, share=4) == (
+        "generate: the teacher's responses to all 24 prompts of data.train are one n-gram repeated or cut at "
+        "generate.max_new_tokens; nothing is left to train on"
+    )
+    counts = {"rows": 7, "blank_responses": 1, "looping_responses": 0, "truncated_responses": 16}
+    assert _too_few_responses(counts, settings, 24, workers=2, share=4) == (
+        "generate: 7 rows are left of the teacher's responses to 24 prompts of data.train (those blank or cut at "
+        "generate.max_new_tokens left out), too few to give each of 2 workers (resources.num_workers) the 4 it "
+        "trains on per batch; use more prompts or fewer workers"
+    )
+    assert _too_few_responses(counts | {"rows": 8}, settings, 24, workers=2, share=4) is None
+    # Kept responses are not named as left out.
+    kept = GenerateConfig(drop_looping=False)
+    assert "repeated" not in _too_few_responses(counts | {"looping_responses": 3}, kept, 24, workers=2, share=4)
 
 
 def test_a_teacher_whose_every_response_is_blank_stops_the_stage_in_one_line(tmp_path, local_ray):

@@ -29,7 +29,8 @@ def ordered_ingest_options() -> ray.data.ExecutionOptions:
     return options
 
 
-REMAINDER_SUFFIX = ".remainder"  # a dataset every worker reads whole (split_every_row)
+# run_workers splits no dataset so named among the workers: each reads it (split_every_row).
+REMAINDER_SUFFIX = ".remainder"
 
 
 def split_every_row(name: str, dataset: ray.data.Dataset, rows: int, workers: int) -> dict[str, ray.data.Dataset]:
@@ -38,7 +39,9 @@ def split_every_row(name: str, dataset: ray.data.Dataset, rows: int, workers: in
 
     Ray Train splits a dataset into equal shards and drops the ``rows % workers`` rows left over
     (``streaming_split(equal=True)``): harmless for endless training, wrong for a pass that sums
-    over every row. Those rows travel unsplit as ``<name>.remainder``, fewer than ``workers``."""
+    over every row. Those rows travel unsplit as ``<name>.remainder``, fewer than ``workers``.
+    Finding them reads the whole dataset into the object store once: meant for a sample of rows
+    such as the score split, not for a corpus."""
     whole = rows - rows % workers
     if whole == rows:
         return {name: dataset, name + REMAINDER_SUFFIX: dataset.limit(0)}
@@ -52,10 +55,10 @@ def every_row_batches(name: str, batch_size: int) -> Iterator[dict]:
     yield from ray.train.get_dataset_shard(name).iter_batches(batch_size=batch_size, batch_format="numpy")
     rank = ray.train.get_context().get_world_rank()
     remainder = ray.train.get_dataset_shard(name + REMAINDER_SUFFIX)
-    for rows in remainder.iter_batches(batch_size=rank + 1, batch_format="numpy"):
-        if len(next(iter(rows.values()))) > rank:
-            yield {column: values[rank : rank + 1] for column, values in rows.items()}
-        return
+    # Its first batch holds rows 0..rank, or all of them when there are fewer.
+    first = next(iter(remainder.iter_batches(batch_size=rank + 1, batch_format="numpy")), None)
+    if first is not None and len(next(iter(first.values()))) > rank:
+        yield {column: values[rank : rank + 1] for column, values in first.items()}
 
 
 def scaling(config: PipelineConfig) -> ScalingConfig:
@@ -83,6 +86,8 @@ def run_workers(
     Reusing ``run_name`` and ``storage`` makes Ray Train V2 resume the same run after a crash
     of the driver; our own checkpoints (distributed.save_checkpoint) carry the model state.
     ``callbacks`` are Ray Train callbacks, e.g. Tune's TuneReportCallback inside a Tune trial.
+    Each dataset is split among the workers, but for those named ``<name>.remainder``, which
+    every worker reads (``split_every_row``).
     """
     trainer = TorchTrainer(
         loop,

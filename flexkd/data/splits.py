@@ -105,6 +105,21 @@ def transfer_rows_per_batch(batch_size: int, labeled_rows: int, transfer_rows: i
     return min(per_worker - 1, max(1, round(per_worker * transfer_rows / (labeled_rows + transfer_rows))))
 
 
+def smallest_batch(config: PipelineConfig) -> int:
+    """training.batch_size, or the smallest a sweep tries: what any run of this config must fill."""
+    swept = config.tune.search_space.get("training.batch_size") if config.tune else None
+    return int(min(swept.values())) if swept else config.training.batch_size
+
+
+def train_rows_per_worker(config: PipelineConfig) -> int:
+    """The fewest training rows each worker needs for a batch, whatever the row counts: its share
+    of the smallest batch, or with data.transfer 1 (how many of that share are labeled rows
+    depends on how many rows of each kind there are, ``transfer_rows_per_batch``)."""
+    if config.data.transfer is not None:
+        return 1
+    return max(1, smallest_batch(config) // config.resources.num_workers)
+
+
 def check_batches(config: PipelineConfig, summaries: dict[str, SourceSummary]) -> None:
     """Refuse training rows too few to fill one batch on every worker: distill drops a last short
     batch, so such a worker would have nothing to train on. With data.transfer, each batch holds
@@ -114,14 +129,12 @@ def check_batches(config: PipelineConfig, summaries: dict[str, SourceSummary]) -
     A ``data.score`` of its own needs a row for every worker: each holds a shard of the teacher,
     and one with no row to score has nothing to run the collective forwards on."""
     workers = config.resources.num_workers
-    swept = config.tune.search_space.get("training.batch_size") if config.tune else None
-    batch_size = int(min(swept.values())) if swept else config.training.batch_size
-    per_worker = max(1, batch_size // workers)
-    shares = {"train": per_worker}
+    batch_size = smallest_batch(config)
+    shares = {"train": train_rows_per_worker(config)}
     if TRANSFER_SPLIT in summaries:
         labeled, transfer = summaries["train"].good, summaries[TRANSFER_SPLIT].good
         unlabeled = transfer_rows_per_batch(batch_size, labeled, transfer, workers)
-        shares = {"train": per_worker - unlabeled, TRANSFER_SPLIT: unlabeled}
+        shares = {"train": batch_size // workers - unlabeled, TRANSFER_SPLIT: unlabeled}
     splits = pipeline_splits(config)
     for split, share in shares.items():
         rows = summaries[split].good

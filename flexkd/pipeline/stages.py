@@ -116,7 +116,9 @@ STAGES: tuple[StageSpec, ...] = (
         # comparison share one scoring pass and one teacher-target cache.
         ignored_fields={"student": frozenset({"seed"}), "teacher": ADAPTATION},
         files=(*TEACHER_FILES, "student.path"),
-        revision=1,  # 1: a pruned student's units are ranked at every block it keeps, not the mapped ones
+        # 1: a pruned student's units are ranked at every block it keeps, not the mapped ones;
+        # 2: every score row is scored (Ray Train's equal split dropped rows % workers of them).
+        revision=2,
     ),
     StageSpec(
         "targets",
