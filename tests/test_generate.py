@@ -244,20 +244,27 @@ def test_blank_responses_are_left_out_and_a_kept_reference_stays(tmp_path):
     assert _response_counts(counts, drop_looping=True)["blank_responses"] == 1
 
 
-@pytest.mark.parametrize("drop_looping", [True, False])
-def test_looping_responses_are_counted_and_left_out_unless_kept(tmp_path, drop_looping):
+def _written_beside_references(tmp_path, responses, lengths, cut, drop_looping, drop_truncated):
+    """The file and counts ``_write_responses`` writes for the teacher's ``responses`` to four
+    prompts, each kept reference ("A" to "D") before its response."""
     task = generation_debug(tmp_path).task.model_copy(
         update={"prompt_template": TEMPLATE, "response_column": "summary"}
     )
     rows = pa.table({"dialogue": [*"abcd"], "summary": [*"ABCD"], "example_id": pa.array([0, 1, 2, 3])})
+    batch = _response_rows(rows, task, responses, lengths, cut, True)
+    answered = SimpleNamespace(iter_batches=lambda **options: iter([batch]))
+    written = _write_responses(answered, task, tmp_path / "responses.parquet", drop_looping, drop_truncated)
+    return pq.read_table(tmp_path / "responses.parquet"), written
+
+
+@pytest.mark.parametrize("drop_looping", [True, False])
+def test_looping_responses_are_counted_and_left_out_unless_kept(tmp_path, drop_looping):
     # Row 1's reference "B" stays: only the teacher's responses are judged. Row 2's "and a" ended
     # by itself (not cut at max_new_tokens), so its last word is whole: no loop. Row 3's is blank.
     responses = ["Amanda bakes.", "go on go on go", "and a", ""]
-    batch = _response_rows(rows, task, responses, [3, 5, 2, 0], [False, True, False, False], True)
-    answered = SimpleNamespace(iter_batches=lambda **options: iter([batch]))
-    written = _write_responses(answered, task, tmp_path / "responses.parquet", drop_looping, drop_truncated=False)
-
-    kept = pq.read_table(tmp_path / "responses.parquet")
+    kept, written = _written_beside_references(
+        tmp_path, responses, [3, 5, 2, 0], [False, True, False, False], drop_looping, drop_truncated=False
+    )
     expected = ["A", "Amanda bakes.", "B", "go on go on go", "C", "and a", "D"]
     if drop_looping:
         expected.remove("go on go on go")
@@ -277,18 +284,12 @@ def test_looping_responses_are_counted_and_left_out_unless_kept(tmp_path, drop_l
 
 
 def test_responses_cut_at_max_new_tokens_are_left_out_with_drop_truncated(tmp_path):
-    task = generation_debug(tmp_path).task.model_copy(
-        update={"prompt_template": TEMPLATE, "response_column": "summary"}
-    )
-    rows = pa.table({"dialogue": [*"abcd"], "summary": [*"ABCD"], "example_id": pa.array([0, 1, 2, 3])})
     # Rows 1 and 3 reached max_new_tokens; row 3's is also a loop, left out as one (and not
     # counted as cut). The references stay: they are never cut.
     responses = ["Amanda bakes.", "Jerry will get some of the", "They meet.", "go on go on go"]
-    batch = _response_rows(rows, task, responses, [3, 6, 2, 5], [False, True, False, True], True)
-    answered = SimpleNamespace(iter_batches=lambda **options: iter([batch]))
-    written = _write_responses(answered, task, tmp_path / "responses.parquet", drop_looping=True, drop_truncated=True)
-
-    kept = pq.read_table(tmp_path / "responses.parquet")
+    kept, written = _written_beside_references(
+        tmp_path, responses, [3, 6, 2, 5], [False, True, False, True], drop_looping=True, drop_truncated=True
+    )
     assert kept["summary"].to_pylist() == ["A", "Amanda bakes.", "B", "C", "They meet.", "D"]
     assert written["response_tokens"] == 5 and written["first_responses"] == ["Amanda bakes.", "They meet."]
     assert _response_counts(written, drop_looping=True) == {
