@@ -403,7 +403,10 @@ def test_generation_students_are_pruned_from_the_teacher_and_unit_selections_sha
     overrides = pipeline_overrides(GenerationSettings.cpu(), tmp_path, tmp_path / "eval.jsonl", 452)
     configs = {method: load_config(PIPELINE, overrides | extra) for method, extra in GENERATION_METHODS.items()}
     for method, config in configs.items():
-        assert (config.student.init, config.student.layer_selection) == ("prune_from_teacher", "importance"), method
+        assert (config.student.init, config.student.layer_selection) == (
+            "prune_from_teacher",
+            GenerationSettings.cpu().layer_selection,
+        ), method
         selection = "directions" if method == "kd+flexkd-dir" else "importance"
         assert config.layer_map == "last" and config.selection.method == selection, method
     assert configs["kd"].loss.uses_features is False and configs["kd+flexkd"].loss.feature == "correlation"

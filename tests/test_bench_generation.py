@@ -334,15 +334,37 @@ def test_a_logit_loss_variant_is_compared_with_kd_at_the_same_logit_loss(logit, 
 
 def test_the_page_describes_the_students_shape_and_data_from_the_settings():
     results = _results(_three_seeds())
-    results["settings"] |= {"hidden_size": 504, "num_layers": 30, "num_key_value_heads": 3, "intermediate_size": 1536}
+    results["settings"] |= {
+        "hidden_size": 504,
+        "num_layers": 30,
+        "num_key_value_heads": 3,
+        "intermediate_size": 1536,
+        "layer_selection": "importance",
+        "train_rows": 800,
+        "train_prompts": "t0",
+        "seqkd_max_new_tokens": 0,
+        "seqkd_temperature": 0.0,
+    }
     completions = generation_markdown(results)
     assert "hidden 504, 30 blocks (layer_selection importance), MLP 1536, 9 heads / 3 KV groups" in completions
     assert "learn a 504 -> 576 map" in completions and "800 T0-mixture prompt/completion pairs" in completions
+    assert "every unit, in that order" not in completions
 
     results["settings"]["seqkd_max_new_tokens"] = 64
     seqkd = generation_markdown(results)
-    assert "the teacher's own greedy responses (the generate stage, SeqKD, at most 64 tokens) to 800" in seqkd
+    assert (
+        "the teacher's own responses (greedy; the generate stage, SeqKD, at most 64 tokens) to 800 T0-mixture" in seqkd
+    )
     assert "prompt/completion pairs" not in seqkd
+
+    results["settings"] |= {"hidden_size": 576, "train_prompts": "summaries", "seqkd_temperature": 0.7}
+    sampled = generation_markdown(results)
+    assert (
+        "(sampled at temperature 0.7, top_p 0.9; the generate stage, SeqKD, at most 64 tokens) to 800 T0 (summaries)"
+        in sampled
+    )
+    # At the teacher's width Flex-KD's selection keeps every unit; the page says it only orders them.
+    assert "576 most important units there (at the teacher's width: every unit, in that order)" in sampled
 
 
 def test_the_gpu_setting_trains_the_recipe_tables_student_on_the_teachers_responses(tmp_path):
@@ -356,7 +378,7 @@ def test_the_gpu_setting_trains_the_recipe_tables_student_on_the_teachers_respon
     assert (shape["hidden_size"], shape["num_hidden_layers"], shape["num_key_value_heads"]) == (504, 30, 3)
     assert (config.generate.max_new_tokens, config.generate.batch_size) == (128, 128)
     assert generation.pipeline_stages(settings)[0] == "generate"
-    assert generation.pipeline_stages(GenerationSettings.cpu())[0] == "tokenize"
+    assert generation.pipeline_stages(GenerationSettings.cpu().with_overrides(seqkd_max_new_tokens=0))[0] == "tokenize"
 
 
 def test_a_part_of_the_mixture_trains_only_its_templates_in_the_mixtures_order(tmp_path, monkeypatch):
@@ -390,6 +412,6 @@ def test_a_sampling_seqkd_teacher_is_set_only_with_a_temperature(tmp_path):
         overrides = generation.pipeline_overrides(settings, tmp_path, tmp_path / "e.jsonl", 3)
         return load_config(generation.PIPELINE, overrides).generate
 
-    assert generate().do_sample is False
+    assert generate(seqkd_temperature=0.0).do_sample is False
     sampled = generate(seqkd_temperature=0.7)
     assert (sampled.do_sample, sampled.temperature, sampled.top_p) == (True, 0.7, generation.SEQKD_TOP_P)
