@@ -137,17 +137,20 @@ def write_results(
     results: dict[str, Any],
     markdown: str,
     plot_file: Path | None,
-    tracking_uri: str,
+    tracking_uri: str | None,
     results_dir: Path = RESULTS,
 ) -> dict[str, Path]:
     """Write ``<name>.json`` and ``<name>.md`` (and the plot, already drawn) and log all of them,
-    with the headline numbers as metrics, to one MLflow run in experiment ``flexkd-bench``."""
+    with the headline numbers as metrics, to one MLflow run in experiment ``flexkd-bench``; with
+    ``tracking_uri`` None, only the files (a benchmark's partial results, logged when it ends)."""
     results_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": results_dir / f"{name}.json", "md": results_dir / f"{name}.md"}
     paths["json"].write_text(json.dumps(results, indent=2, default=str))
     paths["md"].write_text(markdown)
     if plot_file is not None:
         paths["png"] = plot_file
+    if tracking_uri is None:
+        return paths
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)

@@ -326,6 +326,7 @@ def run_generation(
 
     command, started = command_line(), time.time()
     eval_path, sources = write_eval_set(work_dir)
+    planned = len(settings.seeds) * len(methods)
     runs = []
     pruned_start: dict[str, Any] = {}
     shared: dict[str, dict[str, Any]] = {}
@@ -376,6 +377,27 @@ def run_generation(
                     }
                 )
                 (work_dir / "generation.partial.json").write_text(json.dumps(runs, indent=1))
+                if len(runs) < planned:
+                    # Hours on the CPU: the page shows what has finished, so a run cut short still
+                    # leaves its numbers, and the same command, run again, goes on from there.
+                    partial = generation_results(command, started, load, settings, pruned_start, runs, shared, planned)
+                    _write(partial, None, results_dir)
+        results = generation_results(command, started, load, settings, pruned_start, runs, shared, planned)
+    _write(results, tracking_uri(work_dir), results_dir)
+    return results
+
+
+def generation_results(
+    command: str,
+    started: float,
+    load: LoadMonitor,
+    settings: GenerationSettings,
+    pruned_start: dict[str, Any],
+    runs: list[dict[str, Any]],
+    shared: dict[str, dict[str, Any]],
+    planned: int,
+) -> dict[str, Any]:
+    """The benchmark's results from the runs finished so far (``planned``: how many it will run)."""
     results = {
         "benchmark": "generation",
         "command": command,
@@ -387,6 +409,7 @@ def run_generation(
         "student_init": "prune_from_teacher",
         "pruned_start": pruned_start,
         "runs": runs,
+        "runs_planned": planned,
         "shared_stage_seconds": shared,
         "wall_seconds": round(time.time() - started, 1),
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -398,9 +421,13 @@ def run_generation(
         for name, row in results["table"].items()
         for role in ("samsum", "self_instruct")
     }
-    plot = plot_generation(results, results_dir / "generation.png")
-    write_results("generation", results, generation_markdown(results), plot, tracking_uri(work_dir), results_dir)
     return results
+
+
+def _write(results: dict[str, Any], tracking: str | None, results_dir: Path) -> None:
+    """The page section, its json and plot; logged to MLflow (``tracking``) once the table is whole."""
+    plot = plot_generation(results, results_dir / "generation.png")
+    write_results("generation", results, generation_markdown(results), plot, tracking, results_dir)
 
 
 def evaluate_pruned_start(config, tokenize_dir: Path, score_dir: Path, sources: list[str]) -> dict[str, Any]:
@@ -714,6 +741,7 @@ def generation_markdown(results: dict[str, Any]) -> str:
         f"commit {results['machine']['git_commit']}.",
         f"{load_sentence(load).capitalize()}.",
         "",
+        *_partial_lines(results),
         student_sentence(settings),
         "",
         "| model | ROUGE-L SAMSum (200) | ROUGE-L Self-Instruct (252) | perplexity of the references | seeds | "
@@ -730,6 +758,19 @@ def generation_markdown(results: dict[str, Any]) -> str:
     lines += _comparisons_section(results.get("comparisons") or [], command)
     lines += _first_outputs_table(results)
     return "\n".join(lines)
+
+
+def _partial_lines(results: dict[str, Any]) -> list[str]:
+    """A line saying the table is not whole yet, when it is not: which runs finished."""
+    finished, planned = len(results["runs"]), results.get("runs_planned", len(results["runs"]))
+    if finished >= planned:
+        return []
+    done = ", ".join(f"{run['method']} seed {run['seed']}" for run in results["runs"]) or "none"
+    return [
+        f"**Partial: {finished} of {planned} runs (method x seed) finished when this was written ({done}). The same "
+        "command, run again, reuses every finished stage by fingerprint and goes on.**",
+        "",
+    ]
 
 
 def _fluency_table(rows: list[dict[str, Any]], command: str) -> list[str]:

@@ -285,6 +285,64 @@ def test_run_generation_reads_the_fluency_measures_from_the_evaluate_stage(tmp_p
     assert results["comparisons"][0]["not_fluent"] == ["kd+flexkd seed 0", "kd+flexkd seed 1", "kd seed 0", "kd seed 1"]
 
 
+def test_a_table_cut_short_leaves_the_finished_runs_on_the_page_and_logs_only_the_whole_one(tmp_path, monkeypatch):
+    _, sources = generation.write_eval_set(tmp_path)
+    evaluate_dir = tmp_path / "evaluate"
+    evaluate_dir.mkdir()
+    (evaluate_dir / "predictions.jsonl").write_text(
+        "".join(
+            json.dumps({"example_id": i, "reference": "the cat sat", "teacher": "the cat sat", "student": "the cat"})
+            + "\n"
+            for i in range(len(sources))
+        )
+    )
+    metrics = {
+        f"{role}.{name}": 1.0
+        for role in ("teacher", "student")
+        for name in ("distinct_2", "repeated_ngram_outputs", "rougeL", "perplexity")
+    }
+    calls = []
+
+    def fake_pipeline(config, stages):
+        calls.append(config.loss.feature)
+        if len(calls) == 3 and config.training.seed == 1 and interrupt:
+            raise KeyboardInterrupt  # the session ends in the third run
+        found = {
+            name: SimpleNamespace(directory=evaluate_dir, outputs=outputs, seconds=1.0, cached=False)
+            for name, outputs in (
+                ("tokenize", {}),
+                ("score", {}),
+                ("targets", {}),
+                ("distill", {"extra_trainable_parameters": 0, "student_parameters": 10}),
+                ("evaluate", {"metrics": metrics}),
+            )
+        }
+        return SimpleNamespace(stages=found, run_id="run")
+
+    written = []
+    monkeypatch.setattr("flexkd.pipeline.runner.run_pipeline", fake_pipeline)
+    monkeypatch.setattr(generation, "evaluate_pruned_start", lambda *args: {})
+    monkeypatch.setattr(generation, "plot_generation", lambda results, path: None)
+    monkeypatch.setattr(
+        generation, "write_results", lambda name, results, page, plot, tracking, where: written.append((page, tracking))
+    )
+    settings = GenerationSettings.cpu().with_overrides(seeds=(0, 1))
+
+    interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        generation.run_generation(settings, tmp_path, ("kd", "kd+flexkd"), tmp_path)
+    assert [tracking for _, tracking in written] == [None, None]
+    assert (
+        "**Partial: 2 of 4 runs (method x seed) finished when this was written (kd seed 0, kd+flexkd seed 0)."
+        in (written[-1][0])
+    )
+
+    interrupt, written[:] = False, []
+    generation.run_generation(settings, tmp_path, ("kd", "kd+flexkd"), tmp_path)
+    assert [tracking for _, tracking in written] == [None, None, None, generation.tracking_uri(tmp_path)]
+    assert "Partial" not in written[-1][0] and "Partial: 3 of 4 runs" in written[-2][0]
+
+
 @pytest.mark.parametrize("method", ["kd+flexkd", "kd+flexkd-dir"])
 def test_flexkd_learns_its_pairing_instead_of_the_pruned_students_identity(method, tmp_path):
     from flexkd.config.schema import load_config
