@@ -126,6 +126,9 @@ class GenerationSettings:
     seqkd_temperature: float = 0.0
     # SeqKD leaves out the teacher's responses cut at seqkd_max_new_tokens (generate.drop_truncated).
     seqkd_drop_truncated: bool = False
+    # On-policy distillation (training.on_policy, GKD's lambda): the share of steps on the student's
+    # own samples, scored by the teacher online (no teacher-target cache then).
+    on_policy: float = 0.0
     # A pruned student starts from the teacher's weights: a small step size keeps what it inherits.
     learning_rate: float = 2e-4
     layer_selection: str = "importance"
@@ -284,7 +287,8 @@ def pipeline_overrides(settings: GenerationSettings, work_dir: Path, eval_path: 
         "training.warmup_steps": 25,
         "training.log_every": 25,
         "training.checkpoint_every": settings.steps,
-        "training.teacher": "cache",
+        "training.teacher": "online" if settings.on_policy else "cache",
+        "training.on_policy": settings.on_policy,
         "training.precision": settings.precision,
         "targets.full_width": True,
         "targets.batch_size": 8,

@@ -112,6 +112,20 @@ RECIPES: dict[str, Recipe] = {
             "seqkd_drop_truncated": True,
         },
     ),
+    # And half the steps on the student's own samples (GKD, training.on_policy 0.5), the teacher
+    # scoring them online: its loops begin in states that only its own outputs reach.
+    "576x27-ppl-seqkd-summaries-sampled-onpolicy": Recipe(
+        "576 wide, 27 blocks chosen by perplexity, sampled teacher responses (temperature 0.7) to summary "
+        "and dialogue prompts, half the steps on the student's own samples",
+        SHAPE_576X27
+        | SEQKD
+        | {
+            "train_prompts": "summaries",
+            "seqkd_temperature": 0.7,
+            "layer_selection": "perplexity",
+            "on_policy": 0.5,
+        },
+    ),
 }
 RESPONSE_COUNTS = ("rows", "looping_responses", "truncated_responses")  # the generate stage's, per SeqKD recipe
 EVAL_DIALOGUES = 60  # SAMSum rows scored per model: five models' greedy decoding within the 90 minutes

@@ -59,6 +59,7 @@ from flexkd.data.splits import transfer_rows_per_batch
 from flexkd.data.teacher_targets import cached_teacher_outputs, online_teacher_outputs, units_column
 from flexkd.evaluation.periodic import StudentEvaluator
 from flexkd.method.objective import LayerPair, ObjectiveSettings, StudentWithObjective, objective_module
+from flexkd.method.on_policy import is_on_policy_step, sample_on_policy_batch
 from flexkd.models.loading import parameter_count
 from flexkd.models.plan import build_student, load_pipeline_tokenizer, load_sharded_teacher, plan_models
 from flexkd.progress import Progress, progress_bars_wanted
@@ -143,6 +144,7 @@ class DistillLoop:
     score_dir: Path | None  # a pruned student starts from the weights the score stage cut out of the teacher
     eval_dir: Path
     pad_token_id: int
+    eos_token_id: int | None  # training.on_policy: where a sampled response ends
     verbalizer_ids: list[int] | None
     tracking_uri: str | None
     run_id: str | None
@@ -240,6 +242,7 @@ def train_student(
         score_dir=inputs.get("score"),
         eval_dir=inputs["tokenize"] / "eval",
         pad_token_id=tokenized["pad_token_id"],
+        eos_token_id=load_pipeline_tokenizer(config).eos_token_id if config.training.on_policy else None,
         verbalizer_ids=tokenized["verbalizer_ids"],
         tracking_uri=tracking_uri(config) if tracking_run_id else None,
         run_id=tracking_run_id,
@@ -477,13 +480,16 @@ def _distill_worker(loop_config: dict[str, DistillLoop]) -> None:
         step_started = profile.start()
         rows = next(batches)
         batch = {key: value.to(device) for key, value in collate_batch(rows, loop.pad_token_id).items()}
+        on_policy = is_on_policy_step(config.training.seed, step, config.training.on_policy)
+        if on_policy:  # the step's batch: the student's own responses to its prompts (counted as "batch")
+            batch = _on_policy_batch(loop, module, batch, step)
         profile.lap("batch")
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, config)
         with mixed_precision:
             teacher_logits, teacher_features = teacher_outputs(rows, batch) if need_teacher else (None, {})
             profile.lap("teacher_targets")
-            parts = module(batch, teacher_logits, teacher_features)
+            parts = module(batch, teacher_logits, teacher_features, on_policy=on_policy)
         _refuse_non_finite(parts, step + 1)
         profile.lap("loss")  # with its finite check (a few scalars)
         parts["total"].backward()
@@ -533,6 +539,33 @@ def _distill_worker(loop_config: dict[str, DistillLoop]) -> None:
     _save_student(loop, module, tokens, step_seconds, parts, start_step, profile.ms_per_step())
 
 
+def _on_policy_batch(
+    loop: DistillLoop, module: torch.nn.Module, batch: dict[str, torch.Tensor], step: int
+) -> dict[str, torch.Tensor]:
+    """The batch's prompts with the student's sampled responses (training.on_policy). Run through
+    the module's forward, where a sharded student's root parameters are gathered; every rank
+    samples in lockstep, since each forward of a sharded block is collective."""
+    training = loop.config.training
+
+    def sample(student: torch.nn.Module) -> dict[str, torch.Tensor]:
+        student.eval()
+        sampled = sample_on_policy_batch(
+            student,
+            batch,
+            training.on_policy_max_new_tokens,
+            training.on_policy_temperature,
+            loop.pad_token_id,
+            loop.eos_token_id,
+            seed=training.seed * 1_000_003 + step * distributed.world_size() + distributed.rank(),
+            synced=distributed.world_size() > 1,
+        )
+        student.train()
+        return sampled
+
+    with torch.no_grad():
+        return module(batch, None, {}, with_student=sample)
+
+
 def _refuse_non_finite(parts: dict[str, torch.Tensor], step: int) -> None:
     for name, value in parts.items():
         if not torch.isfinite(value).all():
@@ -569,6 +602,10 @@ def _save_student(
         "tokens_per_second": tokens / max(seconds, 1e-9),
         "student_parameters": parameter_count(student),
         "extra_trainable_parameters": module.extra_trainable_parameters,
+        "on_policy_steps": sum(
+            is_on_policy_step(config.training.seed, step, config.training.on_policy)
+            for step in range(config.training.steps)
+        ),
     }
     if ms_per_step is not None:
         metrics["ms_per_step"] = ms_per_step

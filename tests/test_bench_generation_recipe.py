@@ -35,6 +35,9 @@ def test_every_recipe_is_a_pipeline_the_schema_accepts(name, tmp_path):
         assert config.generate.max_new_tokens == 64
         assert config.generate.drop_truncated == recipe.seqkd_drop_truncated
     assert config.loss.gamma == 0.0 and config.training.steps == recipe.steps
+    # On-policy steps need the teacher online; otherwise the cache serves every step.
+    assert config.training.on_policy == recipe.on_policy
+    assert config.training.teacher == ("online" if recipe.on_policy else "cache")
 
 
 def test_the_generation_tables_cpu_student_is_the_recipe_it_names():

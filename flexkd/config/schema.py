@@ -355,6 +355,16 @@ class TrainingConfig(_Section):
         "the student's in distill, the teacher's in score (not with student.init prune_from_teacher, "
         "whose hooks read the teacher's activations once per forward)",
     )
+    on_policy: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="generation: the share of steps (GKD's lambda) that train on the student's own sampled "
+        "responses to the batch's prompts, scored by the online teacher, instead of the data's; their task "
+        "loss is left out",
+    )
+    on_policy_max_new_tokens: int = Field(64, gt=0, description="the longest response an on-policy step samples")
+    on_policy_temperature: float = Field(1.0, gt=0, description="the student's sampling temperature on those steps")
 
 
 class EvaluationConfig(_Section):
@@ -662,6 +672,21 @@ class PipelineConfig(_Section):
             raise ValueError(
                 f"generate (the teacher's responses as targets) needs task.kind 'generation', not '{self.task.kind}'"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _on_policy_needs_an_online_teacher(self) -> PipelineConfig:
+        if not self.training.on_policy:
+            return self
+        if self.task.kind != "generation":
+            raise ValueError(f"training.on_policy needs task.kind 'generation', not '{self.task.kind}'")
+        if self.training.teacher != "online":
+            raise ValueError(
+                "training.on_policy needs training.teacher 'online': a cache holds the teacher's outputs on "
+                "the data's responses, not on the student's own samples"
+            )
+        if not self.loss.uses_teacher:
+            raise ValueError("training.on_policy needs a teacher loss (loss.beta or loss.gamma above 0)")
         return self
 
     @model_validator(mode="after")

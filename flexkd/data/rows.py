@@ -27,9 +27,8 @@ import pyarrow as pa
 import torch
 
 from flexkd.config.schema import TaskConfig
-from flexkd.method.losses import UNLABELED
+from flexkd.method.losses import IGNORE_INDEX, UNLABELED
 
-IGNORE_INDEX = -100
 TRANSFER_SPLIT = "transfer"  # the tokenized (and cached) unlabeled rows of data.transfer
 
 ROW_SCHEMA = pa.schema(

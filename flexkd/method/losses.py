@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 UNLABELED = -1  # the class label of a row without one (data.transfer): the task loss leaves it out
+IGNORE_INDEX = -100  # a label that is not a target (prompt, padding), as Hugging Face's
 LOGIT_LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
 
 

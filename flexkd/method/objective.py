@@ -9,8 +9,9 @@ teacher-target cache and anyone's own training loop.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -324,13 +325,23 @@ class StudentWithObjective(torch.nn.Module):
         batch: dict[str, Tensor],
         teacher_logits: Tensor | CachedTeacherLogits | None,
         teacher_features: dict[int, Tensor],
-    ) -> dict[str, Tensor]:
+        on_policy: bool = False,
+        with_student: Callable[[torch.nn.Module], Any] | None = None,
+    ) -> dict[str, Tensor] | Any:
+        """The loss parts of one batch. ``on_policy``: the batch's responses are the student's own
+        samples (:mod:`flexkd.method.on_policy`), so the task loss, whose targets would be its own
+        guesses, is left out of the total. ``with_student``: instead, return
+        ``with_student(student)``: how anything but the loss (the student sampling, say) runs a
+        sharded student, since FSDP2 gathers the root's parameters only inside this forward."""
+        if with_student is not None:
+            return with_student(self.student)
         logits, hidden = forward_scored(self.student, batch, self.settings.task, self.student_layers)
+        settings = replace(self.settings, alpha=0.0) if on_policy else self.settings
         # The losses in float32 even under bf16 autocast, which would run a projector's and CKA's
         # matmuls in bf16: too coarse for features this close to their targets.
         with torch.autocast(logits.device.type, enabled=False):
             return distillation_loss(
-                self.settings,
+                settings,
                 batch,
                 logits,
                 hidden,

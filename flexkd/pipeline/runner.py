@@ -58,6 +58,14 @@ class PipelineResult:
     stages: dict[str, StageRecord] = field(default_factory=dict)
 
 
+# Settings added after outputs were written, left out of fingerprints while off (with the settings
+# only they read): off, they change nothing, so every output written before them stays valid.
+# (section, switch) -> (its off value, the section's settings it alone reads)
+SWITCHED_OFF: dict[tuple[str, str], tuple[Any, tuple[str, ...]]] = {
+    ("training", "on_policy"): (0.0, ("on_policy_max_new_tokens", "on_policy_temperature")),
+}
+
+
 def pipeline_stages(config: PipelineConfig) -> tuple[str, ...]:
     """The stages this config runs, in order (targets only when distill reads the teacher cache)."""
     return tuple(spec.name for spec in STAGES if spec.enabled(config))
@@ -75,12 +83,22 @@ def stage_fingerprint(config: PipelineConfig, stage: str, input_fingerprints: di
     """The stage's config sections, the content of the files it reads, its inputs' fingerprints
     and its code revision."""
     spec = SPECS[stage]
-    exclude = {section: set(fields) for section, fields in spec.ignored_fields.items()} or None
-    sections = config.model_dump(mode="json", include=set(spec.config_sections), exclude=exclude)
+    sections = fingerprinted_config(config, stage)
     files = content_fingerprints({name: _config_value(config, name) for name in spec.files}, config.artifact_root)
     hashed = {"stage": stage, "flexkd": __version__, "config": sections, "files": files, "inputs": input_fingerprints}
     # Revision 0 adds nothing, so outputs written before revisions existed keep their fingerprints.
     return stable_hash(hashed | ({"revision": spec.revision} if spec.revision else {}))
+
+
+def fingerprinted_config(config: PipelineConfig, stage: str) -> dict[str, Any]:
+    """The config sections ``stage``'s fingerprint covers: its ``config_sections`` less its ignored
+    fields, and less each switch of SWITCHED_OFF that is off (with the settings only it reads)."""
+    spec = SPECS[stage]
+    exclude = {section: set(fields) for section, fields in spec.ignored_fields.items()}
+    for (section, switch), (off, dependents) in SWITCHED_OFF.items():
+        if section in spec.config_sections and getattr(getattr(config, section), switch) == off:
+            exclude.setdefault(section, set()).update({switch, *dependents})
+    return config.model_dump(mode="json", include=set(spec.config_sections), exclude=exclude or None)
 
 
 def stage_config(config: PipelineConfig, stage: str, inputs: dict[str, Path]) -> PipelineConfig:
