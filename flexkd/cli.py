@@ -72,6 +72,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     config = load_config(args.pipeline, _overrides(args.set))
     plan = preflight(config)
+    if config.tune is not None:  # every value it would try, as `flexkd tune` checks them before its trials
+        from flexkd.sweep.tune import plan_sweep
+
+        plan_sweep(config)
     pairs = "chosen by the score stage" if plan.layer_pairs is None else list(plan.layer_pairs)
     print(
         f"{args.pipeline}: valid. teacher d={plan.teacher_hidden} L={plan.teacher_layers}, "

@@ -784,3 +784,147 @@ def test_a_sweep_is_refused_for_too_few_rows_only_when_its_smallest_batch_cannot
         )
     else:
         assert main(["validate", str(pipeline)]) == 0
+
+
+def _csv_with_a_repeated_header(tmp: Path) -> Path:
+    path = tmp / "train.csv"
+    path.write_text("sentence,sentence,label\n" + "".join(f"good,fine,{i % 2}\n" for i in range(20)))
+    return path
+
+
+def _parquet_folder_with_one_corrupt_file(tmp: Path) -> Path:
+    folder = tmp / "train"
+    folder.mkdir()
+    pq.write_table(pa.table({"sentence": ["good"] * 20, "label": [0, 1] * 10}), folder / "a.parquet")
+    (folder / "b.parquet").write_text("not parquet")
+    return folder
+
+
+def _jsonl_with_bad_json_at(tmp: Path, row: int, rows: int) -> Path:
+    path = tmp / "train.jsonl"
+    lines = [json.dumps({"sentence": f"a film, take {i}", "label": i % 2}) for i in range(rows)]
+    lines[row] = '{"sentence": "cut short", "label"'
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (
+            lambda tmp: {"data.train": {"path": str(_csv_with_a_repeated_header(tmp))}},
+            lambda tmp: (
+                f"flexkd: data error: data.train ({tmp / 'train.csv'}): column 'sentence' (named by the "
+                "prompt template) appears 2 times in the header; rename all but one"
+            ),
+        ),
+        (
+            lambda tmp: {"data.train": {"path": str(_parquet_folder_with_one_corrupt_file(tmp))}},
+            lambda tmp: (
+                f"flexkd: data error: data.train ({tmp / 'train'}): {tmp / 'train' / 'b.parquet'}: Parquet "
+                "magic bytes not found in footer. Either the file is corrupted or this is not a parquet file."
+            ),
+        ),
+        (
+            lambda tmp: {"data.train": {"path": "foo://bucket/train.jsonl"}},
+            lambda tmp: (
+                "flexkd: data error: data.train (foo://bucket/train.jsonl): cannot open "
+                "foo://bucket/train.jsonl: Unrecognized filesystem type in URI: foo://bucket/train.jsonl"
+            ),
+        ),
+        (
+            lambda tmp: {"student.architecture.hidden_size": "32"},
+            lambda tmp: (
+                f"flexkd: config error: {tmp / 'pipeline.yaml'}: student.architecture: hidden_size: "
+                "expected a positive integer, got '32'"
+            ),
+        ),
+        (
+            lambda tmp: {"teacher.architecture.num_attention_heads": 0},
+            lambda tmp: (
+                f"flexkd: config error: {tmp / 'pipeline.yaml'}: teacher.architecture: num_attention_heads: "
+                "expected a positive integer, got 0"
+            ),
+        ),
+        (
+            lambda tmp: {"student.architecture.attention_dropout": 5.0},
+            lambda tmp: (
+                f"flexkd: config error: {tmp / 'pipeline.yaml'}: student.architecture: attention_dropout: "
+                "expected a probability in [0, 1), got 5.0"
+            ),
+        ),
+        (
+            lambda tmp: {"task.prompt_template": "Review: {sentence:d}\nSentiment:"},
+            lambda tmp: (
+                "flexkd: config error: task.prompt_template: '{sentence:d}' formats the column; use plain "
+                "{sentence} (the row's text as it is)"
+            ),
+        ),
+        (
+            lambda tmp: {"training.seed": 2**70},
+            lambda tmp: (
+                f"flexkd: config error: {tmp / 'pipeline.yaml'}: training.seed: Input should be less than "
+                "or equal to 4294967295"
+            ),
+        ),
+        (
+            lambda tmp: {"loss.gamma": float("inf")},
+            lambda tmp: f"flexkd: config error: {tmp / 'pipeline.yaml'}: loss.gamma: Input should be a finite number",
+        ),
+        (
+            lambda tmp: {"training.steps": True},
+            lambda tmp: f"flexkd: config error: {tmp / 'pipeline.yaml'}: training.steps: expected a number, got True",
+        ),
+        (
+            lambda tmp: {"layer_map": [[2, 1], [4, 2], [2, 1]]},
+            lambda tmp: (
+                f"flexkd: config error: {tmp / 'pipeline.yaml'}: <top level>: layer_map lists [2, 1] more "
+                "than once, which would count its loss again"
+            ),
+        ),
+        (
+            lambda tmp: {"tune": {"search_space": {"selection.k": {"grid": [16, 999]}}}},
+            lambda tmp: (
+                "flexkd: config error: tune.search_space.selection.k = 999: selection.k = 999 exceeds "
+                "min(d_student=32, d_teacher=64) = 32"
+            ),
+        ),
+    ],
+    ids=[
+        "csv-header-names-a-column-twice",
+        "parquet-folder-with-a-corrupt-file",
+        "path-with-an-unknown-scheme",
+        "architecture-size-as-a-string",
+        "architecture-with-zero-heads",
+        "architecture-dropout-above-one",
+        "template-with-a-format-spec",
+        "seed-beyond-64-bits",
+        "infinite-loss-weight",
+        "boolean-as-a-step-count",
+        "layer-pair-listed-twice",
+        "tune-value-validate-did-not-check",
+    ],
+)
+def test_validate_refuses_in_one_line_what_used_to_crash_it_or_pass(tmp_path, capsys, overrides, expected):
+    pipeline = pipeline_file(tmp_path, **overrides(tmp_path))
+    assert refused(capsys, "validate", str(pipeline)) == expected(tmp_path)
+
+
+def test_a_row_longer_than_pyarrows_default_block_validates(tmp_path, capsys):
+    data = tmp_path / "train.jsonl"
+    rows = [{"sentence": "x" * (2 << 20) if i == 5 else f"fine {i}", "label": i % 2} for i in range(40)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main(["validate", str(pipeline_file(tmp_path, **{"data.train": {"path": str(data)}}))]) == 0
+
+
+def test_bad_json_past_the_first_block_names_its_row_in_the_file(tmp_path, capsys, monkeypatch):
+    from flexkd.data import sources
+
+    # Blocks of about 1,400 rows: pyarrow counts a bad row from the start of the block it reads.
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 1 << 16)
+    data = _jsonl_with_bad_json_at(tmp_path, 5000, 6000)
+    pipeline = pipeline_file(tmp_path, **{"data.train": {"path": str(data), "limit": None}})
+    assert refused(capsys, "validate", str(pipeline)) == (
+        f"flexkd: data error: data.train ({data}): JSON parse error: Missing a colon after a name of object member. "
+        "in row 5000"
+    )

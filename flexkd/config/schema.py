@@ -11,10 +11,18 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from flexkd.method.importance import IMPORTANCE_SCORES
 from flexkd.method.losses import LOGIT_LOSSES
@@ -30,9 +38,59 @@ class ConfigError(ValueError):
     """A pipeline file that does not validate; the message is one line per problem."""
 
 
+def _takes_numbers(annotation: Any) -> bool:
+    """Whether a field's type is a number (int or float, optional or in a union), not a bool."""
+    if annotation in (int, float):
+        return True
+    return any(_takes_numbers(member) for member in get_args(annotation) if member is not bool)
+
+
+# The seeds torch, numpy and Python's random all take: numpy refuses negatives, torch above 2**64.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+# Hugging Face config fields of an architecture that are sizes or counts, and those that are probabilities.
+ARCHITECTURE_SIZES = frozenset(
+    {
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "vocab_size",
+        "max_position_embeddings",
+        "head_dim",
+        "n_embd",
+        "n_layer",
+        "n_head",
+        "n_positions",
+        "n_inner",
+    }
+)
+
+
+def _checked_architecture(architecture: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Refuse sizes that are not positive integers and dropouts outside [0, 1): Hugging Face would
+    build a broken model from them, or fail deep inside with a TypeError."""
+    for key, value in (architecture or {}).items():
+        if key in ARCHITECTURE_SIZES and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{key}: expected a positive integer, got {value!r}")
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key.endswith("dropout") and not (is_number and 0 <= value < 1):
+            raise ValueError(f"{key}: expected a probability in [0, 1), got {value!r}")
+    return architecture
+
+
 class _Section(BaseModel):
     # Unknown keys are almost always typos ("gama: 1"): refuse them instead of ignoring them.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Infinite or NaN weights, rates and temperatures only ever fail later, as non-finite losses.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # YAML reads true and yes as booleans, which pydantic's lax mode would take as 1.
+        if isinstance(value, bool) and _takes_numbers(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a number, got {value}")
+        return value
 
 
 class AdaptConfig(_Section):
@@ -60,7 +118,7 @@ class AdaptConfig(_Section):
         extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True, serialize_by_alias=True
     )
 
-    seed: int = 0
+    seed: Seed = 0
     register_model: bool = Field(
         True, alias="register", description="register the adapted teacher in the MLflow Model Registry"
     )
@@ -92,7 +150,13 @@ class TeacherConfig(_Section):
     gguf_file: str | None = None
     tokenizer: str | None = Field(None, description="tokenizer folder; default: the model's own")
     architecture: dict[str, Any] | None = Field(None, description="HF config fields for source=random")
-    seed: int = 0
+    seed: Seed = 0
+
+    @field_validator("architecture")
+    @classmethod
+    def _sizes_and_probabilities(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return _checked_architecture(value)
+
     name: str | None = Field(None, description="teacher name recorded as lineage; default: derived")
     version: str | None = None
     trust_remote_code: bool = False
@@ -143,6 +207,7 @@ class StudentConfig(_Section):
     init: Literal["random", "pretrained", "prune_from_teacher"] = "random"
     path: str | None = None
     architecture: dict[str, Any] = Field(default_factory=dict)
+
     layer_selection: Literal["uniform", "importance", "perplexity"] = Field(
         "uniform",
         description="prune_from_teacher: the teacher blocks kept: spread evenly; those that "
@@ -150,7 +215,12 @@ class StudentConfig(_Section):
         "task loss on the scoring rows most (perplexity: one more forward per teacher block per "
         "scoring batch). The last block always",
     )
-    seed: int = 0
+    seed: Seed = 0
+
+    @field_validator("architecture")
+    @classmethod
+    def _sizes_and_probabilities(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _checked_architecture(value)
 
     @model_validator(mode="after")
     def _init_needs(self) -> StudentConfig:
@@ -251,7 +321,7 @@ class SelectionConfig(_Section):
     energy: float = Field(
         0.95, gt=0, le=1, description="k 'auto': the share of the task gradient's energy the directions hold"
     )
-    seed: int = 0
+    seed: Seed = 0
 
     @field_validator("k", mode="before")
     @classmethod
@@ -330,7 +400,7 @@ class TrainingConfig(_Section):
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
-    seed: int = 0
+    seed: Seed = 0
     log_every: int = Field(10, gt=0)
     checkpoint_every: int = Field(50, gt=0)
     max_failures: int = Field(0, ge=0, description="worker-group restarts Ray Train may do")
@@ -412,7 +482,7 @@ class GenerateConfig(_Section):
     temperature: float = Field(1.0, gt=0, description="do_sample: the sampling temperature")
     top_p: float = Field(1.0, gt=0, le=1, description="do_sample: the nucleus sampling probability mass")
     batch_size: int = Field(16, gt=0, description="prompts per teacher generate call")
-    seed: int = Field(0, description="do_sample: each batch's sampling is seeded with seed + its first row's id")
+    seed: Seed = Field(0, description="do_sample: each batch's sampling is seeded with seed + its first row's id")
     drop_looping: bool = Field(
         True,
         description="leave out the teacher's responses that are one n-gram repeated ('I am glad. I am glad. "
@@ -672,6 +742,16 @@ class PipelineConfig(_Section):
             raise ValueError(
                 f"generate (the teacher's responses as targets) needs task.kind 'generation', not '{self.task.kind}'"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _each_layer_pair_once(self) -> PipelineConfig:
+        if isinstance(self.layer_map, list):
+            pairs = [tuple(pair) for pair in self.layer_map]
+            twice = sorted({pair for pair in pairs if pairs.count(pair) > 1})
+            if twice:
+                listed = ", ".join(f"[{teacher}, {student}]" for teacher, student in twice)
+                raise ValueError(f"layer_map lists {listed} more than once, which would count its loss again")
         return self
 
     @model_validator(mode="after")

@@ -55,12 +55,18 @@ def template_columns(template: str) -> list[str]:
     Python objects or positional arguments, and a config value must never do either."""
     columns: list[str] = []
     try:
-        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+        fields = [parts[1:] for parts in string.Formatter().parse(template) if parts[1] is not None]
     except ValueError as error:
         raise ValueError(f"task.prompt_template: {error}") from None
-    for field in fields:
+    for field, spec, conversion in fields:
         if not field.isidentifier():
             raise ValueError(f"task.prompt_template: '{{{field}}}' is not a column name; use {{column}} fields only")
+        # "{n:d}" fails on text and "{text!r:>99}" quotes and pads it: a prompt is the row's text as it is.
+        if spec or conversion:
+            written = f"{{{field}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
+            raise ValueError(
+                f"task.prompt_template: '{written}' formats the column; use plain {{{field}}} (the row's text as it is)"
+            )
         if field not in columns:
             columns.append(field)
     if not columns:

@@ -21,6 +21,7 @@ import codecs
 import functools
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,9 @@ FORMATS = (
 # by that same suffix (pyarrow's compression="detect").
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".zst")
 ROWS_PER_READ = 8192  # rows per record batch where flexkd, not pyarrow, cuts a source into batches
+# Bytes per block of pyarrow's JSON and CSV readers, and so the longest row they can read (their
+# default, 1 MB, is a long document or two).
+BLOCK_BYTES = 16 << 20
 
 BatchReader = Callable[[], Iterator[pa.RecordBatch]]
 
@@ -58,7 +62,10 @@ def batch_readers(path: str) -> list[tuple[BatchReader, int]]:
     """The source at ``path`` as ordered pieces: (read the piece's record batches, example_id of
     its first row). Raises DataError for a missing, empty or unsupported source."""
     path = path if "://" in path else os.path.abspath(path)  # read tasks may run in another folder
-    filesystem, location = pyarrow.fs.FileSystem.from_uri(path)
+    try:
+        filesystem, location = pyarrow.fs.FileSystem.from_uri(path)
+    except (pa.ArrowInvalid, OSError) as error:  # a scheme pyarrow has no filesystem for (foo://, hf://)
+        raise DataError(f"cannot open {path}: {str(error).splitlines()[0]}") from None
     info = filesystem.get_file_info(location)
     if info.type == pyarrow.fs.FileType.NotFound:
         raise DataError("file not found")
@@ -84,7 +91,10 @@ def batch_readers(path: str) -> list[tuple[BatchReader, int]]:
         for file in files:
             pieces.append((functools.partial(_parquet_batches, filesystem, file), first_id))
             with filesystem.open_input_file(file) as handle:  # the footer alone: no rows are read
-                first_id += pq.ParquetFile(handle).metadata.num_rows
+                try:
+                    first_id += pq.ParquetFile(handle).metadata.num_rows
+                except (pa.ArrowInvalid, OSError) as error:  # not parquet after all, or cut short
+                    raise DataError(f"{file}: {str(error).splitlines()[0]}") from None
         return pieces
     suffix = Path(location).suffix
     if suffix in COMPRESSED_SUFFIXES:
@@ -117,7 +127,7 @@ def _json_batches(filesystem: pyarrow.fs.FileSystem, path: str) -> Iterator[pa.R
         yield from _json_array_batches(filesystem, path)
         return
     with filesystem.open_input_stream(path) as stream:
-        yield from pyarrow.json.open_json(stream)
+        yield from pyarrow.json.open_json(stream, read_options=pyarrow.json.ReadOptions(block_size=BLOCK_BYTES))
 
 
 def _json_array_batches(filesystem: pyarrow.fs.FileSystem, path: str) -> Iterator[pa.RecordBatch]:
@@ -173,11 +183,12 @@ def _csv_batches(
 ) -> Iterator[pa.RecordBatch]:
     # Every column a string, UTF-8 unchecked here (check_rows does it, naming the row): inferred
     # types would read a text column with one bad byte as binary, and "007" as the number 7.
+    read = pyarrow.csv.ReadOptions(block_size=BLOCK_BYTES)
     with filesystem.open_input_stream(path) as stream:
-        names = pyarrow.csv.open_csv(stream, parse_options=options).schema.names
+        names = pyarrow.csv.open_csv(stream, read_options=read, parse_options=options).schema.names
     convert = pyarrow.csv.ConvertOptions(column_types={name: pa.string() for name in names}, check_utf8=False)
     with filesystem.open_input_stream(path) as stream:
-        yield from pyarrow.csv.open_csv(stream, parse_options=options, convert_options=convert)
+        yield from pyarrow.csv.open_csv(stream, read_options=read, parse_options=options, convert_options=convert)
 
 
 def _parquet_batches(filesystem: pyarrow.fs.FileSystem, path: str) -> Iterator[pa.RecordBatch]:
@@ -385,7 +396,7 @@ def scan_source(path: str, rules: RowRules, limit: int | None = None) -> SourceS
     empty, unsupported or malformed source and a missing column."""
     pieces = batch_readers(path)
     columns: list[str] = []
-    good = bad = 0
+    good = bad = next_id = 0
     first_bad: BadRow | None = None
     try:
         for read_batches, first_id in pieces:
@@ -397,6 +408,12 @@ def scan_source(path: str, rules: RowRules, limit: int | None = None) -> SourceS
                     raise DataError(
                         f"missing column '{missing[0]}' (named by {rules.needs(missing[0])}); "
                         f"columns are: {', '.join(batch.schema.names)}"
+                    )
+                repeated = [name for name in rules.columns if batch.schema.names.count(name) > 1]
+                if repeated:
+                    raise DataError(
+                        f"column '{repeated[0]}' (named by {rules.needs(repeated[0])}) appears "
+                        f"{batch.schema.names.count(repeated[0])} times in the header; rename all but one"
                     )
                 checked = check_rows(numbered(batch, next_id), rules)
                 next_id += batch.num_rows
@@ -410,10 +427,18 @@ def scan_source(path: str, rules: RowRules, limit: int | None = None) -> SourceS
                 if limit is not None and good >= limit:
                     return SourceSummary(columns, good, bad, first_bad)
     except (pa.ArrowInvalid, OSError) as error:  # a malformed file: pyarrow names the row
-        raise DataError(str(error).splitlines()[0]) from None
+        raise DataError(_reader_error(str(error).splitlines()[0], next_id)) from None
     if good == bad == 0:
         raise DataError("the split is empty")
     return SourceSummary(columns, good, bad, first_bad)
+
+
+def _reader_error(message: str, block_start: int) -> str:
+    """pyarrow's message for a malformed file, with the row counted from the file's start: its
+    JSON reader counts from the start of the block it was reading, which begins at ``block_start``."""
+    if "straddl" in message:  # pyarrow's words for a row longer than a block
+        return f"a row after row {block_start} is longer than {BLOCK_BYTES >> 20} MB, the most one row may hold"
+    return re.sub(r" in row (\d+)", lambda found: f" in row {block_start + int(found.group(1))}", message)
 
 
 def read_checked(read_batches: BatchReader, first_id: int, rules: RowRules) -> Iterator[pa.Table]:
