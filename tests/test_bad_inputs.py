@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -786,6 +787,13 @@ def test_a_sweep_is_refused_for_too_few_rows_only_when_its_smallest_batch_cannot
         assert main(["validate", str(pipeline)]) == 0
 
 
+def _tokenizer_without_a_chat_template(tmp: Path) -> Path:
+    folder = tmp / "tokenizer"
+    shutil.copytree(REPO_ROOT / "flexkd" / "assets" / "tiny-tokenizer", folder)
+    (folder / "chat_template.jinja").unlink()
+    return folder
+
+
 def _csv_with_a_repeated_header(tmp: Path) -> Path:
     path = tmp / "train.csv"
     path.write_text("sentence,sentence,label\n" + "".join(f"good,fine,{i % 2}\n" for i in range(20)))
@@ -889,6 +897,17 @@ def _jsonl_with_bad_json_at(tmp: Path, row: int, rows: int) -> Path:
                 "min(d_student=32, d_teacher=64) = 32"
             ),
         ),
+        (
+            lambda tmp: {"data.max_length": 4},
+            lambda tmp: (
+                "flexkd: config error: data.max_length: 4 leaves a prompt 4 tokens, and the template's end "
+                "after its last column takes 6: no row's text would be left; raise data.max_length or shorten the template"
+            ),
+        ),
+        (
+            lambda tmp: {"teacher.tokenizer": str(_tokenizer_without_a_chat_template(tmp)), "task.chat_template": True},
+            lambda tmp: "flexkd: config error: task.chat_template is true but the tokenizer has no chat template",
+        ),
     ],
     ids=[
         "csv-header-names-a-column-twice",
@@ -903,6 +922,8 @@ def _jsonl_with_bad_json_at(tmp: Path, row: int, rows: int) -> Path:
         "boolean-as-a-step-count",
         "layer-pair-listed-twice",
         "tune-value-validate-did-not-check",
+        "max-length-below-the-templates-end",
+        "chat-template-the-tokenizer-lacks",
     ],
 )
 def test_validate_refuses_in_one_line_what_used_to_crash_it_or_pass(tmp_path, capsys, overrides, expected):
