@@ -74,6 +74,10 @@ LOGIT_VARIANTS = ("reverse_kl", "skew_kl", "jsd")
 METHODS |= {
     f"{base}-{logit}": METHODS[base] | {"loss.logit": logit} for logit in LOGIT_VARIANTS for base in ("kd", "kd+flexkd")
 }
+# On-policy distillation (GKD's mixed variant, training.on_policy), under kd and kd+flexkd: half
+# the steps on the student's own samples, scored by the teacher online (no cache then).
+ON_POLICY = {"training.on_policy": 0.5, "training.teacher": "online"}
+METHODS |= {f"{base}-onpolicy": METHODS[base] | ON_POLICY for base in ("kd", "kd+flexkd")}
 SEQKD_TOP_P = 0.9  # nucleus of a sampling SeqKD teacher (GenerationSettings.seqkd_temperature)
 QUERY_HEADS_PER_KV_GROUP = 3  # the teacher's 9 query heads share its 3 key/value heads
 TEACHER_WIDTH = 576  # SmolLM2-135M-Instruct's hidden size
@@ -82,8 +86,10 @@ EVAL_SETS = ("samsum", "self_instruct")
 EVAL_SET_NAMES = {"samsum": "SAMSum", "self_instruct": "Self-Instruct"}
 SHARED_STAGES = ("tokenize", "score", "targets")
 BASELINES = ("kd", "kd+projector", "kd+projector_std")
-COMPARISONS = tuple((a, b) for a in ("kd+flexkd", "kd+flexkd-dir") for b in BASELINES) + tuple(
-    (f"kd+flexkd-{logit}", f"kd-{logit}") for logit in LOGIT_VARIANTS
+COMPARISONS = (
+    tuple((a, b) for a in ("kd+flexkd", "kd+flexkd-dir") for b in BASELINES)
+    + tuple((f"kd+flexkd-{logit}", f"kd-{logit}") for logit in LOGIT_VARIANTS)
+    + (("kd+flexkd-onpolicy", "kd-onpolicy"), ("kd-onpolicy", "kd"))
 )
 # The T0 prompts a student may train on, by template name: a template's rows are kept when its name
 # starts with one of the first tuple and with none of the second. "summaries": news summaries and
@@ -341,12 +347,7 @@ def run_generation(
                 config = load_config(PIPELINE, overrides | {"student.seed": seed, "training.seed": seed})
                 result = run_pipeline(config, stages=pipeline_stages(settings))
                 if not pruned_start:
-                    pruned_start = evaluate_pruned_start(
-                        config,
-                        Path(result.stages["tokenize"].directory),
-                        Path(result.stages["score"].directory),
-                        sources,
-                    )
+                    pruned_start = pruned_start_scores(config, result.stages, sources, work_dir)
                 # Every method of one selection reuses these by fingerprint (directions have their own score
                 # and cache); an earlier invocation may have built them.
                 for stage in SHARED_STAGES:
@@ -432,6 +433,18 @@ def _write(results: dict[str, Any], tracking: str | None, results_dir: Path) -> 
     """The page section, its json and plot; logged to MLflow (``tracking``) once the table is whole."""
     plot = plot_generation(results, results_dir / "generation.png")
     write_results("generation", results, generation_markdown(results), plot, tracking, results_dir)
+
+
+def pruned_start_scores(config, stages: dict[str, Any], sources: list[str], work_dir: Path) -> dict[str, Any]:
+    """``evaluate_pruned_start``, kept in ``work_dir`` under the fingerprints of the eval rows and
+    the pruning it reads: an invocation that goes on from an earlier one does not decode again."""
+    tokenize, score = stages["tokenize"], stages["score"]
+    saved = work_dir / f"pruned_start_{tokenize.fingerprint}_{score.fingerprint}.json"
+    if saved.is_file():
+        return json.loads(saved.read_text())
+    scores = evaluate_pruned_start(config, Path(tokenize.directory), Path(score.directory), sources)
+    saved.write_text(json.dumps(scores))
+    return scores
 
 
 def evaluate_pruned_start(config, tokenize_dir: Path, score_dir: Path, sources: list[str]) -> dict[str, Any]:

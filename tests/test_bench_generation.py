@@ -254,7 +254,9 @@ def test_run_generation_reads_the_fluency_measures_from_the_evaluate_stage(tmp_p
     }
 
     def stage(outputs=None):
-        return SimpleNamespace(directory=evaluate_dir, outputs=outputs or {}, seconds=1.0, cached=False)
+        return SimpleNamespace(
+            directory=evaluate_dir, outputs=outputs or {}, seconds=1.0, cached=False, fingerprint="f"
+        )
 
     def fake_pipeline(config, stages):
         distill = stage({"extra_trainable_parameters": 0, "student_parameters": 1000})
@@ -308,7 +310,7 @@ def test_a_table_cut_short_leaves_the_finished_runs_on_the_page_and_logs_only_th
         if len(calls) == 3 and config.training.seed == 1 and interrupt:
             raise KeyboardInterrupt  # the session ends in the third run
         found = {
-            name: SimpleNamespace(directory=evaluate_dir, outputs=outputs, seconds=1.0, cached=False)
+            name: SimpleNamespace(directory=evaluate_dir, outputs=outputs, seconds=1.0, cached=False, fingerprint="f")
             for name, outputs in (
                 ("tokenize", {}),
                 ("score", {}),
@@ -321,7 +323,8 @@ def test_a_table_cut_short_leaves_the_finished_runs_on_the_page_and_logs_only_th
 
     written = []
     monkeypatch.setattr("flexkd.pipeline.runner.run_pipeline", fake_pipeline)
-    monkeypatch.setattr(generation, "evaluate_pruned_start", lambda *args: {})
+    decoded = []  # the pruned start is decoded once, and read back by the invocation that goes on
+    monkeypatch.setattr(generation, "evaluate_pruned_start", lambda *args: decoded.append(1) or {})
     monkeypatch.setattr(generation, "plot_generation", lambda results, path: None)
     monkeypatch.setattr(
         generation, "write_results", lambda name, results, page, plot, tracking, where: written.append((page, tracking))
@@ -341,6 +344,7 @@ def test_a_table_cut_short_leaves_the_finished_runs_on_the_page_and_logs_only_th
     generation.run_generation(settings, tmp_path, ("kd", "kd+flexkd"), tmp_path)
     assert [tracking for _, tracking in written] == [None, None, None, generation.tracking_uri(tmp_path)]
     assert "Partial" not in written[-1][0] and "Partial: 3 of 4 runs" in written[-2][0]
+    assert decoded == [1]
 
 
 @pytest.mark.parametrize("method", ["kd+flexkd", "kd+flexkd-dir"])
@@ -351,6 +355,19 @@ def test_flexkd_learns_its_pairing_instead_of_the_pruned_students_identity(metho
     config = load_config(generation.PIPELINE, overrides | generation.METHODS[method])
     assert config.student.init == "prune_from_teacher" and config.loss.feature == "correlation"
     assert config.selection.method == ("directions" if method == "kd+flexkd-dir" else "importance")
+
+
+@pytest.mark.parametrize("base", ["kd", "kd+flexkd"])
+def test_an_on_policy_variant_is_its_base_method_with_half_the_steps_on_the_students_samples(base, tmp_path):
+    from flexkd.config.schema import load_config
+
+    overrides = generation.pipeline_overrides(GenerationSettings.cpu(), tmp_path, Path("eval.jsonl"), 452)
+    variant = load_config(generation.PIPELINE, overrides | generation.METHODS[f"{base}-onpolicy"])
+    plain = load_config(generation.PIPELINE, overrides | generation.METHODS[base])
+    assert (variant.training.on_policy, variant.training.teacher) == (0.5, "online")
+    assert (plain.training.on_policy, plain.training.teacher) == (0.0, "cache")
+    assert variant.loss == plain.loss and f"{base}-onpolicy" not in generation.DEFAULT_METHODS
+    assert ("kd+flexkd-onpolicy", "kd-onpolicy") in generation.COMPARISONS
 
 
 @pytest.mark.parametrize("logit", generation.LOGIT_VARIANTS)
