@@ -352,7 +352,7 @@ def run_generation(
                 # and cache); an earlier invocation may have built them.
                 for stage in SHARED_STAGES:
                     key = stage if stage == "tokenize" else f"{stage}/{config.selection.method}"
-                    if key not in shared:
+                    if stage in result.stages and key not in shared:  # an online teacher has no targets stage
                         shared[key] = {
                             "seconds": stage_seconds(result.stages[stage]),
                             "reused": result.stages[stage].cached,
@@ -437,9 +437,13 @@ def _write(results: dict[str, Any], tracking: str | None, results_dir: Path) -> 
 
 def pruned_start_scores(config, stages: dict[str, Any], sources: list[str], work_dir: Path) -> dict[str, Any]:
     """``evaluate_pruned_start``, kept in ``work_dir`` under the fingerprints of the eval rows and
-    the pruning it reads: an invocation that goes on from an earlier one does not decode again."""
+    the pruning it reads and a hash of the decoding settings: an invocation that goes on from an
+    earlier one does not decode again."""
+    from flexkd.config.schema import stable_hash
+
     tokenize, score = stages["tokenize"], stages["score"]
-    saved = work_dir / f"pruned_start_{tokenize.fingerprint}_{score.fingerprint}.json"
+    decoding = stable_hash(config.evaluation.model_dump(mode="json"), 8)
+    saved = work_dir / f"pruned_start_{tokenize.fingerprint}_{score.fingerprint}_{decoding}.json"
     if saved.is_file():
         return json.loads(saved.read_text())
     scores = evaluate_pruned_start(config, Path(tokenize.directory), Path(score.directory), sources)

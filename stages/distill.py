@@ -473,16 +473,24 @@ def _distill_worker(loop_config: dict[str, DistillLoop]) -> None:
     # first block and warms the kernels), data wait included, checkpoints and evaluation excluded.
     tokens, step_seconds, parts = 0, 0.0, {}
     profile = StepProfile(device)
+
     # The loss is computed inside the module's forward (FSDP2 gathers the root's parameters there):
     # the student's own forward returning is where the student forward ends and the loss begins.
-    module.student.register_forward_hook(lambda *_: profile.lap("student_forward"))
+    def student_forward_ends(student: torch.nn.Module, *_) -> None:
+        # Not while it samples its own responses (training.on_policy, in eval mode): each token's
+        # forward would end the phase again, and that time is the batch's.
+        if student.training:
+            profile.lap("student_forward")
+
+    module.student.register_forward_hook(student_forward_ends)
     for step in range(start_step, config.training.steps):
         step_started = profile.start()
         rows = next(batches)
         batch = {key: value.to(device) for key, value in collate_batch(rows, loop.pad_token_id).items()}
         on_policy = is_on_policy_step(config.training.seed, step, config.training.on_policy)
         if on_policy:  # the step's batch: the student's own responses to its prompts (counted as "batch")
-            batch = _on_policy_batch(loop, module, batch, step)
+            with mixed_precision:  # sampled with the numerics it trains with
+                batch = _on_policy_batch(loop, module, batch, step)
         profile.lap("batch")
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, config)
@@ -549,18 +557,20 @@ def _on_policy_batch(
 
     def sample(student: torch.nn.Module) -> dict[str, torch.Tensor]:
         student.eval()
-        sampled = sample_on_policy_batch(
-            student,
-            batch,
-            training.on_policy_max_new_tokens,
-            training.on_policy_temperature,
-            loop.pad_token_id,
-            loop.eos_token_id,
-            seed=training.seed * 1_000_003 + step * distributed.world_size() + distributed.rank(),
-            synced=distributed.world_size() > 1,
-        )
-        student.train()
-        return sampled
+        try:
+            return sample_on_policy_batch(
+                student,
+                batch,
+                loop.config.data.max_length,
+                training.on_policy_max_new_tokens,
+                training.on_policy_temperature,
+                loop.pad_token_id,
+                loop.eos_token_id,
+                seed=training.seed * 1_000_003 + step * distributed.world_size() + distributed.rank(),
+                synced=distributed.world_size() > 1,
+            )
+        finally:
+            student.train()
 
     with torch.no_grad():
         return module(batch, None, {}, with_student=sample)

@@ -869,7 +869,7 @@ def _jsonl_with_bad_json_at(tmp: Path, row: int, rows: int) -> Path:
             ),
         ),
         (
-            lambda tmp: {"training.seed": 2**70},
+            lambda tmp: {"training.seed": 2**32},
             lambda tmp: (
                 f"flexkd: config error: {tmp / 'pipeline.yaml'}: training.seed: Input should be less than "
                 "or equal to 4294967295"
@@ -900,8 +900,9 @@ def _jsonl_with_bad_json_at(tmp: Path, row: int, rows: int) -> Path:
         (
             lambda tmp: {"data.max_length": 4},
             lambda tmp: (
-                "flexkd: config error: data.max_length: 4 leaves a prompt 4 tokens, and the template's end "
-                "after its last column takes 6: no row's text would be left; raise data.max_length or shorten the template"
+                "flexkd: config error: data.max_length: 4 leaves a prompt 4 tokens, and the end of "
+                "task.prompt_template after its last column takes 6: no row's text would be left; raise "
+                "data.max_length or shorten the template"
             ),
         ),
         (
@@ -917,7 +918,7 @@ def _jsonl_with_bad_json_at(tmp: Path, row: int, rows: int) -> Path:
         "architecture-with-zero-heads",
         "architecture-dropout-above-one",
         "template-with-a-format-spec",
-        "seed-beyond-64-bits",
+        "seed-beyond-32-bits",
         "infinite-loss-weight",
         "boolean-as-a-step-count",
         "layer-pair-listed-twice",
@@ -948,4 +949,17 @@ def test_bad_json_past_the_first_block_names_its_row_in_the_file(tmp_path, capsy
     assert refused(capsys, "validate", str(pipeline)) == (
         f"flexkd: data error: data.train ({data}): JSON parse error: Missing a colon after a name of object member. "
         "in row 5000"
+    )
+
+
+def test_a_row_longer_than_a_block_is_one_line_naming_where(tmp_path, capsys, monkeypatch):
+    from flexkd.data import sources
+
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 1 << 16)
+    data = tmp_path / "train.jsonl"
+    rows = [{"sentence": "x" * (1 << 17) if i == 5 else f"fine {i}", "label": i % 2} for i in range(40)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    pipeline = pipeline_file(tmp_path, **{"data.train": {"path": str(data)}})
+    assert refused(capsys, "validate", str(pipeline)) == (
+        f"flexkd: data error: data.train ({data}): row 5 or one after it is longer than 0.0625 MB, the most one row may hold"
     )

@@ -13,7 +13,7 @@ from test_generate import generation_debug
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from flexkd import distributed as fd
-from flexkd.config.schema import ConfigError, load_config
+from flexkd.config.schema import ConfigError, load_config, without_switched_off
 from flexkd.method.on_policy import is_on_policy_step, sample_on_policy_batch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,9 +60,12 @@ def test_the_share_of_on_policy_steps_is_the_fraction_and_the_same_on_a_rerun():
     assert all(is_on_policy_step(3, step, 1.0) for step in range(100))
 
 
-def test_the_students_samples_replace_the_responses_after_the_same_prompts():
-    batch = _batch()
-    sampled = sample_on_policy_batch(_student(), batch, 6, 1.0, PAD, EOS, seed=0)
+# SmolLM2's tokenizer pads with its eos: a response still ends at its first eos.
+@pytest.mark.parametrize("pad", [PAD, EOS], ids=["pad-apart-from-eos", "pad-is-eos"])
+def test_the_students_samples_replace_the_responses_after_the_same_prompts(pad):
+    batch, student = _batch(), _student()
+    state = torch.get_rng_state()
+    sampled = sample_on_policy_batch(student, batch, 32, 6, 1.0, pad, EOS, seed=0)
 
     assert torch.equal(sampled["prompt_length"], batch["prompt_length"])
     assert torch.equal(sampled["example_id"], batch["example_id"]) and sampled["class_label"].tolist() == [-1, -1]
@@ -74,15 +77,22 @@ def test_the_students_samples_replace_the_responses_after_the_same_prompts():
         assert 1 <= len(response) <= 6 and (EOS not in response[:-1])  # ends at its first eos, or is cut at 6
         # Targets: the response (with its eos), nothing on the prompt or the padding.
         assert labels[: len(prompt)] == [-100] * len(prompt) and labels[len(prompt) : length] == response
-        assert set(labels[length:]) <= {-100} and set(sampled["input_ids"][row, length:].tolist()) <= {PAD}
+        assert set(labels[length:]) <= {-100} and set(sampled["input_ids"][row, length:].tolist()) <= {pad}
+    assert torch.equal(torch.get_rng_state(), state)  # the training's own random state is untouched
     # Seeded: the same samples again, other ones with another seed.
     assert torch.equal(
-        sample_on_policy_batch(_student(), batch, 6, 1.0, PAD, EOS, seed=0)["input_ids"], sampled["input_ids"]
+        sample_on_policy_batch(_student(), batch, 32, 6, 1.0, pad, EOS, seed=0)["input_ids"], sampled["input_ids"]
     )
-    others = [sample_on_policy_batch(_student(), batch, 6, 1.0, PAD, EOS, seed=s)["input_ids"] for s in (1, 2, 3)]
+    others = [sample_on_policy_batch(_student(), batch, 32, 6, 1.0, pad, EOS, seed=s)["input_ids"] for s in (1, 2, 3)]
     assert any(
         other.shape != sampled["input_ids"].shape or not torch.equal(other, sampled["input_ids"]) for other in others
     )
+
+
+def test_a_prompt_is_cut_from_the_left_so_the_row_fits_max_length():
+    sampled = sample_on_policy_batch(_student(), _batch(), 9, 6, 1.0, PAD, EOS, seed=0)
+    assert sampled["prompt_length"].tolist() == [3, 3]  # 9 - 6 tokens of each prompt: its end
+    assert sampled["input_ids"][1, :3].tolist() == [10, 11, 12] and sampled["input_ids"].shape[1] <= 9
 
 
 def test_a_response_that_ends_keeps_its_eos_as_the_last_target():
@@ -92,7 +102,7 @@ def test_a_response_that_ends_keeps_its_eos_as_the_last_target():
         student.lm_head.weight.zero_()
         student.lm_head.bias.zero_()
         student.lm_head.bias[EOS] = 30.0
-    sampled = sample_on_policy_batch(student, _batch(), 6, 1.0, PAD, EOS, seed=0)
+    sampled = sample_on_policy_batch(student, _batch(), 32, 6, 1.0, PAD, EOS, seed=0)
     assert sampled["labels"].tolist() == [[-100, -100, -100, EOS, -100, -100], [-100] * 5 + [EOS]]
     assert sampled["attention_mask"].sum(dim=1).tolist() == [4, 6]
 
@@ -100,7 +110,10 @@ def test_a_response_that_ends_keeps_its_eos_as_the_last_target():
 def test_on_policy_needs_generation_and_an_online_teacher(tmp_path):
     def config(**training):
         return generation_debug(
-            tmp_path, generate=None, **{"training.on_policy": 0.5} | {f"training.{k}": v for k, v in training.items()}
+            tmp_path,
+            generate=None,
+            **{"training.on_policy": 0.5, "training.on_policy_max_new_tokens": 8}
+            | {f"training.{k}": v for k, v in training.items()},
         )
 
     assert config().training.on_policy == 0.5
@@ -110,14 +123,21 @@ def test_on_policy_needs_generation_and_an_online_teacher(tmp_path):
         load_config(REPO / "pipelines" / "debug.yaml", {"training.on_policy": 0.5})
     with pytest.raises(ConfigError, match=r"training.on_policy: Input should be less than or equal to 1$"):
         config(on_policy=1.5)
+    with pytest.raises(ConfigError, match=r"on_policy_max_new_tokens = 64 leaves a prompt less than half of data"):
+        generation_debug(tmp_path, generate=None, **{"training.on_policy": 0.5, "data.max_length": 96})
     with pytest.raises(ConfigError, match=r"training.on_policy needs a teacher loss"):
-        generation_debug(tmp_path, generate=None, **{"training.on_policy": 0.5, "loss.beta": 0.0, "loss.gamma": 0.0})
+        generation_debug(
+            tmp_path,
+            generate=None,
+            **{"training.on_policy": 0.5, "training.on_policy_max_new_tokens": 8, "loss.beta": 0.0, "loss.gamma": 0.0},
+        )
 
 
 def test_on_policy_off_leaves_every_fingerprint_as_it_was_before_the_setting_existed(tmp_path):
     from flexkd.pipeline.runner import fingerprinted_config, planned_fingerprint
 
     def config(**training):
+        training = {"on_policy_max_new_tokens": 8} | training
         return generation_debug(tmp_path, generate=None, **{f"training.{k}": v for k, v in training.items()})
 
     off = config()
@@ -125,12 +145,16 @@ def test_on_policy_off_leaves_every_fingerprint_as_it_was_before_the_setting_exi
         fingerprinted_config(off, "distill")["training"]
     )
     assert planned_fingerprint(config(on_policy_max_new_tokens=9), "distill") == planned_fingerprint(off, "distill")
+    assert config(on_policy_max_new_tokens=9).fingerprint() == off.fingerprint()
     on = config(on_policy=0.5)
     assert fingerprinted_config(on, "distill")["training"]["on_policy"] == 0.5
     assert planned_fingerprint(on, "distill") != planned_fingerprint(off, "distill")
     hotter = config(on_policy=0.5, on_policy_temperature=0.7)
     assert planned_fingerprint(hotter, "distill") != planned_fingerprint(on, "distill")
-    assert planned_fingerprint(on, "score") == planned_fingerprint(off, "score")  # scoring never reads it
+    # The whole config's hash too (it names submitted jobs and sweeps): as before the setting existed.
+    hashed = without_switched_off(off.model_dump(mode="json"), off)["training"]
+    assert not {"on_policy", "on_policy_max_new_tokens", "on_policy_temperature"} & set(hashed)
+    assert off.fingerprint() != on.fingerprint()
 
 
 def _sample_sharded(out: str) -> None:
@@ -146,7 +170,7 @@ def _sample_sharded(out: str) -> None:
             rows,
             None,
             {},
-            with_student=lambda s: sample_on_policy_batch(s, rows, 6, 1.0, PAD, EOS, seed=fd.rank(), synced=True),
+            with_student=lambda s: sample_on_policy_batch(s, rows, 32, 6, 1.0, PAD, EOS, seed=fd.rank(), synced=True),
         )
     parts = module(sampled, None, {}, on_policy=True)  # and the training step after it still works
     parts["total"].backward()
@@ -158,7 +182,7 @@ def test_a_student_sharded_over_two_ranks_samples_what_it_samples_whole(tmp_path
     whole = _student()
     for rank in (0, 1):
         rows = {key: value[rank : rank + 1] for key, value in _batch().items()}
-        expected = sample_on_policy_batch(whole, rows, 6, 1.0, PAD, EOS, seed=rank)
+        expected = sample_on_policy_batch(whole, rows, 32, 6, 1.0, PAD, EOS, seed=rank)
         sharded = torch.load(tmp_path / f"rank{rank}.pt")
         length = int(expected["attention_mask"].sum())
         assert sharded["input_ids"][0, :length].tolist() == expected["input_ids"][0, :length].tolist(), rank

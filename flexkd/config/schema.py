@@ -71,6 +71,8 @@ def _checked_architecture(architecture: dict[str, Any] | None) -> dict[str, Any]
     """Refuse sizes that are not positive integers and dropouts outside [0, 1): Hugging Face would
     build a broken model from them, or fail deep inside with a TypeError."""
     for key, value in (architecture or {}).items():
+        if value is None:  # Hugging Face's "derive it" (num_key_value_heads, head_dim, classifier_dropout)
+            continue
         if key in ARCHITECTURE_SIZES and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"{key}: expected a positive integer, got {value!r}")
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -766,7 +768,14 @@ class PipelineConfig(_Section):
                 "the data's responses, not on the student's own samples"
             )
         if not self.loss.uses_teacher:
-            raise ValueError("training.on_policy needs a teacher loss (loss.beta or loss.gamma above 0)")
+            raise ValueError(
+                "training.on_policy needs a teacher loss: loss.beta above 0, or loss.gamma above 0 with a feature loss"
+            )
+        if self.training.on_policy_max_new_tokens > self.data.max_length // 2:
+            raise ValueError(
+                f"training.on_policy_max_new_tokens = {self.training.on_policy_max_new_tokens} leaves a prompt less "
+                f"than half of data.max_length = {self.data.max_length}; at most {self.data.max_length // 2}"
+            )
         return self
 
     @model_validator(mode="after")
@@ -802,10 +811,28 @@ class PipelineConfig(_Section):
 
     def fingerprint(self) -> str:
         """Content hash of the resolved config: same config, same fingerprint."""
-        return stable_hash(self.model_dump(mode="json"))
+        return stable_hash(without_switched_off(self.model_dump(mode="json"), self))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# Settings added after outputs, jobs and sweeps were named by hashes of the config: while off, they
+# and the settings only they read are left out of those hashes, which stay as they were, since
+# off they change nothing. (section, switch) -> (its off value, the section's settings it alone reads)
+SWITCHED_OFF: dict[tuple[str, str], tuple[Any, tuple[str, ...]]] = {
+    ("training", "on_policy"): (0.0, ("on_policy_max_new_tokens", "on_policy_temperature")),
+}
+
+
+def without_switched_off(dumped: dict[str, Any], config: PipelineConfig) -> dict[str, Any]:
+    """``dumped`` (a model_dump of ``config`` or of some of its sections) less every SWITCHED_OFF
+    switch that is off in ``config``, and the settings only it reads."""
+    kept = dict(dumped)
+    for (section, switch), (off, dependents) in SWITCHED_OFF.items():
+        if isinstance(kept.get(section), dict) and getattr(getattr(config, section), switch) == off:
+            kept[section] = {key: value for key, value in kept[section].items() if key not in {switch, *dependents}}
+    return kept
 
 
 def stable_hash(value: Any, length: int = 16) -> str:

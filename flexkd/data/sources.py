@@ -437,7 +437,7 @@ def _reader_error(message: str, block_start: int) -> str:
     """pyarrow's message for a malformed file, with the row counted from the file's start: its
     JSON reader counts from the start of the block it was reading, which begins at ``block_start``."""
     if "straddl" in message:  # pyarrow's words for a row longer than a block
-        return f"a row after row {block_start} is longer than {BLOCK_BYTES >> 20} MB, the most one row may hold"
+        return f"row {block_start} or one after it is longer than {BLOCK_BYTES / 2**20:g} MB, the most one row may hold"
     return re.sub(r" in row (\d+)", lambda found: f" in row {block_start + int(found.group(1))}", message)
 
 

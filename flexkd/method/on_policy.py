@@ -31,6 +31,7 @@ def is_on_policy_step(seed: int, step: int, fraction: float) -> bool:
 def sample_on_policy_batch(
     student,
     batch: dict[str, Tensor],
+    max_length: int,
     max_new_tokens: int,
     temperature: float,
     pad_token_id: int,
@@ -44,41 +45,47 @@ def sample_on_policy_batch(
         student: a causal LM (Hugging Face ``generate``), on the batch's device.
         batch: right-padded training rows: ``input_ids`` [B, T], ``prompt_length`` [B] (the prompt
             is ``input_ids[i, :prompt_length[i]]``) and ``example_id`` [B].
-        max_new_tokens: the longest response sampled; one that has not ended by then is kept as
-            it is, with no eos (the teacher scores the tokens it has).
+        max_length: the longest row: a prompt keeps its last ``max_length - max_new_tokens``
+            tokens (as the data's rows, it is cut from the left), so no row outgrows the batches
+            the run was sized for or the model's positions.
+        max_new_tokens: the longest response sampled (below ``max_length``); one that has not
+            ended by then is kept as it is, with no eos (the teacher scores the tokens it has).
         temperature: of the student's sampling, over its whole distribution (no top-k, no top-p).
         seed: seeds the sampling (the caller gives each step its own).
         synced: several ranks sample in lockstep (Hugging Face's ``synced_gpus``): a sharded
             model's every forward is collective, so a rank done early must go on stepping.
     Returns:
         A batch as ``flexkd.data.rows.collate_batch`` makes: ``input_ids``, ``attention_mask``,
-        ``labels`` [B, T'] right-padded (labels -100 on the prompt and the padding, the response
-        and its eos otherwise), ``prompt_length``, ``example_id`` [B] as given, ``class_label``
-        [B] all -1.
+        ``labels`` [B, T' <= max_length] right-padded (labels -100 on the prompt and the padding,
+        the response and its eos otherwise), ``prompt_length`` [B] (after the cut),
+        ``example_id`` [B] as given, ``class_label`` [B] all -1. The global random state is left
+        as it was.
     """
     device = batch["input_ids"].device
-    prompt_lengths = batch["prompt_length"].tolist()
-    prompts = [row[:length] for row, length in zip(batch["input_ids"], prompt_lengths)]
-    width = max(prompt_lengths)
+    budget = max_length - max_new_tokens
+    prompts = [row[:length][-budget:] for row, length in zip(batch["input_ids"], batch["prompt_length"].tolist())]
+    width = max(len(prompt) for prompt in prompts)
     # generate appends after the last column, so every prompt must end there: pad on the left.
     left_padded = torch.full((len(prompts), width), pad_token_id, dtype=torch.long, device=device)
     attention_mask = torch.zeros_like(left_padded)
     for row, prompt in enumerate(prompts):
         left_padded[row, width - len(prompt) :] = prompt
         attention_mask[row, width - len(prompt) :] = 1
-    torch.manual_seed(seed)
-    generated = student.generate(
-        input_ids=left_padded,
-        attention_mask=attention_mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=True,
-        temperature=temperature,
-        top_k=0,
-        top_p=1.0,
-        pad_token_id=pad_token_id,
-        eos_token_id=eos_token_id,
-        synced_gpus=synced,
-    )[:, width:].tolist()
+    # Seeded without touching the training's own random state (a dropout mask, a shuffle).
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        generated = student.generate(
+            input_ids=left_padded,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            pad_token_id=pad_token_id,
+            eos_token_id=eos_token_id,
+            synced_gpus=synced,
+        )[:, width:].tolist()
     responses = [ids[: ids.index(eos_token_id) + 1] if eos_token_id in ids else ids for ids in generated]
     longest = max(len(prompt) + len(response) for prompt, response in zip(prompts, responses))
     input_ids = torch.full((len(prompts), longest), pad_token_id, dtype=torch.long)
@@ -94,7 +101,7 @@ def sample_on_policy_batch(
         "input_ids": input_ids.to(device),
         "attention_mask": mask.to(device),
         "labels": labels.to(device),
-        "prompt_length": batch["prompt_length"],
+        "prompt_length": torch.tensor([len(prompt) for prompt in prompts], device=device),
         "class_label": torch.full_like(batch["prompt_length"], UNLABELED),
         "example_id": batch["example_id"],
     }

@@ -6,7 +6,7 @@ from __future__ import annotations
 from flexkd.cluster.storage import check_local_folder
 from flexkd.config.schema import ConfigError, PipelineConfig
 from flexkd.data.rows import render_prompt, template_columns
-from flexkd.data.splits import check_data
+from flexkd.data.splits import check_data, pipeline_splits, split_task
 from flexkd.models.loading import load_tokenizer
 from flexkd.models.plan import ModelPlan, load_pipeline_tokenizer, one_line, plan_models
 from flexkd.models.preflight import TokenizerMismatchError, check_same_tokenizer
@@ -37,27 +37,28 @@ def preflight(config: PipelineConfig) -> ModelPlan:
 
 def _check_prompt_room(config: PipelineConfig, tokenizer) -> None:
     """Refuse a data.max_length that no row's text survives: prompts are cut from the left, so
-    the end of the template after its last column (with the chat template's end) is always kept.
-    Also refuses task.chat_template with a tokenizer that has none."""
-    task, max_length = config.task, config.data.max_length
-    marker = "\u2063row\u2063"  # text no template holds: where the row's text would be
-    try:
-        rendered = render_prompt(
-            task.prompt_template,
-            dict.fromkeys(template_columns(task.prompt_template), marker),
-            tokenizer,
-            task.chat_template,
-        )
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    end = len(tokenizer(rendered.rsplit(marker, 1)[1], add_special_tokens=False)["input_ids"])
+    the end of a split's template after its last column (with the chat template's end) is always
+    kept. Also refuses task.chat_template with a tokenizer that has none."""
+    max_length = config.data.max_length
     # A generation row keeps up to half of max_length for its response (flexkd.data.rows).
-    room = max_length if task.kind == "classification" else max_length - max_length // 2
-    if end >= room:
-        raise ConfigError(
-            f"data.max_length: {max_length} leaves a prompt {room} tokens, and the template's end after its last "
-            f"column takes {end}: no row's text would be left; raise data.max_length or shorten the template"
-        )
+    room = max_length if config.task.kind == "classification" else max_length - max_length // 2
+    marker = "\u2063row\u2063"  # text no template holds: where the row's text would be
+    for split, source in pipeline_splits(config).items():
+        task = split_task(config.task, source)
+        try:
+            columns = template_columns(task.prompt_template)
+            rendered = render_prompt(
+                task.prompt_template, dict.fromkeys(columns, marker), tokenizer, task.chat_template
+            )
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        end = len(tokenizer(rendered.rsplit(marker, 1)[1], add_special_tokens=False)["input_ids"])
+        if end >= room:
+            field = f"data.{split}.prompt_template" if source.prompt_template else "task.prompt_template"
+            raise ConfigError(
+                f"data.max_length: {max_length} leaves a prompt {room} tokens, and the end of {field} after its "
+                f"last column takes {end}: no row's text would be left; raise data.max_length or shorten the template"
+            )
 
 
 def _loaded_tokenizer(config: PipelineConfig):

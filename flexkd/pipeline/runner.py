@@ -24,7 +24,7 @@ import mlflow
 from flexkd import __version__
 from flexkd.cluster.local import check_local_capacity, ensure_ray
 from flexkd.cluster.storage import check_artifact_root
-from flexkd.config.schema import PipelineConfig, stable_hash
+from flexkd.config.schema import PipelineConfig, stable_hash, without_switched_off
 from flexkd.errors import StageError
 from flexkd.pipeline.content import content_fingerprints
 from flexkd.pipeline.preflight import preflight
@@ -58,14 +58,6 @@ class PipelineResult:
     stages: dict[str, StageRecord] = field(default_factory=dict)
 
 
-# Settings added after outputs were written, left out of fingerprints while off (with the settings
-# only they read): off, they change nothing, so every output written before them stays valid.
-# (section, switch) -> (its off value, the section's settings it alone reads)
-SWITCHED_OFF: dict[tuple[str, str], tuple[Any, tuple[str, ...]]] = {
-    ("training", "on_policy"): (0.0, ("on_policy_max_new_tokens", "on_policy_temperature")),
-}
-
-
 def pipeline_stages(config: PipelineConfig) -> tuple[str, ...]:
     """The stages this config runs, in order (targets only when distill reads the teacher cache)."""
     return tuple(spec.name for spec in STAGES if spec.enabled(config))
@@ -92,13 +84,11 @@ def stage_fingerprint(config: PipelineConfig, stage: str, input_fingerprints: di
 
 def fingerprinted_config(config: PipelineConfig, stage: str) -> dict[str, Any]:
     """The config sections ``stage``'s fingerprint covers: its ``config_sections`` less its ignored
-    fields, and less each switch of SWITCHED_OFF that is off (with the settings only it reads)."""
+    fields and the settings that are switched off (``without_switched_off``)."""
     spec = SPECS[stage]
     exclude = {section: set(fields) for section, fields in spec.ignored_fields.items()}
-    for (section, switch), (off, dependents) in SWITCHED_OFF.items():
-        if section in spec.config_sections and getattr(getattr(config, section), switch) == off:
-            exclude.setdefault(section, set()).update({switch, *dependents})
-    return config.model_dump(mode="json", include=set(spec.config_sections), exclude=exclude or None)
+    sections = config.model_dump(mode="json", include=set(spec.config_sections), exclude=exclude or None)
+    return without_switched_off(sections, config)
 
 
 def stage_config(config: PipelineConfig, stage: str, inputs: dict[str, Path]) -> PipelineConfig:
