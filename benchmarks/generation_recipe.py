@@ -59,6 +59,11 @@ class Recipe:
 
 SEQKD = {"seqkd_max_new_tokens": 64}
 SHAPE_576X27 = {"hidden_size": 576, "num_layers": 27, "num_key_value_heads": 3, "intermediate_size": 1536}
+# The three blocks cut by perplexity, sampled SeqKD on the summary prompts: the closest recipe to
+# the bar, and the base of those that vary it.
+PPL_SAMPLED = (
+    SHAPE_576X27 | SEQKD | {"train_prompts": "summaries", "seqkd_temperature": 0.7, "layer_selection": "perplexity"}
+)
 # id (for --only) -> recipe. The first is recipe_settings() itself; 576x27-ppl-seqkd-summaries-sampled
 # is the generation table's CPU student (GenerationSettings.cpu).
 RECIPES: dict[str, Recipe] = {
@@ -94,37 +99,21 @@ RECIPES: dict[str, Recipe] = {
     "576x27-ppl-seqkd-summaries-sampled": Recipe(
         "576 wide, 27 blocks chosen by perplexity, sampled teacher responses (temperature 0.7) to summary "
         "and dialogue prompts",
-        SHAPE_576X27
-        | SEQKD
-        | {"train_prompts": "summaries", "seqkd_temperature": 0.7, "layer_selection": "perplexity"},
+        PPL_SAMPLED,
     ),
     # And only the responses that ended within the 64 tokens: the cut ones, followed by eos like
     # every response, teach the student to stop mid-sentence and never where a summary ends.
     "576x27-ppl-seqkd-summaries-sampled-ended": Recipe(
         "576 wide, 27 blocks chosen by perplexity, sampled teacher responses (temperature 0.7) to summary "
         "and dialogue prompts, only those that ended within 64 tokens",
-        SHAPE_576X27
-        | SEQKD
-        | {
-            "train_prompts": "summaries",
-            "seqkd_temperature": 0.7,
-            "layer_selection": "perplexity",
-            "seqkd_drop_truncated": True,
-        },
+        PPL_SAMPLED | {"seqkd_drop_truncated": True},
     ),
     # And half the steps on the student's own samples (GKD, training.on_policy 0.5), the teacher
     # scoring them online: its loops begin in states that only its own outputs reach.
     "576x27-ppl-seqkd-summaries-sampled-onpolicy": Recipe(
         "576 wide, 27 blocks chosen by perplexity, sampled teacher responses (temperature 0.7) to summary "
         "and dialogue prompts, half the steps on the student's own samples",
-        SHAPE_576X27
-        | SEQKD
-        | {
-            "train_prompts": "summaries",
-            "seqkd_temperature": 0.7,
-            "layer_selection": "perplexity",
-            "on_policy": 0.5,
-        },
+        PPL_SAMPLED | {"on_policy": 0.5},
     ),
 }
 RESPONSE_COUNTS = ("rows", "looping_responses", "truncated_responses")  # the generate stage's, per SeqKD recipe

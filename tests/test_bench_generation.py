@@ -235,8 +235,8 @@ def test_the_page_shows_the_first_two_outputs_of_every_model_beside_the_referenc
     assert len([line for line in samsum.splitlines() if line.startswith("| ") and "example 1" not in line]) == 7
 
 
-def test_run_generation_reads_the_fluency_measures_from_the_evaluate_stage(tmp_path, monkeypatch):
-    """The wiring, with the pipeline faked: the evaluate stage's metrics and predictions go to the page."""
+def _evaluate_dir_with_predictions(tmp_path: Path) -> Path:
+    """An evaluate stage's folder with one prediction per row of the benchmark's eval set."""
     _, sources = generation.write_eval_set(tmp_path)
     evaluate_dir = tmp_path / "evaluate"
     evaluate_dir.mkdir()
@@ -247,21 +247,35 @@ def test_run_generation_reads_the_fluency_measures_from_the_evaluate_stage(tmp_p
             for i in range(len(sources))
         )
     )
+    return evaluate_dir
+
+
+def _faked_result(evaluate_dir: Path, metrics: dict, student_parameters: int) -> SimpleNamespace:
+    """What run_pipeline returns for one (method, seed) run, every stage in ``evaluate_dir``."""
+    outputs = {
+        "distill": {"extra_trainable_parameters": 0, "student_parameters": student_parameters},
+        "evaluate": {"metrics": metrics},
+    }
+    stages = {
+        name: SimpleNamespace(
+            directory=evaluate_dir, outputs=outputs.get(name, {}), seconds=1.0, cached=False, fingerprint="f"
+        )
+        for name in ("tokenize", "score", "targets", "distill", "evaluate")
+    }
+    return SimpleNamespace(stages=stages, run_id="run")
+
+
+def test_run_generation_reads_the_fluency_measures_from_the_evaluate_stage(tmp_path, monkeypatch):
+    """The wiring, with the pipeline faked: the evaluate stage's metrics and predictions go to the page."""
+    evaluate_dir = _evaluate_dir_with_predictions(tmp_path)
     metrics = {
         f"{role}.{name}": value
         for role, values in {"teacher": (0.9, 0.0, 17.0, 5.0), "student": (0.42, 7.0, 3.0, 80.0)}.items()
         for name, value in zip(("distinct_2", "repeated_ngram_outputs", "rougeL", "perplexity"), values)
     }
 
-    def stage(outputs=None):
-        return SimpleNamespace(
-            directory=evaluate_dir, outputs=outputs or {}, seconds=1.0, cached=False, fingerprint="f"
-        )
-
     def fake_pipeline(config, stages):
-        distill = stage({"extra_trainable_parameters": 0, "student_parameters": 1000})
-        found = {"tokenize": stage(), "score": stage(), "targets": stage(), "distill": distill}
-        return SimpleNamespace(stages=found | {"evaluate": stage({"metrics": metrics})}, run_id="run")
+        return _faked_result(evaluate_dir, metrics, student_parameters=1000)
 
     pruned = {
         "rougeL": {"samsum": 1.0, "self_instruct": 1.0},
@@ -288,16 +302,7 @@ def test_run_generation_reads_the_fluency_measures_from_the_evaluate_stage(tmp_p
 
 
 def test_a_table_cut_short_leaves_the_finished_runs_on_the_page_and_logs_only_the_whole_one(tmp_path, monkeypatch):
-    _, sources = generation.write_eval_set(tmp_path)
-    evaluate_dir = tmp_path / "evaluate"
-    evaluate_dir.mkdir()
-    (evaluate_dir / "predictions.jsonl").write_text(
-        "".join(
-            json.dumps({"example_id": i, "reference": "the cat sat", "teacher": "the cat sat", "student": "the cat"})
-            + "\n"
-            for i in range(len(sources))
-        )
-    )
+    evaluate_dir = _evaluate_dir_with_predictions(tmp_path)
     metrics = {
         f"{role}.{name}": 1.0
         for role in ("teacher", "student")
@@ -309,17 +314,7 @@ def test_a_table_cut_short_leaves_the_finished_runs_on_the_page_and_logs_only_th
         calls.append(config.loss.feature)
         if len(calls) == 3 and config.training.seed == 1 and interrupt:
             raise KeyboardInterrupt  # the session ends in the third run
-        found = {
-            name: SimpleNamespace(directory=evaluate_dir, outputs=outputs, seconds=1.0, cached=False, fingerprint="f")
-            for name, outputs in (
-                ("tokenize", {}),
-                ("score", {}),
-                ("targets", {}),
-                ("distill", {"extra_trainable_parameters": 0, "student_parameters": 10}),
-                ("evaluate", {"metrics": metrics}),
-            )
-        }
-        return SimpleNamespace(stages=found, run_id="run")
+        return _faked_result(evaluate_dir, metrics, student_parameters=10)
 
     written = []
     monkeypatch.setattr("flexkd.pipeline.runner.run_pipeline", fake_pipeline)
