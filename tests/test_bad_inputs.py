@@ -7,7 +7,9 @@ missing file, empty file and missing column in tests/test_tokenize_stage.py).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -808,6 +810,34 @@ def _parquet_folder_with_one_corrupt_file(tmp: Path) -> Path:
     return folder
 
 
+def _model_folder(tmp: Path, vocab_size: int = 512, weights: str | None = "model.safetensors") -> Path:
+    """A tiny Llama folder with the tiny tokenizer (512 tokens): its config, and its weights saved
+    as ``weights`` (None: no weight file at all)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp / "model"
+    shutil.copytree(REPO_ROOT / "flexkd" / "assets" / "tiny-tokenizer", folder)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    config.save_pretrained(folder)
+    if weights == "model.safetensors":
+        with contextlib.redirect_stderr(io.StringIO()):  # its progress bar is not the CLI's output
+            LlamaForCausalLM(config).save_pretrained(folder)
+    elif weights is not None:
+        (folder / weights).write_bytes(b"pickled weights")
+    return folder
+
+
+def _hf_teacher(folder: Path) -> dict:
+    return {"teacher": {"source": "hf", "path": str(folder), "architecture": None, "tokenizer": None}}
+
+
 def _jsonl_with_bad_json_at(tmp: Path, row: int, rows: int) -> Path:
     path = tmp / "train.jsonl"
     lines = [json.dumps({"sentence": f"a film, take {i}", "label": i % 2}) for i in range(rows)]
@@ -909,6 +939,35 @@ def _jsonl_with_bad_json_at(tmp: Path, row: int, rows: int) -> Path:
             lambda tmp: {"teacher.tokenizer": str(_tokenizer_without_a_chat_template(tmp)), "task.chat_template": True},
             lambda tmp: "flexkd: config error: task.chat_template is true but the tokenizer has no chat template",
         ),
+        (
+            lambda tmp: _hf_teacher(_model_folder(tmp, weights=None)),
+            lambda tmp: (
+                f"flexkd: config error: teacher.path: {tmp / 'model'}: no model.safetensors (nor "
+                "model.safetensors.index.json): the folder holds no weights"
+            ),
+        ),
+        (
+            lambda tmp: _hf_teacher(_model_folder(tmp, weights="pytorch_model.bin")),
+            lambda tmp: (
+                f"flexkd: config error: teacher.path: {tmp / 'model'}: no model.safetensors, only pytorch_model.bin: "
+                "flexkd loads safetensors only (a .bin can run code when loaded); convert it once with "
+                "transformers' save_pretrained"
+            ),
+        ),
+        (
+            lambda tmp: {"student": {"init": "pretrained", "path": str(_model_folder(tmp, weights=None))}},
+            lambda tmp: (
+                f"flexkd: config error: student.path: {tmp / 'model'}: no model.safetensors (nor "
+                "model.safetensors.index.json): the folder holds no weights"
+            ),
+        ),
+        (
+            lambda tmp: _hf_teacher(_model_folder(tmp, vocab_size=100)),
+            lambda tmp: (
+                "flexkd: config error: teacher.path: vocab_size 100 is below the 512 tokens of the teacher's "
+                "tokenizer: the ids from 100 on have no embedding"
+            ),
+        ),
     ],
     ids=[
         "csv-header-names-a-column-twice",
@@ -925,6 +984,10 @@ def _jsonl_with_bad_json_at(tmp: Path, row: int, rows: int) -> Path:
         "tune-value-validate-did-not-check",
         "max-length-below-the-templates-end",
         "chat-template-the-tokenizer-lacks",
+        "teacher-folder-without-weights",
+        "teacher-folder-with-pickled-weights-only",
+        "student-folder-without-weights",
+        "teacher-vocabulary-below-the-tokenizer",
     ],
 )
 def test_validate_refuses_in_one_line_what_used_to_crash_it_or_pass(tmp_path, capsys, overrides, expected):
@@ -962,4 +1025,21 @@ def test_a_row_longer_than_a_block_is_one_line_naming_where(tmp_path, capsys, mo
     pipeline = pipeline_file(tmp_path, **{"data.train": {"path": str(data)}})
     assert refused(capsys, "validate", str(pipeline)) == (
         f"flexkd: data error: data.train ({data}): row 5 or one after it is longer than 0.0625 MB, the most one row may hold"
+    )
+
+
+def test_a_sharded_teacher_with_a_shard_missing_is_named(tmp_path):
+    from flexkd.models.loading import missing_weights
+
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"")
+    assert missing_weights(tmp_path) == (
+        "model.safetensors.index.json lists model-00002-of-00002.safetensors, which is not there (1 of 2 shards missing)"
+    )
+    (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"")
+    assert missing_weights(tmp_path) is None
+    (tmp_path / "model.safetensors.index.json").write_text("[]")
+    assert missing_weights(tmp_path) == (
+        "model.safetensors.index.json is not a safetensors index (a JSON object with a weight_map)"
     )

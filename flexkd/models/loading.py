@@ -7,6 +7,7 @@ asked for; sharding and devices are the caller's business.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -32,6 +33,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from flexkd.models.preflight import check_same_tokenizer
 
@@ -203,6 +205,31 @@ def load_model(
         # unpacks every weight and strips both, leaving a plain float model.
         options.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
     return auto_class.from_pretrained(folder, **options).eval()
+
+
+def missing_weights(folder: Path) -> str | None:
+    """Why :func:`load_model` would find no weights in the Hugging Face ``folder``, or None: it
+    reads safetensors only (``model.safetensors``, or the shards a ``model.safetensors.index.json``
+    lists), never a pickled ``pytorch_model.bin``, which can run code when loaded."""
+    index = folder / SAFE_WEIGHTS_INDEX_NAME
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return f"{index.name} is not a safetensors index (a JSON object with a weight_map)"
+        absent = [shard for shard in shards if not (folder / shard).is_file()]
+        if absent:
+            return f"{index.name} lists {absent[0]}, which is not there ({len(absent)} of {len(shards)} shards missing)"
+        return None
+    if (folder / SAFE_WEIGHTS_NAME).is_file():
+        return None
+    pickled = sorted(path.name for path in folder.glob("*.bin"))
+    if pickled:
+        return (
+            f"no {SAFE_WEIGHTS_NAME}, only {pickled[0]}: flexkd loads safetensors only (a .bin can run code when "
+            "loaded); convert it once with transformers' save_pretrained"
+        )
+    return f"no {SAFE_WEIGHTS_NAME} (nor {SAFE_WEIGHTS_INDEX_NAME}): the folder holds no weights"
 
 
 def random_model_config(

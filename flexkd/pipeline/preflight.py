@@ -3,19 +3,30 @@ or the file. ``flexkd validate`` runs it alone; ``flexkd run`` runs it first."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from flexkd.cluster.storage import check_local_folder
 from flexkd.config.schema import ConfigError, PipelineConfig
 from flexkd.data.rows import render_prompt, template_columns
 from flexkd.data.splits import check_data, pipeline_splits, split_task
-from flexkd.models.loading import load_tokenizer
-from flexkd.models.plan import ModelPlan, load_pipeline_tokenizer, one_line, plan_models
+from flexkd.models.loading import load_tokenizer, missing_weights
+from flexkd.models.plan import (
+    ModelPlan,
+    load_pipeline_tokenizer,
+    one_line,
+    plan_models,
+    student_model_config,
+    teacher_location,
+    teacher_model_config,
+)
 from flexkd.models.preflight import TokenizerMismatchError, check_same_tokenizer
 
 
 def preflight(config: PipelineConfig) -> ModelPlan:
     """Everything that can be refused before Ray starts, each in one line naming the field or
     the file: the artifact root, the model configs (architecture keys, shapes, k, layer map),
-    the tokenizers, the verbalizers, and every data split read in full (``check_data``).
+    the pretrained models' weights and vocabularies, the tokenizers, the verbalizers, and every
+    data split read in full (``check_data``).
 
     A random student is built on the teacher's tokenizer; a pretrained one brings its own,
     which must match exactly, since logit KD and token-aligned feature KD compare token by token.
@@ -30,9 +41,33 @@ def preflight(config: PipelineConfig) -> ModelPlan:
             raise ConfigError(f"student.path: {error}") from None
         except (OSError, ValueError) as error:
             raise ConfigError(f"student.path: {config.student.path}: {one_line(error)}") from None
+    _check_pretrained_models(config, len(tokenizer))
     _check_prompt_room(config, tokenizer)
     check_data(config, tokenizer)
     return plan
+
+
+def _check_pretrained_models(config: PipelineConfig, tokens: int) -> None:
+    """Refuse a pretrained model (a Hugging Face teacher folder, a pretrained student) that would
+    fail only once a stage loads it: no safetensors weights, or an embedding table smaller than
+    the ``tokens`` of the pipeline's tokenizer, whose ids past it would index out of range."""
+    models = []
+    if config.teacher.source != "random":
+        path, gguf_file = teacher_location(config)
+        models.append(("teacher.path", path, gguf_file, teacher_model_config(config)))
+    if config.student.init == "pretrained":
+        models.append(("student.path", config.student.path, None, student_model_config(config)))
+    for field, path, gguf_file, model_config in models:
+        problem = None if gguf_file else missing_weights(Path(path))
+        if problem:
+            raise ConfigError(f"{field}: {path}: {problem}")
+        vocab_size = getattr(model_config, "vocab_size", None)
+        if isinstance(vocab_size, int) and vocab_size < tokens:
+            tokenizer = "teacher.tokenizer" if config.teacher.tokenizer else "the teacher's tokenizer"
+            raise ConfigError(
+                f"{field}: vocab_size {vocab_size} is below the {tokens} tokens of {tokenizer}: the ids from "
+                f"{vocab_size} on have no embedding"
+            )
 
 
 def _check_prompt_room(config: PipelineConfig, tokenizer) -> None:
