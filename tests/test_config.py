@@ -8,10 +8,11 @@ import pytest
 import yaml
 
 from flexkd.cli import main
-from flexkd.config.schema import ConfigError, load_config, parse_config
+from flexkd.config.schema import ConfigError, load_config, parse_config, stable_hash
 from flexkd.models.loading import TINY_TOKENIZER_DIR, build_random_model, load_tokenizer
 from flexkd.models.plan import plan_models
 from flexkd.pipeline.preflight import preflight
+from flexkd.pipeline.runner import fingerprinted_config
 
 PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 
@@ -60,6 +61,23 @@ def test_fingerprint_is_stable_and_sensitive():
     changed = debug_raw()
     changed["loss"]["gamma"] = 0.5
     assert parse_config(changed).fingerprint() != first.fingerprint()
+
+
+def test_a_retired_setting_is_refused_by_name_and_still_hashed_as_before(tmp_path):
+    """task.text_column was never read and is gone; outputs named by hashes of configs that had it
+    must still be found, so the hashes put it back at the value it always had."""
+    config = parse_config(debug_raw())
+    dumped_before = config.model_dump(mode="json")  # as the schema dumped it before on_policy came
+    dumped_before["task"]["text_column"] = "text"
+    for setting in ("on_policy", "on_policy_max_new_tokens", "on_policy_temperature"):
+        del dumped_before["training"][setting]
+    assert config.fingerprint() == stable_hash(dumped_before)
+    assert fingerprinted_config(config, "tokenize")["task"]["text_column"] == "text"
+    raw = debug_raw()
+    raw["task"]["text_column"] = "sentence"
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, raw))
+    assert str(caught.value) == f"{tmp_path / 'pipeline.yaml'}: task.text_column: removed: flexkd never read it"
 
 
 def one_error(raw: dict, tmp_path: Path) -> str:

@@ -13,7 +13,7 @@ from test_generate import generation_debug
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from flexkd import distributed as fd
-from flexkd.config.schema import ConfigError, load_config, without_switched_off
+from flexkd.config.schema import ConfigError, as_hashed, load_config
 from flexkd.method.on_policy import is_on_policy_step, sample_on_policy_batch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -152,7 +152,7 @@ def test_on_policy_off_leaves_every_fingerprint_as_it_was_before_the_setting_exi
     hotter = config(on_policy=0.5, on_policy_temperature=0.7)
     assert planned_fingerprint(hotter, "distill") != planned_fingerprint(on, "distill")
     # The whole config's hash too (it names submitted jobs and sweeps): as before the setting existed.
-    hashed = without_switched_off(off.model_dump(mode="json"), off)["training"]
+    hashed = as_hashed(off.model_dump(mode="json"), off)["training"]
     assert not {"on_policy", "on_policy_max_new_tokens", "on_policy_temperature"} & set(hashed)
     assert off.fingerprint() != on.fingerprint()
 

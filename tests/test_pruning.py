@@ -385,7 +385,6 @@ def _sst2_batch(tokenizer, path: Path, rows: int) -> dict[str, torch.Tensor]:
     task = TaskConfig(
         kind="classification",
         prompt_template="Review: {sentence}\nSentiment:",
-        text_column="sentence",
         label_names=["negative", "positive"],
     )
     with path.open(newline="") as handle:

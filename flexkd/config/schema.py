@@ -280,7 +280,6 @@ class TaskConfig(_Section):
 
     kind: Literal["classification", "generation"]
     prompt_template: str = Field("{text}", description="Python format string over the row's columns")
-    text_column: str = "text"
     label_column: str = "label"
     label_names: list[str] | None = Field(None, description="verbalizer for each label id")
     response_column: str = "response"
@@ -811,27 +810,37 @@ class PipelineConfig(_Section):
 
     def fingerprint(self) -> str:
         """Content hash of the resolved config: same config, same fingerprint."""
-        return stable_hash(without_switched_off(self.model_dump(mode="json"), self))
+        return stable_hash(as_hashed(self.model_dump(mode="json"), self))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-# Settings added after outputs, jobs and sweeps were named by hashes of the config: while off, they
-# and the settings only they read are left out of those hashes, which stay as they were, since
-# off they change nothing. (section, switch) -> (its off value, the section's settings it alone reads)
+# Outputs, jobs and sweeps are named by hashes of the config, so that an upgrade of flexkd reuses
+# them, the config must hash as it did before settings were added or removed.
+# Settings added later: while off, they and the settings only they read are left out of the hashes,
+# since off they change nothing. (section, switch) -> (its off value, the settings it alone reads)
 SWITCHED_OFF: dict[tuple[str, str], tuple[Any, tuple[str, ...]]] = {
     ("training", "on_policy"): (0.0, ("on_policy_max_new_tokens", "on_policy_temperature")),
 }
+# Settings removed later, which nothing read: hashed at the one value they had.
+# (section, setting) -> value
+RETIRED: dict[tuple[str, str], Any] = {
+    ("task", "text_column"): "text",
+}
 
 
-def without_switched_off(dumped: dict[str, Any], config: PipelineConfig) -> dict[str, Any]:
-    """``dumped`` (a model_dump of ``config`` or of some of its sections) less every SWITCHED_OFF
-    switch that is off in ``config``, and the settings only it reads."""
+def as_hashed(dumped: dict[str, Any], config: PipelineConfig) -> dict[str, Any]:
+    """``dumped`` (a model_dump of ``config`` or of some of its sections) as the hashes see it:
+    less every SWITCHED_OFF switch that is off in ``config`` and the settings only it reads, with
+    every RETIRED setting of its sections."""
     kept = dict(dumped)
     for (section, switch), (off, dependents) in SWITCHED_OFF.items():
         if isinstance(kept.get(section), dict) and getattr(getattr(config, section), switch) == off:
             kept[section] = {key: value for key, value in kept[section].items() if key not in {switch, *dependents}}
+    for (section, setting), value in RETIRED.items():
+        if isinstance(kept.get(section), dict):
+            kept[section] = kept[section] | {setting: value}
     return kept
 
 
@@ -877,7 +886,8 @@ def _format_errors(source: str, error: ValidationError) -> str:
         field = ".".join(str(part) for part in item["loc"] if not str(part).startswith(("function-after", "literal[")))
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            message = "unknown key"
+            retired = tuple(str(part) for part in item["loc"][-2:]) in RETIRED
+            message = "removed: flexkd never read it" if retired else "unknown key"
         elif item["type"] == "string_type" and isinstance(item["input"], dict | list):
             # "Review: {sentence}" unquoted is YAML for a mapping: the user meant text.
             kind = "a mapping" if isinstance(item["input"], dict) else "a list"

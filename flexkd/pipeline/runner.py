@@ -24,7 +24,7 @@ import mlflow
 from flexkd import __version__
 from flexkd.cluster.local import check_local_capacity, ensure_ray
 from flexkd.cluster.storage import check_artifact_root
-from flexkd.config.schema import PipelineConfig, stable_hash, without_switched_off
+from flexkd.config.schema import PipelineConfig, as_hashed, stable_hash
 from flexkd.errors import StageError
 from flexkd.pipeline.content import content_fingerprints
 from flexkd.pipeline.preflight import preflight
@@ -84,11 +84,11 @@ def stage_fingerprint(config: PipelineConfig, stage: str, input_fingerprints: di
 
 def fingerprinted_config(config: PipelineConfig, stage: str) -> dict[str, Any]:
     """The config sections ``stage``'s fingerprint covers: its ``config_sections`` less its ignored
-    fields and the settings that are switched off (``without_switched_off``)."""
+    fields, as the hashes see it (``as_hashed``: settings switched off left out, retired ones put back)."""
     spec = SPECS[stage]
     exclude = {section: set(fields) for section, fields in spec.ignored_fields.items()}
     sections = config.model_dump(mode="json", include=set(spec.config_sections), exclude=exclude or None)
-    return without_switched_off(sections, config)
+    return as_hashed(sections, config)
 
 
 def stage_config(config: PipelineConfig, stage: str, inputs: dict[str, Path]) -> PipelineConfig:

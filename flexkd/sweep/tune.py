@@ -46,10 +46,10 @@ from flexkd.config.schema import (
     PipelineConfig,
     SearchDimension,
     apply_overrides,
+    as_hashed,
     load_config,
     parse_config,
     stable_hash,
-    without_switched_off,
 )
 from flexkd.data.shards import ordered_execution, read_shards
 from flexkd.errors import StageError
@@ -164,7 +164,7 @@ def plan_sweep(config: PipelineConfig, teacher: str = "cache") -> SweepPlan:
     eval_every = sweep.eval_every or config.training.log_every
     name = "sweep-" + stable_hash(
         {
-            "base": without_switched_off(base, config),
+            "base": as_hashed(base, config),
             "space": {p: d.model_dump() for p, d in space.items()},
             "tune": sweep.model_dump(mode="json", exclude={"storage_path"}),
         },
