@@ -58,6 +58,7 @@ from flexkd.data.sources import RowRules, blank_text
 from flexkd.data.splits import GENERATED_TRAIN_FILE, check_split, split_task, train_rows_per_worker
 from flexkd.errors import StageError
 from flexkd.evaluation.metrics import distinct_n, is_one_repeated_ngram
+from flexkd.method.decoding import left_padded
 from flexkd.models.plan import load_pipeline_tokenizer, load_teacher
 from flexkd.progress import actor_progress
 
@@ -189,20 +190,12 @@ class TeacherResponses:
     def __call__(self, rows: pa.Table) -> pa.Table:
         _, prompt_ids = prompt_token_ids(rows.to_pydict(), self.tokenizer, self.task)
         prompts = [ids[-self.prompt_budget :] for ids in prompt_ids]
-        width = max(len(prompt) for prompt in prompts)
-        # generate appends after the last column, so every prompt must end there: pad on the left.
-        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            attention_mask[row, width - len(prompt) :] = 1
+        input_ids, attention_mask = left_padded(prompts, self.pad_token_id, self.device)
         if self.settings.do_sample:
             torch.manual_seed(self.settings.seed + int(rows.column("example_id")[0].as_py()))
         generated = self.teacher.generate(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention_mask.to(self.device),
-            generation_config=self.generation,
-        )[:, width:].tolist()
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=self.generation
+        )[:, input_ids.shape[1] :].tolist()
         responses, lengths, truncated = [], [], []
         for ids in generated:
             ended = self.tokenizer.eos_token_id in ids

@@ -18,6 +18,7 @@ from rouge_score.rouge_scorer import RougeScorer
 from flexkd.config.schema import PipelineConfig
 from flexkd.data.rows import collate_batch
 from flexkd.data.shards import shard_files
+from flexkd.method.decoding import left_padded
 from flexkd.method.objective import class_logits, scored_positions
 from flexkd.progress import Progress
 
@@ -110,21 +111,15 @@ def greedy_continuations(
         ids[:length]
         for ids, length in zip(chunk.column("input_ids").to_pylist(), chunk.column("prompt_length").to_pylist())
     ]
-    width = max(len(prompt) for prompt in prompts)
-    # generate appends after the last column, so every prompt must end there: pad on the left.
-    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        attention_mask[row, width - len(prompt) :] = 1
+    input_ids, attention_mask = left_padded(prompts, pad_token_id, device)
     generated = model.generate(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device),
+        input_ids=input_ids,
+        attention_mask=attention_mask,
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=pad_token_id,
     )
-    return generated[:, width:]
+    return generated[:, input_ids.shape[1] :]
 
 
 def distinct_n(outputs: Sequence[str], n: int = 2) -> float:

@@ -15,6 +15,7 @@ import random
 import torch
 from torch import Tensor
 
+from flexkd.method.decoding import left_padded
 from flexkd.method.losses import IGNORE_INDEX, UNLABELED
 
 
@@ -64,18 +65,12 @@ def sample_on_policy_batch(
     device = batch["input_ids"].device
     budget = max_length - max_new_tokens
     prompts = [row[:length][-budget:] for row, length in zip(batch["input_ids"], batch["prompt_length"].tolist())]
-    width = max(len(prompt) for prompt in prompts)
-    # generate appends after the last column, so every prompt must end there: pad on the left.
-    left_padded = torch.full((len(prompts), width), pad_token_id, dtype=torch.long, device=device)
-    attention_mask = torch.zeros_like(left_padded)
-    for row, prompt in enumerate(prompts):
-        left_padded[row, width - len(prompt) :] = prompt
-        attention_mask[row, width - len(prompt) :] = 1
+    prompt_ids, attention_mask = left_padded(prompts, pad_token_id, device)
     # Seeded without touching the training's own random state (a dropout mask, a shuffle).
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         generated = student.generate(
-            input_ids=left_padded,
+            input_ids=prompt_ids,
             attention_mask=attention_mask,
             max_new_tokens=max_new_tokens,
             do_sample=True,
@@ -85,7 +80,7 @@ def sample_on_policy_batch(
             pad_token_id=pad_token_id,
             eos_token_id=eos_token_id,
             synced_gpus=synced,
-        )[:, width:].tolist()
+        )[:, prompt_ids.shape[1] :].tolist()
     responses = [ids[: ids.index(eos_token_id) + 1] if eos_token_id in ids else ids for ids in generated]
     longest = max(len(prompt) + len(response) for prompt, response in zip(prompts, responses))
     input_ids = torch.full((len(prompts), longest), pad_token_id, dtype=torch.long)
