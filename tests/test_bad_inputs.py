@@ -357,14 +357,27 @@ def test_on_bad_rows_skip_logs_the_count_and_validates(tmp_path, capsys, caplog)
     assert f"data.train ({data}): skipping 1 bad rows of 6 (data.on_bad_rows: skip); the first: row 2" in caplog.text
 
 
-def test_scoring_on_the_training_file_is_warned_of(tmp_path, capsys, caplog):
-    data = _write_tsv(tmp_path / "train")
+def test_scoring_on_training_rows_is_warned_of_by_content_not_by_path(tmp_path, capsys, caplog):
+    data = _write_tsv(tmp_path / "train")  # 6 rows, row 2 not UTF-8
     settings = {"data.train": {"path": str(data)}, "data.on_bad_rows": "skip", "training.batch_size": 4}
-    pipeline = pipeline_file(tmp_path, **settings, **{"data.eval": {"path": str(data)}})
-    assert main(["validate", str(pipeline)]) == 0
-    assert f"data.eval ({data}) is the file data.train reads: the student is scored on rows it trained on" in (
+    warning = "rows have the prompt of a data.train row"
+    assert main(["validate", str(pipeline_file(tmp_path, **settings, **{"data.eval": {"path": str(data)}}))]) == 0
+    assert f"data.eval ({data}): 5 of 5 {warning} (the first: row 0): the student is scored on rows it trained on" in (
         caplog.text
     )
+    # A copy elsewhere, with two of its rows changed and one new: the three others are found.
+    copy = tmp_path / "eval.jsonl"
+    rows = [{"sentence": sentence, "label": 1} for sentence in SENTENCES]
+    rows[0]["sentence"], rows[4]["sentence"] = "a new review", "another new one"
+    copy.write_text("".join(json.dumps(row) + "\n" for row in [*rows, {"sentence": "unseen", "label": 0}]))
+    caplog.clear()
+    assert main(["validate", str(pipeline_file(tmp_path, **settings, **{"data.eval": {"path": str(copy)}}))]) == 0
+    assert f"data.eval ({copy}): 3 of 7 {warning} (the first: row 1)" in caplog.text
+    # Only the rows each split keeps count: the train rows past data.train.limit are not trained on.
+    caplog.clear()
+    limited = settings | {"data.train": {"path": str(data), "limit": 4}}
+    assert main(["validate", str(pipeline_file(tmp_path, **limited, **{"data.eval": {"path": str(copy)}}))]) == 0
+    assert f"data.eval ({copy}): 2 of 7 {warning} (the first: row 1)" in caplog.text
     caplog.clear()
     assert main(["validate", str(pipeline_file(tmp_path, **settings))]) == 0
     assert "scored on rows it trained on" not in caplog.text

@@ -22,8 +22,8 @@ import functools
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -377,6 +377,10 @@ class SourceSummary:
     good: int
     bad: int
     first_bad: BadRow | None
+    # Of each good row, in order: its example_id, and a digest of its prompt template's columns
+    # (equal for rows whose prompts are; within one process only: Python's string hash is salted).
+    example_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    prompt_digests: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 def blank_text(text: pa.Array) -> pa.Array:
@@ -398,6 +402,12 @@ def scan_source(path: str, rules: RowRules, limit: int | None = None) -> SourceS
     columns: list[str] = []
     good = bad = next_id = 0
     first_bad: BadRow | None = None
+    ids: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
+    digests: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
+
+    def summary() -> SourceSummary:
+        return SourceSummary(columns, good, bad, first_bad, np.concatenate(ids), np.concatenate(digests))
+
     try:
         for read_batches, first_id in pieces:
             next_id = first_id
@@ -422,15 +432,26 @@ def scan_source(path: str, rules: RowRules, limit: int | None = None) -> SourceS
                     last_kept = checked.good.column("example_id")[limit - good - 1].as_py()
                     kept, bad_ids = limit - good, bad_ids[bad_ids < last_kept]
                 good, bad = good + kept, bad + len(bad_ids)
+                kept_rows = checked.good.slice(0, kept)
+                ids.append(kept_rows.column("example_id").to_numpy())
+                digests.append(_prompt_digests(kept_rows, rules.template_columns))
                 if first_bad is None and len(bad_ids):
                     first_bad = checked.first_bad
                 if limit is not None and good >= limit:
-                    return SourceSummary(columns, good, bad, first_bad)
+                    return summary()
     except (pa.ArrowInvalid, OSError) as error:  # a malformed file: pyarrow names the row
         raise DataError(_reader_error(str(error).splitlines()[0], next_id)) from None
     if good == bad == 0:
         raise DataError("the split is empty")
-    return SourceSummary(columns, good, bad, first_bad)
+    return summary()
+
+
+def _prompt_digests(rows: pa.Table, template_columns: Sequence[str]) -> np.ndarray:
+    """[rows] int64: a hash of each row's prompt template columns (their text, in order)."""
+    if not template_columns:
+        return np.zeros(rows.num_rows, dtype=np.int64)
+    texts = zip(*(rows.column(name).to_pylist() for name in template_columns))
+    return np.fromiter((hash(text) for text in texts), dtype=np.int64, count=rows.num_rows)
 
 
 def _reader_error(message: str, block_start: int) -> str:

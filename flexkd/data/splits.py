@@ -12,8 +12,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from flexkd.config.schema import ConfigError, DataSplit, PipelineConfig, TaskConfig
-from flexkd.data.rows import TRANSFER_SPLIT, verbalizer_token_ids
+from flexkd.data.rows import TRANSFER_SPLIT, template_columns, verbalizer_token_ids
 from flexkd.data.sources import DataError, RowRules, SourceSummary, scan_source
 
 log = logging.getLogger("flexkd")
@@ -167,15 +169,26 @@ def check_data(config: PipelineConfig, tokenizer) -> dict[str, SourceSummary]:
         for split, source in pipeline_splits(config).items()
     }
     check_batches(config, summaries)
-    _warn_if_scored_on_training_rows(config)
+    _warn_if_scored_on_training_rows(config, summaries)
     return summaries
 
 
-def _warn_if_scored_on_training_rows(config: PipelineConfig) -> None:
-    """A warning, not an error: a smoke run may well score on its training file, but a real run
-    that does reports how well the student memorized, not how well it learned."""
-    train, held_out = Path(config.data.train.path), Path(config.data.eval.path)
-    if train.exists() and held_out.exists() and train.samefile(held_out):
+def _warn_if_scored_on_training_rows(config: PipelineConfig, summaries: dict[str, SourceSummary]) -> None:
+    """A warning, not an error: a smoke run may well score on its training rows, but a real run
+    that does reports how well the student memorized, not how well it learned. Rows count as the
+    same when the columns both splits' prompt templates read hold the same text: a copy of the
+    training file, or rows of it pasted into the eval file, as well as the file itself."""
+    train, held_out = (split_task(config.task, source) for source in (config.data.train, config.data.eval))
+    columns = template_columns(train.prompt_template)
+    if not columns or columns != template_columns(held_out.prompt_template):
+        return  # rows of other columns are other rows
+    seen = np.isin(summaries["eval"].prompt_digests, summaries["train"].prompt_digests)
+    if seen.any():
         log.warning(
-            "data.eval (%s) is the file data.train reads: the student is scored on rows it trained on", held_out
+            "data.eval (%s): %d of %d rows have the prompt of a data.train row (the first: row %d): the student "
+            "is scored on rows it trained on",
+            config.data.eval.path,
+            int(seen.sum()),
+            len(seen),
+            int(summaries["eval"].example_ids[np.argmax(seen)]),
         )
