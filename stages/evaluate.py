@@ -34,7 +34,7 @@ import mlflow
 import ray
 
 from flexkd import distributed
-from flexkd.config.schema import PipelineConfig, stable_hash
+from flexkd.config.schema import PipelineConfig, as_hashed, stable_hash
 from flexkd.errors import StageError
 from flexkd.evaluation.metrics import classify, fluency_scores, generate_and_score, read_eval_rows
 from flexkd.models.loading import load_model, parameter_count
@@ -168,7 +168,7 @@ def teacher_results_file(config: PipelineConfig, eval_dir: str, directory: Path)
     key = stable_hash(
         {
             "teacher": config.teacher.model_dump(mode="json"),
-            "task": config.task.model_dump(mode="json"),
+            "task": as_hashed({"task": config.task.model_dump(mode="json")}, config)["task"],
             "evaluation": config.evaluation.model_dump(mode="json"),
             "eval_dir": str(eval_dir),
         }

@@ -383,6 +383,29 @@ def test_scoring_on_training_rows_is_warned_of_by_content_not_by_path(tmp_path, 
     assert "scored on rows it trained on" not in caplog.text
 
 
+def test_training_rows_in_the_eval_split_are_found_whatever_the_column_order_or_value_type(tmp_path, caplog):
+    """The same text is the same row: two columns read in either order, a year as a JSON number
+    or as CSV text. Splits whose templates read other columns are compared by file only."""
+    train = tmp_path / "train.jsonl"
+    train.write_text(
+        "".join(json.dumps({"title": f"film {i}", "year": 2000 + i, "label": i % 2}) + "\n" for i in range(8))
+    )
+    held_out = tmp_path / "eval.csv"
+    held_out.write_text("year,title,label\n2003,film 3,1\n1999,film 3,1\n2005,film 5,1\n")
+    settings = {
+        "data.train": {"path": str(train)},
+        "task.prompt_template": "{title} ({year}):",
+        "training.batch_size": 4,
+    }
+    eval_template = {"data.eval": {"path": str(held_out), "prompt_template": "{year}: {title}"}}
+    assert main(["validate", str(pipeline_file(tmp_path, **settings, **eval_template))]) == 0
+    assert f"data.eval ({held_out}): 2 of 3 rows have the prompt of a data.train row (the first: row 0)" in caplog.text
+    caplog.clear()
+    own_columns = {"data.eval": {"path": str(train), "prompt_template": "{title}:"}}
+    assert main(["validate", str(pipeline_file(tmp_path, **settings, **own_columns))]) == 0
+    assert f"data.eval ({train}) is the file data.train reads" in caplog.text
+
+
 def test_a_split_with_only_bad_rows_is_refused_even_when_skipping(tmp_path, capsys):
     data = tmp_path / "train.jsonl"
     data.write_text('{"sentence": "", "label": 1}\n{"sentence": "fine", "label": 5}\n')
@@ -1056,3 +1079,17 @@ def test_a_sharded_teacher_with_a_shard_missing_is_named(tmp_path):
     assert missing_weights(tmp_path) == (
         "model.safetensors.index.json is not a safetensors index (a JSON object with a weight_map)"
     )
+    (tmp_path / "model.safetensors").write_bytes(b"")  # transformers reads it first, before any index
+    assert missing_weights(tmp_path) is None
+
+
+def test_a_trainer_folder_without_weights_is_not_taken_for_pickled_weights(tmp_path):
+    from flexkd.models.loading import missing_weights
+
+    (tmp_path / "training_args.bin").write_bytes(b"")
+    assert (
+        missing_weights(tmp_path)
+        == "no model.safetensors (nor model.safetensors.index.json): the folder holds no weights"
+    )
+    (tmp_path / "pytorch_model-00001-of-00002.bin").write_bytes(b"")
+    assert missing_weights(tmp_path).startswith("no model.safetensors, only pytorch_model-00001-of-00002.bin: ")

@@ -13,6 +13,7 @@ from flexkd.models.loading import TINY_TOKENIZER_DIR, build_random_model, load_t
 from flexkd.models.plan import plan_models
 from flexkd.pipeline.preflight import preflight
 from flexkd.pipeline.runner import fingerprinted_config
+from flexkd.stages.evaluate import teacher_results_file
 
 PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 
@@ -73,6 +74,15 @@ def test_a_retired_setting_is_refused_by_name_and_still_hashed_as_before(tmp_pat
         del dumped_before["training"][setting]
     assert config.fingerprint() == stable_hash(dumped_before)
     assert fingerprinted_config(config, "tokenize")["task"]["text_column"] == "text"
+    teacher_scores_key_before = stable_hash(
+        {
+            "teacher": config.teacher.model_dump(mode="json"),
+            "task": config.task.model_dump(mode="json") | {"text_column": "text"},
+            "evaluation": config.evaluation.model_dump(mode="json"),
+            "eval_dir": "eval",
+        }
+    )
+    assert teacher_results_file(config, "eval", tmp_path) == tmp_path / f"{teacher_scores_key_before}.json"
     raw = debug_raw()
     raw["task"]["text_column"] = "sentence"
     with pytest.raises(ConfigError) as caught:

@@ -823,8 +823,9 @@ class PipelineConfig(_Section):
 SWITCHED_OFF: dict[tuple[str, str], tuple[Any, tuple[str, ...]]] = {
     ("training", "on_policy"): (0.0, ("on_policy_max_new_tokens", "on_policy_temperature")),
 }
-# Settings removed later, which nothing read: hashed at the one value they had.
-# (section, setting) -> value
+# Settings removed later, which nothing read: hashed at their default, so configs that left them
+# there keep their hashes (one that set another value is refused, and without it hashes as the
+# default: its outputs are made again). (section, setting) -> default
 RETIRED: dict[tuple[str, str], Any] = {
     ("task", "text_column"): "text",
 }

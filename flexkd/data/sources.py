@@ -377,8 +377,9 @@ class SourceSummary:
     good: int
     bad: int
     first_bad: BadRow | None
-    # Of each good row, in order: its example_id, and a digest of its prompt template's columns
-    # (equal for rows whose prompts are; within one process only: Python's string hash is salted).
+    # With scan_source's prompt_digests, of each good row in order: its example_id, and a digest of
+    # its prompt template's columns (equal for rows whose columns are; within one process only:
+    # Python's string hash is salted).
     example_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     prompt_digests: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
@@ -394,10 +395,11 @@ def numbered(batch: pa.RecordBatch, first_id: int) -> pa.Table:
     return pa.Table.from_batches([batch]).append_column("example_id", pa.array(ids))
 
 
-def scan_source(path: str, rules: RowRules, limit: int | None = None) -> SourceSummary:
+def scan_source(path: str, rules: RowRules, limit: int | None = None, prompt_digests: bool = False) -> SourceSummary:
     """Read the source once, checking every row, until ``limit`` good rows (the rows a split's
     ``limit`` keeps). Raises DataError (one line, without the source's name) for a missing,
-    empty, unsupported or malformed source and a missing column."""
+    empty, unsupported or malformed source and a missing column. ``prompt_digests``: also keep
+    the good rows' ids and prompt digests (16 bytes a row; else the summary's arrays are empty)."""
     pieces = batch_readers(path)
     columns: list[str] = []
     good = bad = next_id = 0
@@ -432,9 +434,10 @@ def scan_source(path: str, rules: RowRules, limit: int | None = None) -> SourceS
                     last_kept = checked.good.column("example_id")[limit - good - 1].as_py()
                     kept, bad_ids = limit - good, bad_ids[bad_ids < last_kept]
                 good, bad = good + kept, bad + len(bad_ids)
-                kept_rows = checked.good.slice(0, kept)
-                ids.append(kept_rows.column("example_id").to_numpy())
-                digests.append(_prompt_digests(kept_rows, rules.template_columns))
+                if prompt_digests:
+                    kept_rows = checked.good.slice(0, kept)
+                    ids.append(kept_rows.column("example_id").to_numpy())
+                    digests.append(_prompt_digests(kept_rows, rules.template_columns))
                 if first_bad is None and len(bad_ids):
                     first_bad = checked.first_bad
                 if limit is not None and good >= limit:
@@ -447,11 +450,11 @@ def scan_source(path: str, rules: RowRules, limit: int | None = None) -> SourceS
 
 
 def _prompt_digests(rows: pa.Table, template_columns: Sequence[str]) -> np.ndarray:
-    """[rows] int64: a hash of each row's prompt template columns (their text, in order)."""
-    if not template_columns:
-        return np.zeros(rows.num_rows, dtype=np.int64)
-    texts = zip(*(rows.column(name).to_pylist() for name in template_columns))
-    return np.fromiter((hash(text) for text in texts), dtype=np.int64, count=rows.num_rows)
+    """[rows] int64: a hash of each row's prompt template columns, by name, as the template shows
+    them (``str``: a JSON 1 and a CSV "1" are the same text, 1 and 1.0 are not)."""
+    names = sorted(set(template_columns))  # "{a} {b}" and "{b} {a}" read the same row
+    texts = zip(*(rows.column(name).to_pylist() for name in names))
+    return np.fromiter((hash(tuple(map(str, text))) for text in texts), dtype=np.int64, count=rows.num_rows)
 
 
 def _reader_error(message: str, block_start: int) -> str:

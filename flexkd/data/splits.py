@@ -58,12 +58,18 @@ def reads_references(config: PipelineConfig, split: str) -> bool:
 
 
 def check_split(
-    split: str, source: DataSplit, task: TaskConfig, on_bad_rows: str, labeled: bool | None = None
+    split: str,
+    source: DataSplit,
+    task: TaskConfig,
+    on_bad_rows: str,
+    labeled: bool | None = None,
+    prompt_digests: bool = False,
 ) -> SourceSummary:
     """Read and check every row of one split (up to its limit). Raises ConfigError for a bad
     prompt template, DataError ``data.<split> (<path>): <cause>`` for a bad source or bad rows
     (with on_bad_rows 'skip': only when no good row is left). ``labeled``: whether rows need their
-    label or response column (default: every split but data.transfer)."""
+    label or response column (default: every split but data.transfer). ``prompt_digests``: as
+    ``scan_source``'s."""
     where = f"data.{split} ({source.path})"
     labeled = split != TRANSFER_SPLIT if labeled is None else labeled
     try:
@@ -71,7 +77,7 @@ def check_split(
     except ValueError as error:
         raise ConfigError(str(error)) from None
     try:
-        summary = scan_source(source.path, rules, source.limit)
+        summary = scan_source(source.path, rules, source.limit, prompt_digests)
     except DataError as error:
         raise DataError(f"{where}: {error}") from None
     if not summary.bad:
@@ -165,7 +171,14 @@ def check_data(config: PipelineConfig, tokenizer) -> dict[str, SourceSummary]:
         except ValueError as error:
             raise ConfigError(str(error)) from None
     summaries = {
-        split: check_split(split, source, config.task, config.data.on_bad_rows, reads_references(config, split))
+        split: check_split(
+            split,
+            source,
+            config.task,
+            config.data.on_bad_rows,
+            reads_references(config, split),
+            prompt_digests=split in ("train", "eval"),
+        )
         for split, source in pipeline_splits(config).items()
     }
     check_batches(config, summaries)
@@ -177,11 +190,17 @@ def _warn_if_scored_on_training_rows(config: PipelineConfig, summaries: dict[str
     """A warning, not an error: a smoke run may well score on its training rows, but a real run
     that does reports how well the student memorized, not how well it learned. Rows count as the
     same when the columns both splits' prompt templates read hold the same text: a copy of the
-    training file, or rows of it pasted into the eval file, as well as the file itself."""
+    training file, or rows of it pasted into the eval file, as well as the file itself. Splits
+    whose templates read other columns are compared only by file."""
     train, held_out = (split_task(config.task, source) for source in (config.data.train, config.data.eval))
-    columns = template_columns(train.prompt_template)
-    if not columns or columns != template_columns(held_out.prompt_template):
-        return  # rows of other columns are other rows
+    columns = set(template_columns(train.prompt_template))
+    if not columns or columns != set(template_columns(held_out.prompt_template)):
+        train_file, eval_file = Path(config.data.train.path), Path(config.data.eval.path)
+        if train_file.exists() and eval_file.exists() and train_file.samefile(eval_file):
+            log.warning(
+                "data.eval (%s) is the file data.train reads: the student is scored on rows it trained on", eval_file
+            )
+        return
     seen = np.isin(summaries["eval"].prompt_digests, summaries["train"].prompt_digests)
     if seen.any():
         log.warning(

@@ -22,9 +22,12 @@ def left_padded(
         row i is ``pad_token_id`` (mask 0) then ``prompts[i]`` (mask 1).
     """
     width = max(len(prompt) for prompt in prompts)
-    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long, device=device)
+    # Built where the prompts are (lists: the CPU) and moved once: a row at a time onto a GPU
+    # would be one copy per row.
+    home = prompts[0].device if isinstance(prompts[0], Tensor) else torch.device("cpu")
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long, device=home)
     attention_mask = torch.zeros_like(input_ids)
     for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.long)
+        input_ids[row, width - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.long, device=home)
         attention_mask[row, width - len(prompt) :] = 1
-    return input_ids, attention_mask
+    return input_ids.to(device), attention_mask.to(device)

@@ -211,6 +211,8 @@ def missing_weights(folder: Path) -> str | None:
     """Why :func:`load_model` would find no weights in the Hugging Face ``folder``, or None: it
     reads safetensors only (``model.safetensors``, or the shards a ``model.safetensors.index.json``
     lists), never a pickled ``pytorch_model.bin``, which can run code when loaded."""
+    if (folder / SAFE_WEIGHTS_NAME).is_file():  # transformers reads it before any index
+        return None
     index = folder / SAFE_WEIGHTS_INDEX_NAME
     if index.is_file():
         try:
@@ -221,9 +223,7 @@ def missing_weights(folder: Path) -> str | None:
         if absent:
             return f"{index.name} lists {absent[0]}, which is not there ({len(absent)} of {len(shards)} shards missing)"
         return None
-    if (folder / SAFE_WEIGHTS_NAME).is_file():
-        return None
-    pickled = sorted(path.name for path in folder.glob("*.bin"))
+    pickled = sorted(path.name for path in folder.glob("pytorch_model*.bin"))
     if pickled:
         return (
             f"no {SAFE_WEIGHTS_NAME}, only {pickled[0]}: flexkd loads safetensors only (a .bin can run code when "

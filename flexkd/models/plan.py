@@ -37,6 +37,7 @@ from flexkd.models.loading import (
     fetch_demo_teacher,
     load_model,
     load_tokenizer,
+    missing_weights,
     random_model_config,
 )
 from flexkd.prune.scores import check_supported_architecture
@@ -413,7 +414,7 @@ def _safetensors_folder(config: PipelineConfig) -> Path | None:
     if config.teacher.source in ("random", "gguf"):
         return None
     folder = Path(teacher_location(config)[0])
-    return folder if any(folder.glob("*.safetensors")) else None
+    return folder if missing_weights(folder) is None else None
 
 
 def build_student(config: PipelineConfig, score_dir: Path | str | None = None) -> PreTrainedModel:

@@ -54,13 +54,16 @@ def _check_pretrained_models(config: PipelineConfig, tokens: int) -> None:
     models = []
     if config.teacher.source != "random":
         path, gguf_file = teacher_location(config)
-        models.append(("teacher.path", path, gguf_file, teacher_model_config(config)))
+        # A registered teacher: what the user wrote, then the folder it was downloaded to.
+        shown = f"{config.teacher.path}, downloaded to {path}" if config.teacher.source == "mlflow" else path
+        models.append(("teacher.path", path, shown, gguf_file, teacher_model_config(config)))
     if config.student.init == "pretrained":
-        models.append(("student.path", config.student.path, None, student_model_config(config)))
-    for field, path, gguf_file, model_config in models:
+        path = config.student.path
+        models.append(("student.path", path, path, None, student_model_config(config)))
+    for field, path, shown, gguf_file, model_config in models:
         problem = None if gguf_file else missing_weights(Path(path))
         if problem:
-            raise ConfigError(f"{field}: {path}: {problem}")
+            raise ConfigError(f"{field}: {shown}: {problem}")
         vocab_size = getattr(model_config, "vocab_size", None)
         if isinstance(vocab_size, int) and vocab_size < tokens:
             tokenizer = "teacher.tokenizer" if config.teacher.tokenizer else "the teacher's tokenizer"
