@@ -383,6 +383,17 @@ def test_scoring_on_training_rows_is_warned_of_by_content_not_by_path(tmp_path, 
     assert "scored on rows it trained on" not in caplog.text
 
 
+def test_a_warmup_longer_than_the_run_is_warned_of(tmp_path, caplog):
+    assert main(["validate", str(pipeline_file(tmp_path, **{"training.warmup_steps": 48}))]) == 0
+    assert (
+        "training.warmup_steps = 48 is above training.steps = 12: the learning rate ends at 0.00075, never "
+        "reaching training.learning_rate (0.003)"
+    ) in caplog.text
+    caplog.clear()
+    assert main(["validate", str(pipeline_file(tmp_path, **{"training.warmup_steps": 12}))]) == 0
+    assert "warmup_steps" not in caplog.text
+
+
 def test_training_rows_in_the_eval_split_are_found_whatever_the_column_order_or_value_type(tmp_path, caplog):
     """The same text is the same row: two columns read in either order, a year as a JSON number
     or as CSV text. Splits whose templates read other columns are compared by file only."""
@@ -1004,6 +1015,41 @@ def _jsonl_with_bad_json_at(tmp: Path, row: int, rows: int) -> Path:
                 "tokenizer: the ids from 100 on have no embedding"
             ),
         ),
+        (
+            lambda tmp: {"teacher.path": str(tmp)},
+            lambda tmp: (
+                f"flexkd: config error: {tmp / 'pipeline.yaml'}: teacher: teacher.path: source 'random' does not "
+                "read it; remove it or set the source"
+            ),
+        ),
+        (
+            lambda tmp: {"teacher.source": "hf", "teacher.path": str(tmp), "teacher.tokenizer": None},
+            lambda tmp: (
+                f"flexkd: config error: {tmp / 'pipeline.yaml'}: teacher: teacher.architecture: source 'hf' has the "
+                "shape of its own config; only source 'random' reads it"
+            ),
+        ),
+        (
+            lambda tmp: {"student.path": str(tmp)},
+            lambda tmp: (
+                f"flexkd: config error: {tmp / 'pipeline.yaml'}: student: student.path: init 'random' does not read "
+                "it; remove it or set init 'pretrained'"
+            ),
+        ),
+        (
+            lambda tmp: {"student.architecture.hidden_act": "relu6x"},
+            lambda tmp: (
+                "flexkd: config error: student.architecture.hidden_act = 'relu6x' is not an activation "
+                "transformers has; did you mean 'relu6'?"
+            ),
+        ),
+        (
+            lambda tmp: {"data.max_length": 4096},
+            lambda tmp: (
+                "flexkd: config error: data.max_length: 4096 exceeds the teacher's max_position_embeddings (2048), "
+                "the longest row it was built for"
+            ),
+        ),
     ],
     ids=[
         "csv-header-names-a-column-twice",
@@ -1024,6 +1070,11 @@ def _jsonl_with_bad_json_at(tmp: Path, row: int, rows: int) -> Path:
         "teacher-folder-with-pickled-weights-only",
         "student-folder-without-weights",
         "teacher-vocabulary-below-the-tokenizer",
+        "random-teacher-with-a-path",
+        "pretrained-teacher-with-an-architecture",
+        "random-student-with-a-path",
+        "activation-transformers-lacks",
+        "max-length-past-the-models-positions",
     ],
 )
 def test_validate_refuses_in_one_line_what_used_to_crash_it_or_pass(tmp_path, capsys, overrides, expected):

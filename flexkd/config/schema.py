@@ -186,6 +186,15 @@ class TeacherConfig(_Section):
             raise ValueError(f"source '{self.source}' needs teacher.path")
         if self.source == "gguf" and not self.gguf_file:
             raise ValueError("source 'gguf' needs teacher.gguf_file")
+        if self.source == "random":
+            unread = [name for name in ("path", "gguf_file") if getattr(self, name) is not None]
+            if unread:
+                raise ValueError(f"teacher.{unread[0]}: source 'random' does not read it; remove it or set the source")
+        elif self.architecture is not None:
+            raise ValueError(
+                f"teacher.architecture: source '{self.source}' has the shape of its own config; only source "
+                "'random' reads it"
+            )
         return self
 
 
@@ -228,6 +237,8 @@ class StudentConfig(_Section):
     def _init_needs(self) -> StudentConfig:
         if self.init == "pretrained" and not self.path:
             raise ValueError("init 'pretrained' needs student.path")
+        if self.init != "pretrained" and self.path is not None:
+            raise ValueError(f"student.path: init '{self.init}' does not read it; remove it or set init 'pretrained'")
         if self.init == "pretrained" and self.architecture:
             raise ValueError(
                 "student.architecture: a pretrained student has the shape of its own config (student.path); remove it"

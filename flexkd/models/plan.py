@@ -25,6 +25,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from mlflow.exceptions import MlflowException
 from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig, PreTrainedModel
+from transformers.activations import ACT2FN
 
 from flexkd import distributed
 from flexkd.config.schema import ConfigError, PipelineConfig, stable_hash
@@ -170,6 +171,11 @@ def architecture_config(fields: dict[str, Any], where: str, written: Collection[
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"{where}.{key}: not a {config_class.__name__} field{hint}")
+    activation = fields.get("hidden_act")
+    if "hidden_act" in written and isinstance(activation, str) and activation not in ACT2FN:
+        close = difflib.get_close_matches(activation, sorted(ACT2FN), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{where}.hidden_act = {activation!r} is not an activation transformers has{hint}")
     hidden, heads, groups = (fields.get(key) for key in ("hidden_size", "num_attention_heads", "num_key_value_heads"))
     if all(isinstance(value, int) and value > 0 for value in (hidden, heads)):
         if "head_dim" not in written and {"hidden_size", "num_attention_heads"} & set(written) and hidden % heads:
@@ -277,6 +283,13 @@ def plan_models(config: PipelineConfig, score_dir: Path | None = None) -> ModelP
             pairs = resolve_layer_map(config.layer_map, teacher.num_hidden_layers, student.num_hidden_layers)
         except ValueError as error:
             raise ConfigError(str(error)) from None
+    for name, model in (("teacher", teacher), ("student", student)):
+        positions = getattr(model, "max_position_embeddings", None)  # None: a config without the field
+        if isinstance(positions, int) and config.data.max_length > positions:
+            raise ConfigError(
+                f"data.max_length: {config.data.max_length} exceeds the {name}'s max_position_embeddings "
+                f"({positions}), the longest row it was built for"
+            )
     # k 'auto': the most the student can take; the score stage chooses each layer's k up to it.
     requested = min(student.hidden_size, teacher.hidden_size) if config.selection.k == "auto" else config.selection.k
     try:

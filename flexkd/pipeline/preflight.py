@@ -3,6 +3,7 @@ or the file. ``flexkd validate`` runs it alone; ``flexkd run`` runs it first."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from flexkd.cluster.storage import check_local_folder
@@ -20,6 +21,8 @@ from flexkd.models.plan import (
     teacher_model_config,
 )
 from flexkd.models.preflight import TokenizerMismatchError, check_same_tokenizer
+
+log = logging.getLogger("flexkd")
 
 
 def preflight(config: PipelineConfig) -> ModelPlan:
@@ -41,6 +44,16 @@ def preflight(config: PipelineConfig) -> ModelPlan:
             raise ConfigError(f"student.path: {error}") from None
         except (OSError, ValueError) as error:
             raise ConfigError(f"student.path: {config.student.path}: {one_line(error)}") from None
+    training = config.training
+    if training.warmup_steps > training.steps:
+        log.warning(
+            "training.warmup_steps = %d is above training.steps = %d: the learning rate ends at %.3g, never reaching "
+            "training.learning_rate (%g)",
+            training.warmup_steps,
+            training.steps,
+            training.learning_rate * training.steps / training.warmup_steps,
+            training.learning_rate,
+        )
     _check_pretrained_models(config, len(tokenizer))
     _check_prompt_room(config, tokenizer)
     check_data(config, tokenizer)
