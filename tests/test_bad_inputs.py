@@ -1050,6 +1050,13 @@ def _jsonl_with_bad_json_at(tmp: Path, row: int, rows: int) -> Path:
                 "the longest row it was built for"
             ),
         ),
+        (
+            lambda tmp: {"tracking.experiment": ""},
+            lambda tmp: (
+                f"flexkd: config error: {tmp / 'pipeline.yaml'}: tracking.experiment: String should have at least "
+                "1 character"
+            ),
+        ),
     ],
     ids=[
         "csv-header-names-a-column-twice",
@@ -1075,6 +1082,7 @@ def _jsonl_with_bad_json_at(tmp: Path, row: int, rows: int) -> Path:
         "random-student-with-a-path",
         "activation-transformers-lacks",
         "max-length-past-the-models-positions",
+        "empty-experiment-name",
     ],
 )
 def test_validate_refuses_in_one_line_what_used_to_crash_it_or_pass(tmp_path, capsys, overrides, expected):

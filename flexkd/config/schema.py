@@ -457,8 +457,8 @@ class EvaluationConfig(_Section):
 
 class TrackingConfig(_Section):
     tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else a local SQLite store")
-    experiment: str = "flexkd"
-    registered_model_name: str | None = Field(None, description="default: '<pipeline name>-student'")
+    experiment: str = Field("flexkd", min_length=1)
+    registered_model_name: str | None = Field(None, min_length=1, description="default: '<pipeline name>-student'")
 
 
 class TargetsConfig(_Section):
