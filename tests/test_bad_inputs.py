@@ -1057,6 +1057,20 @@ def _jsonl_with_bad_json_at(tmp: Path, row: int, rows: int) -> Path:
                 "1 character"
             ),
         ),
+        (
+            lambda tmp: {"task": {"kind": "generation", "prompt_template": "{sentence}", "label_names": ["a", "b"]}},
+            lambda tmp: (
+                f"flexkd: config error: {tmp / 'pipeline.yaml'}: task: task.label_names: a generation task has no "
+                "labels (its answer is task.response_column)"
+            ),
+        ),
+        (
+            lambda tmp: {"data.eval.response_column": "summary"},
+            lambda tmp: (
+                f"flexkd: config error: {tmp / 'pipeline.yaml'}: <top level>: data.eval.response_column: a "
+                "classification task's answer is task.label_column"
+            ),
+        ),
     ],
     ids=[
         "csv-header-names-a-column-twice",
@@ -1083,6 +1097,8 @@ def _jsonl_with_bad_json_at(tmp: Path, row: int, rows: int) -> Path:
         "activation-transformers-lacks",
         "max-length-past-the-models-positions",
         "empty-experiment-name",
+        "labels-for-a-generation-task",
+        "response-column-for-a-classification-split",
     ],
 )
 def test_validate_refuses_in_one_line_what_used_to_crash_it_or_pass(tmp_path, capsys, overrides, expected):

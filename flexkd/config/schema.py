@@ -305,6 +305,12 @@ class TaskConfig(_Section):
     def _kind_needs(self) -> TaskConfig:
         if self.kind == "classification" and (not self.label_names or len(self.label_names) < 2):
             raise ValueError("classification needs task.label_names with at least two entries")
+        # Another kind's answer settings would be read by nothing (their defaults are left alone).
+        if self.kind == "generation" and (self.label_names is not None or self.label_column != "label"):
+            field = "label_names" if self.label_names is not None else "label_column"
+            raise ValueError(f"task.{field}: a generation task has no labels (its answer is task.response_column)")
+        if self.kind == "classification" and self.response_column != "response":
+            raise ValueError("task.response_column: a classification task's answer is task.label_column")
         for index, name in enumerate(self.label_names or []):
             if not name.strip():
                 raise ValueError(f"task.label_names[{index}] is empty; each label needs a name (its verbalizer)")
@@ -746,6 +752,17 @@ class PipelineConfig(_Section):
                 "data.transfer (unlabeled rows) needs task.kind 'classification': a generation row's "
                 "logit targets are its response tokens, which an unlabeled row does not have"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _responses_need_generation(self) -> PipelineConfig:
+        if self.task.kind == "classification":
+            for split in ("train", "eval", "score", "transfer"):
+                source = getattr(self.data, split)
+                if source is not None and source.response_column is not None:
+                    raise ValueError(
+                        f"data.{split}.response_column: a classification task's answer is task.label_column"
+                    )
         return self
 
     @model_validator(mode="after")
