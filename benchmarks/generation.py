@@ -911,13 +911,12 @@ def plot_generation(results: dict[str, Any], path: Path) -> Path:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     names = list(results["table"])
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure, axis = plt.subplots(figsize=(8, 4.5))
     width = 0.38
     for offset, source in zip((-width / 2, width / 2), EVAL_SETS):
-        axis.bar(
-            [i + offset for i in range(len(names))], [results["table"][n][source] for n in names], width, label=source
-        )
-    axis.set_xticks(range(len(names)), names)
+        values = [results["table"][n][source] for n in names]
+        axis.bar([i + offset for i in range(len(names))], values, width, label=EVAL_SET_NAMES[source])
+    axis.set_xticks(range(len(names)), names, rotation=25, ha="right")  # the method names are long
     axis.set_ylabel("ROUGE-L F1 x100")
     axis.legend()
     figure.tight_layout()
