@@ -194,7 +194,7 @@ def _warn_if_scored_on_training_rows(config: PipelineConfig, summaries: dict[str
     whose templates read other columns are compared only by file."""
     train, held_out = (split_task(config.task, source) for source in (config.data.train, config.data.eval))
     columns = set(template_columns(train.prompt_template))
-    if not columns or columns != set(template_columns(held_out.prompt_template)):
+    if columns != set(template_columns(held_out.prompt_template)):
         train_file, eval_file = Path(config.data.train.path), Path(config.data.eval.path)
         if train_file.exists() and eval_file.exists() and train_file.samefile(eval_file):
             log.warning(
